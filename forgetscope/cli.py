@@ -1,0 +1,85 @@
+"""Command line: one subcommand per public function. Errors in user input exit with code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from forgetscope.errors import UserError
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from forgetscope.recipe import load_recipe
+    from forgetscope.runner import run
+
+    root = run(load_recipe(args.recipe, args.set))
+    print(f"\nforgetscope: run finished: {root}")
+    print(f"  curves table : {root / 'curves.csv'}")
+    print(f"  curves figure: {root / 'curves.png'}")
+    print(f"  snapshots    : {root / 'snapshots'}")
+
+
+def _cmd_show(args: argparse.Namespace) -> None:
+    from forgetscope.recipe import load_recipe
+
+    print(load_recipe(args.recipe, args.set).to_yaml(), end="")
+
+
+def _cmd_fields(args: argparse.Namespace) -> None:
+    from forgetscope.recipe import field_reference
+
+    print(field_reference(), end="")
+
+
+def _cmd_tasks(args: argparse.Namespace) -> None:
+    from forgetscope import evaluate, tasks
+
+    print("Embedded new tasks (task.name):")
+    for name, fn in tasks.EMBEDDED_TASKS.items():
+        print(f"  {name:16s} {(fn.__doc__ or '').strip().splitlines()[0]}")
+    print(f"\nEval tasks in {evaluate.evals_dir()} (evals.new / evals.general):")
+    for name, first_line in evaluate.shipped_evals().items():
+        print(f"  {name:16s} {first_line}")
+    if args.all:
+        names = evaluate.task_manager((str(evaluate.evals_dir()),)).all_tasks
+        print(f"\nAll {len(names)} lm-eval tasks and groups (standard ones need the network or a local HF cache):")
+        print("\n".join(f"  {n}" for n in names))
+    else:
+        print("\nlm-eval's standard tasks (hellaswag, arc_easy, mmlu, ...) work too when online: `forgetscope tasks --all`.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="forgetscope",
+        description="Measure what a language model forgets when it is fine-tuned.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def recipe_command(name: str, help: str, func) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=help, description=help)
+        cmd.add_argument("recipe", help="recipe YAML file, e.g. recipes/lora.yaml")
+        cmd.add_argument(
+            "--set", action="append", default=[], metavar="KEY=VALUE",
+            help="override a recipe field, e.g. --set train.lr=1e-4 --set snapshots.count=4 (repeatable)",
+        )
+        cmd.set_defaults(func=func)
+        return cmd
+
+    recipe_command("run", "fine-tune by a recipe, snapshot on its schedule, score every snapshot, write curves", _cmd_run)
+    recipe_command("show", "print the resolved recipe (every default filled in) after validating it", _cmd_show)
+    sub.add_parser("fields", help="print every recipe field with its type, default and meaning").set_defaults(func=_cmd_fields)
+    tasks_cmd = sub.add_parser("tasks", help="list the embedded new tasks and the eval tasks a recipe can use")
+    tasks_cmd.add_argument("--all", action="store_true", help="also list every lm-eval task name")
+    tasks_cmd.set_defaults(func=_cmd_tasks)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as err:
+        for line in str(err).splitlines():
+            print(f"forgetscope: error: {line}", file=sys.stderr)
+        return 2
+    return 0

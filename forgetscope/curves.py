@@ -1,0 +1,74 @@
+"""Results per snapshot -> one tidy table (``curves.csv``).
+
+One row per step x task x metric::
+
+    run, recipe, method, step, tokens, task, role, metric, value, stderr, n, higher_is_better
+
+``role`` is ``new`` (the task being learned) or ``general`` (held-out capabilities, where a drop
+from step 0 is forgetting).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from forgetscope import io
+from forgetscope.recipe import Recipe
+from forgetscope.snapshots import RunLayout
+
+COLUMNS = ["run", "recipe", "method", "step", "tokens", "task", "role", "metric", "value", "stderr", "n", "higher_is_better"]
+
+
+def build_table(layout: RunLayout, recipe: Recipe) -> pd.DataFrame:
+    """Every finished evaluation of a run as tidy rows, sorted by task, metric and step."""
+    rows = []
+    recipe_name = Path(recipe.source).stem if recipe.source else recipe.name
+    for step in layout.eval_steps():
+        result = json.loads((layout.eval_dir(step) / "results.json").read_text())
+        for task, entry in result["tasks"].items():
+            for metric, m in entry["metrics"].items():
+                rows.append(
+                    {
+                        "run": recipe.name,
+                        "recipe": recipe_name,
+                        "method": recipe.method,
+                        "step": step,
+                        "tokens": result["tokens"],
+                        "task": task,
+                        "role": entry["role"],
+                        "metric": metric,
+                        "value": m["value"],
+                        "stderr": m["stderr"],
+                        "n": entry["n"],
+                        "higher_is_better": m["higher_is_better"],
+                    }
+                )
+    return pd.DataFrame(rows, columns=COLUMNS).sort_values(["role", "task", "metric", "step"], ignore_index=True)
+
+
+def write_curves(layout: RunLayout, recipe: Recipe) -> pd.DataFrame:
+    """Build the table and write it to ``curves.csv`` (atomically)."""
+    table = build_table(layout, recipe)
+    io.write_text(layout.curves, table.to_csv(index=False))
+    return table
+
+
+PRIMARY_METRICS = ("acc", "acc_norm", "exact_match", "word_perplexity", "perplexity")
+
+
+def primary_metric(metrics: list[str]) -> str:
+    """The metric that stands for a task in figures and one-line summaries."""
+    return next((m for m in PRIMARY_METRICS if m in metrics), metrics[0])
+
+
+def headline(results: dict[str, Any]) -> str:
+    """A one-line summary of one evaluation: the primary metric of every task."""
+    parts = []
+    for task, entry in results.items():
+        metric = primary_metric(list(entry["metrics"]))
+        parts.append(f"{task} {metric}={entry['metrics'][metric]['value']:.4g}")
+    return ", ".join(parts)

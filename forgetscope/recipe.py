@@ -1,0 +1,465 @@
+"""The recipe: one YAML file that says what to fine-tune, how, and what to measure.
+
+The dataclasses below *are* the schema. Every field carries its documentation in
+``metadata["help"]``; ``forgetscope fields`` prints it. Loading collects every problem
+(unknown keys with a did-you-mean, wrong types, impossible combinations, missing files,
+unknown model aliases) and raises one :class:`RecipeError` listing them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from forgetscope.errors import UserError
+
+
+class RecipeError(UserError):
+    """A recipe (or its overrides) is invalid. ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str], source: str = "recipe"):
+        self.problems = problems
+        self.source = source
+        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+
+
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with its documentation attached (printed by ``forgetscope fields``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TaskConfig:
+    """The new task the model is fine-tuned on."""
+
+    name: str | None = option(
+        "numerals",
+        "Embedded new task generated in code (see `forgetscope tasks`), or null when `path` or "
+        "`hf_dataset` gives the data.",
+    )
+    path: str | None = option(
+        None,
+        "Your own data: a .jsonl or .csv file with `prompt`/`completion` columns (loss on the "
+        "completion only) or a `text` column (loss on every token). Relative to the recipe file.",
+    )
+    hf_dataset: str | None = option(
+        None, "A Hugging Face dataset name, for online users (e.g. `tatsu-lab/alpaca`)."
+    )
+    hf_config: str | None = option(None, "The dataset's config name, if it has several.")
+    split: str = option("train", "The dataset split to train on (`hf_dataset` only).")
+    prompt_field: str = option("prompt", "Column holding the prompt.")
+    completion_field: str = option("completion", "Column holding the completion.")
+    text_field: str = option("text", "Column holding plain text (used when there is no prompt column).")
+    chat_template: Literal["auto", "on", "off"] = option(
+        "auto",
+        "Wrap prompt/completion pairs in the base model's chat template: `auto` uses it when the "
+        "tokenizer has one.",
+    )
+    max_examples: int | None = option(2000, "Use at most this many training examples (null: all).")
+    seed: int = option(0, "Seed for generating (embedded tasks) and shuffling the data.")
+
+
+@dataclass
+class LoraSettings:
+    """Low-rank adapter settings (peft), for `method: lora` only."""
+
+    r: int = option(16, "Rank of the adapters.")
+    alpha: int = option(32, "Scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = option(0.05, "Dropout on the adapter input.")
+    target_modules: str | list[str] = option(
+        "all-linear",
+        "Modules that get adapters: `all-linear` (every linear layer but the output head) or a "
+        "list of module names such as [q_proj, v_proj].",
+    )
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings, passed to transformers' Trainer."""
+
+    lr: float = option(2e-4, "Peak learning rate.")
+    steps: int = option(60, "Number of optimizer steps.")
+    batch_size: int = option(8, "Examples per optimizer step, over all processes together.")
+    grad_accum: int = option(1, "Split each step's batch into this many micro-batches.")
+    seq_len: int = option(128, "Truncate examples to this many tokens.")
+    warmup_steps: int = option(5, "Linear warm-up steps.")
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = option(
+        "linear", "Learning-rate schedule after warm-up."
+    )
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm.")
+    precision: Literal["auto", "fp32", "bf16"] = option(
+        "auto",
+        "Training precision: `auto` uses bf16 autocast where the hardware supports it (CUDA "
+        "with bf16, or a CPU with AVX512-BF16/AMX), else fp32.",
+    )
+    seed: int = option(0, "Seed for initialisation and data order.")
+
+
+@dataclass
+class SnapshotConfig:
+    """When to snapshot the model. Step 0 (the untouched base) is always included."""
+
+    schedule: Literal["log", "every", "at"] = option(
+        "log",
+        "`log`: `count` snapshots log-spaced (dense early, where most forgetting happens); "
+        "`every`: every `every` steps; `at`: the steps listed in `at`.",
+    )
+    count: int = option(6, "Number of snapshots for `schedule: log`, step 0 and the last step included.")
+    every: int | None = option(None, "Snapshot interval for `schedule: every`.")
+    at: list[int] | None = option(None, "Explicit steps for `schedule: at`.")
+    keep_weights: bool = option(
+        True,
+        "Save the weights of each snapshot (adapter files for LoRA, safetensors for full "
+        "fine-tuning). `false` keeps only their evaluation results, to save disk.",
+    )
+
+
+@dataclass
+class EvalConfig:
+    """What every snapshot is scored on (lm-eval task names)."""
+
+    new: list[str] = option(["numerals"], "Evals of the new task (learning).")
+    general: list[str] = option(
+        ["prose_ppl"],
+        "Held-out general-capability evals (forgetting): embedded probes, tasks in evals/ or "
+        "your `include` folders, or lm-eval's standard tasks (hellaswag, arc_easy, ...) when online.",
+    )
+    limit: int | None = option(200, "Score at most this many items per task (null: all).")
+    batch_size: int | Literal["auto"] = option(
+        "auto", "Evaluation batch size: `auto` picks one for the device."
+    )
+    include: list[str] = option([], "Extra folders of lm-eval task YAMLs (relative to the recipe).")
+
+
+@dataclass
+class Recipe:
+    """A fine-tuning run: base model, new task, method, schedule and evals."""
+
+    name: str = option("run", "Run name: the run is written to `<runs_dir>/<name>/`.")
+    base: str = option(
+        "smollm2-135m",
+        "Base model: a built-in alias (smollm2-135m, tiny-random), a Hugging Face id, a local "
+        "model folder, or a .gguf file.",
+    )
+    method: Literal["full", "lora"] = option("lora", "`full`: all weights train; `lora`: adapters only.")
+    task: TaskConfig = option(None, "The new task.")
+    lora: LoraSettings | None = option(None, "LoRA settings (method: lora only; defaults apply when omitted).")
+    train: TrainConfig = option(None, "Optimisation settings.")
+    snapshots: SnapshotConfig = option(None, "Snapshot schedule.")
+    evals: EvalConfig = option(None, "Evaluation suite.")
+    runs_dir: str = option("runs", "Folder that holds runs (relative to the working directory).")
+    source: str | None = field(default=None, metadata={"help": "", "internal": True})
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            hint = _hints(Recipe)[f.name]
+            cls = _section_class(hint)
+            if cls is not None and getattr(self, f.name) is None and f.name != "lora":
+                setattr(self, f.name, cls())
+        if self.method == "lora" and self.lora is None:
+            self.lora = LoraSettings()
+
+    @property
+    def base_dir(self) -> Path:
+        """Folder that relative paths in the recipe are resolved against."""
+        return Path(self.source).resolve().parent if self.source else Path.cwd()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe as plain data (every default filled in)."""
+        data = dataclasses.asdict(self)
+        data.pop("source")
+        return data
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------- generic schema walking
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _section_class(hint: Any) -> type | None:
+    """The dataclass inside a hint like ``TaskConfig`` or ``LoraSettings | None``."""
+    for arg in (hint, *typing.get_args(hint)):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(hint))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(hint)[0])}"
+    if hint is type(None):
+        return "null"
+    if dataclasses.is_dataclass(hint):
+        return "section"
+    return {int: "integer", float: "number", str: "string", bool: "true/false"}.get(hint, str(hint))
+
+
+def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
+    """Check ``value`` against a type hint; returns (ok, value converted where lossless)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            ok, converted = _coerce(value, arg)
+            if ok:
+                return True, converted
+        return False, value
+    if origin is Literal:
+        return value in typing.get_args(hint), value
+    if origin is list:
+        if not isinstance(value, list):
+            return False, value
+        out = []
+        for item in value:
+            ok, converted = _coerce(item, typing.get_args(hint)[0])
+            if not ok:
+                return False, value
+            out.append(converted)
+        return True, out
+    if hint is type(None):
+        return value is None, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `2e-4` as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if hint is str:
+        return isinstance(value, str), value
+    return False, value
+
+
+def _did_you_mean(word: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
+    """Build dataclass ``cls`` from a mapping, appending every problem found."""
+    if not isinstance(data, dict):
+        problems.append(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping of keys, got {data!r}")
+        return cls()
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            allowed = ", ".join(names)
+            problems.append(f"{prefix}{key}: unknown key{_did_you_mean(str(key), names)} (allowed: {allowed})")
+            continue
+        hint = hints[key]
+        section = _section_class(hint)
+        if section is not None:
+            if value is None:
+                kwargs[key] = None
+            else:
+                kwargs[key] = _build(section, value, f"{prefix}{key}.", problems)
+            continue
+        ok, converted = _coerce(value, hint)
+        if ok:
+            kwargs[key] = converted
+        else:
+            problems.append(f"{prefix}{key}: expected {_type_name(hint)}, got {value!r}")
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Turn ``["train.lr=1e-4", "method=full"]`` into a nested mapping (values parsed as YAML)."""
+    nested: dict[str, Any] = {}
+    problems = []
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            problems.append(f"--set {pair!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
+            continue
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    if problems:
+        raise RecipeError(problems, "overrides")
+    return nested
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
+    """Build and validate a recipe from plain data; raises :class:`RecipeError` with every problem."""
+    problems: list[str] = []
+    recipe = _build(Recipe, data if data is not None else {}, "", problems)
+    recipe.source = source
+    if not problems:
+        problems += _check(recipe, data)
+    if problems:
+        raise RecipeError(problems, source or "recipe")
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe YAML file, apply ``--set`` style overrides and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(["no such recipe file; see recipes/ for examples"], str(path))
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise RecipeError([f"{where}not valid YAML ({getattr(err, 'problem', err)})"], str(path)) from None
+    if data is not None and not isinstance(data, dict):
+        raise RecipeError([f"expected a mapping of keys at the top level, got {type(data).__name__}"], str(path))
+    data = _merge(data or {}, parse_overrides(overrides or []))
+    return recipe_from_dict(data, str(path))
+
+
+# ---------------------------------------------------------------- semantic checks
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _check(recipe: Recipe, data: dict[str, Any]) -> list[str]:
+    """Checks that need more than one field, files, or the registries of models and tasks."""
+    from forgetscope import evaluate, models, tasks  # local: keep `import forgetscope.recipe` light
+
+    problems = []
+    if not _NAME_RE.match(recipe.name) or recipe.name in (".", ".."):
+        problems.append(
+            f"name: {recipe.name!r} must be letters, digits, '_', '-' or '.', not starting with "
+            "'.' (it names a folder under runs_dir)"
+        )
+    problems += models.check_reference(recipe.base, recipe.base_dir)
+
+    if recipe.method == "full" and data.get("lora") is not None:
+        problems.append("lora: LoRA settings on a full fine-tuning run; remove the `lora:` section or set method: lora")
+    t = recipe.train
+    for key in ("lr", "steps", "batch_size", "grad_accum", "seq_len"):
+        if getattr(t, key) <= 0:
+            problems.append(f"train.{key}: must be positive, got {getattr(t, key)}")
+    if t.warmup_steps < 0:
+        problems.append(f"train.warmup_steps: must be 0 or more, got {t.warmup_steps}")
+    if t.batch_size > 0 and t.grad_accum > 0 and t.batch_size % t.grad_accum:
+        problems.append(
+            f"train.batch_size: {t.batch_size} is not divisible by train.grad_accum={t.grad_accum}"
+        )
+    if recipe.lora is not None and (recipe.lora.r <= 0 or recipe.lora.alpha <= 0):
+        problems.append("lora.r and lora.alpha: must be positive")
+    if recipe.lora is not None and not 0 <= recipe.lora.dropout < 1:
+        problems.append(f"lora.dropout: must be in [0, 1), got {recipe.lora.dropout}")
+
+    task = recipe.task
+    sources = [k for k in ("name", "path", "hf_dataset") if getattr(task, k)]
+    if len(sources) != 1:
+        problems.append(
+            "task: give exactly one of `name` (embedded task), `path` (your file) or `hf_dataset`"
+            f"; got {', '.join(sources) or 'none'}"
+        )
+    if task.name and task.name not in tasks.EMBEDDED_TASKS:
+        problems.append(
+            f"task.name: unknown embedded task {task.name!r}{_did_you_mean(task.name, tasks.EMBEDDED_TASKS)}"
+            f" (embedded: {', '.join(tasks.EMBEDDED_TASKS)}; use task.path for your own data)"
+        )
+    if task.path:
+        file = recipe.base_dir / task.path
+        if not file.is_file():
+            problems.append(f"task.path: no such file {str(file)!r}; give a .jsonl or .csv file")
+        elif file.suffix not in (".jsonl", ".json", ".csv"):
+            problems.append(f"task.path: {file.name!r} is not .jsonl or .csv")
+    if task.max_examples is not None and task.max_examples <= 0:
+        problems.append(f"task.max_examples: must be positive or null, got {task.max_examples}")
+
+    s = recipe.snapshots
+    if s.schedule == "log" and s.count < 2:
+        problems.append(f"snapshots.count: needs at least 2 (step 0 and the last step), got {s.count}")
+    if s.schedule == "every" and (s.every is None or s.every <= 0):
+        problems.append("snapshots.every: set a positive interval for schedule: every (e.g. every: 10)")
+    if s.schedule == "at":
+        if not s.at:
+            problems.append("snapshots.at: list the steps for schedule: at (e.g. at: [0, 5, 10, 20])")
+        elif t.steps > 0:
+            bad = [x for x in s.at if x < 0 or x > t.steps]
+            if bad:
+                problems.append(f"snapshots.at: steps {bad} fall outside 0..train.steps={t.steps}")
+    for key in ("every", "at"):
+        if getattr(s, key) is not None and s.schedule != key:
+            problems.append(f"snapshots.{key}: only used with schedule: {key} (schedule is {s.schedule!r})")
+
+    e = recipe.evals
+    if not e.new and not e.general:
+        problems.append("evals: list at least one eval under `new` or `general`")
+    if e.limit is not None and e.limit <= 0:
+        problems.append(f"evals.limit: must be positive or null, got {e.limit}")
+    if isinstance(e.batch_size, int) and e.batch_size <= 0:
+        problems.append(f"evals.batch_size: must be positive or 'auto', got {e.batch_size}")
+    for folder in e.include:
+        if not (recipe.base_dir / folder).is_dir():
+            problems.append(f"evals.include: no such folder {str(recipe.base_dir / folder)!r}")
+    if not problems:
+        problems += evaluate.check_eval_names([*e.new, *e.general], evaluate.include_paths(recipe))
+    return problems
+
+
+# ---------------------------------------------------------------- documentation
+
+
+def field_reference() -> str:
+    """Every recipe field with its type, default and documentation, as printed by ``forgetscope fields``."""
+    lines: list[str] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = _hints(cls)
+        defaults = cls() if cls is not Recipe else None
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("internal"):
+                continue
+            section = _section_class(hints[f.name])
+            if section is not None:
+                lines.append(f"\n{prefix}{f.name}:  {f.metadata['help']}")
+                walk(section, f"{prefix}{f.name}.")
+                continue
+            default = getattr(defaults, f.name) if defaults is not None else f.default
+            lines.append(f"  {prefix}{f.name} ({_type_name(hints[f.name])}, default {default!r})")
+            lines.append(f"      {f.metadata['help']}")
+
+    walk(Recipe, "")
+    return "\n".join(lines).lstrip("\n") + "\n"

@@ -1,0 +1,118 @@
+"""``forgetscope run``: fine-tune a base model by a recipe, snapshot it on a schedule and score
+every snapshot, then write the forgetting curves.
+
+Step 0 is always the untouched base. Evaluations that already finished in the run folder (an
+interrupted earlier attempt of the same recipe) are kept and not recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+from forgetscope import curves, data, evaluate, io, models, report, snapshots, train
+from forgetscope.errors import UserError
+from forgetscope.recipe import Recipe
+
+
+class RunError(UserError):
+    """The run cannot start as asked; the message says what to change."""
+
+
+def _versions() -> dict[str, str]:
+    names = ("forgetscope", "torch", "transformers", "peft", "accelerate", "datasets", "lm_eval")
+    return {"python": platform.python_version(), **{n: version(n.replace("_", "-")) for n in names}}
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """Hash of the resolved recipe, minus fields that do not change results (name, runs_dir)."""
+    data = recipe.to_dict()
+    data.pop("name")
+    data.pop("runs_dir")
+    return hashlib.sha256(repr(data).encode()).hexdigest()[:16]
+
+
+def _prepare_folder(recipe: Recipe) -> snapshots.RunLayout:
+    """Create the run folder, or reopen one that the same recipe started; refuse a different one."""
+    layout = snapshots.RunLayout(Path(recipe.runs_dir) / recipe.name)
+    manifest = layout.read_manifest()
+    if manifest and manifest.get("recipe_hash") != recipe_hash(recipe):
+        raise RunError(
+            f"{layout.root} holds a run of a different recipe; choose another name "
+            f"(--set name=...) or remove that folder"
+        )
+    layout.root.mkdir(parents=True, exist_ok=True)
+    io.write_text(layout.recipe, recipe.to_yaml())
+    return layout
+
+
+def run(recipe: Recipe) -> Path:
+    """Run a recipe end to end and return the run folder (``runs/<name>``)."""
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    layout = _prepare_folder(recipe) if main_process else snapshots.RunLayout(Path(recipe.runs_dir) / recipe.name)
+    if layout.read_manifest().get("status") == "finished":
+        print(f"forgetscope: {layout.root} already finished; curves in {layout.curves}")
+        return layout.root
+
+    started = time.time()
+    model_path = models.resolve(recipe.base, recipe.base_dir)
+    model, tokenizer = models.load(model_path)
+    chat = data.uses_chat_template(recipe.task, tokenizer)
+    examples = data.tokenize(data.load_records(recipe.task, recipe.base_dir), tokenizer, recipe.task, recipe.train.seq_len)
+    steps = snapshots.schedule(recipe.snapshots, recipe.train.steps)
+    if main_process:
+        layout.update_manifest(
+            status="running",
+            recipe_hash=recipe_hash(recipe),
+            base=recipe.base,
+            base_path=model_path,
+            method=recipe.method,
+            seed=recipe.train.seed,
+            snapshot_steps=steps,
+            chat_template=chat,
+            bf16=train.use_bf16(recipe.train.precision),
+            processes=train.world_size(),
+            trust_remote_code=False,
+            versions=_versions(),
+            started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        )
+    model = train.prepare_model(model, recipe)
+    done = set(layout.eval_steps())
+    timings: dict[str, float] = {}
+
+    def take(current, step: int, tokens: int) -> None:
+        weights = recipe.snapshots.keep_weights and step > 0
+        meta = {"step": step, "tokens": tokens, "method": recipe.method, "recipe_hash": recipe_hash(recipe), "base": model_path}
+        snapshots.save_snapshot(layout, step, current, tokenizer, meta, weights)
+        if step in done:
+            return
+        tick = time.time()
+        evaluation = evaluate.evaluate_model(current, tokenizer, recipe, chat)
+        snapshots.save_eval(layout, step, tokens, evaluation)
+        timings[snapshots.step_name(step)] = round(time.time() - tick, 2)
+        print(f"forgetscope: step {step}: " + curves.headline(evaluation["results"]))
+
+    trainer = train.make_trainer(
+        model, tokenizer, examples, recipe, str(layout.root / "trainer"), [train.SnapshotCallback(steps, take)]
+    )
+    tick = time.time()
+    trainer.train()
+    train_seconds = time.time() - tick - sum(timings.values())
+    if not main_process:
+        return layout.root
+
+    shutil.rmtree(layout.root / "trainer", ignore_errors=True)
+    table = curves.write_curves(layout, recipe)
+    report.plot_curves(table, layout.figure, title=f"{recipe.name}: {recipe.method} on {recipe.base}")
+    layout.update_manifest(
+        status="finished",
+        finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        timings={"total_s": round(time.time() - started, 1), "train_s": round(train_seconds, 1), "eval_s": timings},
+        train_log=trainer.state.log_history,
+    )
+    return layout.root

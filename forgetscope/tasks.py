@@ -1,0 +1,73 @@
+"""Embedded data generated in code (seeded), so that everything works with no network.
+
+* New tasks: ``numerals`` (write a number in an invented numeral language). A pretrained model
+  cannot do it at step 0 (it has never seen the language) and learns it within a few dozen steps.
+* General probes: held-out English prose from the standard library's ``pydoc_data``.
+
+Items carry a stable ``id`` so that per-item results pair up across snapshots. The evaluation
+split is fixed (it never depends on a recipe's seed); the seed only orders the training split.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+
+# The invented "Zorbic" numeral language: one syllable per decimal digit. An answer spells the
+# number digit by digit, so the model must learn ten new words and the format, nothing it knew.
+ZORBIC_DIGITS = ("nu", "ka", "re", "mi", "so", "la", "pe", "ti", "vo", "zu")
+_EVAL_SIZE = 500
+_SPLIT_SEED = 1234  # fixed: the eval items must not move when a recipe changes its seed
+
+
+def to_zorbic(number: int) -> str:
+    """``4072`` -> ``"4=so 0=nu 7=ti 2=re"``: each digit, then its Zorbic syllable."""
+    return " ".join(f"{d}={ZORBIC_DIGITS[int(d)]}" for d in str(number))
+
+
+def numerals(split: str, seed: int = 0) -> list[dict[str, str]]:
+    """The ``numerals`` new task: ``Write 4072 in Zorbic numerals.`` -> ``4=so 0=nu 7=ti 2=re``.
+
+    Numbers 1000-9999; 500 of them are held out for evaluation (``split="test"``), the other
+    8500 are for training (``split="train"``, shuffled by ``seed``).
+    """
+    numbers = list(range(1000, 10000))
+    random.Random(_SPLIT_SEED).shuffle(numbers)
+    chosen = numbers[:_EVAL_SIZE] if split == "test" else numbers[_EVAL_SIZE:]
+    if split == "train":
+        random.Random(seed).shuffle(chosen)
+    return [
+        {"id": f"numerals-{n}", "prompt": f"Write {n} in Zorbic numerals.", "completion": to_zorbic(n)}
+        for n in chosen
+    ]
+
+
+EMBEDDED_TASKS: dict[str, Callable[..., list[dict[str, str]]]] = {"numerals": numerals}
+
+
+def prose_passages(max_chars: int = 1200) -> list[dict[str, str]]:
+    """Held-out English prose: paragraphs of the Python reference docs shipped in ``pydoc_data``.
+
+    Grammar listings and code blocks are dropped; paragraphs are packed into passages of at most
+    ``max_chars`` characters. The order is fixed, so ``limit`` always takes the same passages.
+    """
+    from pydoc_data.topics import topics
+
+    passages = []
+    for topic in sorted(topics):
+        paragraphs = [p.strip() for p in topics[topic].split("\n\n")]
+        prose = [
+            " ".join(p.split())
+            for p in paragraphs
+            if len(p) > 200 and not p.startswith((" ", "*", "-", "=")) and not re.search(r"::=|>>>|\{|\}", p)
+        ]
+        current = ""
+        for para in prose:
+            if current and len(current) + len(para) > max_chars:
+                passages.append(current)
+                current = ""
+            current = f"{current} {para}".strip()
+        if current:
+            passages.append(current)
+    return [{"id": f"prose-{i:04d}", "text": text} for i, text in enumerate(passages)]

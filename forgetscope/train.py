@@ -1,0 +1,114 @@
+"""Wire transformers' Trainer (+ peft for LoRA) for a recipe, with a snapshot callback.
+
+The callback scores the model *in memory* at every scheduled step (step 0 before the first
+update), so a snapshot never has to be reloaded from disk to be evaluated. Under
+``accelerate launch`` every process trains; only the main one saves and evaluates while the
+others wait at a barrier.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+from forgetscope.errors import UserError
+from forgetscope.recipe import Recipe
+
+
+def world_size() -> int:
+    """Number of training processes (set by ``accelerate launch`` / ``torchrun``)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def use_bf16(precision: str) -> bool:
+    """Whether to train under bf16 autocast (``auto``: where the hardware runs it natively)."""
+    if precision != "auto":
+        return precision == "bf16"
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def prepare_model(model, recipe: Recipe):
+    """Wrap the base model for the recipe's method: peft LoRA adapters, or every weight trainable."""
+    if recipe.method == "full":
+        model.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = recipe.lora
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+class SnapshotCallback(TrainerCallback):
+    """Calls ``take(model, step, tokens)`` at step 0 and at every scheduled step."""
+
+    def __init__(self, steps: list[int], take: Callable[[object, int, int], None]):
+        self.steps = set(steps)
+        self.take = take
+
+    def _maybe_take(self, state, model, step: int) -> None:
+        if step not in self.steps:
+            return
+        if state.is_world_process_zero:
+            self.take(model, step, int(state.num_input_tokens_seen))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._maybe_take(state, model, 0)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self._maybe_take(state, model, state.global_step)
+
+
+def make_trainer(model, tokenizer, examples: list[dict], recipe: Recipe, output_dir: str, callbacks: list) -> Trainer:
+    """A Trainer for the recipe's optimisation settings (no checkpoints of its own: the callback snapshots)."""
+    import datasets
+
+    t = recipe.train
+    processes = world_size()
+    per_device, remainder = divmod(t.batch_size, t.grad_accum * processes)
+    if remainder or per_device == 0:
+        raise UserError(
+            f"train.batch_size={t.batch_size} must be a multiple of grad_accum x processes "
+            f"= {t.grad_accum * processes}; change train.batch_size or the number of processes"
+        )
+    args = TrainingArguments(
+        output_dir=output_dir,
+        max_steps=t.steps,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        warmup_steps=t.warmup_steps,
+        lr_scheduler_type=t.scheduler,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=use_bf16(t.precision),
+        use_cpu=not torch.cuda.is_available(),
+        logging_steps=max(1, t.steps // 20),
+        save_strategy="no",
+        report_to=[],
+        include_num_input_tokens_seen="non_padding",
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+    )
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(examples),
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        callbacks=callbacks,
+    )

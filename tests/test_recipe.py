@@ -1,0 +1,117 @@
+"""Recipes are data: every shipped YAML validates, and bad ones fail with one clear line each."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import RECIPES
+from forgetscope import cli
+from forgetscope.recipe import RecipeError, field_reference, load_recipe, parse_overrides, recipe_from_dict
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_validate(path):
+    recipe = load_recipe(path)
+    assert path.read_text().startswith(f"# forgetscope run recipes/{path.name}")
+    assert recipe.name
+
+
+def test_overrides_are_applied_and_typed(tmp_path):
+    recipe = load_recipe(RECIPES / "tiny.yaml", ["train.lr=3e-3", "method=full", "lora=null", "snapshots.every=2"])
+    assert recipe.train.lr == pytest.approx(3e-3)
+    assert recipe.method == "full" and recipe.lora is None
+    assert recipe.snapshots.every == 2
+
+
+def test_defaults_fill_in_and_round_trip(tmp_path):
+    recipe = recipe_from_dict({"base": "tiny-random"})
+    assert recipe.method == "lora" and recipe.lora.r == 16
+    again = recipe_from_dict(yaml.safe_load(recipe.to_yaml()))
+    assert again.to_dict() == recipe.to_dict()
+
+
+def test_field_reference_documents_every_field():
+    text = field_reference()
+    for key in ("train.lr", "snapshots.schedule", "lora.target_modules", "evals.general", "task.chat_template"):
+        assert f"  {key} (" in text
+
+
+# (recipe change, expected fragment of the single error line)
+MALFORMED = [
+    ({"trian": {}}, "trian: unknown key; did you mean 'train'?"),
+    ({"train": {"learning_rate": 1e-3}}, "train.learning_rate: unknown key"),
+    ({"train": {"lr": "fast"}}, "train.lr: expected number, got 'fast'"),
+    ({"train": {"steps": 2.5}}, "train.steps: expected integer, got 2.5"),
+    ({"train": {"steps": 0}}, "train.steps: must be positive"),
+    ({"method": "qlora"}, "method: expected 'full' | 'lora', got 'qlora'"),
+    ({"method": "full", "lora": {"r": 8}}, "lora: LoRA settings on a full fine-tuning run"),
+    ({"base": "smollm-135m"}, "did you mean 'smollm2-135m'?"),
+    ({"base": "./no/such/model.gguf"}, "base: no such GGUF file"),
+    ({"base": "someorg/not-cached-model"}, "not in the local Hugging Face cache and HF_HUB_OFFLINE is set"),
+    ({"task": {"name": "numeral"}}, "task.name: unknown embedded task 'numeral'; did you mean 'numerals'?"),
+    ({"task": {"name": None, "path": "missing.jsonl"}}, "task.path: no such file"),
+    ({"task": {"name": "numerals", "hf_dataset": "org/data"}}, "task: give exactly one of"),
+    ({"snapshots": {"schedule": "every", "at": None}}, "snapshots.every: set a positive interval"),
+    ({"snapshots": {"schedule": "at", "at": [0, 99]}}, "snapshots.at: steps [99] fall outside 0..train.steps=3"),
+    ({"snapshots": {"count": "six"}}, "snapshots.count: expected integer"),
+    ({"evals": {"new": ["numeral"]}}, "evals: unknown eval task 'numeral'; did you mean 'numerals'?"),
+    ({"evals": {"general": "prose_ppl"}}, "evals.general: expected list of string"),
+    ({"train": {"batch_size": 6, "grad_accum": 4}}, "train.batch_size: 6 is not divisible by train.grad_accum=4"),
+    ({"name": "../escape"}, "name: '../escape' must be letters"),
+    ({"lora": {"dropout": 1.5}}, "lora.dropout: must be in [0, 1)"),
+]
+
+
+def _merge(base, extra):
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@pytest.mark.parametrize("change,expected", MALFORMED, ids=[m[1][:40] for m in MALFORMED])
+def test_malformed_recipe_gives_one_clear_line(tmp_path, capsys, tiny_recipe_data, change, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(_merge(tiny_recipe_data, change)))
+    code = cli.main(["run", str(path), "--set", f"runs_dir={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"forgetscope: error: {path}: ")
+    assert expected in lines[0]
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_all_problems_reported_at_once(tiny_recipe_data):
+    data = _merge(tiny_recipe_data, {"trian": {}, "train": {"lr": "x"}, "method": "bogus"})
+    with pytest.raises(RecipeError) as err:
+        recipe_from_dict(data)
+    assert len(err.value.problems) == 3
+
+
+def test_bad_yaml_and_bad_override(tmp_path, capsys):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train: {lr: 1e-3\n")
+    assert cli.main(["show", str(path)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    with pytest.raises(RecipeError, match="expected KEY=VALUE"):
+        parse_overrides(["train.lr"])
+
+
+def test_cli_error_is_exit_2_without_traceback(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("base: tiny-random\ntrian: {}\n")
+    proc = subprocess.run([sys.executable, "-m", "forgetscope", "run", str(path)], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "did you mean 'train'?" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_show_prints_resolved_recipe(capsys):
+    assert cli.main(["show", str(RECIPES / "tiny.yaml"), "--set", "train.steps=4"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["train"]["steps"] == 4 and shown["train"]["scheduler"] == "linear"

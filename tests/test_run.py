@@ -1,0 +1,126 @@
+"""End-to-end runs on the tiny random model: snapshots, evaluations, curves, reloading, what trains."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from forgetscope import models, snapshots, train
+from forgetscope.recipe import SnapshotConfig, load_recipe, recipe_from_dict
+from forgetscope.runner import RunError, run
+
+
+def _run(tmp_path, data, **changes):
+    data = {**data, **changes, "runs_dir": str(tmp_path / "runs")}
+    path = tmp_path / f"{data['name']}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_recipe(path), run(load_recipe(path))
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_three_step_run_writes_layout_and_curves(tmp_path, tiny_recipe_data, method):
+    changes = {"method": method, "name": f"t-{method}"}
+    if method == "full":
+        changes["lora"] = None
+    recipe, root = _run(tmp_path, tiny_recipe_data, **changes)
+    assert sorted(p.name for p in (root / "snapshots").iterdir()) == ["step-000000", "step-000001", "step-000003"]
+    assert sorted(p.name for p in (root / "evals").iterdir()) == ["step-000000", "step-000001", "step-000003"]
+    assert list((root / "snapshots" / "step-000000").iterdir()) == [root / "snapshots" / "step-000000" / "meta.json"]
+    weights = {p.name for p in (root / "snapshots" / "step-000003").iterdir()}
+    if method == "lora":
+        assert {"adapter_model.safetensors", "adapter_config.json"} <= weights
+    else:
+        assert {"model.safetensors", "config.json", "tokenizer.json"} <= weights
+
+    table = pd.read_csv(root / "curves.csv")
+    assert list(table.columns) == ["run", "recipe", "method", "step", "tokens", "task", "role", "metric",
+                                   "value", "stderr", "n", "higher_is_better"]
+    assert set(table["step"]) == {0, 1, 3}
+    assert set(table["task"]) == {"numerals", "prose_ppl"}
+    acc = table[(table.task == "numerals") & (table.metric == "acc")]
+    assert len(acc) == 3 and acc["role"].eq("new").all() and acc["n"].eq(4).all()
+    ppl = table[(table.task == "prose_ppl") & (table.metric == "word_perplexity")].sort_values("step")
+    assert ppl["role"].eq("general").all() and not ppl["higher_is_better"].any()
+    assert ppl["value"].nunique() == 3  # the model moved between snapshots
+    assert table.groupby("step")["tokens"].first().is_monotonic_increasing
+    assert (root / "curves.png").stat().st_size > 10_000
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["snapshot_steps"] == [0, 1, 3]
+    assert yaml.safe_load((root / "recipe.yaml").read_text())["train"]["steps"] == 3
+
+    samples = [json.loads(line) for line in (root / "evals" / "step-000003" / "samples_numerals.jsonl").open()]
+    assert [s["item_id"] for s in samples] == [s["doc"]["id"] for s in samples]
+
+
+def test_lora_snapshot_reloads_with_peft_to_same_logits(tmp_path, tiny_recipe_data):
+    from peft import PeftModel
+
+    recipe = recipe_from_dict({**tiny_recipe_data, "runs_dir": str(tmp_path)})
+    model, tokenizer = models.load(models.resolve("tiny-random"))
+    model = train.prepare_model(model, recipe)
+    with torch.no_grad():  # make the adapter non-trivial
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.eval()
+    batch = tokenizer(["Write 1234 in Zorbic numerals."], return_tensors="pt")
+    expected = model(**batch).logits
+    layout = snapshots.RunLayout(tmp_path / "run")
+    folder = snapshots.save_snapshot(layout, 5, model, tokenizer, {"step": 5}, weights=True)
+
+    base, _ = models.load(models.resolve("tiny-random"))
+    plain = base.eval()(**batch).logits
+    reloaded = PeftModel.from_pretrained(base, folder).eval()
+    torch.testing.assert_close(reloaded(**batch).logits, expected)
+    assert not torch.allclose(plain, expected)  # the adapter matters, so the match is not trivial
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_trainable_parameters_change_and_frozen_ones_do_not(tmp_path, tiny_recipe_data, method):
+    data = {**tiny_recipe_data, "method": method, "runs_dir": str(tmp_path)}
+    if method == "full":
+        data["lora"] = None
+    recipe = recipe_from_dict(data)
+    model, tokenizer = models.load(models.resolve("tiny-random"))
+    model = train.prepare_model(model, recipe)
+    if method == "lora":  # lora_B starts at zero, so nudge it or lora_A would get no gradient
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.fill_(0.01)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    from forgetscope import data as fdata
+
+    examples = fdata.tokenize(fdata.load_records(recipe.task, tmp_path), tokenizer, recipe.task, 48)
+    train.make_trainer(model, tokenizer, examples, recipe, str(tmp_path / "trainer"), []).train()
+    after = dict(model.named_parameters())
+    if method == "lora":
+        assert trainable and all("lora_" in n for n in trainable)
+    else:
+        assert trainable == set(before)
+    for name, old in before.items():
+        changed = not torch.equal(old, after[name].detach())
+        assert changed == (name in trainable), name
+
+
+def test_schedules():
+    assert snapshots.schedule(SnapshotConfig(schedule="every", every=10), 35) == [0, 10, 20, 30, 35]
+    assert snapshots.schedule(SnapshotConfig(schedule="at", at=[20, 5]), 60) == [0, 5, 20]
+    log = snapshots.schedule(SnapshotConfig(schedule="log", count=6), 60)
+    assert log[0] == 0 and log[-1] == 60 and len(log) == 6
+    gaps = [b - a for a, b in zip(log[1:], log[2:])]
+    assert gaps == sorted(gaps)  # dense early
+
+
+def test_rerun_of_finished_run_keeps_results_and_other_recipe_is_refused(tmp_path, tiny_recipe_data):
+    recipe, root = _run(tmp_path, tiny_recipe_data, name="again")
+    before = (root / "curves.csv").read_text()
+    assert run(recipe) == root
+    assert (root / "curves.csv").read_text() == before
+    changed = recipe_from_dict({**tiny_recipe_data, "name": "again", "runs_dir": str(tmp_path / "runs"),
+                                "train": {**tiny_recipe_data["train"], "lr": 0.5}})
+    with pytest.raises(RunError, match="different recipe"):
+        run(changed)
