@@ -15,3 +15,9 @@ def numerals(**_: object) -> dict[str, datasets.Dataset]:
 
 def prose(**_: object) -> dict[str, datasets.Dataset]:
     return {"test": datasets.Dataset.from_list(tasks.prose_passages())}
+
+
+def answer_scores(doc: dict, results: list) -> dict[str, float]:
+    """Per item: ``acc`` = the answer is the greedy continuation; ``logprob`` = its log-likelihood."""
+    loglikelihood, is_greedy = results[0]
+    return {"acc": int(is_greedy), "logprob": float(loglikelihood)}

@@ -30,8 +30,12 @@ def write_json(path: Path, data: Any) -> None:
 
 
 @contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces ``target`` in one rename."""
+def atomic_dir(target: Path, replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary folder; on success it becomes ``target`` in one rename.
+
+    With ``replace=False`` an existing ``target`` wins (another process built it first) and the
+    temporary folder is dropped: for caches that several processes may fill at once.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -42,5 +46,13 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if target.exists():
+        if not replace:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
         shutil.rmtree(target)
-    os.replace(tmp, target)
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if replace or not target.exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -121,7 +121,7 @@ def _cached(target: Path, build) -> Path:
     """Build ``target`` once (atomically), then reuse it."""
     if (target / "config.json").is_file():
         return target
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, replace=False) as tmp:
         build(tmp)
     return target
 

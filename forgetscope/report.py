@@ -40,6 +40,9 @@ def plot_curves(table: pd.DataFrame, path: Path, title: str = "") -> Path:
         ax.set_ylabel(f"{metric} {arrow} better")
         ax.set_xlabel("training step")
         ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlim(-0.3, rows["step"].max() * 1.15)
+        ax.set_xticks(rows["step"].tolist(), [str(s) for s in rows["step"]], fontsize=8)
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=8)
     if title:

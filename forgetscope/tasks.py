@@ -46,11 +46,12 @@ def numerals(split: str, seed: int = 0) -> list[dict[str, str]]:
 EMBEDDED_TASKS: dict[str, Callable[..., list[dict[str, str]]]] = {"numerals": numerals}
 
 
-def prose_passages(max_chars: int = 1200) -> list[dict[str, str]]:
+def prose_passages(max_chars: int = 600) -> list[dict[str, str]]:
     """Held-out English prose: paragraphs of the Python reference docs shipped in ``pydoc_data``.
 
-    Grammar listings and code blocks are dropped; paragraphs are packed into passages of at most
-    ``max_chars`` characters. The order is fixed, so ``limit`` always takes the same passages.
+    Grammar listings and code blocks are dropped; the sentences of each topic are packed into
+    passages of at most ``max_chars`` characters. The order is fixed, so ``limit`` always takes
+    the same passages.
     """
     from pydoc_data.topics import topics
 
@@ -62,12 +63,13 @@ def prose_passages(max_chars: int = 1200) -> list[dict[str, str]]:
             for p in paragraphs
             if len(p) > 200 and not p.startswith((" ", "*", "-", "=")) and not re.search(r"::=|>>>|\{|\}", p)
         ]
+        sentences = [s for para in prose for s in re.split(r"(?<=[.!?]) ", para) if len(s) <= max_chars]
         current = ""
-        for para in prose:
-            if current and len(current) + len(para) > max_chars:
+        for sentence in sentences:
+            if current and len(current) + 1 + len(sentence) > max_chars:
                 passages.append(current)
                 current = ""
-            current = f"{current} {para}".strip()
+            current = f"{current} {sentence}".strip()
         if current:
             passages.append(current)
     return [{"id": f"prose-{i:04d}", "text": text} for i, text in enumerate(passages)]

@@ -1,0 +1,82 @@
+"""New-task data (masking, chat template, files) and model references."""
+
+import json
+
+import pytest
+
+from forgetscope import data, models, tasks
+from forgetscope.recipe import TaskConfig
+
+
+def test_numerals_task_is_seeded_and_splits_are_disjoint():
+    train, test = tasks.numerals("train"), tasks.numerals("test")
+    assert len(test) == 500 and len(train) == 8500
+    assert not {r["id"] for r in train} & {r["id"] for r in test}
+    assert tasks.numerals("test") == test  # fixed eval items
+    assert tasks.numerals("train", seed=1) != train  # the seed orders the training split
+    assert tasks.to_zorbic(4072) == "4=so 0=nu 7=ti 2=re"
+
+
+def test_prose_probe_has_stable_ids_and_real_prose():
+    passages = tasks.prose_passages()
+    assert len(passages) > 200
+    assert all(len(p["text"]) <= 600 for p in passages)
+    assert passages[0]["id"] == "prose-0000" and "::=" not in passages[0]["text"]
+
+
+def test_prompt_tokens_are_masked_and_completion_ends_with_eos():
+    tokenizer = models.byte_tokenizer()
+    [ex] = data.tokenize([{"prompt": "Q?", "completion": "yes"}], tokenizer, TaskConfig(name=None), 64)
+    prompt_len = len(tokenizer("Q?").input_ids)
+    assert ex["labels"][:prompt_len] == [-100] * prompt_len
+    assert tokenizer.decode(ex["labels"][prompt_len:]) == " yes</s>"
+    assert ex["input_ids"][prompt_len:] == ex["labels"][prompt_len:]
+
+
+def test_chat_template_wraps_the_prompt():
+    tokenizer = models.byte_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    task = TaskConfig(name=None)
+    assert data.uses_chat_template(task, tokenizer)
+    [ex] = data.tokenize([{"prompt": "Q?", "completion": "yes"}], tokenizer, task, 64)
+    masked = [i for i, label in zip(ex["input_ids"], ex["labels"]) if label == -100]
+    assert tokenizer.decode(masked) == "<user>Q?<assistant>"
+    assert not data.uses_chat_template(TaskConfig(name=None, chat_template="off"), tokenizer)
+    with pytest.raises(data.DataError, match="has no chat template"):
+        data.uses_chat_template(TaskConfig(name=None, chat_template="on"), models.byte_tokenizer())
+
+
+def test_plain_text_records_train_on_every_token_and_truncate():
+    tokenizer = models.byte_tokenizer()
+    [ex] = data.tokenize([{"text": "hello world"}], tokenizer, TaskConfig(name=None), 5)
+    assert ex["labels"] == ex["input_ids"] and len(ex["input_ids"]) == 5
+
+
+def test_jsonl_and_csv_files(tmp_path):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n\n")
+    (tmp_path / "d.csv").write_text("prompt,completion\na,b\n")
+    for name in ("d.jsonl", "d.csv"):
+        assert data.load_records(TaskConfig(name=None, path=name), tmp_path) == [{"prompt": "a", "completion": "b"}]
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{oops\n')
+    with pytest.raises(data.DataError, match=r"bad.jsonl:2: not valid JSON"):
+        data.load_records(TaskConfig(name=None, path="bad.jsonl"), tmp_path)
+    with pytest.raises(data.DataError, match="lacks `prompt` and `completion`"):
+        data.tokenize([{"prompt": "a", "completion": "b"}, {"prompt": "c"}], models.byte_tokenizer(), TaskConfig(name=None), 8)
+
+
+def test_model_references(tmp_path):
+    assert models.check_reference("tiny-random", tmp_path) == []
+    assert "did you mean 'tiny-random'" in models.check_reference("tiny-randon", tmp_path)[0]
+    (tmp_path / "m").mkdir()
+    assert "has no config.json" in models.check_reference("m", tmp_path)[0]
+    assert "HF_HUB_OFFLINE is set" in models.check_reference("org/never-downloaded", tmp_path)[0]
+    with pytest.raises(models.ModelError, match="not in the local Hugging Face cache"):
+        models.resolve("org/never-downloaded", tmp_path)
+
+
+def test_tiny_random_is_tiny_and_cached():
+    path = models.resolve("tiny-random")
+    assert models.resolve("tiny-random") == path
+    model, tokenizer = models.load(path)
+    assert sum(p.numel() for p in model.parameters()) < 100_000
+    assert tokenizer.decode(tokenizer("héllo").input_ids) == "héllo"
