@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from forgetscope.errors import UserError
@@ -13,6 +14,8 @@ def _cmd_run(args: argparse.Namespace) -> None:
     from forgetscope.runner import run
 
     root = run(load_recipe(args.recipe, args.set))
+    if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch, the main process reports
+        return
     print(f"\nforgetscope: run finished: {root}")
     print(f"  curves table : {root / 'curves.csv'}")
     print(f"  curves figure: {root / 'curves.png'}")

@@ -48,7 +48,7 @@ def test_embedded_default_converts_trains_and_evaluates(tmp_path, monkeypatch):
 def test_accelerate_launch_with_two_cpu_processes(tmp_path):
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     runs = tmp_path / "runs"
-    cmd = [accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "-m", "forgetscope", "run", str(RECIPES / "tiny.yaml"), "--set", f"runs_dir={runs}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
