@@ -4,17 +4,39 @@ Each hook returns ``{"test": datasets.Dataset}``; every item carries a stable ``
 Usable directly with ``lm_eval --include_path evals/ --tasks numerals`` once forgetscope is installed.
 """
 
+import json
+
 import datasets
 
 from forgetscope import tasks
 
 
+def _test(rows: list[dict]) -> dict[str, datasets.Dataset]:
+    return {"test": datasets.Dataset.from_list(rows)}
+
+
 def numerals(**_: object) -> dict[str, datasets.Dataset]:
-    return {"test": datasets.Dataset.from_list(tasks.numerals("test"))}
+    return _test(tasks.numerals("test"))
 
 
 def prose(**_: object) -> dict[str, datasets.Dataset]:
-    return {"test": datasets.Dataset.from_list(tasks.prose_passages())}
+    return _test(tasks.prose_passages())
+
+
+def world_capitals(**_: object) -> dict[str, datasets.Dataset]:
+    return _test(tasks.world_capitals())
+
+
+def mmlu_shipped(**_: object) -> dict[str, datasets.Dataset]:
+    return _test(tasks.mmlu_shipped())
+
+
+def base_samples(samples: str | None = None, **_: object) -> dict[str, datasets.Dataset]:
+    """The base model's own samples, from the JSONL file given as metadata ``samples``."""
+    if not samples:
+        raise ValueError('base_samples_ppl needs the base model\'s samples: --metadata \'{"samples": "file.jsonl"}\'')
+    with open(samples) as fh:
+        return _test([json.loads(line) for line in fh if line.strip()])
 
 
 def answer_scores(doc: dict, results: list) -> dict[str, float]:

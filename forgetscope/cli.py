@@ -22,6 +22,21 @@ def _cmd_run(args: argparse.Namespace) -> None:
     print(f"  snapshots    : {root / 'snapshots'}")
 
 
+def _cmd_audit(args: argparse.Namespace) -> None:
+    from forgetscope.audit import audit
+    from forgetscope.recipe import EvalConfig, recipe_from_dict
+
+    defaults = EvalConfig()
+    evals = {"new": args.new if args.new is not None else defaults.new,
+             "general": args.general if args.general is not None else defaults.general,
+             "limit": args.limit if args.limit else None}
+    config = recipe_from_dict({"evals": evals, "base": args.base}).evals  # same type checks as a recipe
+    root = audit(args.base, args.checkpoints, config, name=args.name, runs_dir=args.runs_dir, chat_template=args.chat_template)
+    print(f"\nforgetscope: audit finished: {root}")
+    print(f"  curves table : {root / 'curves.csv'}")
+    print(f"  curves figure: {root / 'curves.png'}")
+
+
 def _cmd_show(args: argparse.Namespace) -> None:
     from forgetscope.recipe import load_recipe
 
@@ -70,6 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     recipe_command("run", "fine-tune by a recipe, snapshot on its schedule, score every snapshot, write curves", _cmd_run)
     recipe_command("show", "print the resolved recipe (every default filled in) after validating it", _cmd_show)
+    audit_cmd = sub.add_parser(
+        "audit", help="score checkpoints trained elsewhere (full or peft adapters) against their base",
+        description="Score checkpoints trained elsewhere against their base (step 0) and write curves like `run` does.",
+    )
+    audit_cmd.add_argument("--base", required=True, help="the base model: alias, local folder, .gguf file or HF id")
+    audit_cmd.add_argument("--checkpoints", required=True, nargs="+", metavar="DIR",
+                           help="checkpoint folders (config.json or adapter_config.json inside), or folders of them such as a Trainer output_dir")
+    audit_cmd.add_argument("--new", nargs="*", metavar="TASK", help="new-task evals (default: numerals)")
+    audit_cmd.add_argument("--general", nargs="*", metavar="TASK", help="general-capability evals (default: the embedded suite)")
+    audit_cmd.add_argument("--limit", type=int, default=200, help="items per eval, 0 for all (default 200)")
+    audit_cmd.add_argument("--name", default="audit", help="run name: results go to RUNS_DIR/NAME (default audit)")
+    audit_cmd.add_argument("--runs-dir", default="runs", help="folder that holds runs (default runs)")
+    audit_cmd.add_argument("--chat-template", default="auto", choices=["auto", "on", "off"],
+                           help="render new-task prompts with the base's chat template (default auto: when it has one)")
+    audit_cmd.set_defaults(func=_cmd_audit)
     sub.add_parser("fields", help="print every recipe field with its type, default and meaning").set_defaults(func=_cmd_fields)
     tasks_cmd = sub.add_parser("tasks", help="list the embedded new tasks and the eval tasks a recipe can use")
     tasks_cmd.add_argument("--all", action="store_true", help="also list every lm-eval task name")

@@ -11,31 +11,28 @@ from step 0 is forgetting).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from forgetscope import io
-from forgetscope.recipe import Recipe
 from forgetscope.snapshots import RunLayout
 
 COLUMNS = ["run", "recipe", "method", "step", "tokens", "task", "role", "metric", "value", "stderr", "n", "higher_is_better"]
 
 
-def build_table(layout: RunLayout, recipe: Recipe) -> pd.DataFrame:
-    """Every finished evaluation of a run as tidy rows, sorted by task, metric and step."""
+def build_table(layout: RunLayout, run: str, recipe: str, method: str) -> pd.DataFrame:
+    """Every finished evaluation of a run as tidy rows, sorted by role, task, metric and step."""
     rows = []
-    recipe_name = Path(recipe.source).stem if recipe.source else recipe.name
     for step in layout.eval_steps():
         result = json.loads((layout.eval_dir(step) / "results.json").read_text())
         for task, entry in result["tasks"].items():
             for metric, m in entry["metrics"].items():
                 rows.append(
                     {
-                        "run": recipe.name,
-                        "recipe": recipe_name,
-                        "method": recipe.method,
+                        "run": run,
+                        "recipe": recipe,
+                        "method": method,
                         "step": step,
                         "tokens": result["tokens"],
                         "task": task,
@@ -50,14 +47,14 @@ def build_table(layout: RunLayout, recipe: Recipe) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS).sort_values(["role", "task", "metric", "step"], ignore_index=True)
 
 
-def write_curves(layout: RunLayout, recipe: Recipe) -> pd.DataFrame:
+def write_curves(layout: RunLayout, run: str, recipe: str, method: str) -> pd.DataFrame:
     """Build the table and write it to ``curves.csv`` (atomically)."""
-    table = build_table(layout, recipe)
+    table = build_table(layout, run, recipe, method)
     io.write_text(layout.curves, table.to_csv(index=False))
     return table
 
 
-PRIMARY_METRICS = ("acc", "acc_norm", "exact_match", "word_perplexity", "perplexity")
+PRIMARY_METRICS = ("acc", "acc_norm", "exact_match", "bits_per_byte", "word_perplexity", "perplexity")
 
 
 def primary_metric(metrics: list[str]) -> str:

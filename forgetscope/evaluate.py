@@ -1,26 +1,36 @@
-"""The lm-eval bridge: score a model that is already in memory and keep per-item results.
+"""The lm-eval bridge: score a model that is already in memory, keep per-item results, cache them.
 
 Tasks come from lm-eval's registry plus ``evals/`` (shipped with forgetscope) and a recipe's
 ``evals.include`` folders. lm-eval's request cache is never used: it ignores model identity and
-would silently return the first snapshot's scores for every later one.
+would silently return the first snapshot's scores for every later one. forgetscope's own result
+cache is keyed by what determines a score: the model's weights, the task's config and items,
+the lm-eval version, the limit, the seed and the prompt format.
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
 import importlib.resources
+import json
 import logging
+from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from forgetscope.recipe import EvalConfig, Recipe
+from forgetscope import io
+from forgetscope.models import cache_dir
+from forgetscope.recipe import EvalConfig
 
 CPU_BATCH_SIZE = 16  # `auto` on CPU: lm-eval's automatic search only reacts to CUDA out-of-memory
 MAX_LENGTH = 2048  # context cap for scoring; also bounds lm-eval's batch-size search on CUDA
 BOOTSTRAP_ITERS = 1000  # stderr of perplexity-style metrics; lm-eval's default 100000 takes minutes
+SEED = 0
+DRIFT_TASK = "base_samples_ppl"  # needs samples from the base model, drawn once per base
 
 
 def evals_dir() -> Path:
@@ -28,9 +38,9 @@ def evals_dir() -> Path:
     return Path(str(importlib.resources.files("forgetscope.evals")))
 
 
-def include_paths(recipe: Recipe) -> list[str]:
-    """Folders of task YAMLs for a recipe: forgetscope's evals/ plus the recipe's own."""
-    return [str(evals_dir()), *(str((recipe.base_dir / p).resolve()) for p in recipe.evals.include)]
+def include_paths(config: EvalConfig, base_dir: Path) -> list[str]:
+    """Folders of task YAMLs: forgetscope's evals/ plus the ones ``evals.include`` names."""
+    return [str(evals_dir()), *(str((base_dir / p).resolve()) for p in config.include)]
 
 
 @functools.lru_cache(maxsize=4)
@@ -53,56 +63,163 @@ def check_eval_names(names: list[str], paths: list[str]) -> list[str]:
     return problems
 
 
+def shipped_evals() -> dict[str, str]:
+    """Eval tasks in forgetscope's evals/ folder, with the first comment line of each YAML."""
+    out = {}
+    for path in sorted(evals_dir().glob("*.yaml")):
+        lines = path.read_text().splitlines()
+        name = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("task:"))
+        out[name] = next((line.lstrip("# ") for line in lines if line.startswith("#")), "")
+    return out
+
+
+# ---------------------------------------------------------------- fingerprints and the cache
+
+
+def _normalise(name: str) -> str:
+    """A parameter's name without peft's wrappers, so a LoRA-wrapped base hashes like the base."""
+    return name.replace("base_model.model.", "").replace(".base_layer", "")
+
+
+def fingerprint(model, base_only: bool = False) -> str:
+    """Hash of a model's weights as they are in memory (``base_only``: ignore adapter weights)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items(), key=lambda kv: _normalise(kv[0])):
+        if base_only and "lora_" in name:
+            continue
+        digest.update(_normalise(name).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+@dataclass
+class EvalSuite:
+    """The evals of a run, prepared once: lm-eval task specs, each task's content hash, roles."""
+
+    config: EvalConfig
+    paths: list[str]
+    chat: bool
+    roles: dict[str, str] = field(default_factory=dict)  # task -> "new" | "general"
+    specs: dict[str, Any] = field(default_factory=dict)  # task -> name, or config dict (drift probe)
+    hashes: dict[str, str] = field(default_factory=dict)  # task -> hash of its config and items
+
+
+def prepare_suite(config: EvalConfig, base_dir: Path, chat: bool, base_model=None, tokenizer=None) -> EvalSuite:
+    """Resolve the evals once per run. ``base_model`` (the untouched base) is needed only by the
+    drift probe, which samples text from it (cached on disk per base)."""
+    from lm_eval.tasks import get_task_dict
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    suite = EvalSuite(config, include_paths(config, base_dir), chat)
+    manager = task_manager(tuple(suite.paths))
+    for role, names in (("new", config.new), ("general", config.general)):
+        for name in names:
+            suite.roles[name] = role
+            suite.specs[name] = name
+            if name == DRIFT_TASK:
+                from forgetscope import sampling
+
+                samples = sampling.base_samples(base_model, tokenizer, fingerprint(base_model, base_only=True))
+                spec = load_yaml(evals_dir() / f"{DRIFT_TASK}.yaml")
+                spec["metadata"] = {**spec.get("metadata", {}), "samples": str(samples)}
+                suite.specs[name] = spec
+    _quiet_lm_eval()
+    tasks = get_task_dict(list(suite.specs.values()), manager)
+    for name, task in _leaf_tasks(tasks).items():
+        config_dump = task.dump_config()
+        config_dump.get("metadata", {}).pop("config_source", None)
+        config_dump.get("metadata", {}).pop("samples", None)  # a path; the items are hashed below
+        docs = list(task.eval_docs)[: config.limit] if config.limit else list(task.eval_docs)
+        payload = json.dumps([config_dump, docs], sort_keys=True, default=str)
+        suite.hashes[name] = hashlib.sha256(payload.encode()).hexdigest()[:20]
+    return suite
+
+
+def _leaf_tasks(task_dict: dict) -> dict[str, Any]:
+    """lm-eval's (possibly nested, for groups) task dict -> {task name: Task}."""
+    out = {}
+    for key, value in task_dict.items():
+        if isinstance(value, dict):
+            out.update(_leaf_tasks(value))
+        else:
+            out[getattr(key, "group_name", key) if not isinstance(key, str) else key] = value
+    return out
+
+
+def _quiet_lm_eval() -> None:
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+
+
+def _cache_path(suite: EvalSuite, task: str, model_fp: str) -> Path:
+    key = json.dumps([model_fp, suite.hashes.get(task, task), version("lm_eval"), suite.config.limit, SEED,
+                      suite.chat and suite.roles.get(task) == "new"])
+    return cache_dir() / "results" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+
 def _batch_size(config: EvalConfig, device: torch.device) -> int | str:
     if config.batch_size != "auto":
         return config.batch_size
     return "auto" if device.type == "cuda" else CPU_BATCH_SIZE
 
 
-def evaluate_model(model, tokenizer, recipe: Recipe, chat: bool) -> dict[str, Any]:
-    """Score ``model`` on the recipe's new-task and general evals.
+def max_length(model) -> int:
+    """Scoring context: the model's own limit, capped at MAX_LENGTH."""
+    return min(MAX_LENGTH, getattr(model.config, "max_position_embeddings", MAX_LENGTH) or MAX_LENGTH)
 
-    New-task evals are rendered with the chat template when training used it (``chat``), so that
+
+def evaluate_model(model, tokenizer, suite: EvalSuite, base_only: bool = False) -> dict[str, Any]:
+    """Score ``model`` on the suite; reuse cached results for tasks already scored on these weights.
+
+    New-task evals are rendered with the chat template when training used it (``suite.chat``), so
     they see prompts exactly as training did; general probes use each task's own format.
-    Returns ``{"results": {task: {...}}, "samples": {task: [...]}}`` with a ``role`` per task.
+    ``base_only`` marks a model whose adapters have no effect yet (step 0 of a LoRA run), so that it
+    shares its cache entries with the plain base. Returns ``{"results", "samples", "cached"}``.
     """
+    model_fp = fingerprint(model, base_only=base_only)
+    out: dict[str, Any] = {"results": {}, "samples": {}, "cached": []}
+    todo: dict[bool, list[str]] = {True: [], False: []}
+    for task, role in suite.roles.items():
+        path = _cache_path(suite, task, model_fp)
+        if path.is_file():
+            hit = json.loads(path.read_text())
+            out["results"][task], out["samples"][task] = hit["result"], hit["samples"]
+            out["cached"].append(task)
+        else:
+            todo[suite.chat and role == "new"].append(task)
+    if not any(todo.values()):
+        return out
+
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
+    _quiet_lm_eval()
     was_training = model.training
     model.eval()
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    lm = HFLM(
-        pretrained=model,
-        tokenizer=tokenizer,
-        batch_size=_batch_size(recipe.evals, model.device),
-        max_length=MAX_LENGTH,
-    )
-    manager = task_manager(tuple(include_paths(recipe)))
-    out: dict[str, Any] = {"results": {}, "samples": {}, "configs": {}}
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=_batch_size(suite.config, model.device), max_length=max_length(model))
     try:
-        for role, names, use_chat in (("new", recipe.evals.new, chat), ("general", recipe.evals.general, False)):
+        for use_chat, names in todo.items():
             if not names:
                 continue
             raw = simple_evaluate(
                 model=lm,
-                tasks=list(names),
-                limit=recipe.evals.limit,
-                task_manager=manager,
+                tasks=[suite.specs[n] for n in names],
+                limit=suite.config.limit,
+                task_manager=task_manager(tuple(suite.paths)),
                 log_samples=True,
                 cache_requests=False,
                 apply_chat_template=use_chat,
                 bootstrap_iters=BOOTSTRAP_ITERS,
-                random_seed=0,
-                numpy_random_seed=0,
-                torch_random_seed=0,
-                fewshot_random_seed=0,
+                random_seed=SEED,
+                numpy_random_seed=SEED,
+                torch_random_seed=SEED,
+                fewshot_random_seed=SEED,
                 verbosity="ERROR",
             )
-            for task, metrics in raw["results"].items():
-                out["results"][task] = _summarise(task, metrics, raw, role)
-            out["samples"].update(raw.get("samples", {}))
-            out["configs"].update(raw.get("configs", {}))
+            for task in names:
+                result = _summarise(task, raw["results"][task], raw, suite.roles[task])
+                samples = [_sample_row(s) for s in raw["samples"][task]]
+                io.write_text(_cache_path(suite, task, model_fp), json.dumps({"result": result, "samples": samples}, default=str))
+                out["results"][task], out["samples"][task] = result, samples
     finally:
         model.train(was_training)
     return out
@@ -126,11 +243,8 @@ def _summarise(task: str, metrics: dict[str, Any], raw: dict[str, Any], role: st
     return {"role": role, "n": n, "metrics": summary}
 
 
-def shipped_evals() -> dict[str, str]:
-    """Eval tasks in forgetscope's evals/ folder, with the first comment line of each YAML."""
-    out = {}
-    for path in sorted(evals_dir().glob("*.yaml")):
-        lines = path.read_text().splitlines()
-        name = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("task:"))
-        out[name] = next((line.lstrip("# ") for line in lines if line.startswith("#")), "")
-    return out
+def _sample_row(sample: dict[str, Any]) -> dict[str, Any]:
+    """One lm-eval sample, JSON-safe, with a stable ``item_id`` (the doc's ``id`` field, else its index)."""
+    doc = sample.get("doc", {})
+    item_id = doc.get("id", sample.get("doc_id")) if isinstance(doc, dict) else sample.get("doc_id")
+    return json.loads(json.dumps({"item_id": item_id, **sample}, default=str))

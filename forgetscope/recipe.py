@@ -131,7 +131,7 @@ class EvalConfig:
 
     new: list[str] = option(["numerals"], "Evals of the new task (learning).")
     general: list[str] = option(
-        ["prose_ppl"],
+        ["prose_ppl", "world_capitals", "mmlu_shipped", "base_samples_ppl"],
         "Held-out general-capability evals (forgetting): embedded probes, tasks in evals/ or "
         "your `include` folders, or lm-eval's standard tasks (hellaswag, arc_easy, ...) when online.",
     )
@@ -435,7 +435,7 @@ def _check(recipe: Recipe, data: dict[str, Any]) -> list[str]:
         if not (recipe.base_dir / folder).is_dir():
             problems.append(f"evals.include: no such folder {str(recipe.base_dir / folder)!r}")
     if not problems:
-        problems += evaluate.check_eval_names([*e.new, *e.general], evaluate.include_paths(recipe))
+        problems += evaluate.check_eval_names([*e.new, *e.general], evaluate.include_paths(e, recipe.base_dir))
     return problems
 
 

@@ -63,6 +63,7 @@ def run(recipe: Recipe) -> Path:
     model_path = models.resolve(recipe.base, recipe.base_dir)
     model, tokenizer = models.load(model_path)
     chat = data.uses_chat_template(recipe.task, tokenizer)
+    suite = evaluate.prepare_suite(recipe.evals, recipe.base_dir, chat, model, tokenizer) if main_process else None
     examples = data.tokenize(data.load_records(recipe.task, recipe.base_dir), tokenizer, recipe.task, recipe.train.seq_len)
     steps = snapshots.schedule(recipe.snapshots, recipe.train.steps)
     if main_process:
@@ -92,10 +93,11 @@ def run(recipe: Recipe) -> Path:
         if step in done:
             return
         tick = time.time()
-        evaluation = evaluate.evaluate_model(current, tokenizer, recipe, chat)
+        evaluation = evaluate.evaluate_model(current, tokenizer, suite, base_only=step == 0)
         snapshots.save_eval(layout, step, tokens, evaluation)
         timings[snapshots.step_name(step)] = round(time.time() - tick, 2)
-        print(f"forgetscope: step {step}: " + curves.headline(evaluation["results"]))
+        reused = f" (cached: {', '.join(evaluation['cached'])})" if evaluation["cached"] else ""
+        print(f"forgetscope: step {step}: " + curves.headline(evaluation["results"]) + reused)
 
     trainer = train.make_trainer(
         model, tokenizer, examples, recipe, str(layout.root / "trainer"), [train.SnapshotCallback(steps, take)]
@@ -107,7 +109,8 @@ def run(recipe: Recipe) -> Path:
         return layout.root
 
     shutil.rmtree(layout.root / "trainer", ignore_errors=True)
-    table = curves.write_curves(layout, recipe)
+    recipe_name = Path(recipe.source).stem if recipe.source else recipe.name
+    table = curves.write_curves(layout, recipe.name, recipe_name, recipe.method)
     report.plot_curves(table, layout.figure, title=f"{recipe.name}: {recipe.method} on {recipe.base}")
     layout.update_manifest(
         status="finished",

@@ -97,14 +97,8 @@ def save_eval(layout: RunLayout, step: int, tokens: int, evaluation: dict[str, A
     target = layout.eval_dir(step)
     with io.atomic_dir(target) as tmp:
         for task, samples in evaluation["samples"].items():
-            lines = (json.dumps(_sample_row(s), default=str) for s in samples)
+            lines = (json.dumps(s) for s in samples)
             (tmp / f"samples_{task}.jsonl").write_text("\n".join(lines) + "\n")
         io.write_json(tmp / "results.json", {"step": step, "tokens": tokens, "tasks": evaluation["results"]})
     return target
 
-
-def _sample_row(sample: dict[str, Any]) -> dict[str, Any]:
-    """One lm-eval sample, with a stable ``item_id`` (the doc's ``id`` field, else its index)."""
-    doc = sample.get("doc", {})
-    item_id = doc.get("id", sample.get("doc_id")) if isinstance(doc, dict) else sample.get("doc_id")
-    return {"item_id": item_id, **sample}

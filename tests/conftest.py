@@ -1,10 +1,13 @@
 """Shared fixtures. Tests never touch the network: the Hugging Face offline switches are set."""
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A fresh cache per test session: converted models, base samples and cached results start empty.
+os.environ["FORGETSCOPE_CACHE"] = tempfile.mkdtemp(prefix="forgetscope-test-cache-")
 
 from pathlib import Path  # noqa: E402
 

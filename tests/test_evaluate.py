@@ -1,0 +1,164 @@
+"""The evaluation harness: result cache, faithfulness to the lm_eval CLI, audit of outside checkpoints."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ROOT
+from forgetscope import cli, evaluate, models
+from forgetscope.recipe import EvalConfig
+
+TASKS = ["numerals", "world_capitals", "mmlu_shipped", "prose_ppl"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tokenizer = models.load(models.resolve("tiny-random"))
+    return model.eval(), tokenizer
+
+
+def _suite(config: EvalConfig):
+    return evaluate.prepare_suite(config, ROOT, chat=False)
+
+
+def test_cache_hits_only_for_same_weights_task_and_limit(tiny, monkeypatch):
+    model, tokenizer = tiny
+    calls = []
+    import lm_eval
+
+    original = lm_eval.simple_evaluate
+
+    def counting(*args, **kwargs):
+        calls.append([t if isinstance(t, str) else t["task"] for t in kwargs["tasks"]])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", counting)
+    suite = _suite(EvalConfig(new=["numerals"], general=["world_capitals"], limit=3))
+    first = evaluate.evaluate_model(model, tokenizer, suite)
+    assert calls == [["numerals", "world_capitals"]] and first["cached"] == []
+
+    again = evaluate.evaluate_model(model, tokenizer, suite)  # same weights, tasks, limit: hit
+    assert len(calls) == 1 and sorted(again["cached"]) == ["numerals", "world_capitals"]
+    assert again["results"] == first["results"]
+
+    other_limit = _suite(EvalConfig(new=["numerals"], general=["world_capitals"], limit=4))
+    evaluate.evaluate_model(model, tokenizer, other_limit)  # the limit changed: miss
+    assert calls[-1] == ["numerals", "world_capitals"]
+
+    other_task = _suite(EvalConfig(new=["numerals"], general=["mmlu_shipped"], limit=3))
+    result = evaluate.evaluate_model(model, tokenizer, other_task)  # a new task: only it is scored
+    assert calls[-1] == ["mmlu_shipped"] and result["cached"] == ["numerals"]
+
+    changed = models.load(models.resolve("tiny-random"))[0].eval()
+    with torch.no_grad():
+        changed.model.norm.weight.mul_(1.5)
+    evaluate.evaluate_model(changed, tokenizer, suite)  # the weights changed: miss
+    assert calls[-1] == ["numerals", "world_capitals"]
+
+
+def test_task_hash_changes_with_the_task_config(tmp_path):
+    (tmp_path / "mine.yaml").write_text((ROOT / "evals" / "world_capitals.yaml").read_text()
+                                     .replace("task: world_capitals", "task: mine")
+                                     .replace("!function builders.", "!function forgetscope.evals.builders."))
+    a = evaluate.prepare_suite(EvalConfig(new=[], general=["mine"], include=[str(tmp_path)]), tmp_path, False)
+    (tmp_path / "mine.yaml").write_text((tmp_path / "mine.yaml").read_text().replace("Answer:", "A:"))
+    evaluate.task_manager.cache_clear()
+    b = evaluate.prepare_suite(EvalConfig(new=[], general=["mine"], include=[str(tmp_path)]), tmp_path, False)
+    assert a.hashes["mine"] != b.hashes["mine"]
+
+
+def test_scores_equal_the_lm_eval_cli(tiny, tmp_path):
+    """forgetscope's in-memory scores are what `lm-eval run` gives for the same model, tasks and limit."""
+    model, tokenizer = tiny
+    suite = _suite(EvalConfig(new=["numerals"], general=TASKS[1:], limit=6, batch_size=4))
+    ours = evaluate.evaluate_model(model, tokenizer, suite)["results"]
+    out = tmp_path / "lm_eval_out"
+    cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "hf",
+           "--model_args", f"pretrained={models.resolve('tiny-random')},dtype=float32",
+           "--tasks", ",".join(TASKS), "--include_path", str(ROOT / "evals"), "--limit", "6",
+           "--batch_size", "4", "--device", "cpu", "--output_path", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [results_file] = out.rglob("results_*.json")
+    theirs = json.loads(results_file.read_text())["results"]
+    compared = 0
+    for task in TASKS:
+        for metric, entry in ours[task]["metrics"].items():
+            assert entry["value"] == pytest.approx(theirs[task][f"{metric},none"], rel=1e-6, abs=1e-9), (task, metric)
+            compared += 1
+    assert compared >= 9
+
+
+def _make_checkpoints(root, kind: str):
+    """Three checkpoints of tiny-random in a Trainer-style folder (checkpoint-N + trainer_state.json)."""
+    from peft import LoraConfig, get_peft_model
+
+    for i, step in enumerate((10, 20, 30)):
+        model, tokenizer = models.load(models.resolve("tiny-random"))
+        torch.manual_seed(i)
+        if kind == "lora":
+            model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if kind == "full" or "lora_B" in name:
+                    p.add_(torch.randn_like(p) * 0.05 * (i + 1))
+        folder = root / f"checkpoint-{step}"
+        model.save_pretrained(folder)
+        if kind == "full":
+            tokenizer.save_pretrained(folder)
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_audit_of_three_checkpoints_from_the_cli(tmp_path, kind, capsys):
+    _make_checkpoints(tmp_path / "out", kind)
+    code = cli.main(["audit", "--base", "tiny-random", "--checkpoints", str(tmp_path / "out"), "--new", "numerals",
+                     "--general", "prose_ppl", "world_capitals", "--limit", "4", "--name", f"a-{kind}",
+                     "--runs-dir", str(tmp_path / "runs")])
+    assert code == 0, capsys.readouterr().err
+    root = tmp_path / "runs" / f"a-{kind}"
+    table = pd.read_csv(root / "curves.csv")
+    assert set(table["step"]) == {0, 10, 20, 30} and set(table["method"]) == {kind}
+    ppl = table[(table.task == "prose_ppl") & (table.metric == "bits_per_byte")].sort_values("step")["value"]
+    assert ppl.nunique() == 4  # every checkpoint was really scored, not the base again
+    assert (root / "curves.png").is_file()
+    meta = json.loads((root / "snapshots" / "step-000020" / "meta.json").read_text())
+    assert meta["source"].endswith("checkpoint-20")
+
+
+def test_audit_scores_match_direct_evaluation_of_the_adapter(tmp_path):
+    """Swapping adapters into one base gives the same scores as loading each adapter fresh."""
+    from peft import PeftModel
+
+    _make_checkpoints(tmp_path / "out", "lora")
+    cli.main(["audit", "--base", "tiny-random", "--checkpoints", str(tmp_path / "out"), "--new",
+              "--general", "prose_ppl", "--limit", "3", "--runs-dir", str(tmp_path / "runs")])
+    table = pd.read_csv(tmp_path / "runs" / "audit" / "curves.csv")
+    base, tokenizer = models.load(models.resolve("tiny-random"))
+    fresh = PeftModel.from_pretrained(base, str(tmp_path / "out" / "checkpoint-20")).eval()
+    suite = _suite(EvalConfig(new=[], general=["prose_ppl"], limit=3))
+    direct = evaluate.evaluate_model(fresh, tokenizer, suite)["results"]["prose_ppl"]["metrics"]["bits_per_byte"]["value"]
+    audited = table[(table.step == 20) & (table.metric == "bits_per_byte")]["value"].item()
+    assert audited == pytest.approx(direct, rel=1e-9)
+
+
+def test_audit_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["audit", "--base", "tiny-random", "--checkpoints", str(tmp_path / "empty")]) == 2
+    assert "holds no checkpoint" in capsys.readouterr().err
+    assert cli.main(["audit", "--base", "tiny-random", "--checkpoints", str(tmp_path), "--general", "mmlu_shiped"]) == 2
+    assert "did you mean 'mmlu_shipped'?" in capsys.readouterr().err
+
+
+def test_unknown_eval_fails_before_training(tmp_path, tiny_recipe_data, capsys):
+    import yaml
+
+    data = {**tiny_recipe_data, "evals": {"new": ["numerals"], "general": ["hellaswagg"]}, "runs_dir": str(tmp_path / "runs")}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
+    assert cli.main(["run", str(tmp_path / "r.yaml")]) == 2
+    assert "unknown eval task 'hellaswagg'; did you mean 'hellaswag'?" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
