@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast tiny clean
+.PHONY: install demo test test-fast tiny bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -ra -m "not slow"
+
+# Speed and memory, written as JSON (not part of the tests: timings vary by machine).
+bench: $(STAMP)
+	$(BIN)/python benchmarks/eval_speed.py --out bench/eval_speed.json
 
 clean:
 	rm -rf runs .pytest_cache

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from forgetscope import curves, data, evaluate, io, models, report, snapshots
+from forgetscope import curves, data, evaluate, io, models, report, snapshots, stats
 from forgetscope.errors import UserError
 from forgetscope.recipe import EvalConfig, TaskConfig
 
@@ -119,7 +119,9 @@ def audit(base: str, checkpoints: list[str], evals: EvalConfig, name: str = "aud
 
     table = curves.write_curves(layout, run=name, recipe="audit", method=method)
     report.plot_curves(table, layout.figure, title=f"{name}: audit of {len(found)} checkpoints against {base}")
-    layout.update_manifest(status="finished", timings={"total_s": round(time.time() - started, 1)})
+    summary = stats.final_vs_base(layout, table)
+    print(f"\nforgetscope: step {summary[0]['step']} vs the base (step 0), paired over items:\n" + stats.format_summary(summary))
+    layout.update_manifest(status="finished", final_vs_base=summary, timings={"total_s": round(time.time() - started, 1)})
     return layout.root
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from forgetscope.errors import UserError
 
@@ -55,11 +56,12 @@ def _cmd_tasks(args: argparse.Namespace) -> None:
     print("Embedded new tasks (task.name):")
     for name, fn in tasks.EMBEDDED_TASKS.items():
         print(f"  {name:16s} {(fn.__doc__ or '').strip().splitlines()[0]}")
-    print(f"\nEval tasks in {evaluate.evals_dir()} (evals.new / evals.general):")
-    for name, first_line in evaluate.shipped_evals().items():
-        print(f"  {name:16s} {first_line}")
+    for folder in [evaluate.evals_dir(), *map(Path, args.include)]:
+        print(f"\nEval tasks in {folder} (evals.new / evals.general):")
+        for name, first_line in evaluate.folder_evals(folder).items():
+            print(f"  {name:16s} {first_line}")
     if args.all:
-        names = evaluate.task_manager((str(evaluate.evals_dir()),)).all_tasks
+        names = evaluate.task_manager((str(evaluate.evals_dir()), *map(str, args.include))).all_tasks
         print(f"\nAll {len(names)} lm-eval tasks and groups (standard ones need the network or a local HF cache):")
         print("\n".join(f"  {n}" for n in names))
     else:
@@ -102,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit_cmd.set_defaults(func=_cmd_audit)
     sub.add_parser("fields", help="print every recipe field with its type, default and meaning").set_defaults(func=_cmd_fields)
     tasks_cmd = sub.add_parser("tasks", help="list the embedded new tasks and the eval tasks a recipe can use")
+    tasks_cmd.add_argument("--include", nargs="*", default=[], metavar="DIR", help="also list the task YAMLs in these folders")
     tasks_cmd.add_argument("--all", action="store_true", help="also list every lm-eval task name")
     tasks_cmd.set_defaults(func=_cmd_tasks)
     return parser

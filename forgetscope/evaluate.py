@@ -63,13 +63,14 @@ def check_eval_names(names: list[str], paths: list[str]) -> list[str]:
     return problems
 
 
-def shipped_evals() -> dict[str, str]:
-    """Eval tasks in forgetscope's evals/ folder, with the first comment line of each YAML."""
+def folder_evals(folder: Path) -> dict[str, str]:
+    """Eval tasks defined by the YAMLs in ``folder``, with the first comment line of each."""
     out = {}
-    for path in sorted(evals_dir().glob("*.yaml")):
+    for path in sorted(Path(folder).glob("*.yaml")):
         lines = path.read_text().splitlines()
-        name = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("task:"))
-        out[name] = next((line.lstrip("# ") for line in lines if line.startswith("#")), "")
+        name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("task:")), None)
+        if name:
+            out[name] = next((line.lstrip("# ") for line in lines if line.startswith("#")), "")
     return out
 
 

@@ -201,14 +201,17 @@ def build_tiny_random(out: Path, seed: int = 0) -> None:
     tokenizer.save_pretrained(out)
 
 
-def load(path: str, dtype=None):
-    """Load a resolved model folder (or HF id) and its tokenizer, ready to train in fp32."""
+def load(path: str):
+    """Load a resolved model folder (or HF id) and its tokenizer: fp32 weights, on this process's
+    GPU when there is one (sampling and scoring before training then run there too)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if torch.cuda.is_available():
+        model.to(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
     return model, tokenizer
 

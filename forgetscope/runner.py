@@ -15,7 +15,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from forgetscope import curves, data, evaluate, io, models, report, snapshots, train
+from forgetscope import curves, data, evaluate, io, models, report, snapshots, stats, train
 from forgetscope.errors import UserError
 from forgetscope.recipe import Recipe
 
@@ -112,7 +112,10 @@ def run(recipe: Recipe) -> Path:
     recipe_name = Path(recipe.source).stem if recipe.source else recipe.name
     table = curves.write_curves(layout, recipe.name, recipe_name, recipe.method)
     report.plot_curves(table, layout.figure, title=f"{recipe.name}: {recipe.method} on {recipe.base}")
+    summary = stats.final_vs_base(layout, table)
+    print(f"\nforgetscope: step {summary[0]['step']} vs the base (step 0), paired over items:\n" + stats.format_summary(summary))
     layout.update_manifest(
+        final_vs_base=summary,
         status="finished",
         finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
         timings={"total_s": round(time.time() - started, 1), "train_s": round(train_seconds, 1), "eval_s": timings},

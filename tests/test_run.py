@@ -124,3 +124,20 @@ def test_rerun_of_finished_run_keeps_results_and_other_recipe_is_refused(tmp_pat
                                 "train": {**tiny_recipe_data["train"], "lr": 0.5}})
     with pytest.raises(RunError, match="different recipe"):
         run(changed)
+
+
+def test_paired_deltas_agree_with_the_curves(tmp_path, tiny_recipe_data):
+    from forgetscope import stats
+
+    recipe, root = _run(tmp_path, tiny_recipe_data, name="paired")
+    table = pd.read_csv(root / "curves.csv")
+    layout = snapshots.RunLayout(root)
+    for task, metric in [("prose_ppl", "bits_per_byte"), ("prose_ppl", "word_perplexity"), ("numerals", "logprob")]:
+        line = table[(table.task == task) & (table.metric == metric)].set_index("step")["value"]
+        ci = stats.paired_delta(layout, task, metric, 3)
+        assert ci["delta"] == pytest.approx(line[3] - line[0], rel=1e-9)
+        assert ci["low"] <= ci["delta"] <= ci["high"] and ci["n"] == 4
+    rows = stats.final_vs_base(layout, table)
+    assert rows[0]["role"] == "new" and {r["task"] for r in rows} == {"numerals", "prose_ppl"}
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["final_vs_base"][0]["task"] == "numerals"

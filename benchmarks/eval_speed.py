@@ -1,0 +1,114 @@
+"""Benchmark: score 5 LoRA snapshots with forgetscope vs. the `lm_eval` CLI once per snapshot.
+
+Both sides score the same adapters on the same tasks, limit, batch size and dtype (fp32, plain
+prompts). forgetscope loads the base once and swaps adapters into it (`forgetscope audit`, with
+an empty result cache so nothing is reused); the CLI starts a process, indexes its tasks and
+loads base + adapter for every snapshot. Writes JSON with timings, peak memory and whether the
+scores agree.
+
+    python benchmarks/eval_speed.py --out bench/eval_speed.json [--base smollm2-135m] [--limit 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TASKS = ["numerals", "world_capitals", "mmlu_shipped", "prose_ppl"]
+
+
+def make_adapters(base_path: str, folder: Path, count: int = 5) -> list[Path]:
+    """``count`` seeded LoRA adapters (r=16, all linear layers) whose updates grow with the index."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from forgetscope import models
+
+    paths = []
+    for i in range(count):
+        model, _ = models.load(base_path)
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.002 * (i + 1))
+        path = folder / f"checkpoint-{(i + 1) * 10}"
+        model.save_pretrained(path)
+        paths.append(path)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default="smollm2-135m")
+    parser.add_argument("--limit", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--out", default="bench/eval_speed.json")
+    args = parser.parse_args()
+
+    from forgetscope import models
+    from forgetscope.audit import audit
+    from forgetscope.evaluate import evals_dir
+    from forgetscope.recipe import EvalConfig
+
+    base_path = models.resolve(args.base)  # conversion (if any) happens before the clocks start
+    work = Path(tempfile.mkdtemp(prefix="forgetscope-bench-"))
+    adapters = make_adapters(base_path, work / "adapters")
+    os.environ["FORGETSCOPE_CACHE"] = str(work / "cache")  # empty result cache: everything is scored
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    evals = EvalConfig(new=TASKS[:1], general=TASKS[1:], limit=args.limit, batch_size=args.batch_size)
+    tick = time.perf_counter()
+    root = audit(base_path, [str(work / "adapters")], evals, name="bench", runs_dir=str(work / "runs"), chat_template="off")
+    ours_s = time.perf_counter() - tick
+    ours_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    import pandas as pd
+
+    table = pd.read_csv(root / "curves.csv")
+    cli_s, diffs = [], []
+    for step, adapter in zip((10, 20, 30, 40, 50), adapters):
+        out = work / f"cli-{step}"
+        cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "hf",
+               "--model_args", f"pretrained={base_path},peft={adapter},dtype=float32",
+               "--tasks", ",".join(TASKS), "--include_path", str(evals_dir()), "--limit", str(args.limit),
+               "--batch_size", str(args.batch_size), "--device", "cpu", "--output_path", str(out)]
+        tick = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        cli_s.append(time.perf_counter() - tick)
+        theirs = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
+        for row in table[table.step == step].itertuples():
+            other = theirs[row.task][f"{row.metric},none"]
+            diffs.append(abs(row.value - other) / max(abs(other), 1e-12))
+    cli_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+    result = {
+        "benchmark": "score 5 LoRA snapshots: forgetscope (base loaded once, adapters swapped) vs lm_eval CLI once per snapshot",
+        "base": args.base, "tasks": TASKS, "limit": args.limit, "batch_size": args.batch_size, "dtype": "float32",
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "forgetscope_s": round(ours_s, 1),
+        "forgetscope_includes": "loading the base, scoring the base (step 0) and the 5 snapshots",
+        "lm_eval_cli_s": round(sum(cli_s), 1),
+        "lm_eval_cli_per_snapshot_s": [round(s, 1) for s in cli_s],
+        "speedup": round(sum(cli_s) / ours_s, 2),
+        "scores_compared": len(diffs),
+        "max_relative_difference": max(diffs),
+        "scores_identical": max(diffs) < 1e-6,
+        "peak_rss_mb": {"forgetscope": round(ours_rss), "lm_eval_cli_largest_process": round(cli_rss)},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
