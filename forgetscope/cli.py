@@ -15,9 +15,12 @@ def _cmd_run(args: argparse.Namespace) -> None:
     from forgetscope.runner import run
 
     root = run(load_recipe(args.recipe, args.set))
-    if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch, the main process reports
-        return
-    print(f"\nforgetscope: run finished: {root}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under accelerate launch, the main process reports
+        _report_paths("run", root)
+
+
+def _report_paths(what: str, root: Path) -> None:
+    print(f"\nforgetscope: {what} finished: {root}")
     print(f"  curves table : {root / 'curves.csv'}")
     print(f"  curves figure: {root / 'curves.png'}")
     print(f"  snapshots    : {root / 'snapshots'}")
@@ -33,9 +36,7 @@ def _cmd_audit(args: argparse.Namespace) -> None:
              "limit": args.limit if args.limit else None}
     config = recipe_from_dict({"evals": evals, "base": args.base}).evals  # same type checks as a recipe
     root = audit(args.base, args.checkpoints, config, name=args.name, runs_dir=args.runs_dir, chat_template=args.chat_template)
-    print(f"\nforgetscope: audit finished: {root}")
-    print(f"  curves table : {root / 'curves.csv'}")
-    print(f"  curves figure: {root / 'curves.png'}")
+    _report_paths("audit", root)
 
 
 def _cmd_show(args: argparse.Namespace) -> None:

@@ -103,6 +103,7 @@ class EvalSuite:
     roles: dict[str, str] = field(default_factory=dict)  # task -> "new" | "general"
     specs: dict[str, Any] = field(default_factory=dict)  # task -> name, or config dict (drift probe)
     hashes: dict[str, str] = field(default_factory=dict)  # task -> hash of its config and items
+    members: dict[str, list[str]] = field(default_factory=dict)  # task or group -> its leaf tasks
 
 
 def prepare_suite(config: EvalConfig, base_dir: Path, chat: bool, base_model=None, tokenizer=None) -> EvalSuite:
@@ -125,25 +126,29 @@ def prepare_suite(config: EvalConfig, base_dir: Path, chat: bool, base_model=Non
                 spec["metadata"] = {**spec.get("metadata", {}), "samples": str(samples)}
                 suite.specs[name] = spec
     _quiet_lm_eval()
-    tasks = get_task_dict(list(suite.specs.values()), manager)
-    for name, task in _leaf_tasks(tasks).items():
-        config_dump = task.dump_config()
-        config_dump.get("metadata", {}).pop("config_source", None)
-        config_dump.get("metadata", {}).pop("samples", None)  # a path; the items are hashed below
-        docs = list(task.eval_docs)[: config.limit] if config.limit else list(task.eval_docs)
-        payload = json.dumps([config_dump, docs], sort_keys=True, default=str)
-        suite.hashes[name] = hashlib.sha256(payload.encode()).hexdigest()[:20]
+    for name, spec in suite.specs.items():
+        leaves = _leaf_tasks(get_task_dict([spec], manager))
+        suite.members[name] = sorted(leaves)
+        digests = []
+        for leaf in suite.members[name]:
+            config_dump = leaves[leaf].dump_config()
+            config_dump.get("metadata", {}).pop("config_source", None)
+            config_dump.get("metadata", {}).pop("samples", None)  # a path; the items are hashed below
+            docs = list(leaves[leaf].eval_docs)
+            docs = docs[: config.limit] if config.limit else docs
+            digests.append(json.dumps([leaf, config_dump, docs], sort_keys=True, default=str))
+        suite.hashes[name] = hashlib.sha256("".join(digests).encode()).hexdigest()[:20]
     return suite
 
 
 def _leaf_tasks(task_dict: dict) -> dict[str, Any]:
-    """lm-eval's (possibly nested, for groups) task dict -> {task name: Task}."""
+    """lm-eval's task dict, nested for groups -> {leaf task name: Task}."""
     out = {}
     for key, value in task_dict.items():
         if isinstance(value, dict):
             out.update(_leaf_tasks(value))
         else:
-            out[getattr(key, "group_name", key) if not isinstance(key, str) else key] = value
+            out[key if isinstance(key, str) else key.group_name] = value
     return out
 
 
@@ -218,7 +223,8 @@ def evaluate_model(model, tokenizer, suite: EvalSuite, base_only: bool = False) 
             )
             for task in names:
                 result = _summarise(task, raw["results"][task], raw, suite.roles[task])
-                samples = [_sample_row(s) for s in raw["samples"][task]]
+                leaves = suite.members[task]  # a group's items are its subtasks' items
+                samples = [_sample_row(s, leaf if len(leaves) > 1 else None) for leaf in leaves for s in raw["samples"][leaf]]
                 io.write_text(_cache_path(suite, task, model_fp), json.dumps({"result": result, "samples": samples}, default=str))
                 out["results"][task], out["samples"][task] = result, samples
     finally:
@@ -244,8 +250,11 @@ def _summarise(task: str, metrics: dict[str, Any], raw: dict[str, Any], role: st
     return {"role": role, "n": n, "metrics": summary}
 
 
-def _sample_row(sample: dict[str, Any]) -> dict[str, Any]:
-    """One lm-eval sample, JSON-safe, with a stable ``item_id`` (the doc's ``id`` field, else its index)."""
+def _sample_row(sample: dict[str, Any], subtask: str | None = None) -> dict[str, Any]:
+    """One lm-eval sample, JSON-safe, with a stable ``item_id``: the doc's ``id`` field, else its
+    index, prefixed by the subtask for the members of a group."""
     doc = sample.get("doc", {})
     item_id = doc.get("id", sample.get("doc_id")) if isinstance(doc, dict) else sample.get("doc_id")
+    if subtask:
+        item_id = f"{subtask}/{item_id}"
     return json.loads(json.dumps({"item_id": item_id, **sample}, default=str))

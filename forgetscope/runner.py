@@ -37,25 +37,18 @@ def recipe_hash(recipe: Recipe) -> str:
     return hashlib.sha256(repr(data).encode()).hexdigest()[:16]
 
 
-def _prepare_folder(recipe: Recipe) -> snapshots.RunLayout:
-    """Create the run folder, or reopen one that the same recipe started; refuse a different one."""
+def run(recipe: Recipe) -> Path:
+    """Run a recipe end to end and return the run folder (``runs/<name>``).
+
+    Everything that can fail on bad input (the model, the data) is checked before the run folder
+    is written; a folder that a different recipe wrote is never touched.
+    """
+    main_process = int(os.environ.get("RANK", "0")) == 0
     layout = snapshots.RunLayout(Path(recipe.runs_dir) / recipe.name)
     manifest = layout.read_manifest()
     if manifest and manifest.get("recipe_hash") != recipe_hash(recipe):
-        raise RunError(
-            f"{layout.root} holds a run of a different recipe; choose another name "
-            f"(--set name=...) or remove that folder"
-        )
-    layout.root.mkdir(parents=True, exist_ok=True)
-    io.write_text(layout.recipe, recipe.to_yaml())
-    return layout
-
-
-def run(recipe: Recipe) -> Path:
-    """Run a recipe end to end and return the run folder (``runs/<name>``)."""
-    main_process = int(os.environ.get("RANK", "0")) == 0
-    layout = _prepare_folder(recipe) if main_process else snapshots.RunLayout(Path(recipe.runs_dir) / recipe.name)
-    if layout.read_manifest().get("status") == "finished":
+        raise RunError(f"{layout.root} holds a run of a different recipe; choose another name (--set name=...) or remove that folder")
+    if manifest.get("status") == "finished":
         print(f"forgetscope: {layout.root} already finished; curves in {layout.curves}")
         return layout.root
 
@@ -63,10 +56,12 @@ def run(recipe: Recipe) -> Path:
     model_path = models.resolve(recipe.base, recipe.base_dir)
     model, tokenizer = models.load(model_path)
     chat = data.uses_chat_template(recipe.task, tokenizer)
-    suite = evaluate.prepare_suite(recipe.evals, recipe.base_dir, chat, model, tokenizer) if main_process else None
     examples = data.tokenize(data.load_records(recipe.task, recipe.base_dir), tokenizer, recipe.task, recipe.train.seq_len)
+    suite = evaluate.prepare_suite(recipe.evals, recipe.base_dir, chat, model, tokenizer) if main_process else None
     steps = snapshots.schedule(recipe.snapshots, recipe.train.steps)
     if main_process:
+        layout.root.mkdir(parents=True, exist_ok=True)
+        io.write_text(layout.recipe, recipe.to_yaml())
         layout.update_manifest(
             status="running",
             recipe_hash=recipe_hash(recipe),

@@ -80,3 +80,16 @@ def test_tiny_random_is_tiny_and_cached():
     model, tokenizer = models.load(path)
     assert sum(p.numel() for p in model.parameters()) < 100_000
     assert tokenizer.decode(tokenizer("héllo").input_ids) == "héllo"
+
+
+def test_bad_data_file_fails_before_anything_is_written(tmp_path, tiny_recipe_data, capsys):
+    import yaml
+
+    from forgetscope import cli
+
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\nnot json\n')
+    data = {**tiny_recipe_data, "task": {"name": None, "path": "bad.jsonl"}, "runs_dir": str(tmp_path / "runs")}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
+    assert cli.main(["run", str(tmp_path / "r.yaml")]) == 2
+    assert "bad.jsonl:2: not valid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -162,3 +162,19 @@ def test_unknown_eval_fails_before_training(tmp_path, tiny_recipe_data, capsys):
     assert cli.main(["run", str(tmp_path / "r.yaml")]) == 2
     assert "unknown eval task 'hellaswagg'; did you mean 'hellaswag'?" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_group_of_tasks_is_scored_cached_and_kept_per_item(tiny, tmp_path):
+    model, tokenizer = tiny
+    (tmp_path / "knowledge.yaml").write_text(
+        "group: knowledge\ntask: [world_capitals, mmlu_shipped]\n"
+        "aggregate_metric_list:\n  - metric: acc\n    aggregation: mean\n    weight_by_size: true\nmetadata: {version: 1}\n"
+    )
+    config = EvalConfig(new=[], general=["knowledge"], limit=3, include=[str(tmp_path)])
+    suite = evaluate.prepare_suite(config, tmp_path, chat=False)
+    assert suite.members["knowledge"] == ["mmlu_shipped", "world_capitals"]
+    first = evaluate.evaluate_model(model, tokenizer, suite)
+    assert "acc" in first["results"]["knowledge"]["metrics"]
+    ids = [s["item_id"] for s in first["samples"]["knowledge"]]
+    assert len(ids) == 6 and ids[0].startswith("mmlu_shipped/") and len(set(ids)) == 6
+    assert evaluate.evaluate_model(model, tokenizer, suite)["cached"] == ["knowledge"]
