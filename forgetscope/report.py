@@ -20,13 +20,18 @@ def primary_metrics(table: pd.DataFrame) -> list[tuple[str, str]]:
 
 
 def plot_curves(table: pd.DataFrame, path: Path, title: str = "") -> Path:
-    """One panel per task: its primary metric against training step, with a 95% band (±1.96 stderr).
+    """One panel per task (three to a row): its primary metric against training step, with a 95%
+    band (±1.96 stderr).
 
     The base (step 0) is marked by a dashed line; x is symlog so dense early snapshots stay readable.
     """
     pairs = primary_metrics(table)
-    fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 3.4), squeeze=False)
-    for ax, (task, metric) in zip(axes[0], pairs):
+    cols = min(3, len(pairs))
+    rows_n = -(-len(pairs) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.4 * cols, 3.3 * rows_n), squeeze=False)
+    for ax in axes.flat[len(pairs):]:
+        ax.set_visible(False)
+    for ax, (task, metric) in zip(axes.flat, pairs):
         rows = table[(table["task"] == task) & (table["metric"] == metric)].sort_values("step")
         role = rows["role"].iloc[0]
         color = "tab:blue" if role == "new" else "tab:red"
