@@ -28,7 +28,7 @@ def load_records(task: TaskConfig, base_dir: Path) -> list[dict[str, Any]]:
     if task.name:
         records = tasks.EMBEDDED_TASKS[task.name]("train", seed=task.seed)
     elif task.path:
-        records = _read_file(base_dir / task.path)
+        records = read_file(base_dir / task.path)
     else:
         import datasets
 
@@ -38,7 +38,8 @@ def load_records(task: TaskConfig, base_dir: Path) -> list[dict[str, Any]]:
     return records[: task.max_examples] if task.max_examples else records
 
 
-def _read_file(path: Path) -> list[dict[str, Any]]:
+def read_file(path: Path) -> list[dict[str, Any]]:
+    """Records of a .csv file (by header) or a .jsonl file (one JSON object a line), checked line by line."""
     if path.suffix == ".csv":
         with open(path, newline="") as fh:
             return list(csv.DictReader(fh))

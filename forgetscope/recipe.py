@@ -84,6 +84,48 @@ class LoraSettings:
 
 
 @dataclass
+class ReplayConfig:
+    """Replay during fine-tuning: self-generated (samples of the frozen base) or old data."""
+
+    source: Literal["self", "data"] = option(
+        "self",
+        "`self`: sample sequences from the frozen base before training (needs no old data); "
+        "`data`: rehearse examples from `path` (classic replay, for users who have old data).",
+    )
+    path: str | None = option(
+        None,
+        "`source: data`: the old data (.jsonl/.csv, `text` or `prompt`/`completion`). "
+        "`source: self` with `prompts: file`: a .jsonl/.csv/.txt of prompts. Relative to the recipe.",
+    )
+    prompts: Literal["auto", "bos", "chat", "file"] = option(
+        "auto",
+        "Where self-generated samples start: `bos` (unconditional, for base models), `chat` (generic "
+        "user requests in the chat template, for instruct models), `file` (your prompts in `path`); "
+        "`auto`: `chat` when the tokenizer has a chat template, else `bos`.",
+    )
+    samples: int = option(256, "Number of sequences in the replay buffer.")
+    max_new_tokens: int = option(96, "Length of each self-generated sample, in tokens.")
+    temperature: float = option(1.0, "Sampling temperature for self-generated samples.")
+    top_p: float = option(0.95, "Nucleus sampling threshold for self-generated samples.")
+    ratio: float = option(
+        0.25, "Share of each training batch taken from the replay buffer (the rest is new-task data)."
+    )
+    loss: Literal["ntp", "kl"] = option(
+        "kl",
+        "`ntp`: next-token loss on the replay samples; `kl`: KL(base || current) on them "
+        "(LoRA: the base is the adapter-disabled model; full: the base's top-k log-probs, kept with the buffer).",
+    )
+    coeff: float | None = option(None, "Weight of the replay loss (null: 10 for `kl`, as in Marek et al. 2026; 1 for `ntp`).")
+    topk: int = option(64, "`loss: kl` with full fine-tuning: how many of the base's log-probs per token to keep.")
+    refresh_every: int | None = option(
+        None,
+        "Resample the buffer from the base every N steps (LoRA only: full fine-tuning keeps no base copy). "
+        "null: keep the buffer drawn before training.",
+    )
+    seed: int = option(0, "Seed for sampling the buffer and drawing replay batches.")
+
+
+@dataclass
 class TrainConfig:
     """Optimisation settings, passed to transformers' Trainer."""
 
@@ -156,6 +198,7 @@ class Recipe:
     task: TaskConfig = option(None, "The new task.")
     lora: LoraSettings | None = option(None, "LoRA settings (method: lora only; defaults apply when omitted).")
     train: TrainConfig = option(None, "Optimisation settings.")
+    replay: ReplayConfig | None = option(None, "Replay settings (null: plain fine-tuning).")
     snapshots: SnapshotConfig = option(None, "Snapshot schedule.")
     evals: EvalConfig = option(None, "Evaluation suite.")
     runs_dir: str = option("runs", "Folder that holds runs (relative to the working directory).")
@@ -165,7 +208,7 @@ class Recipe:
         for f in dataclasses.fields(self):
             hint = _hints(Recipe)[f.name]
             cls = _section_class(hint)
-            if cls is not None and getattr(self, f.name) is None and f.name != "lora":
+            if cls is not None and getattr(self, f.name) is None and f.name not in ("lora", "replay"):
                 setattr(self, f.name, cls())
         if self.method == "lora" and self.lora is None:
             self.lora = LoraSettings()
@@ -387,6 +430,7 @@ def _check(recipe: Recipe, data: dict[str, Any]) -> list[str]:
     if recipe.lora is not None and not 0 <= recipe.lora.dropout < 1:
         problems.append(f"lora.dropout: must be in [0, 1), got {recipe.lora.dropout}")
 
+    problems += _check_replay(recipe)
     task = recipe.task
     sources = [k for k in ("name", "path", "hf_dataset") if getattr(task, k)]
     if len(sources) != 1:
@@ -436,6 +480,40 @@ def _check(recipe: Recipe, data: dict[str, Any]) -> list[str]:
             problems.append(f"evals.include: no such folder {str(recipe.base_dir / folder)!r}")
     if not problems:
         problems += evaluate.check_eval_names([*e.new, *e.general], evaluate.include_paths(e, recipe.base_dir))
+    return problems
+
+
+def _check_replay(recipe: Recipe) -> list[str]:
+    r = recipe.replay
+    if r is None:
+        return []
+    problems = []
+    if not 0 < r.ratio < 1:
+        problems.append(f"replay.ratio: must be between 0 and 1 (the share of each batch), got {r.ratio}")
+    for key in ("samples", "max_new_tokens", "topk"):
+        if getattr(r, key) <= 0:
+            problems.append(f"replay.{key}: must be positive, got {getattr(r, key)}")
+    if r.temperature <= 0 or not 0 < r.top_p <= 1:
+        problems.append("replay.temperature must be > 0 and replay.top_p in (0, 1]")
+    if r.coeff is not None and r.coeff < 0:
+        problems.append(f"replay.coeff: must be 0 or more, got {r.coeff}")
+    needs_path = r.source == "data" or r.prompts == "file"
+    if needs_path and not r.path:
+        problems.append("replay.path: give the file (old data for source: data, prompts for prompts: file)")
+    if r.path and not needs_path:
+        problems.append("replay.path: only used with source: data or prompts: file")
+    if r.path and not (recipe.base_dir / r.path).is_file():
+        problems.append(f"replay.path: no such file {str(recipe.base_dir / r.path)!r}")
+    if r.refresh_every is not None:
+        if recipe.method != "lora":
+            problems.append("replay.refresh_every: needs method: lora (full fine-tuning keeps no copy of the base to "
+                            "sample from); raise replay.samples instead")
+        elif r.source != "self" or r.refresh_every <= 0:
+            problems.append("replay.refresh_every: a positive number of steps, with source: self")
+    t = recipe.train
+    if t.batch_size > 0 and 0 < r.ratio < 1 and round(t.batch_size * r.ratio) in (0, t.batch_size):
+        problems.append(f"replay.ratio: {r.ratio} of train.batch_size={t.batch_size} leaves no room for "
+                        "replay or for new-task examples; change one of them")
     return problems
 
 

@@ -7,6 +7,7 @@ interrupted earlier attempt of the same recipe) are kept and not recomputed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import platform
@@ -15,7 +16,9 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from forgetscope import curves, data, evaluate, io, models, report, snapshots, stats, train
+import pandas as pd
+
+from forgetscope import curves, data, evaluate, io, models, replay, report, snapshots, stats, train
 from forgetscope.errors import UserError
 from forgetscope.recipe import Recipe
 
@@ -77,6 +80,7 @@ def run(recipe: Recipe) -> Path:
             versions=_versions(),
             started=time.strftime("%Y-%m-%dT%H:%M:%S"),
         )
+    buffer = replay.build_buffer(model, tokenizer, recipe, evaluate.fingerprint(model)) if recipe.replay else None
     model = train.prepare_model(model, recipe)
     done = set(layout.eval_steps())
     timings: dict[str, float] = {}
@@ -95,7 +99,7 @@ def run(recipe: Recipe) -> Path:
         print(f"forgetscope: step {step}: " + curves.headline(evaluation["results"]) + reused)
 
     trainer = train.make_trainer(
-        model, tokenizer, examples, recipe, str(layout.root / "trainer"), [train.SnapshotCallback(steps, take)]
+        model, tokenizer, examples, recipe, str(layout.root / "trainer"), [train.SnapshotCallback(steps, take)], buffer
     )
     tick = time.time()
     trainer.train()
@@ -104,6 +108,8 @@ def run(recipe: Recipe) -> Path:
         return layout.root
 
     shutil.rmtree(layout.root / "trainer", ignore_errors=True)
+    log = pd.DataFrame([e for e in trainer.state.log_history if "loss" in e])
+    io.write_text(layout.root / "train_log.csv", log.to_csv(index=False))
     recipe_name = Path(recipe.source).stem if recipe.source else recipe.name
     table = curves.write_curves(layout, recipe.name, recipe_name, recipe.method)
     report.plot_curves(table, layout.figure, title=f"{recipe.name}: {recipe.method} on {recipe.base}")
@@ -115,5 +121,6 @@ def run(recipe: Recipe) -> Path:
         finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
         timings={"total_s": round(time.time() - started, 1), "train_s": round(train_seconds, 1), "eval_s": timings},
         train_log=trainer.state.log_history,
+        replay={**dataclasses.asdict(recipe.replay), "coeff": replay.coeff(recipe.replay)} if recipe.replay else None,
     )
     return layout.root

@@ -1,8 +1,9 @@
 """Sample text from a frozen base model, batched with a KV cache, and cache the samples on disk.
 
 The samples feed the label-free drift probe (``base_samples_ppl``: how likely a snapshot finds
-the text its own base wrote). Prompts are generic chat requests for models with a chat template
-(instruct models) and the bare BOS token for the others (base models).
+the text its own base wrote). The same sampler fills the self-generated replay buffer (:mod:`forgetscope.replay`).
+Prompts are generic chat requests for models with a chat template (instruct models) and the bare
+BOS token for the others (base models).
 """
 
 from __future__ import annotations
@@ -35,21 +36,26 @@ def generic_prompts(n: int, seed: int = 0) -> list[str]:
     return [rng.choice(_REQUESTS).format(rng.choice(_SUBJECTS)) for _ in range(n)]
 
 
-def _render(prompts: list[str], tokenizer) -> list[str]:
-    if getattr(tokenizer, "chat_template", None):
-        return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
-    return ["" for _ in prompts]  # base models: unconditional, from BOS
+def render(prompt: str, tokenizer, chat: bool) -> str:
+    """A prompt as the model sees it: a chat user turn, or the raw text ("" starts from BOS)."""
+    if chat:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return prompt
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, top_p: float,
+def generate(model, tokenizer, prompts: list[str], chat: bool, max_new_tokens: int, temperature: float, top_p: float,
              seed: int, batch_size: int = 16) -> list[dict[str, str]]:
-    """Sample one continuation per prompt; returns ``[{"id", "prompt", "text"}]``. Shows tokens/s."""
+    """Sample one continuation per prompt, batched with a KV cache; returns ``[{"id", "prompt", "text"}]``.
+
+    ``chat``: wrap each prompt as a user turn of the chat template; else use it as raw text, where
+    an empty prompt starts from the BOS token alone (unconditional sampling). Shows tokens/s.
+    """
     was_training = model.training
     model.eval()
     torch.manual_seed(seed)
     tokenizer.padding_side = "left"
-    rendered = _render(prompts, tokenizer)
+    rendered = [render(p, tokenizer, chat) for p in prompts]
     out = []
     produced, started = 0, time.time()
     bar = tqdm(total=len(prompts), desc="sampling from the base", unit="seq")
@@ -84,6 +90,8 @@ def base_samples(model, tokenizer, base_id: str, n: int = 64, max_new_tokens: in
     key = hashlib.sha256(json.dumps([base_id, n, max_new_tokens, temperature, top_p, seed]).encode()).hexdigest()[:16]
     path = cache_dir() / "samples" / f"{key}.jsonl"
     if not path.is_file():
-        rows = generate(model, tokenizer, generic_prompts(n, seed), max_new_tokens, temperature, top_p, seed)
+        chat = bool(getattr(tokenizer, "chat_template", None))
+        prompts = generic_prompts(n, seed) if chat else ["" for _ in range(n)]
+        rows = generate(model, tokenizer, prompts, chat, max_new_tokens, temperature, top_p, seed)
         io.write_text(path, "".join(json.dumps(r) + "\n" for r in rows if r["text"]))
     return path

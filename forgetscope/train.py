@@ -72,18 +72,25 @@ class SnapshotCallback(TrainerCallback):
         self._maybe_take(state, model, state.global_step)
 
 
-def make_trainer(model, tokenizer, examples: list[dict], recipe: Recipe, output_dir: str, callbacks: list) -> Trainer:
-    """A Trainer for the recipe's optimisation settings (no checkpoints of its own: the callback snapshots)."""
+def make_trainer(model, tokenizer, examples: list[dict], recipe: Recipe, output_dir: str, callbacks: list,
+                 buffer=None) -> Trainer:
+    """A Trainer for the recipe's optimisation settings (no checkpoints of its own: the callback
+    snapshots). With a replay ``buffer``, each batch is split between new-task and replay examples."""
     import datasets
 
+    from forgetscope import replay
+
     t = recipe.train
-    processes = world_size()
-    per_device, remainder = divmod(t.batch_size, t.grad_accum * processes)
-    if remainder or per_device == 0:
-        raise UserError(
-            f"train.batch_size={t.batch_size} must be a multiple of grad_accum x processes "
-            f"= {t.grad_accum * processes}; change train.batch_size or the number of processes"
-        )
+    slots = t.grad_accum * world_size()
+    if buffer is not None:
+        per_device, replay_batch = replay.split_batch(t.batch_size, recipe.replay.ratio, slots)
+    else:
+        per_device, remainder = divmod(t.batch_size, slots)
+        if remainder or per_device == 0:
+            raise UserError(
+                f"train.batch_size={t.batch_size} must be a multiple of grad_accum x processes "
+                f"= {slots}; change train.batch_size or the number of processes"
+            )
     args = TrainingArguments(
         output_dir=output_dir,
         max_steps=t.steps,
@@ -104,11 +111,17 @@ def make_trainer(model, tokenizer, examples: list[dict], recipe: Recipe, output_
         include_num_input_tokens_seen="non_padding",
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
+        # every step gets a full batch (and so the recipe's new-task/replay split); the data repeats anyway
+        dataloader_drop_last=len(examples) >= t.batch_size,
     )
-    return Trainer(
+    common = dict(
         model=model,
         args=args,
         train_dataset=datasets.Dataset.from_list(examples),
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        processing_class=tokenizer,
         callbacks=callbacks,
     )
+    if buffer is None:
+        return Trainer(**common)
+    return replay.ReplayTrainer(**common, buffer=buffer, recipe=recipe, replay_batch=replay_batch)

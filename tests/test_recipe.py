@@ -61,6 +61,10 @@ MALFORMED = [
     ({"train": {"batch_size": 6, "grad_accum": 4}}, "train.batch_size: 6 is not divisible by train.grad_accum=4"),
     ({"name": "../escape"}, "name: '../escape' must be letters"),
     ({"lora": {"dropout": 1.5}}, "lora.dropout: must be in [0, 1)"),
+    ({"replay": {"ratio": 1.5}}, "replay.ratio: must be between 0 and 1"),
+    ({"replay": {"source": "data"}}, "replay.path: give the file"),
+    ({"replay": {"lose": "kl"}}, "replay.lose: unknown key; did you mean 'loss'?"),
+    ({"method": "full", "lora": None, "replay": {"refresh_every": 10}}, "replay.refresh_every: needs method: lora"),
 ]
 
 

@@ -1,0 +1,141 @@
+"""Self-generated replay: the buffer cache, the KL loss, the batch split, and training with both losses."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from forgetscope import evaluate, models, replay, train
+from forgetscope import data as fdata
+from forgetscope.recipe import recipe_from_dict
+from forgetscope.runner import run
+
+
+@pytest.fixture
+def replay_data(tiny_recipe_data):
+    data = {**tiny_recipe_data, "method": "full", "lora": None,
+            "replay": {"samples": 8, "max_new_tokens": 12, "ratio": 0.5, "loss": "kl", "topk": 8}}
+    data["train"] = {**data["train"], "batch_size": 4}
+    return data
+
+
+def _base():
+    return models.load(models.resolve("tiny-random"))
+
+
+def test_buffer_is_cached_and_invalidated(tmp_path, replay_data, monkeypatch):
+    calls = []
+    real = replay.sampling.generate
+    monkeypatch.setattr(replay.sampling, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model, tokenizer = _base()
+    fp = evaluate.fingerprint(model)
+    recipe = recipe_from_dict({**replay_data, "runs_dir": str(tmp_path)})
+    first = replay.build_buffer(model, tokenizer, recipe, fp)
+    assert len(calls) == 1 and len(first.examples) == 8 and first.topk_values.shape[-1] == 8
+    again = replay.build_buffer(model, tokenizer, recipe, fp)  # same base, settings, seed: reused
+    assert len(calls) == 1 and again.texts == first.texts
+    assert torch.equal(again.topk_indices, first.topk_indices)
+    for change in ({"seed": 1}, {"temperature": 0.7}, {"samples": 6}):
+        other = recipe_from_dict({**replay_data, "replay": {**replay_data["replay"], **change}})
+        replay.build_buffer(model, tokenizer, other, fp)
+    assert len(calls) == 4
+    replay.build_buffer(model, tokenizer, recipe, "another-base")  # another base: resampled
+    assert len(calls) == 5
+    ratio_only = recipe_from_dict({**replay_data, "replay": {**replay_data["replay"], "ratio": 0.25}})
+    replay.build_buffer(model, tokenizer, ratio_only, fp)  # mixing settings do not touch the buffer
+    assert len(calls) == 5
+
+
+def test_kl_is_zero_when_current_equals_base(replay_data):
+    model, tokenizer = _base()
+    model.eval()
+    recipe = recipe_from_dict(replay_data)
+    examples = fdata.tokenize(fdata.load_records(recipe.task, None)[:4], tokenizer, recipe.task, 40)
+    batch = replay.collate(examples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        values, indices = replay.base_topk(model, tokenizer, examples, k=16)
+        assert replay.kl_topk(values, indices, logits, batch["labels"]).item() == pytest.approx(0, abs=1e-5)
+        assert replay.kl_full(logits, logits, batch["labels"]).item() == pytest.approx(0, abs=1e-6)
+        shifted = logits + torch.randn_like(logits)
+        assert replay.kl_full(logits, shifted, batch["labels"]).item() > 0.01
+        assert replay.kl_topk(values, indices, shifted, batch["labels"]).item() > 0.01
+    lora = train.prepare_model(_base()[0], recipe_from_dict({**replay_data, "method": "lora", "lora": {"r": 2}}))
+    with torch.no_grad(), lora.disable_adapter():  # LoRA at init: adapters are a no-op, so base == current
+        base_logits = lora(input_ids=batch["input_ids"]).logits
+    assert replay.kl_full(base_logits, lora(input_ids=batch["input_ids"]).logits, batch["labels"]).item() == pytest.approx(0, abs=1e-6)
+
+
+@pytest.mark.parametrize("batch_size,ratio,expected", [(8, 0.25, (6, 2)), (4, 0.5, (2, 2)), (10, 0.2, (8, 2))])
+def test_split_batch(batch_size, ratio, expected):
+    assert replay.split_batch(batch_size, ratio, 1) == expected
+    with pytest.raises(Exception, match="must both divide"):
+        replay.split_batch(8, 0.25, 4)
+
+
+@pytest.mark.parametrize("method,loss", [("full", "kl"), ("full", "ntp"), ("lora", "kl")])
+def test_both_losses_train_and_the_ratio_is_respected(tmp_path, replay_data, method, loss):
+    data = {**replay_data, "method": method, "lora": {"r": 4, "alpha": 8} if method == "lora" else None,
+            "replay": {**replay_data["replay"], "loss": loss, "coeff": 1.0},
+            "train": {**replay_data["train"], "steps": 12, "batch_size": 8, "lr": 3e-2}}
+    data["replay"]["ratio"] = 0.25
+    recipe = recipe_from_dict({**data, "runs_dir": str(tmp_path)})
+    model, tokenizer = _base()
+    buffer = replay.build_buffer(model, tokenizer, recipe, evaluate.fingerprint(model))
+    model = train.prepare_model(model, recipe)
+    examples = fdata.tokenize(fdata.load_records(recipe.task, tmp_path), tokenizer, recipe.task, 48)
+    trainer = train.make_trainer(model, tokenizer, examples, recipe, str(tmp_path / "t"), [], buffer)
+    trainer.args.logging_steps = 4
+    trainer.train()
+    assert set(trainer.batch_sizes) == {(6, 2)}  # 25% of every batch of 8 is replay
+    logs = [entry for entry in trainer.state.log_history if "new_loss" in entry]
+    assert len(logs) == 3
+    assert logs[-1]["new_loss"] < logs[0]["new_loss"]
+    if loss == "ntp":
+        assert logs[-1]["replay_loss"] < logs[0]["replay_loss"]
+    else:
+        assert all(entry["replay_loss"] >= 0 for entry in logs)
+
+
+def test_kl_replay_keeps_the_model_closer_to_the_base(tmp_path, replay_data):
+    """With a strong KL weight the model drifts less from the base on its own samples than without."""
+    drift = {}
+    for weight in (0.0, 20.0):
+        data = {**replay_data, "replay": {**replay_data["replay"], "coeff": weight, "ratio": 0.5},
+                "train": {**replay_data["train"], "steps": 15, "batch_size": 4, "lr": 3e-2}}
+        recipe = recipe_from_dict({**data, "runs_dir": str(tmp_path)})
+        model, tokenizer = _base()
+        buffer = replay.build_buffer(model, tokenizer, recipe, evaluate.fingerprint(model))
+        examples = fdata.tokenize(fdata.load_records(recipe.task, tmp_path), tokenizer, recipe.task, 48)
+        train.make_trainer(model, tokenizer, examples, recipe, str(tmp_path / "t"), [], buffer).train()
+        batch = replay.collate(buffer.examples, tokenizer.pad_token_id)
+        with torch.no_grad():
+            logits = model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        drift[weight] = replay.kl_topk(buffer.topk_values, buffer.topk_indices, logits, batch["labels"]).item()
+    assert drift[20.0] < 0.5 * drift[0.0]
+
+
+def test_replay_run_logs_both_losses(tmp_path, replay_data):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**replay_data, "name": "rep", "runs_dir": str(tmp_path / "runs")}))
+    from forgetscope.recipe import load_recipe
+
+    root = run(load_recipe(path))
+    log = pd.read_csv(root / "train_log.csv")
+    assert {"step", "loss", "new_loss", "replay_loss"} <= set(log.columns) and len(log) >= 1
+    assert json.loads((root / "manifest.json").read_text())["replay"]["coeff"] == 10.0
+
+
+def test_rehearsal_from_old_data(tmp_path, replay_data):
+    (tmp_path / "old.jsonl").write_text("".join(json.dumps({"text": f"old fact number {i}."}) + "\n" for i in range(6)))
+    data = {**replay_data, "replay": {"source": "data", "path": "old.jsonl", "loss": "ntp", "ratio": 0.5}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
+    from forgetscope.recipe import load_recipe
+
+    recipe = load_recipe(tmp_path / "r.yaml")
+    model, tokenizer = _base()
+    buffer = replay.build_buffer(model, tokenizer, recipe, evaluate.fingerprint(model))
+    assert len(buffer.examples) == 6 and buffer.texts[0] == "old fact number 0."
+    assert buffer.topk_values is None  # ntp needs no base log-probs
