@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -141,3 +142,25 @@ def test_paired_deltas_agree_with_the_curves(tmp_path, tiny_recipe_data):
     assert rows[0]["role"] == "new" and {r["task"] for r in rows} == {"numerals", "prose_ppl"}
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["final_vs_base"][0]["task"] == "numerals"
+
+
+def test_forgetting_at_matched_learning_picks_the_first_snapshot_reaching_the_target(tmp_path):
+    from forgetscope import stats
+
+    layout = snapshots.RunLayout(tmp_path)
+    for step, acc, ll in ((0, [0, 0], [-9.0, -9.0]), (5, [1, 0], [-10.0, -11.0]), (9, [1, 1], [-12.0, -12.0])):
+        evals = layout.eval_dir(step)
+        evals.mkdir(parents=True)
+        (evals / "samples_new.jsonl").write_text("".join(json.dumps({"item_id": i, "acc": a}) + "\n" for i, a in enumerate(acc)))
+        (evals / "samples_gen.jsonl").write_text("".join(json.dumps({"item_id": i, "bits_per_byte": [v, 10]}) + "\n" for i, v in enumerate(ll)))
+    rows = [{"step": s, "task": "new", "role": "new", "metric": "acc", "value": v, "higher_is_better": True}
+            for s, v in ((0, 0.0), (5, 0.5), (9, 1.0))]
+    rows += [{"step": s, "task": "gen", "role": "general", "metric": "bits_per_byte", "value": 0.0, "higher_is_better": False}
+             for s in (0, 5, 9)]
+    table = pd.DataFrame(rows)
+    matched = stats.at_learning(layout, table, 0.5)
+    assert matched["step"] == 5 and matched["new_value"] == 0.5
+    [gen] = matched["general"]
+    # bits/byte = -sum(ll) / sum(bytes) / ln 2: base 18/20/ln2, step 5 21/20/ln2
+    assert gen["delta"] == pytest.approx((21 - 18) / 20 / np.log(2))
+    assert stats.at_learning(layout, table, 1.5) is None
