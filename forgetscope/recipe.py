@@ -9,10 +9,7 @@ unknown model aliases) and raises one :class:`RecipeError` listing them all.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from forgetscope.errors import UserError
+from forgetscope.schema import build, did_you_mean, hints, option, reference, section_class
 
 
 class RecipeError(UserError):
@@ -29,13 +27,6 @@ class RecipeError(UserError):
         self.problems = problems
         self.source = source
         super().__init__("\n".join(f"{source}: {p}" for p in problems))
-
-
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with its documentation attached (printed by ``forgetscope fields``)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -206,8 +197,8 @@ class Recipe:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            hint = _hints(Recipe)[f.name]
-            cls = _section_class(hint)
+            hint = hints(Recipe)[f.name]
+            cls = section_class(hint)
             if cls is not None and getattr(self, f.name) is None and f.name not in ("lora", "replay"):
                 setattr(self, f.name, cls())
         if self.method == "lora" and self.lora is None:
@@ -226,113 +217,6 @@ class Recipe:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-# ---------------------------------------------------------------- generic schema walking
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _section_class(hint: Any) -> type | None:
-    """The dataclass inside a hint like ``TaskConfig`` or ``LoraSettings | None``."""
-    for arg in (hint, *typing.get_args(hint)):
-        if dataclasses.is_dataclass(arg):
-            return arg
-    return None
-
-
-def _type_name(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(hint))
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(hint))
-    if origin is list:
-        return f"list of {_type_name(typing.get_args(hint)[0])}"
-    if hint is type(None):
-        return "null"
-    if dataclasses.is_dataclass(hint):
-        return "section"
-    return {int: "integer", float: "number", str: "string", bool: "true/false"}.get(hint, str(hint))
-
-
-def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
-    """Check ``value`` against a type hint; returns (ok, value converted where lossless)."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(hint):
-            ok, converted = _coerce(value, arg)
-            if ok:
-                return True, converted
-        return False, value
-    if origin is Literal:
-        return value in typing.get_args(hint), value
-    if origin is list:
-        if not isinstance(value, list):
-            return False, value
-        out = []
-        for item in value:
-            ok, converted = _coerce(item, typing.get_args(hint)[0])
-            if not ok:
-                return False, value
-            out.append(converted)
-        return True, out
-    if hint is type(None):
-        return value is None, value
-    if hint is bool:
-        return isinstance(value, bool), value
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if hint is float:
-        if isinstance(value, bool):
-            return False, value
-        if isinstance(value, (int, float)):
-            return True, float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `2e-4` as a string
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, value
-        return False, value
-    if hint is str:
-        return isinstance(value, str), value
-    return False, value
-
-
-def _did_you_mean(word: str, options: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
-def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
-    """Build dataclass ``cls`` from a mapping, appending every problem found."""
-    if not isinstance(data, dict):
-        problems.append(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping of keys, got {data!r}")
-        return cls()
-    hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        if key not in names:
-            allowed = ", ".join(names)
-            problems.append(f"{prefix}{key}: unknown key{_did_you_mean(str(key), names)} (allowed: {allowed})")
-            continue
-        hint = hints[key]
-        section = _section_class(hint)
-        if section is not None:
-            if value is None:
-                kwargs[key] = None
-            else:
-                kwargs[key] = _build(section, value, f"{prefix}{key}.", problems)
-            continue
-        ok, converted = _coerce(value, hint)
-        if ok:
-            kwargs[key] = converted
-        else:
-            problems.append(f"{prefix}{key}: expected {_type_name(hint)}, got {value!r}")
-    return cls(**kwargs)
 
 
 # ---------------------------------------------------------------- loading
@@ -370,7 +254,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
     """Build and validate a recipe from plain data; raises :class:`RecipeError` with every problem."""
     problems: list[str] = []
-    recipe = _build(Recipe, data if data is not None else {}, "", problems)
+    recipe = build(Recipe, data if data is not None else {}, "", problems)
     recipe.source = source
     if not problems:
         problems += _check(recipe, data)
@@ -440,7 +324,7 @@ def _check(recipe: Recipe, data: dict[str, Any]) -> list[str]:
         )
     if task.name and task.name not in tasks.EMBEDDED_TASKS:
         problems.append(
-            f"task.name: unknown embedded task {task.name!r}{_did_you_mean(task.name, tasks.EMBEDDED_TASKS)}"
+            f"task.name: unknown embedded task {task.name!r}{did_you_mean(task.name, tasks.EMBEDDED_TASKS)}"
             f" (embedded: {', '.join(tasks.EMBEDDED_TASKS)}; use task.path for your own data)"
         )
     if task.path:
@@ -517,27 +401,6 @@ def _check_replay(recipe: Recipe) -> list[str]:
     return problems
 
 
-# ---------------------------------------------------------------- documentation
-
-
 def field_reference() -> str:
     """Every recipe field with its type, default and documentation, as printed by ``forgetscope fields``."""
-    lines: list[str] = []
-
-    def walk(cls: type, prefix: str) -> None:
-        hints = _hints(cls)
-        defaults = cls() if cls is not Recipe else None
-        for f in dataclasses.fields(cls):
-            if f.metadata.get("internal"):
-                continue
-            section = _section_class(hints[f.name])
-            if section is not None:
-                lines.append(f"\n{prefix}{f.name}:  {f.metadata['help']}")
-                walk(section, f"{prefix}{f.name}.")
-                continue
-            default = getattr(defaults, f.name) if defaults is not None else f.default
-            lines.append(f"  {prefix}{f.name} ({_type_name(hints[f.name])}, default {default!r})")
-            lines.append(f"      {f.metadata['help']}")
-
-    walk(Recipe, "")
-    return "\n".join(lines).lstrip("\n") + "\n"
+    return reference(Recipe)

@@ -1,0 +1,149 @@
+"""Typed dataclasses as a configuration schema: build them from YAML data with every problem
+collected, and print their documentation.
+
+Fields carry their documentation in ``metadata["help"]`` (see :func:`option`). Nested sections
+are dataclass-typed fields. Used by :mod:`forgetscope.recipe`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import field
+from typing import Any, Literal
+
+
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with its documentation attached (printed by ``forgetscope fields``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def hints(cls: type) -> dict[str, Any]:
+    """Field name -> resolved type of a dataclass."""
+    return typing.get_type_hints(cls)
+
+
+def section_class(hint: Any) -> type | None:
+    """The dataclass inside a hint like ``TaskConfig`` or ``LoraSettings | None``."""
+    for arg in (hint, *typing.get_args(hint)):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in typing.get_args(hint))
+    if origin is list:
+        return f"list of {type_name(typing.get_args(hint)[0])}"
+    if hint is type(None):
+        return "null"
+    if dataclasses.is_dataclass(hint):
+        return "section"
+    return {int: "integer", float: "number", str: "string", bool: "true/false"}.get(hint, str(hint))
+
+
+def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
+    """Check ``value`` against a type hint; returns (ok, value converted where lossless)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            ok, converted = _coerce(value, arg)
+            if ok:
+                return True, converted
+        return False, value
+    if origin is Literal:
+        return value in typing.get_args(hint), value
+    if origin is list:
+        if not isinstance(value, list):
+            return False, value
+        out = []
+        for item in value:
+            ok, converted = _coerce(item, typing.get_args(hint)[0])
+            if not ok:
+                return False, value
+            out.append(converted)
+        return True, out
+    if hint is type(None):
+        return value is None, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `2e-4` as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if hint is str:
+        return isinstance(value, str), value
+    return False, value
+
+
+def did_you_mean(word: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
+    """Build dataclass ``cls`` from a mapping, appending every problem found."""
+    if not isinstance(data, dict):
+        problems.append(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping of keys, got {data!r}")
+        return cls()
+    field_types = hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            allowed = ", ".join(names)
+            problems.append(f"{prefix}{key}: unknown key{did_you_mean(str(key), names)} (allowed: {allowed})")
+            continue
+        hint = field_types[key]
+        section = section_class(hint)
+        if section is not None:
+            if value is None:
+                kwargs[key] = None
+            else:
+                kwargs[key] = build(section, value, f"{prefix}{key}.", problems)
+            continue
+        ok, converted = _coerce(value, hint)
+        if ok:
+            kwargs[key] = converted
+        else:
+            problems.append(f"{prefix}{key}: expected {type_name(hint)}, got {value!r}")
+    return cls(**kwargs)
+
+
+def reference(root: type) -> str:
+    """Every field of ``root`` and its sections with type, default and documentation."""
+    lines: list[str] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        types_ = hints(cls)
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("internal"):
+                continue
+            section = section_class(types_[f.name])
+            if section is not None:
+                lines.append(f"\n{prefix}{f.name}:  {f.metadata['help']}")
+                walk(section, f"{prefix}{f.name}.")
+                continue
+            lines.append(f"  {prefix}{f.name} ({type_name(types_[f.name])}, default {getattr(defaults, f.name)!r})")
+            lines.append(f"      {f.metadata['help']}")
+
+    walk(root, "")
+    return "\n".join(lines).lstrip("\n") + "\n"
