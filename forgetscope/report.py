@@ -59,3 +59,22 @@ def plot_curves(table: pd.DataFrame, path: Path, title: str = "") -> Path:
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def plot_train_log(log: pd.DataFrame, path: Path, title: str = "") -> Path:
+    """Training losses against step: the total loss, and with replay the new-task and replay losses."""
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for column, label in (("loss", "total loss"), ("new_loss", "new-task loss"), ("replay_loss", "replay loss")):
+        if column in log:
+            ax.plot(log["step"], log[column], marker=".", label=label)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "training losses")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

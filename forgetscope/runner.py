@@ -110,6 +110,8 @@ def run(recipe: Recipe) -> Path:
     shutil.rmtree(layout.root / "trainer", ignore_errors=True)
     log = pd.DataFrame([e for e in trainer.state.log_history if "loss" in e])
     io.write_text(layout.root / "train_log.csv", log.to_csv(index=False))
+    if not log.empty:
+        report.plot_train_log(log, layout.root / "train_loss.png", title=f"{recipe.name}: training losses")
     recipe_name = Path(recipe.source).stem if recipe.source else recipe.name
     table = curves.write_curves(layout, recipe.name, recipe_name, recipe.method)
     report.plot_curves(table, layout.figure, title=f"{recipe.name}: {recipe.method} on {recipe.base}")

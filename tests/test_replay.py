@@ -125,6 +125,7 @@ def test_replay_run_logs_both_losses(tmp_path, replay_data):
     root = run(load_recipe(path))
     log = pd.read_csv(root / "train_log.csv")
     assert {"step", "loss", "new_loss", "replay_loss"} <= set(log.columns) and len(log) >= 1
+    assert (root / "train_loss.png").stat().st_size > 5_000
     assert json.loads((root / "manifest.json").read_text())["replay"]["coeff"] == 10.0
 
 
@@ -139,3 +140,26 @@ def test_rehearsal_from_old_data(tmp_path, replay_data):
     buffer = replay.build_buffer(model, tokenizer, recipe, evaluate.fingerprint(model))
     assert len(buffer.examples) == 6 and buffer.texts[0] == "old fact number 0."
     assert buffer.topk_values is None  # ntp needs no base log-probs
+
+
+def test_lora_buffer_refreshes_from_the_adapter_disabled_base(tmp_path, replay_data, monkeypatch):
+    data = {**replay_data, "method": "lora", "lora": {"r": 4, "alpha": 8},
+            "replay": {**replay_data["replay"], "refresh_every": 2, "loss": "kl", "ratio": 0.5},
+            "train": {**replay_data["train"], "steps": 5, "batch_size": 4}}
+    recipe = recipe_from_dict({**data, "runs_dir": str(tmp_path)})
+    model, tokenizer = _base()
+    buffer = replay.build_buffer(model, tokenizer, recipe, evaluate.fingerprint(model))
+    model = train.prepare_model(model, recipe)
+    adapters_on = []
+    real = replay.sampling.generate
+
+    def spy(m, *args, **kwargs):
+        adapters_on.append(not getattr(m.base_model, "disable_adapters", False))
+        return real(m, *args, **kwargs)
+
+    monkeypatch.setattr(replay.sampling, "generate", spy)
+    examples = fdata.tokenize(fdata.load_records(recipe.task, tmp_path), tokenizer, recipe.task, 48)
+    trainer = train.make_trainer(model, tokenizer, examples, recipe, str(tmp_path / "t"), [], buffer)
+    trainer.train()
+    assert adapters_on == [False, False]  # refreshed at steps 2 and 4, both times from the base
+    assert trainer.buffer.texts != buffer.texts
