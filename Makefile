@@ -37,7 +37,8 @@ test-fast: $(STAMP)
 
 # Speed and memory, written as JSON (not part of the tests: timings vary by machine).
 bench: $(STAMP)
-	$(BIN)/python benchmarks/eval_speed.py --out bench/eval_speed.json
+	$(BIN)/python benchmarks/eval_speed.py --limit 20 --out bench/eval_speed_limit20.json
+	$(BIN)/python benchmarks/eval_speed.py --limit 5 --out bench/eval_speed_limit5.json
 
 clean:
 	rm -rf runs .pytest_cache

@@ -6,7 +6,7 @@ an empty result cache so nothing is reused); the CLI starts a process, indexes i
 loads base + adapter for every snapshot. Writes JSON with timings, peak memory and whether the
 scores agree.
 
-    python benchmarks/eval_speed.py --out bench/eval_speed.json [--base smollm2-135m] [--limit 20]
+    python benchmarks/eval_speed.py --out bench/eval_speed_limit20.json [--base smollm2-135m] [--limit 20]
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--base", default="smollm2-135m")
     parser.add_argument("--limit", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--out", default="bench/eval_speed.json")
+    parser.add_argument("--out", default="bench/eval_speed_limit20.json")
     args = parser.parse_args()
 
     from forgetscope import models
@@ -74,6 +74,7 @@ def main() -> None:
 
     import pandas as pd
 
+    base_eval_s = json.loads((root / "manifest.json").read_text())["timings"]["eval_s"]["step-000000"]
     table = pd.read_csv(root / "curves.csv")
     cli_s, diffs = [], []
     for step, adapter in zip((10, 20, 30, 40, 50), adapters):
@@ -95,11 +96,14 @@ def main() -> None:
         "benchmark": "score 5 LoRA snapshots: forgetscope (base loaded once, adapters swapped) vs lm_eval CLI once per snapshot",
         "base": args.base, "tasks": TASKS, "limit": args.limit, "batch_size": args.batch_size, "dtype": "float32",
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "forgetscope_s": round(ours_s, 1),
-        "forgetscope_includes": "loading the base, scoring the base (step 0) and the 5 snapshots",
+        "forgetscope_total_s": round(ours_s, 1),
+        "forgetscope_total_includes": "loading the base, scoring the base (step 0) and the 5 snapshots",
+        "forgetscope_5_snapshots_s": round(ours_s - base_eval_s, 1),
+        "forgetscope_5_snapshots_includes": "the total minus scoring the base, which the CLI runs do not do",
         "lm_eval_cli_s": round(sum(cli_s), 1),
         "lm_eval_cli_per_snapshot_s": [round(s, 1) for s in cli_s],
-        "speedup": round(sum(cli_s) / ours_s, 2),
+        "speedup": round(sum(cli_s) / (ours_s - base_eval_s), 2),
+        "speedup_including_the_base": round(sum(cli_s) / ours_s, 2),
         "scores_compared": len(diffs),
         "max_relative_difference": max(diffs),
         "scores_identical": max(diffs) < 1e-6,

@@ -90,11 +90,15 @@ def audit(base: str, checkpoints: list[str], evals: EvalConfig, name: str = "aud
     layout.update_manifest(status="running", kind="audit", audit=settings, base_path=base_path, method=method,
                            snapshot_steps=[0, *(s for s, _ in found)], chat_template=chat)
 
+    eval_s: dict[str, float] = {}
+
     def score(current, step: int, source: str) -> None:
         snapshots.save_snapshot(layout, step, current, tokenizer, {"step": step, "source": source}, weights=False)
         if step in layout.eval_steps():
             return
+        tick = time.time()
         evaluation = evaluate.evaluate_model(current, tokenizer, suite)
+        eval_s[snapshots.step_name(step)] = round(time.time() - tick, 2)
         snapshots.save_eval(layout, step, _tokens(source), evaluation)
         print(f"forgetscope: step {step} ({source}): " + curves.headline(evaluation["results"]))
 
@@ -121,7 +125,8 @@ def audit(base: str, checkpoints: list[str], evals: EvalConfig, name: str = "aud
     report.plot_curves(table, layout.figure, title=f"{name}: audit of {len(found)} checkpoints against {base}")
     summary = stats.final_vs_base(layout, table)
     print(f"\nforgetscope: step {summary[0]['step']} vs the base (step 0), paired over items:\n" + stats.format_summary(summary))
-    layout.update_manifest(status="finished", final_vs_base=summary, timings={"total_s": round(time.time() - started, 1)})
+    layout.update_manifest(status="finished", final_vs_base=summary,
+                           timings={"total_s": round(time.time() - started, 2), "eval_s": eval_s})
     return layout.root
 
 
