@@ -114,7 +114,8 @@ def run(recipe: Recipe) -> Path:
         report.plot_train_log(log, layout.root / "train_loss.png", title=f"{recipe.name}: training losses")
     recipe_name = Path(recipe.source).stem if recipe.source else recipe.name
     table = curves.write_curves(layout, recipe.name, recipe_name, recipe.method)
-    report.plot_curves(table, layout.figure, title=f"{recipe.name}: {recipe.method} on {recipe.base}")
+    method = f"{recipe.method} + {recipe.replay.source} replay ({recipe.replay.loss})" if recipe.replay else recipe.method
+    report.plot_curves(table, layout.figure, title=f"{recipe.name}: {method} on {recipe.base}")
     summary = stats.final_vs_base(layout, table)
     print(f"\nforgetscope: step {summary[0]['step']} vs the base (step 0), paired over items:\n" + stats.format_summary(summary))
     layout.update_manifest(
