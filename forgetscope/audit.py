@@ -65,7 +65,7 @@ def find_checkpoints(folders: list[str]) -> list[tuple[int, Path]]:
 
 
 def audit(base: str, checkpoints: list[str], evals: EvalConfig, name: str = "audit", runs_dir: str = "runs",
-          chat_template: str = "auto") -> Path:
+          chat_template: str = "auto", trust_remote_code: bool = False, allow_pickle: bool = False) -> Path:
     """Score ``base`` (step 0) and every checkpoint; write ``<runs_dir>/<name>`` like a run."""
     problems = models.check_reference(base, Path.cwd())
     problems += evaluate.check_eval_names([*evals.new, *evals.general], evaluate.include_paths(evals, Path.cwd()))
@@ -80,7 +80,7 @@ def audit(base: str, checkpoints: list[str], evals: EvalConfig, name: str = "aud
 
     started = time.time()
     base_path = models.resolve(base)
-    model, tokenizer = models.load(base_path)
+    model, tokenizer = models.load(base_path, trust_remote_code, allow_pickle)
     chat = data.uses_chat_template(TaskConfig(chat_template=chat_template), tokenizer)
     suite = evaluate.prepare_suite(evals, Path.cwd(), chat, model, tokenizer)
     kinds = {"lora" if (p / "adapter_config.json").is_file() else "full" for _, p in found}
@@ -88,7 +88,8 @@ def audit(base: str, checkpoints: list[str], evals: EvalConfig, name: str = "aud
     layout.root.mkdir(parents=True, exist_ok=True)
     io.write_text(layout.root / "audit.yaml", yaml.safe_dump(settings, sort_keys=False))
     layout.update_manifest(status="running", kind="audit", audit=settings, base_path=base_path, method=method,
-                           snapshot_steps=[0, *(s for s, _ in found)], chat_template=chat)
+                           snapshot_steps=[0, *(s for s, _ in found)], chat_template=chat,
+                           trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
 
     eval_s: dict[str, float] = {}
 
@@ -117,7 +118,7 @@ def audit(base: str, checkpoints: list[str], evals: EvalConfig, name: str = "aud
             active = f"step{step}"
             score(adapters, step, str(folder))
         else:
-            full, _ = models.load(str(folder))
+            full, _ = models.load(str(folder), trust_remote_code, allow_pickle)
             score(full, step, str(folder))
             del full
 

@@ -35,7 +35,8 @@ def _cmd_audit(args: argparse.Namespace) -> None:
              "general": args.general if args.general is not None else defaults.general,
              "limit": args.limit if args.limit else None}
     config = recipe_from_dict({"evals": evals, "base": args.base}).evals  # same type checks as a recipe
-    root = audit(args.base, args.checkpoints, config, name=args.name, runs_dir=args.runs_dir, chat_template=args.chat_template)
+    root = audit(args.base, args.checkpoints, config, name=args.name, runs_dir=args.runs_dir,
+                 chat_template=args.chat_template, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
     _report_paths("audit", root)
 
 
@@ -102,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit_cmd.add_argument("--runs-dir", default="runs", help="folder that holds runs (default runs)")
     audit_cmd.add_argument("--chat-template", default="auto", choices=["auto", "on", "off"],
                            help="render new-task prompts with the base's chat template (default auto: when it has one)")
+    audit_cmd.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped with the model (only if you trust it)")
+    audit_cmd.add_argument("--allow-pickle", action="store_true", help="load pickle-based weights (pytorch_model.bin); default: safetensors only")
     audit_cmd.set_defaults(func=_cmd_audit)
     sub.add_parser("fields", help="print every recipe field with its type, default and meaning").set_defaults(func=_cmd_fields)
     tasks_cmd = sub.add_parser("tasks", help="list the embedded new tasks and the eval tasks a recipe can use")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -91,17 +92,24 @@ def tokenize(records: list[dict[str, Any]], tokenizer, task: TaskConfig, seq_len
             "completion_field/text_field to your column names"
         )
     end = tokenizer.eos_token or ""
-    examples = []
+    examples, too_long = [], 0
     for record in records:
         if has_prompt:
             prefix = render_prompt(str(record[task.prompt_field]), tokenizer, chat)
             answer = completion_delimiter(chat) + str(record[task.completion_field]) + end
             prompt_ids = tokenizer(prefix, add_special_tokens=not chat).input_ids
             answer_ids = tokenizer(answer, add_special_tokens=False).input_ids
-            input_ids = (prompt_ids + answer_ids)[:seq_len]
-            labels = ([-100] * len(prompt_ids) + answer_ids)[:seq_len]
+            full = prompt_ids + answer_ids
+            input_ids, labels = full[:seq_len], ([-100] * len(prompt_ids) + answer_ids)[:seq_len]
         else:
-            input_ids = tokenizer(str(record[field]) + end).input_ids[:seq_len]
-            labels = list(input_ids)
+            full = tokenizer(str(record[field]) + end).input_ids
+            input_ids, labels = full[:seq_len], full[:seq_len]
+        too_long += len(full) > seq_len
         examples.append({"input_ids": input_ids, "labels": labels, "attention_mask": [1] * len(input_ids)})
+    if too_long:
+        message = (f"{too_long} of {len(records)} examples are longer than train.seq_len={seq_len} and are truncated; "
+                   "raise train.seq_len, shorten them, or set task.too_long")
+        if task.too_long == "error":
+            raise DataError(f"task: {message}")
+        print(f"forgetscope: warning: {message}", file=sys.stderr)
     return examples

@@ -15,6 +15,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from forgetscope.errors import UserError
+
+
+class BusyError(UserError):
+    """Another process holds the lock."""
+
 
 def write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
@@ -27,6 +33,33 @@ def write_text(path: Path, text: str) -> None:
 def write_json(path: Path, data: Any) -> None:
     """Write ``data`` as indented JSON, atomically."""
     write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+@contextmanager
+def exclusive(lock_file: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_file`` for the block, or raise ``BusyError`` at once.
+
+    The lock is the kernel's (``flock``): it dies with its process, so a killed run never leaves a
+    stale lock behind.
+    """
+    import fcntl
+
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise BusyError(f"{what} is in use by {holder}; wait for it to finish or choose another name") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"forgetscope process {os.getpid()}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 @contextmanager

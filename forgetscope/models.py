@@ -201,16 +201,30 @@ def build_tiny_random(out: Path, seed: int = 0) -> None:
     tokenizer.save_pretrained(out)
 
 
-def load(path: str):
+def load(path: str, trust_remote_code: bool = False, allow_pickle: bool = False):
     """Load a resolved model folder (or HF id) and its tokenizer: fp32 weights, on this process's
-    GPU when there is one (sampling and scoring before training then run there too)."""
+    GPU when there is one (sampling and scoring before training then run there too).
+
+    Only safetensors weights load unless ``allow_pickle`` (pickle files can run code); a model's
+    own Python code runs only with ``trust_remote_code``.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle or None
+        )
+    except OSError as err:
+        if not allow_pickle and "safetensors" in str(err).lower():
+            raise ModelError(
+                f"{path} has no safetensors weights, only pickle-based ones, which can run code when loaded; "
+                "set allow_pickle: true in the recipe (or --allow-pickle) if you trust the source"
+            ) from None
+        raise
     if torch.cuda.is_available():
         model.to(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
     return model, tokenizer

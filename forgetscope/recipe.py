@@ -57,6 +57,9 @@ class TaskConfig:
         "tokenizer has one.",
     )
     max_examples: int | None = option(2000, "Use at most this many training examples (null: all).")
+    too_long: Literal["warn", "error"] = option(
+        "warn", "Examples longer than train.seq_len are truncated: `warn` counts them in a warning, `error` stops."
+    )
     seed: int = option(0, "Seed for generating (embedded tasks) and shuffling the data.")
 
 
@@ -193,6 +196,12 @@ class Recipe:
     snapshots: SnapshotConfig = option(None, "Snapshot schedule.")
     evals: EvalConfig = option(None, "Evaluation suite.")
     runs_dir: str = option("runs", "Folder that holds runs (relative to the working directory).")
+    trust_remote_code: bool = option(
+        False, "Run Python code that ships with a Hugging Face model (only for models you trust; recorded in the manifest)."
+    )
+    allow_pickle: bool = option(
+        False, "Load pickle-based weights (pytorch_model.bin), which can run code when loaded; default: safetensors only."
+    )
     source: str | None = field(default=None, metadata={"help": "", "internal": True})
 
     def __post_init__(self) -> None:

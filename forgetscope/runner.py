@@ -44,10 +44,20 @@ def run(recipe: Recipe) -> Path:
     """Run a recipe end to end and return the run folder (``runs/<name>``).
 
     Everything that can fail on bad input (the model, the data) is checked before the run folder
-    is written; a folder that a different recipe wrote is never touched.
+    is written; a folder that a different recipe wrote is never touched, and one that another
+    process is using is refused. A run that fails (a diverging loss, an error) is marked
+    ``failed`` in its manifest; its finished snapshots and evaluations stay.
     """
-    main_process = int(os.environ.get("RANK", "0")) == 0
     layout = snapshots.RunLayout(Path(recipe.runs_dir) / recipe.name)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _run(recipe, layout, main_process=False)
+    # The lock lives in the cache, not the runs folder, so that a run refused for bad input writes nothing.
+    key = hashlib.sha256(str(layout.root.resolve()).encode()).hexdigest()[:16]
+    with io.exclusive(models.cache_dir() / "locks" / f"{key}.lock", str(layout.root)):
+        return _run(recipe, layout, main_process=True)
+
+
+def _run(recipe: Recipe, layout: snapshots.RunLayout, main_process: bool) -> Path:
     manifest = layout.read_manifest()
     if manifest and manifest.get("recipe_hash") != recipe_hash(recipe):
         raise RunError(f"{layout.root} holds a run of a different recipe; choose another name (--set name=...) or remove that folder")
@@ -57,7 +67,7 @@ def run(recipe: Recipe) -> Path:
 
     started = time.time()
     model_path = models.resolve(recipe.base, recipe.base_dir)
-    model, tokenizer = models.load(model_path)
+    model, tokenizer = models.load(model_path, recipe.trust_remote_code, recipe.allow_pickle)
     chat = data.uses_chat_template(recipe.task, tokenizer)
     examples = data.tokenize(data.load_records(recipe.task, recipe.base_dir), tokenizer, recipe.task, recipe.train.seq_len)
     suite = evaluate.prepare_suite(recipe.evals, recipe.base_dir, chat, model, tokenizer) if main_process else None
@@ -76,7 +86,8 @@ def run(recipe: Recipe) -> Path:
             chat_template=chat,
             bf16=train.use_bf16(recipe.train.precision),
             processes=train.world_size(),
-            trust_remote_code=False,
+            trust_remote_code=recipe.trust_remote_code,
+            allow_pickle=recipe.allow_pickle,
             versions=_versions(),
             started=time.strftime("%Y-%m-%dT%H:%M:%S"),
         )
@@ -86,6 +97,7 @@ def run(recipe: Recipe) -> Path:
     timings: dict[str, float] = {}
 
     def take(current, step: int, tokens: int) -> None:
+        train.check_finite(current, step)
         weights = recipe.snapshots.keep_weights and step > 0
         meta = {"step": step, "tokens": tokens, "method": recipe.method, "recipe_hash": recipe_hash(recipe), "base": model_path}
         snapshots.save_snapshot(layout, step, current, tokenizer, meta, weights)
@@ -102,7 +114,13 @@ def run(recipe: Recipe) -> Path:
         model, tokenizer, examples, recipe, str(layout.root / "trainer"), [train.SnapshotCallback(steps, take)], buffer
     )
     tick = time.time()
-    trainer.train()
+    try:
+        trainer.train()
+    except BaseException as err:
+        if main_process:
+            layout.update_manifest(status="failed", error=f"{type(err).__name__}: {err}",
+                                   failed=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        raise
     train_seconds = time.time() - tick - sum(timings.values())
     if not main_process:
         return layout.root

@@ -8,6 +8,7 @@ others wait at a barrier.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 
@@ -48,6 +49,33 @@ def prepare_model(model, recipe: Recipe):
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+class TrainingDiverged(UserError):
+    """The loss or the weights became NaN or infinite."""
+
+    def __init__(self, step: int, what: str):
+        super().__init__(
+            f"training diverged at step {step}: {what} is not finite. Earlier snapshots and results are kept. "
+            "Try a lower train.lr, more train.warmup_steps, a smaller train.max_grad_norm, or train.precision: fp32"
+        )
+
+
+def check_finite(model, step: int) -> None:
+    """Raise :class:`TrainingDiverged` if any trainable weight is NaN or infinite."""
+    for name, param in model.named_parameters():
+        if param.requires_grad and not torch.isfinite(param).all():
+            raise TrainingDiverged(step, f"weight {name}")
+
+
+class DivergenceGuard(TrainerCallback):
+    """Stops training at the first logged loss or gradient norm that is NaN or infinite."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "grad_norm", "new_loss", "replay_loss"):
+            value = (logs or {}).get(key)
+            if value is not None and not math.isfinite(float(value)):
+                raise TrainingDiverged(state.global_step, f"the {key.replace('_', ' ')} ({value})")
 
 
 class SnapshotCallback(TrainerCallback):
@@ -111,6 +139,7 @@ def make_trainer(model, tokenizer, examples: list[dict], recipe: Recipe, output_
         include_num_input_tokens_seen="non_padding",
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
+        logging_nan_inf_filter=False,  # a NaN loss must show, so that DivergenceGuard stops the run
         # every step gets a full batch (and so the recipe's new-task/replay split); the data repeats anyway
         dataloader_drop_last=len(examples) >= t.batch_size,
     )
@@ -120,7 +149,7 @@ def make_trainer(model, tokenizer, examples: list[dict], recipe: Recipe, output_
         train_dataset=datasets.Dataset.from_list(examples),
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         processing_class=tokenizer,
-        callbacks=callbacks,
+        callbacks=[DivergenceGuard(), *callbacks],
     )
     if buffer is None:
         return Trainer(**common)

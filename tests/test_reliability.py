@@ -1,0 +1,100 @@
+"""Faults: a run folder in use, a diverging loss, over-long examples, pickle weights, remote code."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from forgetscope import cli, io, models, train
+from forgetscope.recipe import load_recipe
+from forgetscope.runner import run
+
+
+def _write(tmp_path, data, name="r.yaml"):
+    data = {**data, "runs_dir": str(tmp_path / "runs")}
+    (tmp_path / name).write_text(yaml.safe_dump(data))
+    return tmp_path / name
+
+
+def test_a_run_folder_in_use_is_refused_and_a_dead_holder_leaves_no_lock(tmp_path):
+    lock = tmp_path / "x.lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from forgetscope import io\n"
+        f"with io.exclusive(Path({str(lock)!r}), 'runs/x'):\n    print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(io.BusyError, match=r"runs/x is in use by forgetscope process \d+"):
+        with io.exclusive(lock, "runs/x"):
+            pass
+    holder.kill()  # SIGKILL: no cleanup code runs
+    holder.wait()
+    with io.exclusive(lock, "runs/x"):  # the kernel released the dead process's lock
+        pass
+
+
+def test_second_run_on_the_same_folder_exits_2(tmp_path, tiny_recipe_data, capsys, monkeypatch):
+    path = _write(tmp_path, tiny_recipe_data)
+    recipe = load_recipe(path)
+    from forgetscope import runner
+
+    key = runner.hashlib.sha256(str((tmp_path / "runs" / "t").resolve()).encode()).hexdigest()[:16]
+    with io.exclusive(models.cache_dir() / "locks" / f"{key}.lock", "held by test"):
+        assert cli.main(["run", str(path)]) == 2
+    assert "is in use by" in capsys.readouterr().err
+    assert run(recipe).name == "t"  # free again afterwards
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_earlier_results(tmp_path, tiny_recipe_data, capsys, monkeypatch):
+    original = train.SnapshotCallback.on_step_end
+
+    def poison(self, args, state, control, model=None, **kwargs):
+        original(self, args, state, control, model=model, **kwargs)
+        if state.global_step == 1:
+            with torch.no_grad():
+                next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+
+    monkeypatch.setattr(train.SnapshotCallback, "on_step_end", poison)
+    data = {**tiny_recipe_data, "train": {**tiny_recipe_data["train"], "steps": 6}, "snapshots": {"schedule": "at", "at": [1, 6]}}
+    path = _write(tmp_path, data)
+    assert cli.main(["run", str(path), "--set", "train.steps=6"]) == 2
+    err = capsys.readouterr().err
+    assert "training diverged at step" in err and "Try a lower train.lr" in err
+    root = tmp_path / "runs" / "t"
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "TrainingDiverged" in manifest["error"]
+    assert (root / "evals" / "step-000001" / "results.json").is_file()  # the snapshot before the NaN stays
+    assert not (root / "evals" / "step-000006").exists()
+
+
+def test_over_long_examples_are_counted_and_can_be_an_error(tmp_path, tiny_recipe_data, capsys):
+    from forgetscope import data as fdata
+    from forgetscope.recipe import TaskConfig
+
+    records = [{"prompt": "short", "completion": "ok"}, {"prompt": "x" * 80, "completion": "y" * 40}]
+    examples = fdata.tokenize(records, models.byte_tokenizer(), TaskConfig(name=None), 64)
+    assert len(examples) == 2 and "1 of 2 examples are longer than train.seq_len=64" in capsys.readouterr().err
+    with pytest.raises(fdata.DataError, match="1 of 2 examples are longer than train.seq_len=64"):
+        fdata.tokenize(records, models.byte_tokenizer(), TaskConfig(name=None, too_long="error"), 64)
+
+
+def test_pickle_weights_need_an_explicit_opt_in(tmp_path):
+    model, tokenizer = models.load(models.resolve("tiny-random"))
+    folder = tmp_path / "pickled"
+    model.config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")  # the old pickle format
+    with pytest.raises(models.ModelError, match="allow_pickle: true"):
+        models.load(str(folder))
+    loaded, _ = models.load(str(folder), allow_pickle=True)
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_trust_remote_code_is_off_unless_asked_and_recorded(tmp_path, tiny_recipe_data):
+    recipe = load_recipe(_write(tmp_path, tiny_recipe_data))
+    assert recipe.trust_remote_code is False and recipe.allow_pickle is False
+    root = run(recipe)
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["trust_remote_code"] is False and manifest["allow_pickle"] is False
