@@ -154,6 +154,12 @@ class SnapshotConfig:
     count: int = option(6, "Number of snapshots for `schedule: log`, step 0 and the last step included.")
     every: int | None = option(None, "Snapshot interval for `schedule: every`.")
     at: list[int] | None = option(None, "Explicit steps for `schedule: at`.")
+    resumable: bool = option(
+        True,
+        "Keep the training state (optimizer, scheduler, RNG) of the latest snapshot, so that an interrupted "
+        "run continues from there when the same command runs again. Costs one copy of that state on disk "
+        "(full fine-tuning: about 3x the model size; LoRA: the adapters); removed when the run finishes.",
+    )
     keep_weights: bool = option(
         True,
         "Save the weights of each snapshot (adapter files for LoRA, safetensors for full "

@@ -110,12 +110,15 @@ def _run(recipe: Recipe, layout: snapshots.RunLayout, main_process: bool) -> Pat
         reused = f" (cached: {', '.join(evaluation['cached'])})" if evaluation["cached"] else ""
         print(f"forgetscope: step {step}: " + curves.headline(evaluation["results"]) + reused)
 
-    trainer = train.make_trainer(
-        model, tokenizer, examples, recipe, str(layout.root / "trainer"), [train.SnapshotCallback(steps, take)], buffer
-    )
+    callback = train.SnapshotCallback(steps, take, resumable=recipe.snapshots.resumable)
+    trainer = train.make_trainer(model, tokenizer, examples, recipe, str(layout.root / "trainer"), [callback], buffer)
+    resume = train.latest_checkpoint(layout.root / "trainer") if recipe.snapshots.resumable else None
+    if resume and main_process:
+        print(f"forgetscope: resuming {layout.root} from {Path(resume).name}")
+        layout.update_manifest(resumed_from=Path(resume).name)
     tick = time.time()
     try:
-        trainer.train()
+        trainer.train(resume_from_checkpoint=resume)
     except BaseException as err:
         if main_process:
             layout.update_manifest(status="failed", error=f"{type(err).__name__}: {err}",

@@ -8,9 +8,12 @@ others wait at a barrier.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
@@ -79,11 +82,14 @@ class DivergenceGuard(TrainerCallback):
 
 
 class SnapshotCallback(TrainerCallback):
-    """Calls ``take(model, step, tokens)`` at step 0 and at every scheduled step."""
+    """Calls ``take(model, step, tokens)`` at step 0 and at every scheduled step; with ``resumable``
+    it also has the Trainer save its state there (model, optimizer, scheduler, RNG), so that an
+    interrupted run resumes from the latest snapshot."""
 
-    def __init__(self, steps: list[int], take: Callable[[object, int, int], None]):
+    def __init__(self, steps: list[int], take: Callable[[object, int, int], None], resumable: bool = False):
         self.steps = set(steps)
         self.take = take
+        self.resumable = resumable
 
     def _maybe_take(self, state, model, step: int) -> None:
         if step not in self.steps:
@@ -98,6 +104,8 @@ class SnapshotCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self._maybe_take(state, model, state.global_step)
+        if self.resumable and state.global_step in self.steps and state.global_step < state.max_steps:
+            control.should_save = True
 
 
 def make_trainer(model, tokenizer, examples: list[dict], recipe: Recipe, output_dir: str, callbacks: list,
@@ -134,7 +142,8 @@ def make_trainer(model, tokenizer, examples: list[dict], recipe: Recipe, output_
         bf16=use_bf16(t.precision),
         use_cpu=not torch.cuda.is_available(),
         logging_steps=max(1, t.steps // 20),
-        save_strategy="no",
+        save_strategy="no",  # the snapshot callback asks for saves, at snapshot steps only
+        save_total_limit=1,
         report_to=[],
         include_num_input_tokens_seen="non_padding",
         ddp_find_unused_parameters=False,
@@ -154,3 +163,16 @@ def make_trainer(model, tokenizer, examples: list[dict], recipe: Recipe, output_
     if buffer is None:
         return Trainer(**common)
     return replay.ReplayTrainer(**common, buffer=buffer, recipe=recipe, replay_batch=replay_batch)
+
+
+def latest_checkpoint(folder: Path) -> str | None:
+    """The newest complete Trainer checkpoint in ``folder`` (``trainer_state.json`` is written last,
+    so a checkpoint without a readable one was cut short and is removed)."""
+    complete = []
+    for path in folder.glob("checkpoint-*"):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            complete.append((int(path.name.split("-")[1]), path))
+        except (OSError, ValueError):
+            shutil.rmtree(path, ignore_errors=True)
+    return str(max(complete)[1]) if complete else None

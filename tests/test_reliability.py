@@ -98,3 +98,44 @@ def test_trust_remote_code_is_off_unless_asked_and_recorded(tmp_path, tiny_recip
     root = run(recipe)
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["trust_remote_code"] is False and manifest["allow_pickle"] is False
+
+
+@pytest.mark.slow
+def test_killed_runs_resume_to_the_same_curves(tmp_path, tiny_recipe_data):
+    """SIGKILL a run at 5 random moments; running the same command again finishes it, recomputes
+    nothing that was finished, and gives the curves of an uninterrupted run."""
+    import os
+    import random
+    import signal
+
+    import pandas as pd
+
+    data = {**tiny_recipe_data, "method": "full", "lora": None,
+            "train": {**tiny_recipe_data["train"], "steps": 12, "lr": 3e-3},
+            "snapshots": {"schedule": "every", "every": 2}, "evals": {**tiny_recipe_data["evals"], "limit": 3}}
+    baseline = run(load_recipe(_write(tmp_path, {**data, "name": "straight"}, "straight.yaml")))
+    expected = pd.read_csv(baseline / "curves.csv").drop(columns=["run", "recipe"])
+
+    path = _write(tmp_path, {**data, "name": "killed"}, "killed.yaml")
+    command = [sys.executable, "-m", "forgetscope", "run", str(path)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    rng = random.Random(0)
+    root = tmp_path / "runs" / "killed"
+    for attempt in range(5):
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        try:
+            proc.wait(timeout=rng.uniform(4.0, 12.0))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        if (root / "manifest.json").is_file():  # whatever is on disk parses: nothing half-written
+            json.loads((root / "manifest.json").read_text())
+            for results in root.glob("evals/step-*/results.json"):
+                json.loads(results.read_text())
+    finished = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["resumed_from"].startswith("checkpoint-")
+    assert not list(root.glob("**/*.tmp-*"))
+    got = pd.read_csv(root / "curves.csv").drop(columns=["run", "recipe"])
+    pd.testing.assert_frame_equal(got, expected)
