@@ -26,7 +26,7 @@ def tiny_recipe_data() -> dict:
         "method": "lora",
         "task": {"name": "numerals", "max_examples": 32},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "train": {"lr": 1e-2, "steps": 3, "batch_size": 4, "seq_len": 48, "warmup_steps": 0, "precision": "fp32"},
+        "train": {"lr": 1e-2, "steps": 3, "batch_size": 4, "seq_len": 64, "warmup_steps": 0, "precision": "fp32"},
         "snapshots": {"schedule": "at", "at": [1, 3]},
         "evals": {"new": ["numerals"], "general": ["prose_ppl"], "limit": 4},
     }

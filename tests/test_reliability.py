@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -111,8 +112,8 @@ def test_killed_runs_resume_to_the_same_curves(tmp_path, tiny_recipe_data):
     import pandas as pd
 
     data = {**tiny_recipe_data, "method": "full", "lora": None,
-            "train": {**tiny_recipe_data["train"], "steps": 12, "lr": 3e-3},
-            "snapshots": {"schedule": "every", "every": 2}, "evals": {**tiny_recipe_data["evals"], "limit": 3}}
+            "train": {**tiny_recipe_data["train"], "steps": 200, "lr": 3e-3},
+            "snapshots": {"schedule": "every", "every": 20}, "evals": {**tiny_recipe_data["evals"], "limit": 3}}
     baseline = run(load_recipe(_write(tmp_path, {**data, "name": "straight"}, "straight.yaml")))
     expected = pd.read_csv(baseline / "curves.csv").drop(columns=["run", "recipe"])
 
@@ -121,13 +122,19 @@ def test_killed_runs_resume_to_the_same_curves(tmp_path, tiny_recipe_data):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     rng = random.Random(0)
     root = tmp_path / "runs" / "killed"
+    def evaluated() -> int:
+        return len(list(root.glob("evals/step-*/results.json")))
+
     for attempt in range(5):
+        # Kill at a random point of progress (1-2 new evaluations, then 0-0.4 s more: inside a
+        # training step, an evaluation or a checkpoint save), whatever the machine's speed.
+        target = evaluated() + rng.randint(1, 2)
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        try:
-            proc.wait(timeout=rng.uniform(4.0, 12.0))
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+        while proc.poll() is None and evaluated() < target:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.4))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
         if (root / "manifest.json").is_file():  # whatever is on disk parses: nothing half-written
             json.loads((root / "manifest.json").read_text())
             for results in root.glob("evals/step-*/results.json"):
