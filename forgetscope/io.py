@@ -1,8 +1,8 @@
 """Atomic writes: a reader never sees a half-written file or folder.
 
 Files are written to a temporary name beside the target and renamed into place; folders are
-built under a temporary name and renamed when complete. A crash leaves only ``*.tmp-*`` debris,
-which the next write of the same target removes.
+built under a temporary name and renamed when complete. A crash leaves only ``*.tmp-*`` debris
+(see :func:`sweep`), never a half-written result.
 """
 
 from __future__ import annotations
@@ -33,6 +33,16 @@ def write_text(path: Path, text: str) -> None:
 def write_json(path: Path, data: Any) -> None:
     """Write ``data`` as indented JSON, atomically."""
     write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def sweep(folder: Path) -> None:
+    """Remove the ``*.tmp-*`` debris that killed writers left in ``folder`` (call it while holding
+    the folder's lock, so that no live writer's temporary is touched)."""
+    for path in sorted(folder.rglob("*.tmp-*"), reverse=True):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -215,7 +215,7 @@ class ReplayTrainer(Trainer):
         self.model_accepts_loss_kwargs = False  # our loss is a per-micro-batch mean: let Trainer average over accumulation
         self.buffer, self.recipe, self.config, self.replay_batch = buffer, recipe, recipe.replay, replay_batch
         self.lora = recipe.method == "lora"
-        self.rng = np.random.default_rng(self.config.seed + self.args.process_index)
+        self.micro = (-1, 0)  # (global step, micro-batch within it): seeds the replay draw
         self.coeff = coeff(self.config)
         self.sums = {"new_loss": 0.0, "replay_loss": 0.0, "count": 0}
         self.batch_sizes: list[tuple[int, int]] = []  # (new, replay) per micro-batch, for inspection
@@ -224,7 +224,11 @@ class ReplayTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._maybe_refresh()
         pad_id = self.processing_class.pad_token_id
-        idx = self.rng.choice(len(self.buffer.examples), size=self.replay_batch, replace=False)
+        step = self.state.global_step
+        self.micro = (step, self.micro[1] + 1 if self.micro[0] == step else 0)
+        # seeded by position, not by a running generator, so a resumed run draws the same batches
+        rng = np.random.default_rng([self.config.seed, self.args.process_index, *self.micro])
+        idx = rng.choice(len(self.buffer.examples), size=self.replay_batch, replace=False)
         replay = collate([self.buffer.examples[i] for i in idx], pad_id)
         n_new, length = inputs["input_ids"].shape[0], max(inputs["input_ids"].shape[1], replay["input_ids"].shape[1])
         merged = {k: torch.cat([_pad_to(inputs[k], length, pad), _pad_to(replay[k].to(inputs[k].device), length, pad)])

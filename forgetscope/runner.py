@@ -64,6 +64,8 @@ def _run(recipe: Recipe, layout: snapshots.RunLayout, main_process: bool) -> Pat
     if manifest.get("status") == "finished":
         print(f"forgetscope: {layout.root} already finished; curves in {layout.curves}")
         return layout.root
+    if main_process and layout.root.is_dir():
+        io.sweep(layout.root)  # debris of an interrupted attempt; we hold the run's lock
 
     started = time.time()
     model_path = models.resolve(recipe.base, recipe.base_dir)

@@ -110,8 +110,9 @@ class SnapshotCallback(TrainerCallback):
 
 def make_trainer(model, tokenizer, examples: list[dict], recipe: Recipe, output_dir: str, callbacks: list,
                  buffer=None) -> Trainer:
-    """A Trainer for the recipe's optimisation settings (no checkpoints of its own: the callback
-    snapshots). With a replay ``buffer``, each batch is split between new-task and replay examples."""
+    """A Trainer for the recipe's optimisation settings. It saves its state only when the snapshot
+    callback asks (at snapshot steps, for resuming). With a replay ``buffer``, each batch is split
+    between new-task and replay examples."""
     import datasets
 
     from forgetscope import replay
