@@ -32,6 +32,21 @@ def _versions() -> dict[str, str]:
     return {"python": platform.python_version(), **{n: version(n.replace("_", "-")) for n in names}}
 
 
+def resource_advice(err: BaseException) -> str | None:
+    """What to change when a run dies of memory or disk, else None."""
+    import errno
+
+    import torch
+
+    if isinstance(err, torch.OutOfMemoryError) or (isinstance(err, RuntimeError) and "out of memory" in str(err).lower()):
+        return ("out of memory; lower train.batch_size (raise train.grad_accum to keep the batch), train.seq_len "
+                "or evals.batch_size, or use method: lora")
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return ("the disk is full; free space, set snapshots.keep_weights: false or snapshots.resumable: false, "
+                "or point runs_dir / FORGETSCOPE_CACHE at a larger disk")
+    return None
+
+
 def recipe_hash(recipe: Recipe) -> str:
     """Hash of the resolved recipe, minus fields that do not change results (name, runs_dir)."""
     data = recipe.to_dict()
@@ -125,6 +140,9 @@ def _run(recipe: Recipe, layout: snapshots.RunLayout, main_process: bool) -> Pat
         if main_process:
             layout.update_manifest(status="failed", error=f"{type(err).__name__}: {err}",
                                    failed=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        advice = resource_advice(err)
+        if advice:
+            raise RunError(f"{layout.root}: {advice}; finished snapshots and results are kept, run the same command to resume") from err
         raise
     train_seconds = time.time() - tick - sum(timings.values())
     if not main_process:

@@ -146,3 +146,39 @@ def test_killed_runs_resume_to_the_same_curves(tmp_path, tiny_recipe_data):
     assert not list(root.glob("**/*.tmp-*"))
     got = pd.read_csv(root / "curves.csv").drop(columns=["run", "recipe"])
     pd.testing.assert_frame_equal(got, expected)
+
+
+@pytest.mark.parametrize("error,advice", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "lower train.batch_size"),
+    (OSError(28, "No space left on device"), "the disk is full"),
+])
+def test_out_of_memory_and_full_disk_say_what_to_change(tmp_path, tiny_recipe_data, capsys, monkeypatch, error, advice):
+    def fail(self, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(train.Trainer, "train", fail)
+    assert cli.main(["run", str(_write(tmp_path, tiny_recipe_data))]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("forgetscope: error:")]
+    assert len(err) == 1 and advice in err[0] and "run the same command to resume" in err[0]
+    manifest = json.loads((tmp_path / "runs" / "t" / "manifest.json").read_text())
+    assert manifest["status"] == "failed"
+
+
+def test_nothing_touches_the_network_when_offline(tmp_path, tiny_recipe_data):
+    """A whole run with every socket connection refused (HF offline variables set, as `make` does)."""
+    path = _write(tmp_path, tiny_recipe_data)
+    script = (
+        "import socket, sys\n"
+        "def refuse(*a, **k): raise OSError('network access attempted')\n"
+        "socket.socket.connect = refuse\nsocket.socket.connect_ex = refuse\nsocket.create_connection = refuse\n"
+        "socket.getaddrinfo = refuse\n"
+        "from forgetscope.cli import main\n"
+        f"sys.exit(main(['run', {str(path)!r}]))\n"
+    )
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "network access attempted" not in proc.stderr
+    assert json.loads((tmp_path / "runs" / "t" / "manifest.json").read_text())["status"] == "finished"
