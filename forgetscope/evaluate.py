@@ -106,9 +106,11 @@ class EvalSuite:
     members: dict[str, list[str]] = field(default_factory=dict)  # task or group -> its leaf tasks
 
 
-def prepare_suite(config: EvalConfig, base_dir: Path, chat: bool, base_model=None, tokenizer=None) -> EvalSuite:
+def prepare_suite(config: EvalConfig, base_dir: Path, chat: bool, base_model=None, tokenizer=None,
+                  base_fingerprint: str | None = None) -> EvalSuite:
     """Resolve the evals once per run. ``base_model`` (the untouched base) is needed only by the
-    drift probe, which samples text from it (cached on disk per base)."""
+    drift probe, which samples text from it (cached on disk per base, keyed by
+    ``base_fingerprint``, hashed here when not given)."""
     from lm_eval.tasks import get_task_dict
     from lm_eval.tasks._yaml_loader import load_yaml
 
@@ -121,7 +123,8 @@ def prepare_suite(config: EvalConfig, base_dir: Path, chat: bool, base_model=Non
             if name == DRIFT_TASK:
                 from forgetscope import sampling
 
-                samples = sampling.base_samples(base_model, tokenizer, fingerprint(base_model, base_only=True))
+                base_fingerprint = base_fingerprint or fingerprint(base_model, base_only=True)
+                samples = sampling.base_samples(base_model, tokenizer, base_fingerprint)
                 spec = load_yaml(evals_dir() / f"{DRIFT_TASK}.yaml")
                 spec["metadata"] = {**spec.get("metadata", {}), "samples": str(samples)}
                 suite.specs[name] = spec

@@ -74,7 +74,8 @@ def run(recipe: Recipe) -> Path:
 
 def _run(recipe: Recipe, layout: snapshots.RunLayout, main_process: bool) -> Path:
     manifest = layout.read_manifest()
-    if manifest and manifest.get("recipe_hash") != recipe_hash(recipe):
+    run_hash = recipe_hash(recipe)
+    if manifest and manifest.get("recipe_hash") != run_hash:
         raise RunError(f"{layout.root} holds a run of a different recipe; choose another name (--set name=...) or remove that folder")
     if manifest.get("status") == "finished":
         print(f"forgetscope: {layout.root} already finished; curves in {layout.curves}")
@@ -87,14 +88,15 @@ def _run(recipe: Recipe, layout: snapshots.RunLayout, main_process: bool) -> Pat
     model, tokenizer = models.load(model_path, recipe.trust_remote_code, recipe.allow_pickle)
     chat = data.uses_chat_template(recipe.task, tokenizer)
     examples = data.tokenize(data.load_records(recipe.task, recipe.base_dir), tokenizer, recipe.task, recipe.train.seq_len)
-    suite = evaluate.prepare_suite(recipe.evals, recipe.base_dir, chat, model, tokenizer) if main_process else None
+    base_fp = evaluate.fingerprint(model)  # hashed once: keys the drift probe's samples and the replay buffer
+    suite = evaluate.prepare_suite(recipe.evals, recipe.base_dir, chat, model, tokenizer, base_fp) if main_process else None
     steps = snapshots.schedule(recipe.snapshots, recipe.train.steps)
     if main_process:
         layout.root.mkdir(parents=True, exist_ok=True)
         io.write_text(layout.recipe, recipe.to_yaml())
         layout.update_manifest(
             status="running",
-            recipe_hash=recipe_hash(recipe),
+            recipe_hash=run_hash,
             base=recipe.base,
             base_path=model_path,
             method=recipe.method,
@@ -108,7 +110,7 @@ def _run(recipe: Recipe, layout: snapshots.RunLayout, main_process: bool) -> Pat
             versions=_versions(),
             started=time.strftime("%Y-%m-%dT%H:%M:%S"),
         )
-    buffer = replay.build_buffer(model, tokenizer, recipe, evaluate.fingerprint(model)) if recipe.replay else None
+    buffer = replay.build_buffer(model, tokenizer, recipe, base_fp) if recipe.replay else None
     model = train.prepare_model(model, recipe)
     done = set(layout.eval_steps())
     timings: dict[str, float] = {}
@@ -116,7 +118,7 @@ def _run(recipe: Recipe, layout: snapshots.RunLayout, main_process: bool) -> Pat
     def take(current, step: int, tokens: int) -> None:
         train.check_finite(current, step)
         weights = recipe.snapshots.keep_weights and step > 0
-        meta = {"step": step, "tokens": tokens, "method": recipe.method, "recipe_hash": recipe_hash(recipe), "base": model_path}
+        meta = {"step": step, "tokens": tokens, "method": recipe.method, "recipe_hash": run_hash, "base": model_path}
         snapshots.save_snapshot(layout, step, current, tokenizer, meta, weights)
         if step in done:
             return

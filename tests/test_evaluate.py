@@ -25,7 +25,8 @@ def _suite(config: EvalConfig):
     return evaluate.prepare_suite(config, ROOT, chat=False)
 
 
-def test_cache_hits_only_for_same_weights_task_and_limit(tiny, monkeypatch):
+def test_cache_hits_only_for_same_weights_task_and_limit(tiny, monkeypatch, tmp_path):
+    monkeypatch.setenv("FORGETSCOPE_CACHE", str(tmp_path))  # its own result cache, whatever ran before
     model, tokenizer = tiny
     calls = []
     import lm_eval
