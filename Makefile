@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast tiny bench clean
+.PHONY: install browser demo test test-fast tiny bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,12 @@ demo: $(STAMP)
 tiny: $(STAMP)
 	$(BIN)/forgetscope run recipes/tiny.yaml
 
-test: $(STAMP)
+# Debian's Chromium, for the test that renders a report in a headless browser (needs root and apt).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "forgetscope: could not install chromium; the browser test will be skipped"
+
+test: $(STAMP) browser
 	$(BIN)/pytest -ra
 
 test-fast: $(STAMP)
@@ -39,6 +44,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/eval_speed.py --limit 20 --out bench/eval_speed_limit20.json
 	$(BIN)/python benchmarks/eval_speed.py --limit 5 --out bench/eval_speed_limit5.json
+	$(BIN)/python benchmarks/eval_speed.py --limit 100 --out bench/eval_speed_limit100.json
 
 clean:
 	rm -rf runs .pytest_cache

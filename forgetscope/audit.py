@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from forgetscope import curves, data, evaluate, io, models, report, snapshots, stats
+from forgetscope import curves, data, evaluate, figures, io, models, snapshots, stats
 from forgetscope.errors import UserError
 from forgetscope.recipe import EvalConfig, TaskConfig
 
@@ -98,7 +98,7 @@ def audit(base: str, checkpoints: list[str], evals: EvalConfig, name: str = "aud
         if step in layout.eval_steps():
             return
         tick = time.time()
-        evaluation = evaluate.evaluate_model(current, tokenizer, suite)
+        evaluation = evaluate.evaluate_model(current, tokenizer, suite, base_only=step == 0)
         eval_s[snapshots.step_name(step)] = round(time.time() - tick, 2)
         snapshots.save_eval(layout, step, _tokens(source), evaluation)
         print(f"forgetscope: step {step} ({source}): " + curves.headline(evaluation["results"]))
@@ -110,12 +110,17 @@ def audit(base: str, checkpoints: list[str], evals: EvalConfig, name: str = "aud
             from peft import PeftModel
 
             if adapters is None:
-                adapters = PeftModel.from_pretrained(model, str(folder), adapter_name=f"step{step}")
+                active = f"step{step}"
+                adapters = PeftModel.from_pretrained(model, str(folder), adapter_name=active)
+            elif _same_shape(adapters.peft_config[active], folder):  # overwrite the adapter's weights in place
+                from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+                set_peft_model_state_dict(adapters, load_peft_weights(str(folder)), adapter_name=active)
             else:  # swap: load the next adapter into the same base, drop the previous one
                 adapters.load_adapter(str(folder), adapter_name=f"step{step}")
                 adapters.set_adapter(f"step{step}")
                 adapters.delete_adapter(active)
-            active = f"step{step}"
+                active = f"step{step}"
             score(adapters, step, str(folder))
         else:
             full, _ = models.load(str(folder), trust_remote_code, allow_pickle)
@@ -123,12 +128,21 @@ def audit(base: str, checkpoints: list[str], evals: EvalConfig, name: str = "aud
             del full
 
     table = curves.write_curves(layout, run=name, recipe="audit", method=method)
-    report.plot_curves(table, layout.figure, title=f"{name}: audit of {len(found)} checkpoints against {base}")
+    figures.save(figures.plot_curves(table, title=f"{name}: audit of {len(found)} checkpoints against {base}"), layout.figure)
     summary = stats.final_vs_base(layout, table)
     print(f"\nforgetscope: step {summary[0]['step']} vs the base (step 0), paired over items:\n" + stats.format_summary(summary))
     layout.update_manifest(status="finished", final_vs_base=summary,
                            timings={"total_s": round(time.time() - started, 2), "eval_s": eval_s})
     return layout.root
+
+
+def _same_shape(config, folder: Path) -> bool:
+    """Whether the adapter in ``folder`` has the same configuration (rank, targets, scaling) as ``config``."""
+    from peft import PeftConfig
+
+    ignore = {"base_model_name_or_path", "revision", "inference_mode", "task_type"}
+    theirs = PeftConfig.from_pretrained(str(folder)).to_dict()
+    return {k: v for k, v in config.to_dict().items() if k not in ignore} == {k: v for k, v in theirs.items() if k not in ignore}
 
 
 def _tokens(source: str) -> int:

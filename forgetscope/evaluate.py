@@ -9,6 +9,7 @@ the lm-eval version, the limit, the seed and the prompt format.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import hashlib
@@ -18,7 +19,7 @@ import logging
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -43,17 +44,25 @@ def include_paths(config: EvalConfig, base_dir: Path) -> list[str]:
     return [str(evals_dir()), *(str((base_dir / p).resolve()) for p in config.include)]
 
 
-@functools.lru_cache(maxsize=4)
-def task_manager(paths: tuple[str, ...]):
-    """lm-eval's task index over its own tasks and ``paths`` (built once per process: it scans thousands of files)."""
+@functools.lru_cache(maxsize=8)
+def task_manager(paths: tuple[str, ...], defaults: bool = True):
+    """lm-eval's task index over ``paths`` and, with ``defaults``, its own tasks (scanning those
+    thousands of YAMLs takes ~10 s; each index is built once per process)."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=list(paths), verbosity="ERROR")
+    return TaskManager(include_path=list(paths), include_defaults=defaults, verbosity="ERROR")
+
+
+def manager_for(names: list[str], paths: list[str]):
+    """The smallest task index that knows ``names``: the folders in ``paths`` alone when they
+    define every name as a plain task (the embedded suite, a user's own YAMLs), else the full one."""
+    local = task_manager(tuple(paths), defaults=False)
+    return local if set(names) <= set(local.all_subtasks) else task_manager(tuple(paths))
 
 
 def check_eval_names(names: list[str], paths: list[str]) -> list[str]:
     """Recipe-validation lines for eval names that no registry knows, with a did-you-mean."""
-    known = set(task_manager(tuple(paths)).all_tasks)
+    known = set(manager_for(names, paths).all_tasks)
     problems = []
     for name in names:
         if name not in known:
@@ -82,11 +91,19 @@ def _normalise(name: str) -> str:
     return name.replace("base_model.model.", "").replace(".base_layer", "")
 
 
-def fingerprint(model, base_only: bool = False) -> str:
-    """Hash of a model's weights as they are in memory (``base_only``: ignore adapter weights)."""
-    digest = hashlib.sha256()
+def fingerprint(model, base_only: bool = False, base: str | None = None) -> str:
+    """Hash of a model's weights as they are in memory.
+
+    ``base_only``: ignore adapter (LoRA) weights. ``base``: the fingerprint of the frozen base under
+    a peft model, already known; then only the adapter weights are hashed on top of it (hashing
+    the 135M weights of the default base takes ~0.6 s, an adapter milliseconds).
+    """
+    if base is not None and base_only:
+        return base
+    digest = hashlib.sha256((base or "").encode())
     for name, tensor in sorted(model.state_dict().items(), key=lambda kv: _normalise(kv[0])):
-        if base_only and "lora_" in name:
+        adapter = "lora_" in name
+        if (base_only and adapter) or (base is not None and not adapter):
             continue
         digest.update(_normalise(name).encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -104,18 +121,21 @@ class EvalSuite:
     specs: dict[str, Any] = field(default_factory=dict)  # task -> name, or config dict (drift probe)
     hashes: dict[str, str] = field(default_factory=dict)  # task -> hash of its config and items
     members: dict[str, list[str]] = field(default_factory=dict)  # task or group -> its leaf tasks
+    base_fingerprint: str | None = None  # of the frozen base under LoRA snapshots (None: hash them whole)
 
 
 def prepare_suite(config: EvalConfig, base_dir: Path, chat: bool, base_model=None, tokenizer=None,
                   base_fingerprint: str | None = None) -> EvalSuite:
-    """Resolve the evals once per run. ``base_model`` (the untouched base) is needed only by the
-    drift probe, which samples text from it (cached on disk per base, keyed by
-    ``base_fingerprint``, hashed here when not given)."""
+    """Resolve the evals once per run. ``base_model`` is the untouched base: its fingerprint
+    (``base_fingerprint``, hashed here when not given) keys the cache entries of LoRA snapshots
+    on top of it, and the drift probe samples text from it (cached on disk per base)."""
     from lm_eval.tasks import get_task_dict
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    suite = EvalSuite(config, include_paths(config, base_dir), chat)
-    manager = task_manager(tuple(suite.paths))
+    if base_model is not None and base_fingerprint is None:
+        base_fingerprint = fingerprint(base_model, base_only=True)
+    suite = EvalSuite(config, include_paths(config, base_dir), chat, base_fingerprint=base_fingerprint)
+    manager = manager_for(list(suite.roles), suite.paths)
     for role, names in (("new", config.new), ("general", config.general)):
         for name in names:
             suite.roles[name] = role
@@ -123,7 +143,6 @@ def prepare_suite(config: EvalConfig, base_dir: Path, chat: bool, base_model=Non
             if name == DRIFT_TASK:
                 from forgetscope import sampling
 
-                base_fingerprint = base_fingerprint or fingerprint(base_model, base_only=True)
                 samples = sampling.base_samples(base_model, tokenizer, base_fingerprint)
                 spec = load_yaml(evals_dir() / f"{DRIFT_TASK}.yaml")
                 spec["metadata"] = {**spec.get("metadata", {}), "samples": str(samples)}
@@ -184,7 +203,8 @@ def evaluate_model(model, tokenizer, suite: EvalSuite, base_only: bool = False) 
     ``base_only`` marks a model whose adapters have no effect yet (step 0 of a LoRA run), so that it
     shares its cache entries with the plain base. Returns ``{"results", "samples", "cached"}``.
     """
-    model_fp = fingerprint(model, base_only=base_only)
+    lora = any("lora_" in name for name, _ in model.named_parameters())
+    model_fp = fingerprint(model, base_only=base_only, base=suite.base_fingerprint if lora else None)
     out: dict[str, Any] = {"results": {}, "samples": {}, "cached": []}
     todo: dict[bool, list[str]] = {True: [], False: []}
     for task, role in suite.roles.items():
@@ -198,43 +218,75 @@ def evaluate_model(model, tokenizer, suite: EvalSuite, base_only: bool = False) 
     if not any(todo.values()):
         return out
 
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+    from forgetscope.scoring import PackedLM
 
     _quiet_lm_eval()
     was_training = model.training
     model.eval()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=_batch_size(suite.config, model.device), max_length=max_length(model))
+    lm = PackedLM(pretrained=model, tokenizer=tokenizer, batch_size=_batch_size(suite.config, model.device), max_length=max_length(model))
     try:
-        for use_chat, names in todo.items():
-            if not names:
-                continue
-            raw = simple_evaluate(
-                model=lm,
-                tasks=[suite.specs[n] for n in names],
-                limit=suite.config.limit,
-                task_manager=task_manager(tuple(suite.paths)),
-                log_samples=True,
-                cache_requests=False,
-                apply_chat_template=use_chat,
-                bootstrap_iters=BOOTSTRAP_ITERS,
-                random_seed=SEED,
-                numpy_random_seed=SEED,
-                torch_random_seed=SEED,
-                fewshot_random_seed=SEED,
-                verbosity="ERROR",
-            )
-            for task in names:
-                result = _summarise(task, raw["results"][task], raw, suite.roles[task])
-                leaves = suite.members[task]  # a group's items are its subtasks' items
-                samples = [_sample_row(s, leaf if len(leaves) > 1 else None) for leaf in leaves for s in raw["samples"][leaf]]
-                io.write_text(_cache_path(suite, task, model_fp), json.dumps({"result": result, "samples": samples}, default=str))
-                out["results"][task], out["samples"][task] = result, samples
+        with merged_adapters(model, enabled=not base_only):
+            for use_chat, names in todo.items():
+                if not names:
+                    continue
+                raw = _lm_eval(lm, [suite.specs[n] for n in names], suite, use_chat)
+                for task in names:
+                    result = _summarise(task, raw["results"][task], raw, suite.roles[task])
+                    leaves = suite.members[task]  # a group's items are its subtasks' items
+                    samples = [_sample_row(s, leaf if len(leaves) > 1 else None) for leaf in leaves for s in raw["samples"][leaf]]
+                    io.write_text(_cache_path(suite, task, model_fp), json.dumps({"result": result, "samples": samples}, default=str))
+                    out["results"][task], out["samples"][task] = result, samples
     finally:
         model.train(was_training)
     return out
 
 
+def _lm_eval(lm, specs: list, suite: EvalSuite, use_chat: bool) -> dict[str, Any]:
+    """lm-eval's ``simple_evaluate`` for a model already wrapped: the same seeds, zero-shot
+    default and evaluation, without its reporting (environment info runs ``pip list`` in a
+    subprocess, the git hash another: about half a second per call)."""
+    import random
+
+    import numpy as np
+    from lm_eval.evaluator import evaluate
+
+    random.seed(SEED)
+    np.random.seed(SEED)
+    torch.manual_seed(SEED)
+    loaded = manager_for(list(suite.roles), suite.paths).load(specs)
+    for task in loaded["tasks"].values():
+        if task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=SEED)
+    return evaluate(lm=lm, task_dict=loaded, limit=suite.config.limit, cache_requests=False, bootstrap_iters=BOOTSTRAP_ITERS,
+                    log_samples=True, apply_chat_template=use_chat, verbosity="ERROR")
+
+
+@contextlib.contextmanager
+def merged_adapters(model, enabled: bool = True) -> Iterator[None]:
+    """Score a peft model with its LoRA weights merged into the base (peft's per-layer adapter
+    path costs ~15% more per forward pass), then restore the base weights bit for bit: peft's
+    unmerge subtracts in floating point and would leave the base drifting. Skipped when the
+    copies of the merged weights would not fit in free accelerator memory."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)] if isinstance(model, PeftModel) else []
+    weights = [layer.get_base_layer().weight for layer in layers]
+    size = sum(w.numel() * w.element_size() for w in weights)
+    fits = model.device.type != "cuda" or torch.cuda.mem_get_info(model.device)[0] > 2 * size
+    if not enabled or not layers or not fits or any(layer.disable_adapters or layer.merged for layer in layers):
+        yield
+        return
+    saved = [w.detach().clone() for w in weights]
+    model.merge_adapter()
+    try:
+        yield
+    finally:
+        model.unmerge_adapter()
+        with torch.no_grad():
+            for w, copy in zip(weights, saved):
+                w.copy_(copy)
 def _summarise(task: str, metrics: dict[str, Any], raw: dict[str, Any], role: str) -> dict[str, Any]:
     """lm-eval's ``{"acc,none": .., "acc_stderr,none": ..}`` -> ``{"acc": {"value", "stderr", ...}}``."""
     higher = raw.get("higher_is_better", {}).get(task, {})

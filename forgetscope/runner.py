@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from forgetscope import curves, data, evaluate, io, models, replay, report, snapshots, stats, train
+from forgetscope import curves, data, evaluate, figures, io, models, replay, snapshots, stats, train
 from forgetscope.errors import UserError
 from forgetscope.recipe import Recipe
 
@@ -154,11 +154,11 @@ def _run(recipe: Recipe, layout: snapshots.RunLayout, main_process: bool) -> Pat
     log = pd.DataFrame([e for e in trainer.state.log_history if "loss" in e])
     io.write_text(layout.root / "train_log.csv", log.to_csv(index=False))
     if not log.empty:
-        report.plot_train_log(log, layout.root / "train_loss.png", title=f"{recipe.name}: training losses")
+        figures.save(figures.plot_train_log(log, title=f"{recipe.name}: training losses"), layout.root / "train_loss.png")
     recipe_name = Path(recipe.source).stem if recipe.source else recipe.name
     table = curves.write_curves(layout, recipe.name, recipe_name, recipe.method)
     method = f"{recipe.method} + {recipe.replay.source} replay ({recipe.replay.loss})" if recipe.replay else recipe.method
-    report.plot_curves(table, layout.figure, title=f"{recipe.name}: {method} on {recipe.base}")
+    figures.save(figures.plot_curves(table, title=f"{recipe.name}: {method} on {recipe.base}"), layout.figure)
     summary = stats.final_vs_base(layout, table)
     print(f"\nforgetscope: step {summary[0]['step']} vs the base (step 0), paired over items:\n" + stats.format_summary(summary))
     layout.update_manifest(

@@ -29,15 +29,13 @@ def test_cache_hits_only_for_same_weights_task_and_limit(tiny, monkeypatch, tmp_
     monkeypatch.setenv("FORGETSCOPE_CACHE", str(tmp_path))  # its own result cache, whatever ran before
     model, tokenizer = tiny
     calls = []
-    import lm_eval
+    original = evaluate._lm_eval
 
-    original = lm_eval.simple_evaluate
+    def counting(lm, specs, *args):
+        calls.append([t if isinstance(t, str) else t["task"] for t in specs])
+        return original(lm, specs, *args)
 
-    def counting(*args, **kwargs):
-        calls.append([t if isinstance(t, str) else t["task"] for t in kwargs["tasks"]])
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(lm_eval, "simple_evaluate", counting)
+    monkeypatch.setattr(evaluate, "_lm_eval", counting)
     suite = _suite(EvalConfig(new=["numerals"], general=["world_capitals"], limit=3))
     first = evaluate.evaluate_model(model, tokenizer, suite)
     assert calls == [["numerals", "world_capitals"]] and first["cached"] == []
@@ -179,3 +177,11 @@ def test_a_group_of_tasks_is_scored_cached_and_kept_per_item(tiny, tmp_path):
     ids = [s["item_id"] for s in first["samples"]["knowledge"]]
     assert len(ids) == 6 and ids[0].startswith("mmlu_shipped/") and len(set(ids)) == 6
     assert evaluate.evaluate_model(model, tokenizer, suite)["cached"] == ["knowledge"]
+
+
+def test_embedded_tasks_skip_lm_evals_full_index_and_standard_names_use_it():
+    paths = [str(evaluate.evals_dir())]
+    assert evaluate.manager_for(["numerals", "prose_ppl"], paths) is evaluate.task_manager(tuple(paths), defaults=False)
+    full = evaluate.manager_for(["numerals", "arc_easy"], paths)
+    assert full is evaluate.task_manager(tuple(paths)) and "arc_easy" in full.all_subtasks
+    assert evaluate.check_eval_names(["numerals", "arc_easy"], paths) == []

@@ -1,0 +1,167 @@
+"""Figures: forgetting curves, learning vs forgetting, training losses (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import pandas as pd
+from matplotlib.figure import Figure
+
+from forgetscope.curves import primary_metric
+
+
+def primary_metrics(table: pd.DataFrame) -> list[tuple[str, str]]:
+    """(task, metric) pairs to plot: each task's primary metric, new tasks first."""
+    ordered = table.assign(_new=table["role"] != "new").sort_values(["_new"], kind="stable")
+    return [(task, primary_metric(list(group["metric"].unique()))) for task, group in ordered.groupby("task", sort=False)]
+
+
+def _panels(n: int, per_row: int, size: tuple[float, float]) -> tuple[Figure, list]:
+    """A figure with ``n`` panels, ``per_row`` to a row, each ``size`` inches; unused cells hidden."""
+    cols = max(1, min(per_row, n))
+    rows = max(1, -(-n // cols))
+    fig = Figure(figsize=(size[0] * cols, size[1] * rows))
+    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
+def plot_curves(table: pd.DataFrame, title: str = "") -> Figure:
+    """One panel per task (three to a row): its primary metric against training step, with a 95%
+    band (±1.96 stderr).
+
+    The base (step 0) is marked by a dashed line; x is symlog so dense early snapshots stay readable.
+    """
+    pairs = primary_metrics(table)
+    fig, axes = _panels(len(pairs), 3, (4.4, 3.3))
+    for ax, (task, metric) in zip(axes, pairs):
+        rows = table[(table["task"] == task) & (table["metric"] == metric)].sort_values("step")
+        role = rows["role"].iloc[0]
+        color = "tab:blue" if role == "new" else "tab:red"
+        ax.plot(rows["step"], rows["value"], marker="o", color=color)
+        if rows["stderr"].notna().any():
+            half = 1.96 * rows["stderr"].fillna(0)
+            ax.fill_between(rows["step"], rows["value"] - half, rows["value"] + half, color=color, alpha=0.2)
+        ax.axhline(rows["value"].iloc[0], color="grey", linestyle="--", linewidth=1, label="base (step 0)")
+        arrow = "↑" if rows["higher_is_better"].iloc[0] else "↓"
+        ax.set_title(f"{task} ({'new task' if role == 'new' else 'general'})")
+        ax.set_ylabel(f"{metric} {arrow} better")
+        ax.set_xlabel("training step")
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlim(-0.3, rows["step"].max() * 1.15)
+        ax.set_xticks(rows["step"].tolist(), [str(s) for s in rows["step"]], fontsize=8)
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_train_log(log: pd.DataFrame, title: str = "") -> Figure:
+    """Training losses against step: the total loss, and with replay the new-task and replay losses."""
+    fig = Figure(figsize=(6, 3.4))
+    ax = fig.subplots()
+    for column, label in (("loss", "total loss"), ("new_loss", "new-task loss"), ("replay_loss", "replay loss")):
+        if column in log:
+            ax.plot(log["step"], log[column], marker=".", label=label)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "training losses")
+    fig.tight_layout()
+    return fig
+
+
+def save(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` as a PNG atomically (a temporary file, then a rename) and close it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+    return path
+
+
+def _run_colors(runs) -> dict[str, str]:
+    """A fixed colour per run name (by sorted name), the same in every figure of a report."""
+    palette = matplotlib.colormaps["tab10"].colors
+    return {run: palette[i % len(palette)] for i, run in enumerate(sorted(set(runs)))}
+
+
+def plot_forgetting(drops: pd.DataFrame) -> Figure:
+    """One panel per general probe: each run's drop from the base (positive = worse, in the
+    probe's own metric) against step, with its paired 95% bootstrap band.
+
+    ``drops`` has columns run, task, metric, step, drop, low, high (the CI of the drop).
+    """
+    probes = list(dict.fromkeys(drops["task"]))
+    colors = _run_colors(drops["run"])
+    fig, axes = _panels(len(probes), 2, (5.6, 3.6))
+    for ax, probe in zip(axes, probes):
+        part = drops[drops["task"] == probe]
+        for run, line in part.groupby("run", sort=False):
+            line = line.sort_values("step")
+            ax.plot(line["step"], line["drop"], marker="o", markersize=3, color=colors[run], label=run)
+            ax.fill_between(line["step"], line["low"], line["high"], color=colors[run], alpha=0.15)
+        ax.axhline(0, color="grey", linewidth=1, linestyle="--")
+        ax.set_title(f"{probe}: drop in {part['metric'].iloc[0]}")
+        ax.set_ylabel("drop from base (up = worse)")
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="best")
+    fig.suptitle("Forgetting curves: general probes, paired 95% CI over items")
+    fig.tight_layout()
+    return fig
+
+
+def plot_learning(rows: pd.DataFrame, target: float | None = None) -> Figure:
+    """The new task's primary metric against step, one line per run (``rows``: primary rows of
+    the new-task evals), with the target score if one is set."""
+    colors = _run_colors(rows["run"])
+    fig = Figure(figsize=(6.4, 3.8))
+    ax = fig.subplots()
+    for run, line in rows.groupby("run", sort=False):
+        line = line.sort_values("step")
+        ax.plot(line["step"], line["value"], marker="o", markersize=3, color=colors[run], label=run)
+        if line["stderr"].notna().any():
+            half = 1.96 * line["stderr"].fillna(0)
+            ax.fill_between(line["step"], line["value"] - half, line["value"] + half, color=colors[run], alpha=0.15)
+    if target is not None:
+        ax.axhline(target, color="black", linewidth=1, linestyle=":", label=f"target {target:g}")
+    first = rows.iloc[0]
+    ax.set_title(f"New task: {first['task']}")
+    ax.set_ylabel(f"{first['metric']} ({'up' if first['higher_is_better'] else 'down'} = better)")
+    ax.set_xlabel("training step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_frontier(summary: pd.DataFrame) -> Figure:
+    """Learning vs forgetting: each run's final new-task gain against its general forgetting
+    (mean relative drop), the Pareto frontier joined by a line (``summary`` from
+    :func:`forgetscope.metrics.rank_runs`)."""
+    colors = _run_colors(summary["run"])
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
+    front = summary[summary["pareto"]].sort_values("forgetting_final")
+    ax.plot(front["forgetting_final"] * 100, front["gain_final"], color="grey", linewidth=1.5, linestyle="--",
+            label="Pareto frontier", zorder=1)
+    for row in summary.itertuples():
+        ax.scatter(row.forgetting_final * 100, row.gain_final, s=70, color=colors[row.run], zorder=2,
+                   edgecolor="black" if row.pareto else "none")
+        ax.annotate(f"{row.rank}. {row.run}", (row.forgetting_final * 100, row.gain_final), xytext=(6, 4),
+                    textcoords="offset points", fontsize=9)
+    ax.axvline(0, color="grey", linewidth=0.8)
+    ax.set_xlabel("general forgetting at the end (% mean relative drop; right = worse)")
+    ax.set_ylabel("new-task gain at the end (up = better)")
+    ax.set_title("Learning vs forgetting (upper left is best)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,85 @@
+"""Packed scoring (shared contexts, logits only where scored) equals lm-eval's HFLM; merged adapters restore the base."""
+
+import pytest
+import torch
+from lm_eval.models.huggingface import HFLM
+from peft import LoraConfig, get_peft_model
+
+from forgetscope import evaluate, models, scoring
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tokenizer = models.load(models.resolve("tiny-random"))
+    return model.eval(), tokenizer
+
+
+def test_layout_masks_each_continuation_to_the_context_and_itself():
+    tokens, positions, mask, scored = scoring.layout([5, 6, 7], [[1, 2, 3], [4]])
+    assert tokens == [5, 6, 7, 1, 2]  # a continuation's last token is never an input
+    assert positions == [0, 1, 2, 3, 4]
+    assert scored == [[2, 3, 4], [2]]  # the last context token predicts every first token
+    assert mask.tolist() == [
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 0],
+        [1, 1, 1, 1, 1],
+    ]
+    _, positions, mask, _ = scoring.layout([5, 6], [[1, 2], [3, 4]])
+    assert positions == [0, 1, 2, 2]  # both answers start right after the context
+    assert mask[3].tolist() == [True, True, False, True]  # the second answer does not see the first
+
+
+def test_grouping_shares_contexts_within_the_length_limit_and_lines_pack_first_fit():
+    pairs = [([1, 2], [3]), ([1, 2], [4, 5]), ([9], [3]), ([9], [4]), ([1, 2], [6, 7, 8])]
+    assert scoring.group_by_context(pairs, max_length=10) == [[0, 1, 4], [2], [3]]  # one-token contexts are not shared
+    assert scoring.group_by_context(pairs, max_length=4) == [[0, 1], [2], [3], [4]]  # 2 + 0 + 1 + 2 > 4
+    assert scoring.pack_lines([5, 3, 4, 2, 9], capacity=8) == [[4], [0, 1], [2, 3]]  # 9 alone; 5+3; 4+2
+
+
+def _requests(tokenizer, pairs):
+    return [((c, x), tokenizer(c).input_ids, tokenizer(x, add_special_tokens=False).input_ids) for c, x in pairs]
+
+
+def test_packed_scores_equal_hflm(tiny):
+    model, tokenizer = tiny
+    pairs = [("The capital of Peru is", " Lima"), ("The capital of Peru is", " Quito, of course"),
+             ("The capital of Peru is", " Bogota"), ("Two plus two", " is four"), ("x", " y z w")]
+    requests = _requests(tokenizer, pairs) * 2 + [((" ", "tail"), [tokenizer.bos_token_id or 0], tokenizer("a long tail of text " * 8, add_special_tokens=False).input_ids)]
+    theirs = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, max_length=256)._loglikelihood_tokens(requests)
+    packed = scoring.PackedLM(pretrained=model, tokenizer=tokenizer, batch_size=3, max_length=256)
+    ours = packed._loglikelihood_tokens(requests)
+    assert [g for _, g in ours] == [g for _, g in theirs]
+    assert [lp for lp, _ in ours] == pytest.approx([lp for lp, _ in theirs], rel=1e-5, abs=1e-5)
+
+
+def test_requests_longer_than_the_context_go_through_hflm(tiny, monkeypatch):
+    model, tokenizer = tiny
+    requests = _requests(tokenizer, [("word " * 40, " end"), ("short", " one")])
+    packed = scoring.PackedLM(pretrained=model, tokenizer=tokenizer, batch_size=2, max_length=16)
+    seen = []
+    original = HFLM._loglikelihood_tokens
+    monkeypatch.setattr(HFLM, "_loglikelihood_tokens", lambda self, reqs, *a: seen.append(len(reqs)) or original(self, reqs, *a))
+    ours = packed._loglikelihood_tokens(requests)
+    assert seen == [1]  # only the over-long request, truncated from the left as lm-eval does
+    theirs = original(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=2, max_length=16), requests)
+    assert [lp for lp, _ in ours] == pytest.approx([lp for lp, _ in theirs], rel=1e-5)
+
+
+def test_merged_adapters_score_like_the_adapter_and_restore_the_base_exactly(tiny):
+    base, _ = models.load(models.resolve("tiny-random"))
+    peft = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    before = {k: v.clone() for k, v in peft.state_dict().items()}
+    x = torch.arange(12)[None]
+    expected = peft(x).logits
+    with evaluate.merged_adapters(peft):
+        assert all(layer.merged for layer in peft.modules() if hasattr(layer, "merged"))
+        merged = peft(x).logits
+    assert torch.allclose(merged, expected, atol=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in peft.state_dict().items())  # bit for bit
+    assert not any(getattr(layer, "merged", False) for layer in peft.modules())
