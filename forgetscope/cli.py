@@ -40,6 +40,55 @@ def _cmd_audit(args: argparse.Namespace) -> None:
     _report_paths("audit", root)
 
 
+def _weights(pairs: list[str]) -> dict[str, float]:
+    """``["prose_ppl=2", ...]`` -> ``{"prose_ppl": 2.0}``."""
+    out = {}
+    for pair in pairs:
+        probe, _, value = pair.partition("=")
+        try:
+            out[probe] = float(value)
+        except ValueError:
+            raise UserError(f"--weight {pair!r}: expected PROBE=NUMBER, e.g. --weight prose_ppl=2") from None
+    return out
+
+
+def _write_report(runs: list[Path | str], args: argparse.Namespace) -> None:
+    from forgetscope import report
+
+    html, md = report.write(runs, args.out, target=args.target, weights=_weights(args.weight), title=args.title)
+    print(f"\nforgetscope: report written\n  HTML    : {html}\n  Markdown: {md}")
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    _write_report(args.runs, args)
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from forgetscope.recipe import load_recipe
+    from forgetscope.runner import run
+
+    recipes = [load_recipe(path, args.set) for path in args.recipes]  # every recipe is checked before any training
+    names = [r.name for r in recipes]
+    if len(set(names)) != len(names):
+        raise UserError(f"recipes share a run name ({', '.join(names)}); give each its own `name:` or --set name=...")
+    roots = []
+    for i, recipe in enumerate(recipes, start=1):
+        print(f"\nforgetscope: compare: recipe {i}/{len(recipes)}: {recipe.name}")
+        roots.append(run(recipe))
+    _write_report(roots, args)
+
+
+def _cmd_gate(args: argparse.Namespace) -> int:
+    from forgetscope import gate
+
+    policy = gate.load_policy(args.policy)
+    result = gate.check(args.run, policy, step=args.step)
+    print(gate.render_text(result))
+    json_path, md_path = gate.write(result, Path(args.out) if args.out else Path(args.run))
+    print(f"  JSON    : {json_path}\n  Markdown: {md_path}")
+    return 0 if result["verdict"] == "pass" else 1
+
+
 def _cmd_show(args: argparse.Namespace) -> None:
     from forgetscope.recipe import load_recipe
 
@@ -106,6 +155,36 @@ def build_parser() -> argparse.ArgumentParser:
     audit_cmd.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped with the model (only if you trust it)")
     audit_cmd.add_argument("--allow-pickle", action="store_true", help="load pickle-based weights (pytorch_model.bin); default: safetensors only")
     audit_cmd.set_defaults(func=_cmd_audit)
+    def report_options(cmd: argparse.ArgumentParser) -> None:
+        cmd.add_argument("-o", "--out", required=True, metavar="DIR", help="folder for report.html, report.md and the figures")
+        cmd.add_argument("--target", type=float, metavar="SCORE",
+                         help="new-task score for steps-to-target and forgetting at matched learning, e.g. 0.9")
+        cmd.add_argument("--weight", action="append", default=[], metavar="PROBE=W",
+                         help="weight of a general probe in general forgetting (default 1 each; 0 leaves it out; repeatable)")
+        cmd.add_argument("--title", default="forgetscope report", help="the report's title")
+
+    report_cmd = sub.add_parser("report", help="write an HTML + Markdown report comparing finished runs",
+                                description="Write a self-contained HTML report and a Markdown summary of one or more runs.")
+    report_cmd.add_argument("runs", nargs="+", metavar="RUN", help="run folders, or folders of runs (e.g. runs/)")
+    report_options(report_cmd)
+    report_cmd.set_defaults(func=_cmd_report)
+    compare_cmd = sub.add_parser("compare", help="run several recipes (sharing the base's evaluation) and write one report",
+                                 description="Run several recipes one after another and write one comparison report. "
+                                             "The base (step 0) is scored once: later recipes with the same base and evals "
+                                             "reuse its cached results; finished runs are not run again.")
+    compare_cmd.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe YAML files")
+    compare_cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field in every recipe (repeatable)")
+    report_options(compare_cmd)
+    compare_cmd.set_defaults(func=_cmd_compare)
+    gate_cmd = sub.add_parser("gate", help="check a run against a release policy: exit 0 pass, 1 fail, 2 unusable input",
+                              description="Check a finished run against a release policy (allowed drops per probe, minimum "
+                                          "new-task scores). Prints a verdict table, writes gate.json and gate.md, and exits "
+                                          "0 (pass), 1 (fail) or 2 (unusable input). See examples/release_policy.yaml.")
+    gate_cmd.add_argument("run", metavar="RUN", help="a run folder")
+    gate_cmd.add_argument("--policy", required=True, help="policy YAML, e.g. examples/release_policy.yaml")
+    gate_cmd.add_argument("--step", type=int, help="the step to check (default: the last evaluated one)")
+    gate_cmd.add_argument("--out", metavar="DIR", help="where gate.json and gate.md go (default: the run folder)")
+    gate_cmd.set_defaults(func=_cmd_gate)
     sub.add_parser("fields", help="print every recipe field with its type, default and meaning").set_defaults(func=_cmd_fields)
     tasks_cmd = sub.add_parser("tasks", help="list the embedded new tasks and the eval tasks a recipe can use")
     tasks_cmd.add_argument("--include", nargs="*", default=[], metavar="DIR", help="also list the task YAMLs in these folders")
@@ -117,9 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except UserError as err:
         for line in str(err).splitlines():
             print(f"forgetscope: error: {line}", file=sys.stderr)
         return 2
-    return 0

@@ -45,8 +45,9 @@ def aggregate(metric: str, num: np.ndarray, den: np.ndarray) -> np.ndarray:
 
 
 def paired_delta(layout: RunLayout, task: str, metric: str, step: int, base_step: int = 0,
-                 iters: int = 2000, seed: int = 0) -> dict[str, float]:
-    """``value(step) - value(base_step)`` on the items both scored, with a paired 95% bootstrap CI."""
+                 iters: int = 2000, seed: int = 0, confidence: float = 0.95) -> dict[str, float]:
+    """``value(step) - value(base_step)`` on the items both scored, with a paired bootstrap CI
+    (two-sided, at ``confidence``)."""
     base = item_values(layout, base_step, task, metric)
     later = item_values(layout, step, task, metric)
     items = sorted(set(base) & set(later))
@@ -55,7 +56,8 @@ def paired_delta(layout: RunLayout, task: str, metric: str, step: int, base_step
     delta = float(aggregate(metric, s[:, 0], s[:, 1]) - aggregate(metric, b[:, 0], b[:, 1]))
     idx = np.random.default_rng(seed).integers(0, len(items), size=(iters, len(items)))
     boot = aggregate(metric, s[idx, 0], s[idx, 1]) - aggregate(metric, b[idx, 0], b[idx, 1])
-    low, high = np.percentile(boot, [2.5, 97.5])
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(boot, [tail, 100 - tail])
     return {"delta": delta, "low": float(low), "high": float(high), "n": len(items)}
 
 
@@ -110,3 +112,47 @@ def at_learning(layout: RunLayout, table, target: float) -> dict | None:
         probe_metric = primary_metric(list(group["metric"].unique()))
         general.append({"task": probe, "metric": probe_metric, **paired_delta(layout, probe, probe_metric, step)})
     return {"step": step, "new_task": task, "new_metric": metric, "new_value": float(reached["value"].iloc[0]), "general": general}
+
+
+def mcnemar(forgotten: int, learned: int) -> float:
+    """Exact two-sided McNemar test on the discordant pairs of a paired 0/1 metric: ``b`` items
+    right at the base and wrong later, ``c`` wrong then right. Under no change each discordant
+    item is equally likely to go either way, so ``p = min(1, 2 * P[X <= min(b, c)])`` with
+    ``X ~ Binomial(b + c, 1/2)``; ``p = 1`` when there is no discordant item."""
+    n, k = forgotten + learned, min(forgotten, learned)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+def correctness(layout: RunLayout, step: int, task: str, metric: str) -> dict[str, bool] | None:
+    """{item_id: right?} for a 0/1 metric (accuracy, exact match); None for a continuous one."""
+    values = item_values(layout, step, task, metric)
+    if any(den != 1.0 or num not in (0.0, 1.0) for num, den in values.values()):
+        return None
+    return {item: num == 1.0 for item, (num, _) in values.items()}
+
+
+def flips(layout: RunLayout, task: str, metric: str, step: int, base_step: int = 0) -> dict | None:
+    """Items that flipped between ``base_step`` and ``step`` for a 0/1 metric: ``forgotten``
+    (right -> wrong) and ``learned`` (wrong -> right) item ids, and McNemar's exact p-value."""
+    base, later = correctness(layout, base_step, task, metric), correctness(layout, step, task, metric)
+    if base is None or later is None:
+        return None
+    items = sorted(set(base) & set(later))
+    forgotten = [i for i in items if base[i] and not later[i]]
+    learned = [i for i in items if not base[i] and later[i]]
+    return {"forgotten": forgotten, "learned": learned, "n": len(items), "p_mcnemar": mcnemar(len(forgotten), len(learned))}
+
+
+def first_forgotten(layout: RunLayout, task: str, metric: str, steps: list[int]) -> dict[str, int]:
+    """{item_id: the first step after 0 at which an item right at the base is wrong} (0/1
+    metrics; items never forgotten are left out)."""
+    base = correctness(layout, 0, task, metric) or {}
+    out: dict[str, int] = {}
+    for step in sorted(s for s in steps if s > 0):
+        now = correctness(layout, step, task, metric) or {}
+        for item, right in now.items():
+            if base.get(item) and not right and item not in out:
+                out[item] = step
+    return out

@@ -1,5 +1,6 @@
 """Shared fixtures. Tests never touch the network: the Hugging Face offline switches are set."""
 
+import json
 import os
 import tempfile
 
@@ -11,7 +12,11 @@ os.environ["FORGETSCOPE_CACHE"] = tempfile.mkdtemp(prefix="forgetscope-test-cach
 
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+from forgetscope import stats  # noqa: E402
+from forgetscope.snapshots import RunLayout  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
@@ -30,3 +35,31 @@ def tiny_recipe_data() -> dict:
         "snapshots": {"schedule": "at", "at": [1, 3]},
         "evals": {"new": ["numerals"], "general": ["prose_ppl"], "limit": 4},
     }
+
+
+def make_fake_run(root: Path, steps_items: dict[int, dict[str, object]], task="facts", metric="acc", method="full") -> RunLayout:
+    """A run folder with per-item samples of one general task (and a new task) at given steps."""
+    layout = RunLayout(root)
+    root.mkdir(parents=True)
+    layout.manifest.write_text(json.dumps({"status": "finished", "method": method}))
+    for i, (step, items) in enumerate(sorted(steps_items.items())):
+        folder = layout.eval_dir(step)
+        folder.mkdir(parents=True)
+        values = list(items.values())
+        value = stats.aggregate(metric, np.array([v[0] if isinstance(v, list) else v for v in values], float),
+                                np.array([v[1] if isinstance(v, list) else 1.0 for v in values], float))
+        (folder / f"samples_{task}.jsonl").write_text("".join(
+            json.dumps({"item_id": k, metric: v, "metrics": [metric], "target": 0,
+                        "arguments": [[f"Question {k}?", f" answer {k}"]]}) + "\n" for k, v in items.items()))
+        (folder / "samples_new.jsonl").write_text(json.dumps({"item_id": "n0", "acc": float(i > 0), "metrics": ["acc"]}) + "\n")
+        (folder / "results.json").write_text(json.dumps({"step": step, "tokens": step * 10, "tasks": {
+            "new": {"role": "new", "n": 1, "metrics": {"acc": {"value": float(i > 0), "stderr": None, "higher_is_better": True}}},
+            task: {"role": "general", "n": len(items), "metrics": {
+                metric: {"value": float(value), "stderr": None, "higher_is_better": metric == "acc"}}}}}))
+    return layout
+
+
+@pytest.fixture
+def fake_run():
+    """A factory of run folders with hand-made per-item results (no model involved)."""
+    return make_fake_run

@@ -1,0 +1,145 @@
+"""Forgetting metrics on the tidy curves table (pure pandas/numpy; formulas in docs/METRICS.md).
+
+Notation: ``v_t`` is a task's primary metric at step ``t`` and ``v_0`` its value on the base.
+
+* delta ``d_t = v_t - v_0``; relative delta ``d_t / |v_0|``.
+* drop (sign-correct, positive = worse): ``v_0 - v_t`` when higher is better, ``v_t - v_0`` when
+  lower is better (bits per byte, perplexity); relative drop ``drop_t / |v_0|``.
+* gain (the new task, positive = better) ``= -drop_t``.
+* general forgetting ``F_t = sum_p w_p * reldrop_{p,t} / sum_p w_p`` over the general probes
+  ``p`` (weights ``w_p``, default 1): relative, so probes in different units can be averaged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from forgetscope.curves import primary_metric
+
+
+def primary_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of each (run, task)'s primary metric, with ``v0`` (its step-0 value), ``delta``,
+    ``rel_delta``, ``drop`` and ``rel_drop`` per step."""
+    parts = []
+    for (_, task), group in table.groupby(["run", "task"], sort=False):
+        metric = primary_metric(list(group["metric"].unique()))
+        rows = group[group["metric"] == metric].sort_values("step").copy()
+        base = rows.loc[rows["step"] == 0, "value"]
+        rows["v0"] = float(base.iloc[0]) if len(base) else math.nan
+        parts.append(rows)
+    out = pd.concat(parts, ignore_index=True) if parts else table.assign(v0=[])
+    out["delta"] = out["value"] - out["v0"]
+    out["rel_delta"] = out["delta"] / out["v0"].abs().replace(0, math.nan)
+    sign = np.where(out["higher_is_better"].astype(bool), -1.0, 1.0)
+    out["drop"] = sign * out["delta"]
+    out["rel_drop"] = sign * out["rel_delta"]
+    return out
+
+
+def general_forgetting(rows: pd.DataFrame, weights: dict[str, float] | None = None) -> pd.DataFrame:
+    """Per run and step: ``F_t``, the weighted mean relative drop over the general probes.
+
+    ``rows`` comes from :func:`primary_rows`; ``weights`` maps probe -> weight (missing: 1; a
+    probe with weight 0 is left out). Returns columns run, step, tokens, forgetting.
+    """
+    general = rows[rows["role"] == "general"].copy()
+    general["w"] = general["task"].map(lambda t: (weights or {}).get(t, 1.0)).astype(float)
+    general = general[general["w"] > 0]
+    general["wx"] = general["w"] * general["rel_drop"]
+    grouped = general.groupby(["run", "step"], sort=True)
+    out = (grouped["wx"].sum() / grouped["w"].sum()).rename("forgetting").reset_index()
+    return out.merge(grouped["tokens"].first().reset_index(), on=["run", "step"])
+
+
+def crossing(steps: np.ndarray, values: np.ndarray, target: float) -> float | None:
+    """The first step at which the piecewise-linear curve through (steps, values) reaches
+    ``target``: ``s* = s_a + (target - v_a) / (v_b - v_a) * (s_b - s_a)`` on the first segment
+    with ``v_a < target <= v_b``; ``s_0`` when the curve starts at or above it; None if never."""
+    if len(values) and values[0] >= target:
+        return float(steps[0])
+    for (s_a, v_a), (s_b, v_b) in zip(zip(steps, values), zip(steps[1:], values[1:])):
+        if v_a < target <= v_b:
+            return float(s_a + (target - v_a) / (v_b - v_a) * (s_b - s_a))
+    return None
+
+
+def trapezoid_mean(steps: np.ndarray, values: np.ndarray) -> float:
+    """``(1 / s_T) * integral of values over steps`` (trapezoid rule): the area under the curve
+    divided by the run's length, i.e. the average forgetting over training."""
+    if len(steps) < 2 or steps[-1] == steps[0]:
+        return float(values[-1]) if len(values) else math.nan
+    area = float(np.sum((steps[1:] - steps[:-1]) * (values[1:] + values[:-1]) / 2))
+    return area / float(steps[-1] - steps[0])
+
+
+def run_summary(table: pd.DataFrame, target: float | None = None, weights: dict[str, float] | None = None) -> pd.DataFrame:
+    """One row per run:
+
+    * ``gain_final`` / ``gain_best``: the new task's ``v_T - v_0`` / ``max_t (v_t - v_0)``
+      (sign-correct; the first new task when there are several);
+    * ``forgetting_final``, ``forgetting_max`` (``max_t F_t``), ``forgetting_auc`` (trapezoid
+      mean of ``F_t`` over the run);
+    * with ``target`` (a new-task score): ``steps_to_target`` and ``tokens_to_target`` (linear
+      interpolation between snapshots, :func:`crossing`) and ``forgetting_at_target``:
+      ``F`` interpolated linearly at that step (forgetting at matched learning).
+    """
+    rows = primary_rows(table)
+    forgetting = general_forgetting(rows, weights)
+    out = []
+    for run, group in rows.groupby("run", sort=False):
+        new = group[group["role"] == "new"]
+        new = new[new["task"] == new["task"].iloc[0]] if len(new) else new
+        f = forgetting[forgetting["run"] == run]
+        entry = {"run": run, "recipe": group["recipe"].iloc[0], "method": group["method"].iloc[0],
+                 "steps": int(group["step"].max()), "new_task": new["task"].iloc[0] if len(new) else None,
+                 "new_metric": new["metric"].iloc[0] if len(new) else None,
+                 "new_base": float(new["v0"].iloc[0]) if len(new) else math.nan,
+                 "new_final": float(new["value"].iloc[-1]) if len(new) else math.nan,
+                 "gain_final": float(-new["drop"].iloc[-1]) if len(new) else math.nan,
+                 "gain_best": float((-new["drop"]).max()) if len(new) else math.nan,
+                 "forgetting_final": float(f["forgetting"].iloc[-1]) if len(f) else math.nan,
+                 "forgetting_max": float(f["forgetting"].max()) if len(f) else math.nan,
+                 "forgetting_auc": trapezoid_mean(f["step"].to_numpy(float), f["forgetting"].to_numpy(float)) if len(f) else math.nan}
+        if target is not None and len(new):
+            higher = bool(new["higher_is_better"].iloc[0])
+            sign = 1.0 if higher else -1.0  # cross "at least target" for scores, "at most" for losses
+            at = crossing(new["step"].to_numpy(float), sign * new["value"].to_numpy(float), sign * target)
+            entry["target"] = target
+            entry["steps_to_target"] = at
+            entry["tokens_to_target"] = (float(np.interp(at, new["step"], new["tokens"])) if at is not None else None)
+            entry["forgetting_at_target"] = (float(np.interp(at, f["step"], f["forgetting"])) if at is not None and len(f) else None)
+        out.append(entry)
+    return pd.DataFrame(out)
+
+
+def pareto_front(gain: np.ndarray, forgetting: np.ndarray) -> np.ndarray:
+    """Mask of the runs no other run dominates: run j dominates i when ``gain_j >= gain_i`` and
+    ``forgetting_j <= forgetting_i`` with at least one strict inequality."""
+    gain, forgetting = np.asarray(gain, float), np.asarray(forgetting, float)
+    front = np.ones(len(gain), dtype=bool)
+    for i in range(len(gain)):
+        better_or_equal = (gain >= gain[i]) & (forgetting <= forgetting[i])
+        strictly = (gain > gain[i]) | (forgetting < forgetting[i])
+        front[i] = not np.any(better_or_equal & strictly)
+    return front
+
+
+def rank_runs(summary: pd.DataFrame) -> pd.DataFrame:
+    """``summary`` with ``pareto`` (on the learning-vs-forgetting frontier of final gain and final
+    forgetting) and ``rank``: runs that reach the target first, by forgetting at the target
+    (less is better); then the others by final forgetting; ties by final gain (more is better).
+    Without a target, by final forgetting among the runs on the frontier, then the rest."""
+    out = summary.copy()
+    out["pareto"] = pareto_front(out["gain_final"], out["forgetting_final"])
+    if "forgetting_at_target" in out:
+        reached = out["forgetting_at_target"].notna()
+        key = [~reached, out["forgetting_at_target"].fillna(np.inf), out["forgetting_final"], -out["gain_final"]]
+    else:
+        key = [~out["pareto"], out["forgetting_final"], -out["gain_final"]]
+    order = np.lexsort([np.asarray(k, float) for k in reversed(key)])
+    out["rank"] = 0
+    out.loc[out.index[order], "rank"] = np.arange(1, len(out) + 1)
+    return out.sort_values("rank", ignore_index=True)

@@ -1,0 +1,248 @@
+"""Comparison reports: one self-contained HTML page (figures embedded, opens offline, no
+scripts) and a Markdown summary fit for a pull request, from any number of finished runs."""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+
+from forgetscope import figures, io, metrics, results, stats
+from forgetscope.snapshots import RunLayout
+
+TOP_ITEMS = 6  # most-forgotten items listed per probe
+
+
+@dataclass
+class Analysis:
+    """Everything a report shows, as tables (also handy in a notebook)."""
+
+    table: pd.DataFrame  # tidy curves of all runs
+    summary: pd.DataFrame  # one row per run, ranked (metrics.run_summary + rank_runs)
+    drops: pd.DataFrame  # run, task, metric, step, drop, low, high: general probes, paired 95% CI
+    finals: pd.DataFrame  # run, task, role, metric, base, final, drop, low, high, p_mcnemar, forgotten, learned, n
+    items: pd.DataFrame  # probe, item_id, text, runs, first_step, change: the most-forgotten items
+
+
+def _signed(ci: dict, higher: bool) -> tuple[float, float, float]:
+    """A paired delta and its CI -> the drop (positive = worse) and its CI."""
+    if higher:
+        return -ci["delta"], -ci["high"], -ci["low"]
+    return ci["delta"], ci["low"], ci["high"]
+
+
+def analyse(paths: list[str | Path], target: float | None = None, weights: dict[str, float] | None = None) -> Analysis:
+    """Load the runs in ``paths`` and compute the report's tables (see docs/METRICS.md)."""
+    folders = results.run_folders(paths)
+    table = results.load_results(folders)
+    rows = metrics.primary_rows(table)
+    summary = metrics.rank_runs(metrics.run_summary(table, target=target, weights=weights))
+    drops, finals, forgotten = [], [], []
+    for root in folders:
+        layout = RunLayout(root)
+        run = results.load_results([root])["run"].iloc[0]
+        mine = rows[rows["run"] == run]
+        last = int(mine["step"].max())
+        for (task, metric, role, higher), line in mine.groupby(["task", "metric", "role", "higher_is_better"], sort=False):
+            for step in sorted(line["step"]):
+                if role != "general" and step != last:
+                    continue
+                ci = stats.paired_delta(layout, task, metric, step) if step else {"delta": 0.0, "low": 0.0, "high": 0.0, "n": 0}
+                drop, low, high = _signed(ci, bool(higher))
+                if role == "general":
+                    drops.append({"run": run, "task": task, "metric": metric, "step": step, "drop": drop, "low": low, "high": high})
+                if step == last:
+                    flip = stats.flips(layout, task, metric, step) or {}
+                    value = line.set_index("step")["value"]
+                    finals.append({"run": run, "task": task, "role": role, "metric": metric, "higher_is_better": bool(higher),
+                                   "base": float(value.get(0, math.nan)), "final": float(value[step]), "drop": drop, "low": low,
+                                   "high": high, "n": ci["n"], "p_mcnemar": flip.get("p_mcnemar"),
+                                   "forgotten": len(flip["forgotten"]) if flip else None,
+                                   "learned": len(flip["learned"]) if flip else None})
+            if role == "general":
+                forgotten.extend(_forgotten_items(layout, run, task, metric, bool(higher), sorted(line["step"])))
+    return Analysis(table, summary, pd.DataFrame(drops), pd.DataFrame(finals), _top_items(pd.DataFrame(forgotten)))
+
+
+def _forgotten_items(layout: RunLayout, run: str, task: str, metric: str, higher: bool, steps: list[int]) -> list[dict]:
+    """Per item of one probe in one run: for 0/1 metrics the items forgotten by the end (with the
+    first step they were wrong); for the others each item's change at the end (positive = worse:
+    bits per byte, or minus the accuracy-like score)."""
+    last = steps[-1]
+    texts = results.item_texts(layout, task)
+    flip = stats.flips(layout, task, metric, last)
+    if flip is not None:
+        first = stats.first_forgotten(layout, task, metric, steps)
+        return [{"probe": task, "item_id": i, "text": texts.get(i, ""), "run": run, "first_step": first.get(i, last),
+                 "change": 1.0} for i in flip["forgotten"]]
+    base, final = stats.item_values(layout, 0, task, metric), stats.item_values(layout, last, task, metric)
+    out = []
+    for item in set(base) & set(final):
+        (b_num, b_den), (f_num, f_den) = base[item], final[item]
+        if metric in ("bits_per_byte", "byte_perplexity", "word_perplexity"):  # per-item loss: -loglik / size
+            change = (-f_num / f_den + b_num / b_den) / (math.log(2) if metric == "bits_per_byte" else 1.0)
+        else:
+            change = (f_num / f_den - b_num / b_den) * (-1 if higher else 1)
+        out.append({"probe": task, "item_id": item, "text": texts.get(item, ""), "run": run, "first_step": None, "change": change})
+    return out
+
+
+def _top_items(items: pd.DataFrame) -> pd.DataFrame:
+    """The most-forgotten items per probe: forgotten by the most runs (0/1 metrics), or with the
+    largest mean change over runs (continuous metrics)."""
+    if items.empty:
+        return pd.DataFrame(columns=["probe", "item_id", "text", "runs", "first_step", "change"])
+    out = []
+    for (probe, item), group in items.groupby(["probe", "item_id"], sort=False):
+        steps = [f"{r} (step {int(s)})" if pd.notna(s) else r for r, s in zip(group["run"], group["first_step"])]
+        out.append({"probe": probe, "item_id": item, "text": group["text"].iloc[0], "runs": ", ".join(steps),
+                    "n_runs": len(group), "first_step": group["first_step"].min(), "change": group["change"].mean()})
+    table = pd.DataFrame(out).sort_values(["probe", "n_runs", "change"], ascending=[True, False, False])
+    table = table[table["change"] > 0]
+    return table.groupby("probe", sort=False).head(TOP_ITEMS).reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write(paths: list[str | Path], out_dir: str | Path, target: float | None = None,
+          weights: dict[str, float] | None = None, title: str = "forgetscope report") -> tuple[Path, Path]:
+    """Write ``report.html`` (self-contained) and ``report.md`` (+ its PNG figures) into ``out_dir``."""
+    analysis = analyse(paths, target, weights)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = metrics.primary_rows(analysis.table)
+    pngs = {
+        "learning": figures.save(figures.plot_learning(rows[rows["role"] == "new"], target), out / "learning.png"),
+        "forgetting": figures.save(figures.plot_forgetting(analysis.drops), out / "forgetting.png"),
+        "frontier": figures.save(figures.plot_frontier(analysis.summary), out / "frontier.png"),
+    }
+    html_path, md_path = out / "report.html", out / "report.md"
+    io.write_text(html_path, render_html(analysis, pngs, title, target))
+    io.write_text(md_path, render_markdown(analysis, title, target))
+    return html_path, md_path
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else ""
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) >= 1000 else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _summary_rows(analysis: Analysis, target: float | None) -> tuple[list[str], list[list[str]]]:
+    head = ["rank", "run", "method", "steps", "new task (base → final)", "general forgetting: final", "max", "AUC"]
+    if target is not None:
+        head += [f"steps to {target:g}", f"forgetting at {target:g}"]
+    head += ["Pareto"]
+    body = []
+    for r in analysis.summary.to_dict("records"):
+        line = [str(r["rank"]), r["run"], r["method"], str(r["steps"]),
+                f"{r['new_task']} {r['new_metric']}: {_fmt(r['new_base'])} → {_fmt(r['new_final'])}",
+                f"{r['forgetting_final'] * 100:+.1f}%", f"{r['forgetting_max'] * 100:+.1f}%", f"{r['forgetting_auc'] * 100:+.1f}%"]
+        if target is not None:
+            line += [_fmt(r.get("steps_to_target"), 1),
+                     f"{r['forgetting_at_target'] * 100:+.1f}%" if r.get("forgetting_at_target") is not None
+                     and not pd.isna(r.get("forgetting_at_target")) else "not reached"]
+        line += ["✓" if r["pareto"] else ""]
+        body.append(line)
+    return head, body
+
+
+def _final_rows(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
+    head = ["run", "task", "metric", "base", "final", "change [95% CI]", "McNemar p", "right→wrong / wrong→right", "verdict"]
+    body = []
+    for r in analysis.finals.sort_values(["role", "task", "run"], ascending=[False, True, True]).to_dict("records"):
+        sign = -1 if r["higher_is_better"] else 1  # drop -> raw change of the metric
+        low, high = sorted((sign * r["low"], sign * r["high"]))
+        verdict = "worse" if r["low"] > 0 else ("better" if r["high"] < 0 else "")
+        arrow = "↑" if r["higher_is_better"] else "↓"
+        p = r["p_mcnemar"]
+        flips = "–" if pd.isna(r["forgotten"]) else f"{int(r['forgotten'])} / {int(r['learned'])}"
+        body.append([r["run"], f"{r['task']} ({r['role']})", f"{r['metric']} {arrow}", _fmt(r["base"], 4), _fmt(r["final"], 4),
+                     f"{sign * r['drop']:+.4f} [{low:+.4f}, {high:+.4f}]",
+                     "–" if pd.isna(p) else ("<0.001" if p < 0.001 else f"{p:.3f}"), flips, verdict])
+    return head, body
+
+
+def _item_rows(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
+    head = ["probe", "item", "forgotten by (first step wrong) / change", "text"]
+    body = []
+    for r in analysis.items.to_dict("records"):
+        who = r["runs"] if pd.notna(r["first_step"]) else f"mean +{r['change']:.3f} over {r['runs']}"
+        text = " ".join(str(r["text"]).split())
+        body.append([r["probe"], str(r["item_id"]), who, text[:220] + ("…" if len(text) > 220 else "")])
+    return head, body
+
+
+def _html_table(head: list[str], body: list[list[str]], cls: str = "") -> str:
+    cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    lines = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+    return f'<table class="{cls}"><thead><tr>{cells}</tr></thead><tbody>{lines}</tbody></table>'
+
+
+def _md_table(head: list[str], body: list[list[str]]) -> str:
+    def clean(c: str) -> str:
+        return c.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(clean(c) for c in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+METHOD_NOTE = ("General forgetting = mean relative drop of the general probes' primary metrics from the base "
+               "(positive = worse); AUC = its average over training; drops carry paired 95% bootstrap CIs over "
+               "items, McNemar's exact test for accuracies. Formulas: docs/METRICS.md.")
+
+
+def render_html(analysis: Analysis, pngs: dict[str, Path], title: str, target: float | None) -> str:
+    """The report as one HTML page: figures inlined as data URIs, no scripts, no external files."""
+    def img(name: str, alt: str) -> str:
+        data = base64.b64encode(pngs[name].read_bytes()).decode()
+        return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"></figure>'
+
+    runs = ", ".join(analysis.summary["run"])
+    style = ("body{font-family:system-ui,sans-serif;max-width:1180px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:.6em 0 1.6em;font-size:.88em}"
+             "th,td{border:1px solid #ccc;padding:.3em .55em;text-align:left;vertical-align:top}"
+             "th{background:#f2f2f2}tr:nth-child(even) td{background:#fafafa}"
+             "img{max-width:100%}figure{margin:.5em 0 1.5em}.note{color:#555;font-size:.9em}"
+             "table.items td:last-child{max-width:520px}")
+    parts = [
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        f"<style>{style}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p class='note'>Runs: {html.escape(runs)}. Generated {datetime.now():%Y-%m-%d %H:%M} by forgetscope.</p>",
+        "<h2>Summary</h2>", _html_table(*_summary_rows(analysis, target)), f"<p class='note'>{html.escape(METHOD_NOTE)}</p>",
+        "<h2>Learning vs forgetting</h2>", img("frontier", "learning vs forgetting scatter with the Pareto frontier"),
+        "<h2>New task</h2>", img("learning", "new-task learning curves"),
+        "<h2>Forgetting curves</h2>", img("forgetting", "forgetting curve per general probe with 95% CI bands"),
+        "<h2>Per task at the last step</h2>", _html_table(*_final_rows(analysis)),
+        "<h2>Most-forgotten items</h2>", _html_table(*_item_rows(analysis), cls="items"),
+        "</body></html>",
+    ]
+    return "\n".join(parts)
+
+
+def render_markdown(analysis: Analysis, title: str, target: float | None) -> str:
+    """The report as Markdown (tables, and the figures as PNG files beside it)."""
+    return "\n\n".join([
+        f"# {title}",
+        _md_table(*_summary_rows(analysis, target)),
+        f"_{METHOD_NOTE}_",
+        "![learning vs forgetting](frontier.png)",
+        "![new task](learning.png)",
+        "![forgetting curves](forgetting.png)",
+        "## Per task at the last step",
+        _md_table(*_final_rows(analysis)),
+        "## Most-forgotten items",
+        _md_table(*_item_rows(analysis)),
+    ]) + "\n"

@@ -1,0 +1,98 @@
+"""Finished runs -> tidy tables, for reports and notebooks.
+
+    import forgetscope
+    curves = forgetscope.load_results(["runs/full_ft", "runs/lora"])   # or ["runs"]: every run inside
+    items = forgetscope.load_items(["runs/full_ft"], tasks=["world_capitals"])
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from forgetscope import curves
+from forgetscope.errors import UserError
+from forgetscope.snapshots import RunLayout
+
+
+class ResultsError(UserError):
+    """A path given as a run is not one."""
+
+
+def run_folders(paths: list[str | Path]) -> list[Path]:
+    """Run folders (holding ``manifest.json``) named by ``paths``: a run itself, or a folder of
+    runs (every run directly inside, in name order)."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if (path / "manifest.json").is_file():
+            found.append(path)
+            continue
+        inside = sorted(p for p in path.glob("*") if (p / "manifest.json").is_file()) if path.is_dir() else []
+        if not inside:
+            raise ResultsError(f"{path}: not a forgetscope run (no manifest.json) and no runs inside; "
+                               "pass a folder made by `forgetscope run` or `forgetscope audit`")
+        found.extend(inside)
+    return found
+
+
+def load_results(paths: list[str | Path]) -> pd.DataFrame:
+    """The tidy curves of every run in ``paths`` (see :mod:`forgetscope.curves` for the columns):
+    its ``curves.csv``, or for a run still going (or stopped) the evaluations it has so far."""
+    tables = []
+    for root in run_folders(paths):
+        layout = RunLayout(root)
+        if layout.curves.is_file():
+            tables.append(pd.read_csv(layout.curves))
+        else:
+            method = str(layout.read_manifest().get("method", ""))
+            tables.append(curves.build_table(layout, run=root.name, recipe=root.name, method=method))
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=curves.COLUMNS)
+    names = [t["run"].iloc[0] for t in tables if len(t)]
+    if len(names) != len(set(names)):
+        raise ResultsError(f"two runs share the name {max(names, key=names.count)!r}; give them distinct names (`name:` in the recipe)")
+    return table
+
+
+def load_items(paths: list[str | Path], tasks: list[str] | None = None) -> pd.DataFrame:
+    """Per-item results of every run, step and task: one row per item and metric, with columns
+    run, step, task, item_id, metric, value (the item's score: 0/1 for accuracy; a log-likelihood
+    for perplexity-type metrics), weight (1, or the item's words/bytes) and text (the prompt, or
+    the scored text, and the right answer)."""
+    rows = []
+    for root in run_folders(paths):
+        layout = RunLayout(root)
+        for step in layout.eval_steps():
+            for path in sorted(layout.eval_dir(step).glob("samples_*.jsonl")):
+                task = path.stem.removeprefix("samples_")
+                if tasks and task not in tasks:
+                    continue
+                for line in path.read_text().splitlines():
+                    sample = json.loads(line)
+                    for metric in sample.get("metrics", []):
+                        value = sample.get(metric)
+                        num, den = (value[0], value[1]) if isinstance(value, list) else (value, 1.0)
+                        rows.append({"run": root.name, "step": step, "task": task, "item_id": str(sample["item_id"]),
+                                     "metric": metric, "value": float(num), "weight": float(den), "text": item_text(sample)})
+    return pd.DataFrame(rows, columns=["run", "step", "task", "item_id", "metric", "value", "weight", "text"])
+
+
+def item_texts(layout: RunLayout, task: str) -> dict[str, str]:
+    """{item_id: text} of one task, from the base evaluation (step 0)."""
+    path = layout.eval_dir(0) / f"samples_{task}.jsonl"
+    samples = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return {str(s["item_id"]): item_text(s) for s in samples}
+
+
+def item_text(sample: dict) -> str:
+    """What an item asked: the prompt and the right answer (multiple choice: the gold choice)."""
+    arguments = sample.get("arguments") or [[""]]
+    target = sample.get("target")
+    first = arguments[int(target)] if isinstance(target, int) and 0 <= int(target) < len(arguments) else arguments[0]
+    context = str(first[0]) if first else ""
+    answer = str(first[1]) if len(first) > 1 and isinstance(first[1], str) else ""
+    return f"{context}{answer}" if not answer else f"{context} → {answer.strip()}"
+
+

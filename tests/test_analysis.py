@@ -1,0 +1,184 @@
+"""Forgetting metrics against hand-computed fixtures; loading runs; reports (rendered in headless Chromium)."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import forgetscope
+from forgetscope import cli, metrics, report, results, stats
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _table(run="a", new=(0.0, 0.5, 1.0), acc=(0.8, 0.6, 0.4), bpb=(1.0, 1.1, 1.5), steps=(0, 10, 20)) -> pd.DataFrame:
+    rows = []
+    for i, step in enumerate(steps):
+        for task, role, metric, values, higher in (("new", "new", "acc", new, True), ("facts", "general", "acc", acc, True),
+                                                    ("prose", "general", "bits_per_byte", bpb, False)):
+            rows.append({"run": run, "recipe": run, "method": "full", "step": step, "tokens": step * 100, "task": task,
+                         "role": role, "metric": metric, "value": values[i], "stderr": None, "n": 10, "higher_is_better": higher})
+    return pd.DataFrame(rows)
+
+
+def test_drops_are_sign_correct_and_relative():
+    rows = metrics.primary_rows(_table()).set_index(["task", "step"])
+    assert rows.loc[("facts", 20), "drop"] == pytest.approx(0.4)  # accuracy 0.8 -> 0.4: worse by 0.4
+    assert rows.loc[("prose", 20), "drop"] == pytest.approx(0.5)  # bits/byte 1.0 -> 1.5: worse by 0.5
+    assert rows.loc[("facts", 10), "rel_drop"] == pytest.approx(0.25)
+    assert rows.loc[("prose", 10), "rel_delta"] == pytest.approx(0.1)
+    assert rows.loc[("new", 20), "drop"] == pytest.approx(-1.0)  # the new task got better
+
+
+def test_general_forgetting_weights_max_and_area():
+    rows = metrics.primary_rows(_table())
+    f = metrics.general_forgetting(rows).set_index("step")["forgetting"]
+    assert f.tolist() == pytest.approx([0.0, (0.25 + 0.1) / 2, (0.5 + 0.5) / 2])
+    weighted = metrics.general_forgetting(rows, {"facts": 3}).set_index("step")["forgetting"]
+    assert weighted[10] == pytest.approx((3 * 0.25 + 0.1) / 4)
+    assert metrics.general_forgetting(rows, {"facts": 0}).set_index("step")["forgetting"][20] == pytest.approx(0.5)
+    summary = metrics.run_summary(_table()).iloc[0]
+    assert summary["forgetting_max"] == pytest.approx(0.5)
+    assert summary["forgetting_auc"] == pytest.approx((10 * 0.175 / 2 + 10 * (0.175 + 0.5) / 2) / 20)  # 0.2125
+    assert summary["gain_final"] == pytest.approx(1.0) and summary["gain_best"] == pytest.approx(1.0)
+
+
+def test_matched_learning_is_interpolated_between_snapshots():
+    s = metrics.run_summary(_table(), target=0.75).iloc[0]
+    assert s["steps_to_target"] == pytest.approx(15.0)  # 0.5 at step 10, 1.0 at 20: 0.75 halfway
+    assert s["tokens_to_target"] == pytest.approx(1500.0)
+    assert s["forgetting_at_target"] == pytest.approx(0.175 + 0.5 * (0.5 - 0.175))  # F halfway: 0.3375
+    assert metrics.run_summary(_table(), target=2.0).iloc[0]["steps_to_target"] is None
+    assert metrics.crossing(np.array([0, 10]), np.array([0.9, 1.0]), 0.5) == 0.0  # already there at the start
+    # a lower-is-better new task (a loss) reaches a target from above
+    table = _table()
+    table.loc[table.task == "new", ["metric", "higher_is_better"]] = ["bits_per_byte", False]
+    table.loc[table.task == "new", "value"] = [3.0, 2.0, 1.0]
+    assert metrics.run_summary(table, target=1.5).iloc[0]["steps_to_target"] == pytest.approx(15.0)
+
+
+def test_pareto_front_and_ranking():
+    assert metrics.pareto_front([1.0, 0.9, 0.8, 1.0], [0.3, 0.1, 0.2, 0.3]).tolist() == [True, True, False, True]
+    table = pd.concat([_table("a"), _table("b", acc=(0.8, 0.8, 0.8), bpb=(1.0, 1.0, 1.1)), _table("c", new=(0, 0.1, 0.2))])
+    ranked = metrics.rank_runs(metrics.run_summary(table, target=0.75))
+    assert ranked["run"].tolist() == ["b", "a", "c"]  # b forgets least at the target; c never reaches it
+    assert ranked.set_index("run")["pareto"].to_dict() == {"a": False, "b": True, "c": False}
+
+
+def test_mcnemar_exact_on_known_tables():
+    assert stats.mcnemar(1, 9) == pytest.approx(2 * (1 + 10) / 2**10)  # 0.0215
+    assert stats.mcnemar(0, 0) == 1.0
+    assert stats.mcnemar(5, 5) == 1.0
+    assert stats.mcnemar(0, 6) == pytest.approx(2 / 64)
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for b, c in [(3, 12), (20, 9), (7, 7)]:
+        assert stats.mcnemar(b, c) == pytest.approx(scipy_stats.binomtest(b, b + c, 0.5).pvalue)
+
+
+def test_flips_and_first_forgotten_step(tmp_path, fake_run):
+    base = [1, 1, 1, 0, 0, 1]
+    at5 = [0, 1, 1, 1, 0, 1]
+    at10 = [0, 0, 1, 1, 0, 1]
+    layout = fake_run(tmp_path / "r", {s: {f"i{k}": float(v) for k, v in enumerate(vals)}
+                                        for s, vals in ((0, base), (5, at5), (10, at10))})
+    flip = stats.flips(layout, "facts", "acc", 10)
+    assert flip["forgotten"] == ["i0", "i1"] and flip["learned"] == ["i3"]
+    assert flip["p_mcnemar"] == pytest.approx(stats.mcnemar(2, 1)) == 1.0
+    assert stats.first_forgotten(layout, "facts", "acc", [0, 5, 10]) == {"i0": 5, "i1": 10}
+
+
+def test_paired_bootstrap_matches_the_closed_form(tmp_path, fake_run):
+    rng = np.random.default_rng(1)
+    n = 400
+    base = rng.random(n) < 0.7
+    later = np.where(rng.random(n) < 0.15, ~base, base)  # 15% of items flip
+    layout = fake_run(tmp_path / "r", {0: {f"i{k}": float(v) for k, v in enumerate(base)},
+                                        10: {f"i{k}": float(v) for k, v in enumerate(later)}})
+    ci = stats.paired_delta(layout, "facts", "acc", 10, iters=4000)
+    d = later.astype(float) - base.astype(float)
+    se = d.std(ddof=0) / math.sqrt(n)  # the bootstrap's standard error of a mean of paired differences
+    assert ci["delta"] == pytest.approx(d.mean())
+    assert ci["low"] == pytest.approx(d.mean() - 1.96 * se, abs=0.15 * 1.96 * se)
+    assert ci["high"] == pytest.approx(d.mean() + 1.96 * se, abs=0.15 * 1.96 * se)
+
+
+def _two_runs(tmp_path, fake_run) -> Path:
+    rng = np.random.default_rng(0)
+    base = {f"i{k}": float(v) for k, v in enumerate(rng.random(60) < 0.8)}
+    for name, p_forget in (("gentle", 0.02), ("harsh", 0.4)):
+        steps = {0: base}
+        for step in (5, 10):
+            steps[step] = {k: float(v and rng.random() > p_forget * step / 10) for k, v in base.items()}
+        fake_run(tmp_path / "runs" / name, steps)
+    return tmp_path / "runs"
+
+
+def test_load_results_and_items(tmp_path, fake_run):
+    runs = _two_runs(tmp_path, fake_run)
+    table = forgetscope.load_results([runs])
+    assert sorted(table["run"].unique()) == ["gentle", "harsh"] and sorted(table["step"].unique()) == [0, 5, 10]
+    items = forgetscope.load_items([runs / "harsh"], tasks=["facts"])
+    assert len(items) == 60 * 3 and set(items.columns) >= {"run", "step", "task", "item_id", "value", "text"}
+    assert items["text"].iloc[0] == "Question i0? → answer i0"
+    with pytest.raises(results.ResultsError, match="not a forgetscope run"):
+        forgetscope.load_results([tmp_path / "nothing"])
+
+
+def test_report_ranks_and_renders_offline(tmp_path, fake_run):
+    runs = _two_runs(tmp_path, fake_run)
+    assert cli.main(["report", str(runs), "-o", str(tmp_path / "rep"), "--target", "0.5"]) == 0
+    page = (tmp_path / "rep" / "report.html").read_text()
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "http" not in page.replace("http-equiv", "") and page.count("data:image/png;base64,") == 3
+    assert md.index("| 1 | gentle |") < md.index("| 2 | harsh |")
+    assert "Most-forgotten items" in md and "Question i" in md
+    analysis = report.analyse([runs], target=0.5)
+    harsh = analysis.finals.set_index(["run", "task"]).loc[("harsh", "facts")]
+    assert harsh["drop"] > 0 and harsh["p_mcnemar"] < 0.05
+    assert cli.main(["report", str(tmp_path / "missing"), "-o", str(tmp_path / "rep2")]) == 2
+    assert not (tmp_path / "rep2").exists()  # nothing half-written
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make install-browser)")
+def test_report_renders_in_headless_chromium_without_console_errors(tmp_path, fake_run):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    html, _ = report.write([_two_runs(tmp_path, fake_run)], tmp_path / "rep", target=0.5)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
+                                    "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors, requests = [], []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda r: requests.append(r.url) if not r.url.startswith(("file:", "data:")) else None)
+        page.goto(html.as_uri())
+        widths = page.evaluate("Array.from(document.images).map(i => i.naturalWidth)")
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        browser.close()
+    assert errors == [] and requests == []
+    assert len(widths) == 3 and all(w > 300 for w in widths)  # every figure decoded
+    assert (tmp_path / "report.png").stat().st_size > 20_000
+
+
+def test_notebook_runs_on_a_finished_run(tmp_path, fake_run):
+    nbclient = pytest.importorskip("nbclient")
+    nbformat = pytest.importorskip("nbformat")
+    notebook = nbformat.read(ROOT / "examples" / "forgetting_curves.ipynb", as_version=4)
+    env = {"FORGETSCOPE_RUNS": str(_two_runs(tmp_path, fake_run))}
+    os.environ.update(env)
+    try:
+        nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                                resources={"metadata": {"path": str(tmp_path)}}).execute()
+    finally:
+        os.environ.pop("FORGETSCOPE_RUNS")
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2  # the curves and the frontier were drawn
