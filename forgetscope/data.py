@@ -41,11 +41,18 @@ def load_records(task: TaskConfig, base_dir: Path) -> list[dict[str, Any]]:
 
 def read_file(path: Path) -> list[dict[str, Any]]:
     """Records of a .csv file (by header) or a .jsonl file (one JSON object a line), checked line by line."""
+    try:
+        return _read_file(path)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save the file as UTF-8") from None
+
+
+def _read_file(path: Path) -> list[dict[str, Any]]:
     if path.suffix == ".csv":
-        with open(path, newline="") as fh:
+        with open(path, newline="", encoding="utf-8") as fh:
             return list(csv.DictReader(fh))
     records = []
-    with open(path) as fh:
+    with open(path, encoding="utf-8") as fh:
         for number, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -84,13 +91,18 @@ def tokenize(records: list[dict[str, Any]], tokenizer, task: TaskConfig, seq_len
     chat = uses_chat_template(task, tokenizer)
     has_prompt = task.prompt_field in records[0]
     field = task.completion_field if has_prompt else task.text_field
-    missing = [i for i, r in enumerate(records) if field not in r or (has_prompt and task.prompt_field not in r)]
+    fields = [task.prompt_field, field] if has_prompt else [field]
+    missing = [i for i, r in enumerate(records) if any(f not in r for f in fields)]
     if missing:
         need = f"`{task.prompt_field}` and `{task.completion_field}`" if has_prompt else f"`{task.text_field}`"
         raise DataError(
             f"task: record {missing[0] + 1} (of {len(missing)} bad) lacks {need}; set task.prompt_field/"
             "completion_field/text_field to your column names"
         )
+    not_text = [(i, f) for i, r in enumerate(records) for f in fields if not isinstance(r[f], str)]
+    if not_text:
+        i, f = not_text[0]
+        raise DataError(f"task: record {i + 1} (of {len(not_text)} bad): `{f}` must be a string, got {records[i][f]!r}")
     end = tokenizer.eos_token or ""
     examples, too_long = [], 0
     for record in records:

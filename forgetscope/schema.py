@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import field
@@ -71,6 +72,8 @@ def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
                 return False, value
             out.append(converted)
         return True, out
+    if origin is dict:  # keys and values are checked by the caller (e.g. one section per key)
+        return isinstance(value, dict), value
     if hint is type(None):
         return value is None, value
     if hint is bool:
@@ -80,13 +83,13 @@ def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
     if hint is float:
         if isinstance(value, bool):
             return False, value
-        if isinstance(value, (int, float)):
-            return True, float(value)
         if isinstance(value, str):  # YAML 1.1 reads `2e-4` as a string
             try:
-                return True, float(value)
+                value = float(value)
             except ValueError:
                 return False, value
+        if isinstance(value, (int, float)):
+            return math.isfinite(value), float(value)  # nan and inf are never meant
         return False, value
     if hint is str:
         return isinstance(value, str), value
