@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install browser demo test test-fast tiny bench clean
+.PHONY: install browser demo sequence test test-fast tiny bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/forgetscope compare recipes/full_ft.yaml recipes/lora.yaml recipes/low_lr.yaml recipes/self_replay.yaml \
 		-o runs/report --target 0.9 --title "Four recipes on SmolLM2-135M-Instruct, new task: numerals"
+
+# Three new tasks in a row on a small model from scratch, without and with self-generated replay.
+sequence: $(STAMP)
+	$(BIN)/forgetscope compare recipes/sequence.yaml recipes/sequence_replay.yaml -o runs/sequence_report \
+		--title "Three symbolic tasks in a row, from scratch: without and with self-generated replay"
 
 tiny: $(STAMP)
 	$(BIN)/forgetscope run recipes/tiny.yaml

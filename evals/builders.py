@@ -19,6 +19,22 @@ def numerals(**_: object) -> dict[str, datasets.Dataset]:
     return _test(tasks.numerals("test"))
 
 
+def sym_reverse(**_: object) -> dict[str, datasets.Dataset]:
+    return _test(tasks.symbolic("sym_reverse", "test"))
+
+
+def sym_sort(**_: object) -> dict[str, datasets.Dataset]:
+    return _test(tasks.symbolic("sym_sort", "test"))
+
+
+def sym_shift(**_: object) -> dict[str, datasets.Dataset]:
+    return _test(tasks.symbolic("sym_shift", "test"))
+
+
+def sym_rotate(**_: object) -> dict[str, datasets.Dataset]:
+    return _test(tasks.symbolic("sym_rotate", "test"))
+
+
 def prose(**_: object) -> dict[str, datasets.Dataset]:
     return _test(tasks.prose_passages())
 

@@ -105,8 +105,8 @@ def _cmd_tasks(args: argparse.Namespace) -> None:
     from forgetscope import evaluate, tasks
 
     print("Embedded new tasks (task.name):")
-    for name, fn in tasks.EMBEDDED_TASKS.items():
-        print(f"  {name:16s} {(fn.__doc__ or '').strip().splitlines()[0]}")
+    for name in tasks.EMBEDDED_TASKS:
+        print(f"  {name:16s} {tasks.describe(name)}")
     for folder in [evaluate.evals_dir(), *map(Path, args.include)]:
         print(f"\nEval tasks in {folder} (evals.new / evals.general):")
         for name, first_line in evaluate.folder_evals(folder).items():

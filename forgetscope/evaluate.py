@@ -180,7 +180,7 @@ def _quiet_lm_eval() -> None:
 
 def _cache_path(suite: EvalSuite, task: str, model_fp: str) -> Path:
     key = json.dumps([model_fp, suite.hashes.get(task, task), version("lm_eval"), suite.config.limit, SEED,
-                      suite.chat and suite.roles.get(task) == "new"])
+                      suite.chat and suite.roles.get(task) == "new", suite.config.precision])
     return cache_dir() / "results" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
 
 
@@ -203,8 +203,9 @@ def evaluate_model(model, tokenizer, suite: EvalSuite, base_only: bool = False) 
     ``base_only`` marks a model whose adapters have no effect yet (step 0 of a LoRA run), so that it
     shares its cache entries with the plain base. Returns ``{"results", "samples", "cached"}``.
     """
-    lora = any("lora_" in name for name, _ in model.named_parameters())
-    model_fp = fingerprint(model, base_only=base_only, base=suite.base_fingerprint if lora else None)
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    base_only = base_only or bool(lora_b) and all(not p.any() for p in lora_b)  # adapters that change nothing yet
+    model_fp = fingerprint(model, base_only=base_only, base=suite.base_fingerprint if lora_b else None)
     out: dict[str, Any] = {"results": {}, "samples": {}, "cached": []}
     todo: dict[bool, list[str]] = {True: [], False: []}
     for task, role in suite.roles.items():
@@ -225,7 +226,7 @@ def evaluate_model(model, tokenizer, suite: EvalSuite, base_only: bool = False) 
     model.eval()
     lm = PackedLM(pretrained=model, tokenizer=tokenizer, batch_size=_batch_size(suite.config, model.device), max_length=max_length(model))
     try:
-        with merged_adapters(model, enabled=not base_only):
+        with scoring_precision(model, suite.config.precision), merged_adapters(model, enabled=not base_only):
             for use_chat, names in todo.items():
                 if not names:
                     continue
@@ -260,6 +261,23 @@ def _lm_eval(lm, specs: list, suite: EvalSuite, use_chat: bool) -> dict[str, Any
         task.set_fewshot_seed(seed=SEED)
     return evaluate(lm=lm, task_dict=loaded, limit=suite.config.limit, cache_requests=False, bootstrap_iters=BOOTSTRAP_ITERS,
                     log_samples=True, apply_chat_template=use_chat, verbosity="ERROR")
+
+
+@contextlib.contextmanager
+def scoring_precision(model, precision: str) -> Iterator[None]:
+    """Score in ``precision`` whatever the training precision. accelerate's mixed precision wraps
+    ``model.forward`` in bf16 autocast for training (keeping the original as ``_original_forward``);
+    scoring calls the original forward, under bf16 autocast only when ``precision`` is ``bf16``."""
+    patched = "_original_forward" in vars(model)
+    training_forward = model.forward
+    if patched:
+        model.forward = model._original_forward
+    try:
+        with torch.autocast(device_type=model.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            yield
+    finally:
+        if patched:
+            model.forward = training_forward
 
 
 @contextlib.contextmanager

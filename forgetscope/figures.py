@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
@@ -163,5 +164,40 @@ def plot_frontier(summary: pd.DataFrame) -> Figure:
     ax.set_title("Learning vs forgetting (upper left is best)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_sequence(table: pd.DataFrame, stages: list[dict], matrix: pd.DataFrame, title: str = "") -> Figure:
+    """A sequence of new tasks: the accuracy matrix as a heatmap (left) and every stage's task
+    scored across all stages (right), the stages shaded and their boundaries marked."""
+    fig = Figure(figsize=(12, 4.2))
+    heat, curves_ax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.5]})
+    values = matrix.to_numpy(float)
+    image = heat.imshow(values, cmap="viridis", vmin=0, vmax=max(1.0, float(np.nanmax(values))), aspect="auto")
+    for (i, j), v in np.ndenumerate(values):
+        heat.text(j, i, "–" if np.isnan(v) else f"{v:.2f}", ha="center", va="center",
+                  color="white" if not np.isnan(v) and v < 0.5 else "black", fontsize=9)
+    heat.set_xticks(range(values.shape[1]), matrix.columns, rotation=20, fontsize=8)
+    heat.set_yticks(range(values.shape[0]), matrix.index, fontsize=8)
+    heat.set_xlabel("scored on task")
+    heat.set_title("accuracy matrix R[i][j]")
+    fig.colorbar(image, ax=heat, fraction=0.046)
+    colors = _run_colors(matrix.columns)
+    for k, stage in enumerate(stages):
+        curves_ax.axvspan(stage["start"], stage["end"], color="grey", alpha=0.08 if k % 2 else 0.0)
+        curves_ax.axvline(stage["end"], color="grey", linewidth=0.8, linestyle=":")
+    for name in matrix.columns:
+        part = table[table["task"] == name]
+        metric = primary_metric(list(part["metric"].unique()))
+        line = part[part["metric"] == metric].sort_values("step")
+        curves_ax.plot(line["step"], line["value"], marker="o", markersize=3, color=colors[name], label=name)
+    curves_ax.set_xlabel("training step (stages shaded; dotted lines end a stage)")
+    curves_ax.set_ylabel("score (primary metric)")
+    curves_ax.set_title("every task across the stages")
+    curves_ax.grid(alpha=0.3)
+    curves_ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -123,9 +123,7 @@ def check(run: str | Path, policy: Policy, step: int | None = None) -> dict:
             continue
         ci = stats.paired_delta(layout, task, row["metric"], step, confidence=policy.confidence) if step else \
             {"delta": 0.0, "low": 0.0, "high": 0.0}
-        sign = -1.0 if row["higher_is_better"] else 1.0
-        drop = sign * ci["delta"]
-        low, high = sorted([sign * ci["low"], sign * ci["high"]])
+        drop, low, high = stats.as_drop(ci, bool(row["higher_is_better"]))
         relative = limit.max_relative_drop is not None
         scale = abs(row["v0"]) if relative and row["v0"] else 1.0
         drop, low, high = drop / scale, low / scale, high / scale

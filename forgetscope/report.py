@@ -27,13 +27,7 @@ class Analysis:
     drops: pd.DataFrame  # run, task, metric, step, drop, low, high: general probes, paired 95% CI
     finals: pd.DataFrame  # run, task, role, metric, base, final, drop, low, high, p_mcnemar, forgotten, learned, n
     items: pd.DataFrame  # probe, item_id, text, runs, first_step, change: the most-forgotten items
-
-
-def _signed(ci: dict, higher: bool) -> tuple[float, float, float]:
-    """A paired delta and its CI -> the drop (positive = worse) and its CI."""
-    if higher:
-        return -ci["delta"], -ci["high"], -ci["low"]
-    return ci["delta"], ci["low"], ci["high"]
+    sequences: list[dict]  # runs with stages: run, figure (sequence.png), matrix metrics
 
 
 def analyse(paths: list[str | Path], target: float | None = None, weights: dict[str, float] | None = None) -> Analysis:
@@ -42,10 +36,13 @@ def analyse(paths: list[str | Path], target: float | None = None, weights: dict[
     table = results.load_results(folders)
     rows = metrics.primary_rows(table)
     summary = metrics.rank_runs(metrics.run_summary(table, target=target, weights=weights))
-    drops, finals, forgotten = [], [], []
+    drops, finals, forgotten, sequences = [], [], [], []
     for root in folders:
         layout = RunLayout(root)
         run = results.load_results([root])["run"].iloc[0]
+        sequence = layout.read_manifest().get("sequence")
+        if sequence and (root / "sequence.png").is_file():
+            sequences.append({"run": run, "figure": root / "sequence.png", **sequence})
         mine = rows[rows["run"] == run]
         last = int(mine["step"].max())
         for (task, metric, role, higher), line in mine.groupby(["task", "metric", "role", "higher_is_better"], sort=False):
@@ -53,7 +50,7 @@ def analyse(paths: list[str | Path], target: float | None = None, weights: dict[
                 if role != "general" and step != last:
                     continue
                 ci = stats.paired_delta(layout, task, metric, step) if step else {"delta": 0.0, "low": 0.0, "high": 0.0, "n": 0}
-                drop, low, high = _signed(ci, bool(higher))
+                drop, low, high = stats.as_drop(ci, bool(higher))
                 if role == "general":
                     drops.append({"run": run, "task": task, "metric": metric, "step": step, "drop": drop, "low": low, "high": high})
                 if step == last:
@@ -66,7 +63,7 @@ def analyse(paths: list[str | Path], target: float | None = None, weights: dict[
                                    "learned": len(flip["learned"]) if flip else None})
             if role == "general":
                 forgotten.extend(_forgotten_items(layout, run, task, metric, bool(higher), sorted(line["step"])))
-    return Analysis(table, summary, pd.DataFrame(drops), pd.DataFrame(finals), _top_items(pd.DataFrame(forgotten)))
+    return Analysis(table, summary, pd.DataFrame(drops), pd.DataFrame(finals), _top_items(pd.DataFrame(forgotten)), sequences)
 
 
 def _forgotten_items(layout: RunLayout, run: str, task: str, metric: str, higher: bool, steps: list[int]) -> list[dict]:
@@ -119,9 +116,14 @@ def write(paths: list[str | Path], out_dir: str | Path, target: float | None = N
     rows = metrics.primary_rows(analysis.table)
     pngs = {
         "learning": figures.save(figures.plot_learning(rows[rows["role"] == "new"], target), out / "learning.png"),
-        "forgetting": figures.save(figures.plot_forgetting(analysis.drops), out / "forgetting.png"),
         "frontier": figures.save(figures.plot_frontier(analysis.summary), out / "frontier.png"),
     }
+    if not analysis.drops.empty:
+        pngs["forgetting"] = figures.save(figures.plot_forgetting(analysis.drops), out / "forgetting.png")
+    for entry in analysis.sequences:  # copied beside the report, for the Markdown
+        copy = out / f"sequence-{entry['run']}.png"
+        io.write_bytes(copy, entry["figure"].read_bytes())
+        pngs[f"sequence-{entry['run']}"] = copy
     html_path, md_path = out / "report.html", out / "report.md"
     io.write_text(html_path, render_html(analysis, pngs, title, target))
     io.write_text(md_path, render_markdown(analysis, title, target))
@@ -138,6 +140,11 @@ def _fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
+def _pct(value) -> str:
+    """A fraction as a signed percentage; "–" when there is none (no general probes)."""
+    return "–" if value is None or pd.isna(value) else f"{value * 100:+.1f}%"
+
+
 def _summary_rows(analysis: Analysis, target: float | None) -> tuple[list[str], list[list[str]]]:
     head = ["rank", "run", "method", "steps", "new task (base → final)", "general forgetting: final", "max", "AUC"]
     if target is not None:
@@ -147,11 +154,11 @@ def _summary_rows(analysis: Analysis, target: float | None) -> tuple[list[str], 
     for r in analysis.summary.to_dict("records"):
         line = [str(r["rank"]), r["run"], r["method"], str(r["steps"]),
                 f"{r['new_task']} {r['new_metric']}: {_fmt(r['new_base'])} → {_fmt(r['new_final'])}",
-                f"{r['forgetting_final'] * 100:+.1f}%", f"{r['forgetting_max'] * 100:+.1f}%", f"{r['forgetting_auc'] * 100:+.1f}%"]
+                _pct(r["forgetting_final"]), _pct(r["forgetting_max"]), _pct(r["forgetting_auc"])]
         if target is not None:
-            line += [_fmt(r.get("steps_to_target"), 1),
-                     f"{r['forgetting_at_target'] * 100:+.1f}%" if r.get("forgetting_at_target") is not None
-                     and not pd.isna(r.get("forgetting_at_target")) else "not reached"]
+            reached = r.get("steps_to_target") is not None and not pd.isna(r.get("steps_to_target"))
+            line += [_fmt(r.get("steps_to_target"), 1) if reached else "not reached",
+                     _pct(r.get("forgetting_at_target")) if reached else "–"]
         line += ["✓" if r["pareto"] else ""]
         body.append(line)
     return head, body
@@ -171,6 +178,14 @@ def _final_rows(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
                      f"{sign * r['drop']:+.4f} [{low:+.4f}, {high:+.4f}]",
                      "–" if pd.isna(p) else ("<0.001" if p < 0.001 else f"{p:.3f}"), flips, verdict])
     return head, body
+
+
+SEQUENCE_KEYS = ["average_accuracy", "backward_transfer", "forward_transfer", "mean_forgetting", "learning_accuracy"]
+
+
+def _sequence_rows(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
+    head = ["run", "average accuracy", "backward transfer", "forward transfer", "mean forgetting", "learning accuracy"]
+    return head, [[e["run"], *(f"{e[k]:+.3f}" for k in SEQUENCE_KEYS)] for e in analysis.sequences]
 
 
 def _item_rows(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
@@ -224,7 +239,11 @@ def render_html(analysis: Analysis, pngs: dict[str, Path], title: str, target: f
         "<h2>Summary</h2>", _html_table(*_summary_rows(analysis, target)), f"<p class='note'>{html.escape(METHOD_NOTE)}</p>",
         "<h2>Learning vs forgetting</h2>", img("frontier", "learning vs forgetting scatter with the Pareto frontier"),
         "<h2>New task</h2>", img("learning", "new-task learning curves"),
-        "<h2>Forgetting curves</h2>", img("forgetting", "forgetting curve per general probe with 95% CI bands"),
+        *(["<h2>Forgetting curves</h2>", img("forgetting", "forgetting curve per general probe with 95% CI bands")]
+          if "forgetting" in pngs else []),
+        *(["<h2>Sequences of new tasks</h2>", _html_table(*_sequence_rows(analysis)),
+           *(img(f"sequence-{e['run']}", f"accuracy matrix and task curves of {e['run']}") for e in analysis.sequences)]
+          if analysis.sequences else []),
         "<h2>Per task at the last step</h2>", _html_table(*_final_rows(analysis)),
         "<h2>Most-forgotten items</h2>", _html_table(*_item_rows(analysis), cls="items"),
         "</body></html>",
@@ -240,7 +259,9 @@ def render_markdown(analysis: Analysis, title: str, target: float | None) -> str
         f"_{METHOD_NOTE}_",
         "![learning vs forgetting](frontier.png)",
         "![new task](learning.png)",
-        "![forgetting curves](forgetting.png)",
+        *(["![forgetting curves](forgetting.png)"] if not analysis.drops.empty else []),
+        *(["## Sequences of new tasks", _md_table(*_sequence_rows(analysis)),
+           *(f"![{e['run']}](sequence-{e['run']}.png)" for e in analysis.sequences)] if analysis.sequences else []),
         "## Per task at the last step",
         _md_table(*_final_rows(analysis)),
         "## Most-forgotten items",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from forgetscope import curves, data, evaluate, figures, io, models, replay, snapshots, stats, train
+from forgetscope import curves, data, evaluate, figures, io, models, replay, sequence, snapshots, stats, train
 from forgetscope.errors import UserError
 from forgetscope.recipe import Recipe
 
@@ -86,11 +86,15 @@ def _run(recipe: Recipe, layout: snapshots.RunLayout, main_process: bool) -> Pat
     started = time.time()
     model_path = models.resolve(recipe.base, recipe.base_dir)
     model, tokenizer = models.load(model_path, recipe.trust_remote_code, recipe.allow_pickle)
-    chat = data.uses_chat_template(recipe.task, tokenizer)
-    examples = data.tokenize(data.load_records(recipe.task, recipe.base_dir), tokenizer, recipe.task, recipe.train.seq_len)
+    chat = data.uses_chat_template(recipe.sequence[0].task if recipe.stages else recipe.task, tokenizer)
+    if recipe.stages:  # every stage's data is checked before anything is written
+        stage_data = sequence.stage_examples(recipe, tokenizer)
+        steps = sequence.schedule(recipe)
+    else:
+        examples = data.tokenize(data.load_records(recipe.task, recipe.base_dir), tokenizer, recipe.task, recipe.train.seq_len)
+        steps = snapshots.schedule(recipe.snapshots, recipe.train.steps)
     base_fp = evaluate.fingerprint(model)  # hashed once: keys the drift probe's samples and the replay buffer
     suite = evaluate.prepare_suite(recipe.evals, recipe.base_dir, chat, model, tokenizer, base_fp) if main_process else None
-    steps = snapshots.schedule(recipe.snapshots, recipe.train.steps)
     if main_process:
         layout.root.mkdir(parents=True, exist_ok=True)
         io.write_text(layout.recipe, recipe.to_yaml())
@@ -109,8 +113,9 @@ def _run(recipe: Recipe, layout: snapshots.RunLayout, main_process: bool) -> Pat
             allow_pickle=recipe.allow_pickle,
             versions=_versions(),
             started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            stages=sequence.manifest_entry(recipe) if recipe.stages else None,
         )
-    buffer = replay.build_buffer(model, tokenizer, recipe, base_fp) if recipe.replay else None
+    buffer = replay.build_buffer(model, tokenizer, recipe, base_fp) if recipe.replay and not recipe.stages else None
     model = train.prepare_model(model, recipe)
     done = set(layout.eval_steps())
     timings: dict[str, float] = {}
@@ -129,15 +134,21 @@ def _run(recipe: Recipe, layout: snapshots.RunLayout, main_process: bool) -> Pat
         reused = f" (cached: {', '.join(evaluation['cached'])})" if evaluation["cached"] else ""
         print(f"forgetscope: step {step}: " + curves.headline(evaluation["results"]) + reused)
 
-    callback = train.SnapshotCallback(steps, take, resumable=recipe.snapshots.resumable)
-    trainer = train.make_trainer(model, tokenizer, examples, recipe, str(layout.root / "trainer"), [callback], buffer)
-    resume = train.latest_checkpoint(layout.root / "trainer") if recipe.snapshots.resumable else None
+    resume = None
+    if not recipe.stages:
+        callback = train.SnapshotCallback(steps, take, resumable=recipe.snapshots.resumable)
+        trainer = train.make_trainer(model, tokenizer, examples, recipe, str(layout.root / "trainer"), [callback], buffer)
+        resume = train.latest_checkpoint(layout.root / "trainer") if recipe.snapshots.resumable else None
     if resume and main_process:
         print(f"forgetscope: resuming {layout.root} from {Path(resume).name}")
         layout.update_manifest(resumed_from=Path(resume).name)
     tick = time.time()
     try:
-        trainer.train(resume_from_checkpoint=resume)
+        if recipe.stages:
+            log_history = sequence.train_stages(recipe, model, tokenizer, stage_data, steps, take, layout.root / "trainer")
+        else:
+            trainer.train(resume_from_checkpoint=resume)
+            log_history = trainer.state.log_history
     except BaseException as err:
         if main_process:
             layout.update_manifest(status="failed", error=f"{type(err).__name__}: {err}",
@@ -151,7 +162,7 @@ def _run(recipe: Recipe, layout: snapshots.RunLayout, main_process: bool) -> Pat
         return layout.root
 
     shutil.rmtree(layout.root / "trainer", ignore_errors=True)
-    log = pd.DataFrame([e for e in trainer.state.log_history if "loss" in e])
+    log = pd.DataFrame([e for e in log_history if "loss" in e])
     io.write_text(layout.root / "train_log.csv", log.to_csv(index=False))
     if not log.empty:
         figures.save(figures.plot_train_log(log, title=f"{recipe.name}: training losses"), layout.root / "train_loss.png")
@@ -161,12 +172,14 @@ def _run(recipe: Recipe, layout: snapshots.RunLayout, main_process: bool) -> Pat
     figures.save(figures.plot_curves(table, title=f"{recipe.name}: {method} on {recipe.base}"), layout.figure)
     summary = stats.final_vs_base(layout, table)
     print(f"\nforgetscope: step {summary[0]['step']} vs the base (step 0), paired over items:\n" + stats.format_summary(summary))
+    sequence_summary = sequence.write_summary(layout, table, title=f"{recipe.name}: {method}") if recipe.stages else None
     layout.update_manifest(
+        sequence=sequence_summary,
         final_vs_base=summary,
         status="finished",
         finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
         timings={"total_s": round(time.time() - started, 1), "train_s": round(train_seconds, 1), "eval_s": timings},
-        train_log=trainer.state.log_history,
+        train_log=log_history,
         replay={**dataclasses.asdict(recipe.replay), "coeff": replay.coeff(recipe.replay)} if recipe.replay else None,
     )
     return layout.root

@@ -45,7 +45,7 @@ def render(prompt: str, tokenizer, chat: bool) -> str:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], chat: bool, max_new_tokens: int, temperature: float, top_p: float,
-             seed: int, batch_size: int = 16) -> list[dict[str, str]]:
+             seed: int, batch_size: int = 16, desc: str = "sampling from the base") -> list[dict[str, str]]:
     """Sample one continuation per prompt, batched with a KV cache; returns ``[{"id", "prompt", "text"}]``.
 
     ``chat``: wrap each prompt as a user turn of the chat template; else use it as raw text, where
@@ -58,7 +58,7 @@ def generate(model, tokenizer, prompts: list[str], chat: bool, max_new_tokens: i
     rendered = [render(p, tokenizer, chat) for p in prompts]
     out = []
     produced, started = 0, time.time()
-    bar = tqdm(total=len(prompts), desc="sampling from the base", unit="seq")
+    bar = tqdm(total=len(prompts), desc=desc, unit="seq")
     for start in range(0, len(prompts), batch_size):
         chunk = rendered[start : start + batch_size]
         if all(not c for c in chunk):  # unconditional: start from BOS alone

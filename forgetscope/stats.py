@@ -61,6 +61,14 @@ def paired_delta(layout: RunLayout, task: str, metric: str, step: int, base_step
     return {"delta": delta, "low": float(low), "high": float(high), "n": len(items)}
 
 
+def as_drop(ci: dict, higher_is_better: bool) -> tuple[float, float, float]:
+    """A paired delta and its CI (from :func:`paired_delta`) -> the drop (positive = worse, for
+    every metric) and its CI."""
+    if higher_is_better:
+        return -ci["delta"], -ci["high"], -ci["low"]
+    return ci["delta"], ci["low"], ci["high"]
+
+
 def final_vs_base(layout: RunLayout, table) -> list[dict]:
     """For every task's primary metric: base value, last-step value, paired delta and 95% CI, and
     ``worse`` = the CI lies entirely on the side of getting worse (sign-correct per metric)."""

@@ -2,6 +2,8 @@
 
 * New tasks: ``numerals`` (write a number in an invented numeral language). A pretrained model
   cannot do it at step 0 (it has never seen the language) and learns it within a few dozen steps.
+  ``sym_reverse``, ``sym_sort``, ``sym_shift``: symbolic string tasks over one small alphabet, for
+  sequences of new tasks on small models trained from scratch.
 * General probes: held-out English prose from the standard library's ``pydoc_data``.
 
 Items carry a stable ``id`` so that per-item results pair up across snapshots. The evaluation
@@ -10,6 +12,8 @@ split is fixed (it never depends on a recipe's seed); the seed only orders the t
 
 from __future__ import annotations
 
+import functools
+import itertools
 import random
 import re
 from collections.abc import Callable
@@ -44,7 +48,46 @@ def numerals(split: str, seed: int = 0) -> list[dict[str, str]]:
     ]
 
 
-EMBEDDED_TASKS: dict[str, Callable[..., list[dict[str, str]]]] = {"numerals": numerals}
+# Symbolic tasks for sequences of new tasks on small models trained from scratch: each maps a
+# string of 4 letters (a-h) to another, with its own one-letter operator, over one shared vocabulary.
+SYMBOLS = "abcdefgh"
+SYMBOLIC_OPS: dict[str, tuple[str, Callable[[str], str]]] = {
+    "sym_reverse": ("R", lambda s: s[::-1]),
+    "sym_sort": ("S", lambda s: "".join(sorted(s))),
+    "sym_shift": ("C", lambda s: "".join(SYMBOLS[(SYMBOLS.index(c) + 1) % len(SYMBOLS)] for c in s)),
+    "sym_rotate": ("L", lambda s: s[1:] + s[:1]),
+}
+_SYMBOLIC_EVAL = 300
+
+
+def symbolic(op: str, split: str, seed: int = 0) -> list[dict[str, str]]:
+    """A symbolic task (``op`` in :data:`SYMBOLIC_OPS`): ``R abcd =`` -> ``dcba`` (reverse),
+    ``S dbca =`` -> ``abcd`` (sort), ``C abch =`` -> ``bcda`` (shift each letter by one),
+    ``L abcd =`` -> ``bcda`` (rotate left by one).
+
+    All 4096 strings of 4 letters over a-h; the same 300 are held out for evaluation in every task
+    (``split="test"``), the others train (shuffled by ``seed``)."""
+    code, fn = SYMBOLIC_OPS[op]
+    strings = ["".join(t) for t in itertools.product(SYMBOLS, repeat=4)]
+    random.Random(_SPLIT_SEED).shuffle(strings)
+    chosen = strings[:_SYMBOLIC_EVAL] if split == "test" else strings[_SYMBOLIC_EVAL:]
+    if split == "train":
+        random.Random(seed).shuffle(chosen)
+    return [{"id": f"{op}-{s}", "prompt": f"{code} {s} =", "completion": fn(s)} for s in chosen]
+
+
+EMBEDDED_TASKS: dict[str, Callable[..., list[dict[str, str]]]] = {
+    "numerals": numerals,
+    **{op: functools.partial(symbolic, op) for op in SYMBOLIC_OPS},
+}
+
+
+def describe(name: str) -> str:
+    """One line about an embedded task, for `forgetscope tasks`."""
+    if name in SYMBOLIC_OPS:
+        code, fn = SYMBOLIC_OPS[name]
+        return f"Symbolic, for sequences on small models: `{code} dbch =` -> `{fn('dbch')}` (4 letters a-h)."
+    return (EMBEDDED_TASKS[name].__doc__ or "").strip().splitlines()[0]
 
 
 def prose_passages(max_chars: int = 600) -> list[dict[str, str]]:

@@ -1,11 +1,8 @@
 """Forgetting metrics against hand-computed fixtures; loading runs; reports (rendered in headless Chromium)."""
 
-import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np

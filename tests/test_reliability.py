@@ -125,7 +125,7 @@ def test_killed_runs_resume_to_the_same_curves(tmp_path, tiny_recipe_data):
     def evaluated() -> int:
         return len(list(root.glob("evals/step-*/results.json")))
 
-    for attempt in range(5):
+    for _ in range(5):
         # Kill at a random point of progress (1-2 new evaluations, then 0-0.4 s more: inside a
         # training step, an evaluation or a checkpoint save), whatever the machine's speed.
         target = evaluated() + rng.randint(1, 2)

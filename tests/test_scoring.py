@@ -83,3 +83,34 @@ def test_merged_adapters_score_like_the_adapter_and_restore_the_base_exactly(tin
     assert torch.allclose(merged, expected, atol=1e-5)
     assert all(torch.equal(before[k], v) for k, v in peft.state_dict().items())  # bit for bit
     assert not any(getattr(layer, "merged", False) for layer in peft.modules())
+
+
+def test_scoring_precision_ignores_the_training_autocast_and_bf16_is_opt_in(tiny):
+    model, _ = tiny
+    calls = []
+    model._original_forward = model.forward  # what accelerate's mixed precision leaves behind
+    model.forward = lambda *a, **k: calls.append("training forward") or model._original_forward(*a, **k)
+    try:
+        with evaluate.scoring_precision(model, "fp32"):
+            out = model(torch.arange(5)[None]).logits
+            assert not torch.is_autocast_enabled("cpu")
+        assert calls == [] and out.dtype == torch.float32
+        with evaluate.scoring_precision(model, "bf16"):
+            assert model(torch.arange(5)[None]).logits.dtype == torch.bfloat16
+        model(torch.arange(5)[None])
+        assert calls == ["training forward"]  # restored after scoring
+    finally:
+        model.forward = model._original_forward
+        del model._original_forward, model.forward
+
+
+def test_the_cache_key_holds_the_precision(tiny, tmp_path, monkeypatch):
+    from forgetscope.recipe import EvalConfig
+
+    monkeypatch.setenv("FORGETSCOPE_CACHE", str(tmp_path))
+    model, tokenizer = tiny
+    suites = [evaluate.prepare_suite(EvalConfig(new=["numerals"], general=[], limit=3, precision=p), tmp_path, False)
+              for p in ("fp32", "bf16")]
+    assert evaluate.evaluate_model(model, tokenizer, suites[0])["cached"] == []
+    assert evaluate.evaluate_model(model, tokenizer, suites[1])["cached"] == []  # not fp32's results
+    assert evaluate.evaluate_model(model, tokenizer, suites[1])["cached"] == ["numerals"]

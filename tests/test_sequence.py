@@ -1,0 +1,120 @@
+"""Sequences of new tasks: the accuracy-matrix metrics on hand-computed fixtures, recipe checks,
+models from scratch, and a 3-stage run on a tiny model."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from forgetscope import cli, continual, models, replay
+from forgetscope.recipe import RecipeError, recipe_from_dict
+
+R = np.array([
+    [0.0, 0.0, 0.0],  # the base
+    [0.9, 0.1, 0.0],  # after stage 1
+    [0.5, 0.8, 0.2],  # after stage 2
+    [0.3, 0.4, 0.9],  # after stage 3
+])
+
+
+def test_matrix_metrics_by_hand():
+    m = continual.sequence_metrics(R)
+    assert m["average_accuracy"] == pytest.approx((0.3 + 0.4 + 0.9) / 3)
+    assert m["backward_transfer"] == pytest.approx(((0.3 - 0.9) + (0.4 - 0.8)) / 2)  # -0.5
+    assert m["forward_transfer"] == pytest.approx(((0.1 - 0.0) + (0.2 - 0.0)) / 2)  # 0.15
+    assert m["forgetting"] == pytest.approx([0.9 - 0.3, 0.8 - 0.4])  # max over earlier stages minus final
+    assert m["mean_forgetting"] == pytest.approx(0.5)
+    assert m["learning_accuracy"] == pytest.approx((0.9 + 0.8 + 0.9) / 3)
+    losses = continual.sequence_metrics(-R, higher_is_better=False)  # a loss-like score reads the same way
+    assert losses["backward_transfer"] == pytest.approx(m["backward_transfer"])
+    with pytest.raises(ValueError):
+        continual.sequence_metrics(R[:3])
+
+
+def test_accuracy_matrix_is_read_at_the_stage_ends():
+    rows = [{"task": t, "metric": "acc", "step": s, "value": v, "higher_is_better": True}
+            for s, values in zip([0, 10, 20, 30], R) for t, v in zip(["a", "b", "c"], values)]
+    rows += [{"task": "a", "metric": "acc", "step": 5, "value": 0.42, "higher_is_better": True}]  # mid-stage: ignored
+    stages = [{"task": t, "evals": [t], "start": s - 10, "end": s} for t, s in (("a", 10), ("b", 20), ("c", 30))]
+    matrix = continual.accuracy_matrix(pd.DataFrame(rows), stages)
+    assert list(matrix.index) == ["base", "after a", "after b", "after c"]
+    assert np.allclose(matrix.to_numpy(), R)
+
+
+def _stages_recipe(**changes) -> dict:
+    data = {
+        "name": "seq", "base": "tiny-random", "method": "full",
+        "stages": [{"task": {"name": op, "max_examples": 64}, "steps": 3} for op in ("sym_reverse", "sym_sort", "sym_shift")],
+        "replay": {"source": "self", "prompts": "tasks", "samples": 8, "max_new_tokens": 6, "temperature": 0.5,
+                   "ratio": 0.25, "loss": "ntp"},
+        "train": {"lr": 1e-2, "batch_size": 4, "seq_len": 32, "warmup_steps": 0, "precision": "fp32"},
+        "snapshots": {"schedule": "at", "at": [3]},
+        "evals": {"general": [], "limit": 4},
+    }
+    data.update(changes)
+    return data
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"evals": {"new": ["numerals"], "general": []}}, "evals.new: with stages, each stage lists its own evals"),
+    ({"stages": [{"task": {"name": "sym_reverse"}, "steps": 3}]}, "a sequence needs at least 2 stages"),
+    ({"stages": [{"task": {"name": "sym_revers"}}, {"task": {"name": "sym_sort"}}]},
+     "stages[0].task.name: unknown embedded task 'sym_revers'; did you mean 'sym_reverse'?"),
+    ({"stages": [{"task": {"name": "sym_sort"}, "steps": 0}, {"task": {"name": "sym_shift"}, "stps": 3}]},
+     "stages[1].stps: unknown key; did you mean 'steps'?"),
+    ({"stages": [], "replay": {"prompts": "tasks"}}, "replay.prompts: `tasks` prompts with the earlier stages' tasks"),
+])
+def test_stage_recipes_are_checked(changes, message):
+    with pytest.raises(RecipeError) as err:
+        recipe_from_dict(_stages_recipe(**changes))
+    assert any(message in p for p in err.value.problems), err.value.problems
+
+
+def test_stage_recipes_resolve_evals_steps_and_replay():
+    recipe = recipe_from_dict(_stages_recipe())
+    assert recipe.evals.new == ["sym_reverse", "sym_sort", "sym_shift"]
+    assert recipe.stage_recipe(0).replay is None and recipe.stage_recipe(1).replay is not None
+    assert recipe.stage_recipe(2).task.name == "sym_shift" and recipe.stage_recipe(2).train.steps == 3
+
+
+def test_models_from_scratch_are_built_once_with_the_asked_sizes():
+    assert "did you mean 'layers'" in models.check_reference("scratch:layer=2", None)[0]
+    path = models.resolve("scratch:layers=1,hidden=16,heads=2,seed=3")
+    assert path == models.resolve("scratch:layers=1,hidden=16,heads=2,seed=3")  # cached
+    model, tokenizer = models.load(path)
+    assert (model.config.num_hidden_layers, model.config.hidden_size, model.config.intermediate_size) == (1, 16, 64)
+    assert tokenizer("R abcd =").input_ids[-1] == tokenizer("=").input_ids[-1]  # character level
+
+
+def test_three_stage_run_writes_the_matrix_and_replays_earlier_tasks(tmp_path, capsys, monkeypatch):
+    seen_prompts = []
+    original = replay.build_buffer
+
+    def spying(model, tokenizer, recipe, fingerprint, task_prompts=None):
+        seen_prompts.append(task_prompts)
+        return original(model, tokenizer, recipe, fingerprint, task_prompts)
+
+    monkeypatch.setattr(replay, "build_buffer", spying)
+    path = tmp_path / "seq.yaml"
+    path.write_text(yaml.safe_dump(_stages_recipe(runs_dir=str(tmp_path / "runs"))))
+    assert cli.main(["run", str(path)]) == 0
+    root = tmp_path / "runs" / "seq"
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["snapshot_steps"] == [0, 3, 6, 9]
+    assert [(s["start"], s["end"], s["replay"]) for s in manifest["stages"]] == [(0, 3, False), (3, 6, True), (6, 9, True)]
+    # before stage 2 the prompts are stage 1's; before stage 3, stages 1 and 2 in turn
+    assert {p.split()[0] for p in seen_prompts[0]} == {"R"}
+    assert [p.split()[0] for p in seen_prompts[1][:4]] == ["R", "S", "R", "S"]
+    curves = pd.read_csv(root / "curves.csv")
+    assert set(curves[curves.metric == "acc"].groupby("step")["task"].nunique()) == {3}  # every task at every snapshot
+    matrix = pd.read_csv(root / "matrix.csv", index_col=0)
+    assert matrix.shape == (4, 3) and list(matrix.index) == ["base", "after sym_reverse", "after sym_sort", "after sym_shift"]
+    assert set(manifest["sequence"]) >= {"average_accuracy", "backward_transfer", "forward_transfer", "mean_forgetting"}
+    assert (root / "sequence.png").stat().st_size > 10_000
+    assert "accuracy matrix R[i][j]" in capsys.readouterr().out
+    assert cli.main(["report", str(root), "-o", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Sequences of new tasks" in md and "![seq](sequence-seq.png)" in md
+    assert (tmp_path / "rep" / "sequence-seq.png").is_file()
