@@ -118,3 +118,15 @@ def test_three_stage_run_writes_the_matrix_and_replays_earlier_tasks(tmp_path, c
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "## Sequences of new tasks" in md and "![seq](sequence-seq.png)" in md
     assert (tmp_path / "rep" / "sequence-seq.png").is_file()
+
+
+def test_a_stage_can_train_on_the_users_file(tmp_path):
+    rows = [{"prompt": f"X {w} =", "completion": w.upper()} for w in ("abcd", "bcda", "cdab")]
+    (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = _stages_recipe()
+    data["stages"][2] = {"task": {"name": None, "path": "mine.jsonl"}, "steps": 2}
+    with pytest.raises(RecipeError, match=r"stages\[2\].evals: list the evals"):
+        recipe_from_dict(data, str(tmp_path / "r.yaml"))
+    data["stages"][2]["evals"] = ["sym_rotate"]  # any eval task: evals/, evals.include or lm-eval's
+    recipe = recipe_from_dict(data, str(tmp_path / "r.yaml"))
+    assert recipe.stage_recipe(2).task.path == "mine.jsonl" and recipe.evals.new[-1] == "sym_rotate"
