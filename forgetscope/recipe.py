@@ -505,4 +505,5 @@ def _check_replay(recipe: Recipe) -> list[str]:
 
 def field_reference() -> str:
     """Every recipe field with its type, default and documentation, as printed by ``forgetscope fields``."""
-    return reference(Recipe)
+    stage = reference(StageConfig, "stages[i].")
+    return f"{reference(Recipe)}\n\nstages[i]:  One stage of `stages` (a sequence of new tasks).\n{stage.lstrip()}"

@@ -44,6 +44,8 @@ def type_name(hint: Any) -> str:
         return " | ".join(type_name(a) for a in typing.get_args(hint))
     if origin is list:
         return f"list of {type_name(typing.get_args(hint)[0])}"
+    if origin is dict:
+        return "mapping"
     if hint is type(None):
         return "null"
     if dataclasses.is_dataclass(hint):
@@ -130,8 +132,9 @@ def build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
     return cls(**kwargs)
 
 
-def reference(root: type) -> str:
-    """Every field of ``root`` and its sections with type, default and documentation."""
+def reference(root: type, prefix: str = "") -> str:
+    """Every field of ``root`` and its sections with type, default and documentation (names
+    prefixed by ``prefix``)."""
     lines: list[str] = []
 
     def walk(cls: type, prefix: str) -> None:
@@ -148,5 +151,5 @@ def reference(root: type) -> str:
             lines.append(f"  {prefix}{f.name} ({type_name(types_[f.name])}, default {getattr(defaults, f.name)!r})")
             lines.append(f"      {f.metadata['help']}")
 
-    walk(root, "")
+    walk(root, prefix)
     return "\n".join(lines).lstrip("\n") + "\n"

@@ -34,7 +34,8 @@ def test_defaults_fill_in_and_round_trip(tmp_path):
 
 def test_field_reference_documents_every_field():
     text = field_reference()
-    for key in ("train.lr", "snapshots.schedule", "lora.target_modules", "evals.general", "task.chat_template"):
+    for key in ("train.lr", "snapshots.schedule", "lora.target_modules", "evals.general", "task.chat_template",
+                "evals.precision", "stages[i].steps", "stages[i].task.path"):
         assert f"  {key} (" in text
 
 
