@@ -32,14 +32,14 @@ class Analysis:
 
 def analyse(paths: list[str | Path], target: float | None = None, weights: dict[str, float] | None = None) -> Analysis:
     """Load the runs in ``paths`` and compute the report's tables (see docs/METRICS.md)."""
-    folders = results.run_folders(paths)
-    table = results.load_results(folders)
+    runs = results.load_runs(paths)
+    table = pd.concat([t for _, t in runs], ignore_index=True)
     rows = metrics.primary_rows(table)
     summary = metrics.rank_runs(metrics.run_summary(table, target=target, weights=weights))
     drops, finals, forgotten, sequences = [], [], [], []
-    for root in folders:
+    for root, run_table in runs:
         layout = RunLayout(root)
-        run = results.load_results([root])["run"].iloc[0]
+        run = run_table["run"].iloc[0]
         sequence = layout.read_manifest().get("sequence")
         if sequence and (root / "sequence.png").is_file():
             sequences.append({"run": run, "figure": root / "sequence.png", **sequence})

@@ -38,22 +38,28 @@ def run_folders(paths: list[str | Path]) -> list[Path]:
     return found
 
 
-def load_results(paths: list[str | Path]) -> pd.DataFrame:
-    """The tidy curves of every run in ``paths`` (see :mod:`forgetscope.curves` for the columns):
-    its ``curves.csv``, or for a run still going (or stopped) the evaluations it has so far."""
-    tables = []
+def load_runs(paths: list[str | Path]) -> list[tuple[Path, pd.DataFrame]]:
+    """(folder, tidy curves) of every run in ``paths``: its ``curves.csv``, or for a run still
+    going (or stopped) the evaluations it has so far. Run names must be distinct."""
+    runs = []
     for root in run_folders(paths):
         layout = RunLayout(root)
         if layout.curves.is_file():
-            tables.append(pd.read_csv(layout.curves))
+            runs.append((root, pd.read_csv(layout.curves)))
         else:
             method = str(layout.read_manifest().get("method", ""))
-            tables.append(curves.build_table(layout, run=root.name, recipe=root.name, method=method))
-    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=curves.COLUMNS)
-    names = [t["run"].iloc[0] for t in tables if len(t)]
+            runs.append((root, curves.build_table(layout, run=root.name, recipe=root.name, method=method)))
+    names = [t["run"].iloc[0] for _, t in runs if len(t)]
     if len(names) != len(set(names)):
         raise ResultsError(f"two runs share the name {max(names, key=names.count)!r}; give them distinct names (`name:` in the recipe)")
-    return table
+    return runs
+
+
+def load_results(paths: list[str | Path]) -> pd.DataFrame:
+    """The tidy curves of every run in ``paths``, in one table (see :mod:`forgetscope.curves` for
+    the columns and :func:`load_runs` for where they come from)."""
+    tables = [table for _, table in load_runs(paths)]
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=curves.COLUMNS)
 
 
 def load_items(paths: list[str | Path], tasks: list[str] | None = None) -> pd.DataFrame:

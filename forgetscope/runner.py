@@ -88,7 +88,7 @@ def _run(recipe: Recipe, layout: snapshots.RunLayout, main_process: bool) -> Pat
     model, tokenizer = models.load(model_path, recipe.trust_remote_code, recipe.allow_pickle)
     chat = data.uses_chat_template(recipe.sequence[0].task if recipe.stages else recipe.task, tokenizer)
     if recipe.stages:  # every stage's data is checked before anything is written
-        stage_data = sequence.stage_examples(recipe, tokenizer)
+        stage_data = sequence.stage_data(recipe, tokenizer)
         steps = sequence.schedule(recipe)
     else:
         examples = data.tokenize(data.load_records(recipe.task, recipe.base_dir), tokenizer, recipe.task, recipe.train.seq_len)

@@ -8,6 +8,7 @@ and the matrix ``R[i][j]`` (score on task ``j`` after stage ``i``) is read at th
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,16 +42,19 @@ def manifest_entry(recipe: Recipe) -> list[dict]:
             for i, ((start, end), stage) in enumerate(zip(bounds(recipe), recipe.sequence))]
 
 
-def stage_examples(recipe: Recipe, tokenizer) -> list[list[dict]]:
-    """The tokenized data of every stage, checked before anything is written or trained."""
+def stage_data(recipe: Recipe, tokenizer) -> list[tuple[list[str], list[dict]]]:
+    """Every stage's prompts (for replay in later stages) and tokenized examples, checked before
+    anything is written or trained."""
     out = []
     for i in range(len(recipe.stages)):
-        stage = recipe.stage_recipe(i)
-        out.append(data.tokenize(data.load_records(stage.task, recipe.base_dir), tokenizer, stage.task, stage.train.seq_len))
+        task = recipe.stage_recipe(i).task
+        records = data.load_records(task, recipe.base_dir)
+        prompts = [str(r.get(task.prompt_field, "")) for r in records]
+        out.append((prompts, data.tokenize(records, tokenizer, task, recipe.train.seq_len)))
     return out
 
 
-def train_stages(recipe: Recipe, model, tokenizer, examples: list[list[dict]], steps: list[int],
+def train_stages(recipe: Recipe, model, tokenizer, stages: list[tuple[list[str], list[dict]]], steps: list[int],
                  take: Callable[[object, int, int], None], out_dir: Path) -> list[dict]:
     """Train every stage in turn on the same model; ``take(model, step, tokens)`` at each snapshot
     (global steps). Before a stage with replay, the buffer is sampled from the model as it is then,
@@ -61,9 +65,9 @@ def train_stages(recipe: Recipe, model, tokenizer, examples: list[list[dict]], s
     for index, (start, end) in enumerate(bounds(recipe)):
         stage = recipe.stage_recipe(index)
         buffer = None
-        if stage.replay is not None:
-            earlier = [data.load_records(recipe.stage_recipe(k).task, recipe.base_dir) for k in range(index)]
-            prompts = [str(r.get(t.prompt_field, "")) for r, t in _interleave(earlier, recipe, index)]
+        if stage.replay is not None:  # the earlier stages' prompts, taken in turn
+            earlier = [prompts for prompts, _ in stages[:index]]
+            prompts = [p for group in itertools.zip_longest(*earlier) for p in group if p is not None]
             buffer = replay.build_buffer(model, tokenizer, stage, evaluate.fingerprint(model), prompts)
         local = [s - start for s in steps if start < s <= end or (index == 0 and s == 0)]
 
@@ -71,7 +75,7 @@ def train_stages(recipe: Recipe, model, tokenizer, examples: list[list[dict]], s
             take(current, start + step, tokens + seen)
 
         callback = train.SnapshotCallback(local, take_global)
-        trainer = train.make_trainer(model, tokenizer, examples[index], stage, str(out_dir / f"stage-{index + 1}"),
+        trainer = train.make_trainer(model, tokenizer, stages[index][1], stage, str(out_dir / f"stage-{index + 1}"),
                                      [callback], buffer)
         print(f"forgetscope: stage {index + 1}/{len(recipe.stages)}: {stage.task.name or stage.task.path}, "
               f"steps {start + 1}..{end}" + (" with replay" if buffer is not None else ""))
@@ -79,16 +83,6 @@ def train_stages(recipe: Recipe, model, tokenizer, examples: list[list[dict]], s
         tokens += int(trainer.state.num_input_tokens_seen)
         log += [{**entry, "step": start + entry.get("step", 0), "stage": index + 1} for entry in trainer.state.log_history]
     return log
-
-
-def _interleave(records: list[list[dict]], recipe: Recipe, upto: int) -> list[tuple[dict, object]]:
-    """The earlier stages' records, taken in turn (one of each stage, then the next of each)."""
-    out = []
-    for i in range(max((len(r) for r in records), default=0)):
-        for k, stage_records in enumerate(records[:upto]):
-            if i < len(stage_records):
-                out.append((stage_records[i], recipe.stage_recipe(k).task))
-    return out
 
 
 def write_summary(layout: snapshots.RunLayout, table: pd.DataFrame, title: str = "") -> dict:
