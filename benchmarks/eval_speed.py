@@ -1,11 +1,11 @@
 """Benchmark: score 5 LoRA snapshots with forgetscope vs. the `lm_eval` CLI once per snapshot.
 
 Both sides score the same adapters on the same tasks, limit, batch size and dtype (fp32, plain
-prompts). forgetscope loads the base once, overwrites the adapter weights in place and scores
-with them merged, shares each multiple-choice context across its answers and computes logits
-only where scored (`forgetscope audit`, with an empty result cache so nothing is reused); the
-CLI starts a process, indexes its tasks and loads base + adapter for every snapshot. Writes JSON
-with timings, peak memory and whether the scores agree.
+prompts). forgetscope (`forgetscope audit`, with an empty result cache so nothing is reused)
+loads the base once, overwrites the adapter weights in place and scores with them merged, runs
+prefixes that requests share once (a question for its answers) and computes logits only where
+scored; the CLI starts a process, indexes its tasks and loads base + adapter for every snapshot.
+Writes JSON with timings, peak memory and whether the scores agree.
 
     python benchmarks/eval_speed.py --out bench/eval_speed_limit20.json [--base smollm2-135m] [--limit 20]
 """

@@ -180,7 +180,8 @@ class EvalConfig:
     )
     limit: int | None = option(200, "Score at most this many items per task (null: all).")
     batch_size: int | Literal["auto"] = option(
-        "auto", "Evaluation batch size: `auto` picks one for the device."
+        "auto", "Evaluation batch size: about this many lines of 128 tokens per forward pass (a line packs several "
+        "requests); `auto`: lm-eval's search on CUDA, 16 on CPU."
     )
     include: list[str] = option([], "Extra folders of lm-eval task YAMLs (relative to the recipe).")
     precision: Literal["fp32", "bf16"] = option(

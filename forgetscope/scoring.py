@@ -1,4 +1,4 @@
-"""Faster log-likelihood scoring for lm-eval: shared contexts run once, logits only where scored.
+"""Faster log-likelihood scoring for lm-eval: shared prefixes run once, logits only where scored.
 
 lm-eval's ``HFLM`` runs one full forward pass per (context, continuation) request and computes
 logits and a log-softmax over the whole vocabulary at every position. For a multiple-choice
@@ -7,11 +7,16 @@ prompt with a 3-token answer 147 positions of logits that are thrown away.
 
 ``PackedLM`` scores the same requests with the same arithmetic, arranged differently:
 
-* requests that share a context are packed into one row: the context once, then each answer's
-  tokens, with an attention mask that lets every answer see the context and itself only and
-  position ids that restart after the context for each answer. The log-probability of answer
-  token ``t`` is read from the position before it, exactly as in a separate pass;
-* the output layer and the log-softmax run only at the positions that are scored.
+* requests are sorted so that those sharing a prefix are neighbours, and taken in turn into
+  lines of about 128 tokens. A line is one prefix tree: a prefix that several of its requests
+  share (a question and its four answers; a prompt template) is run once. Each token attends to
+  its ancestors only and its position id is its depth, so every request sees exactly the tokens
+  it would see in a separate pass, at the same positions. The log-probability of continuation
+  token ``t`` is read from the node before it, as in a separate pass;
+* the output layer and the log-softmax run only at the positions that are scored;
+* lines of nearly equal length are batched into forward passes of about ``batch_size`` x 128
+  tokens, so that little compute goes to padding. All the windows of a rolling log-likelihood
+  (perplexity) are scored together the same way.
 
 Scores agree with ``HFLM`` up to float rounding (the same sums in a different order); accuracies
 are the same. Models whose logits are not the output layer applied to the last hidden state
@@ -21,6 +26,10 @@ through ``HFLM``'s own path unchanged.
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
@@ -28,18 +37,26 @@ from tqdm import tqdm
 
 # Architectures whose logits are exactly ``lm_head(decoder(...).last_hidden_state)``.
 PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2"}
-LINE_TOKENS = 256  # short rows are packed side by side into lines of up to this many tokens
+LINE_TOKENS = 128  # requests are taken into a line while its prefix tree stays within this many tokens
+SLACK_TOKENS = 16  # a line joins a forward pass only if at most this much shorter than its longest
+HEAD_ROWS = 1024  # scored positions per chunk of output layer + log-softmax (bounds the logits' memory)
 
 Request = tuple[tuple[str, str], list[int], list[int]]
-Row = tuple[list[int], list[int], torch.Tensor, list[list[int]]]  # tokens, positions, mask, scored
+Pair = tuple[list[int], list[int]]  # a request's context and continuation tokens
+Line = tuple[list[int], list[int], list[int], list[list[int]]]  # tokens, position ids, subtree ends, scored nodes per request
 
 
 class PackedLM(HFLM):
-    """``HFLM`` whose ``loglikelihood`` (and rolling log-likelihood) shares contexts; see the module doc."""
+    """``HFLM`` whose ``loglikelihood`` (and rolling log-likelihood) runs shared prefixes once; see the module doc."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.lines_per_pass = self.batch_size  # forward passes carry about this many lines of LINE_TOKENS
+        self.greedy_needed = True  # whether callers read "is greedy" (a rolling log-likelihood does not)
 
     def _packable(self) -> bool:
         config = self.model.config
-        return (self.backend == "causal" and isinstance(self.batch_size, int)
+        return (self.backend == "causal" and isinstance(self.lines_per_pass, int)
                 and config.model_type in PLAIN_HEAD_TYPES
                 and getattr(config, "final_logit_softcapping", None) is None)
 
@@ -47,53 +64,83 @@ class PackedLM(HFLM):
                               override_bs: int | None = None) -> list[tuple[float, bool]]:
         if not self._packable():
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
-        fits = [i for i, (_, ctx, cont) in enumerate(requests) if len(ctx) + len(cont) <= self.max_length + 1]
+        fits = [i for i, (_, ctx, cont) in enumerate(requests) if ctx and cont and len(ctx) + len(cont) <= self.max_length + 1]
         rest = sorted(set(range(len(requests))) - set(fits))
         out: dict[int, tuple[float, bool]] = {}
-        if rest:  # lm-eval truncates these from the left; let it
-            out.update(zip(rest, super()._loglikelihood_tokens([requests[i] for i in rest], disable_tqdm, override_bs)))
-        groups = [[fits[j] for j in group] for group in group_by_context([requests[i][1:] for i in fits], self.max_length)]
-        rows = [layout(requests[g[0]][1], [requests[i][2] for i in g]) for g in groups]
-        lines = pack_lines([len(row[0]) for row in rows], LINE_TOKENS)
-        bar = tqdm(total=len(fits), disable=disable_tqdm or self.rank != 0, desc="Scoring (shared contexts)")
-        for start in range(0, len(lines), self.batch_size):
-            batch = lines[start:start + self.batch_size]
-            members = [i for line in batch for r in line for i in groups[r]]
-            for index, answer in zip(members, self._score_lines([[rows[r] for r in line] for line in batch],
-                                                                 [requests[i][2] for i in members])):
+        if rest:  # lm-eval truncates these from the left (and never sends empty ones); let it
+            with self._batch_size(self.lines_per_pass):
+                out.update(zip(rest, super()._loglikelihood_tokens([requests[i] for i in rest], disable_tqdm)))
+        lines = [[fits[j] for j in line] for line in plan_lines([requests[i][1:] for i in fits], LINE_TOKENS, self.max_length)]
+        layouts = [layout_line([requests[i][1:] for i in line]) for line in lines]
+        longest_first = sorted(range(len(lines)), key=lambda k: -len(layouts[k][0]))
+        budget = self.lines_per_pass * LINE_TOKENS
+        bar = tqdm(total=len(fits), disable=disable_tqdm or self.rank != 0, desc="Scoring (shared prefixes)")
+        for batch in batch_lines([len(layouts[k][0]) for k in longest_first], budget, SLACK_TOKENS):
+            chosen = [longest_first[b] for b in batch]
+            members = [i for k in chosen for i in lines[k]]
+            for index, answer in zip(members, self._score_lines([layouts[k] for k in chosen], [requests[i][2] for i in members])):
                 out[index] = answer
                 self.cache_hook.add_partial("loglikelihood", requests[index][0], answer)
             bar.update(len(members))
         bar.close()
         return [out[i] for i in range(len(requests))]
 
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """HFLM's, with every window handed to ``_loglikelihood_tokens`` in one call (HFLM hands
+        over ``batch_size`` windows at a time, too few to pack into full lines)."""
+        if not self._packable():
+            return super().loglikelihood_rolling(requests, disable_tqdm)
+        self.greedy_needed = False
+        try:
+            with self._batch_size(sys.maxsize):
+                return super().loglikelihood_rolling(requests, disable_tqdm)
+        finally:
+            self.greedy_needed = True
+
+    @contextlib.contextmanager
+    def _batch_size(self, size: int) -> Iterator[None]:
+        """HFLM's batch size set to ``size`` for the duration."""
+        kept, self.batch_size_per_gpu = self.batch_size_per_gpu, size
+        try:
+            yield
+        finally:
+            self.batch_size_per_gpu = kept
+
     @torch.no_grad()
-    def _score_lines(self, lines: list[list[Row]], targets: list[list[int]]) -> list[tuple[float, bool]]:
-        """One forward pass over a batch of lines -> (log-likelihood, is greedy) per continuation, in order."""
-        width = max(sum(len(row[0]) for row in line) for line in lines)
+    def _score_lines(self, lines: list[Line], targets: list[list[int]]) -> list[tuple[float, bool]]:
+        """One forward pass over a batch of lines -> (log-likelihood, is greedy) per request, in
+        the order of the lines' requests (``targets``: their continuations, in that order)."""
+        width = max(len(line[0]) for line in lines)
         ids = torch.zeros(len(lines), width, dtype=torch.long)
         positions = torch.zeros(len(lines), width, dtype=torch.long)
         allowed = torch.eye(width, dtype=torch.bool).repeat(len(lines), 1, 1)  # padding sees itself only
-        where = []  # (line, row positions) per continuation
-        for b, line in enumerate(lines):
-            offset = 0
-            for tokens, pos, mask, scored in line:
-                n = len(tokens)
-                ids[b, offset:offset + n], positions[b, offset:offset + n] = torch.tensor(tokens), torch.tensor(pos)
-                allowed[b, offset:offset + n, offset:offset + n] = mask
-                where += [(b, [offset + s for s in cont]) for cont in scored]
-                offset += n
+        rows: dict[tuple[int, int], int] = {}  # (line, node) -> row of the output layer's input
+        for b, (tokens, depths, ends, _) in enumerate(lines):
+            n = len(tokens)
+            ids[b, :n], positions[b, :n] = torch.tensor(tokens), torch.tensor(depths)
+            allowed[b, :n, :n] = ancestry_mask(ends)
+        # answers that differ only in their last token are predicted from the same nodes: one row each
+        token_rows = torch.tensor([rows.setdefault((b, node), len(rows))
+                                   for b, line in enumerate(lines) for nodes in line[3] for node in nodes])
         if self.model.config._attn_implementation == "sdpa":
             attention = allowed[:, None]
         else:
             attention = torch.zeros(allowed.shape, dtype=self.model.dtype).masked_fill(~allowed, torch.finfo(self.model.dtype).min)[:, None]
         hidden = self.model.get_decoder()(input_ids=ids.to(self.device), attention_mask=attention.to(self.device),
                                           position_ids=positions.to(self.device)).last_hidden_state
-        picked = torch.cat([hidden[b, cols] for b, cols in where])
-        logprobs = F.log_softmax(self.model.get_output_embeddings()(picked), dim=-1, dtype=self.softmax_dtype)
-        target = torch.tensor([t for cont in targets for t in cont], device=logprobs.device)
-        token_lp = logprobs.gather(1, target[:, None]).squeeze(1)
-        hit = logprobs.argmax(dim=-1) == target
+        device = hidden.device
+        lines_t, nodes_t = torch.tensor(list(rows), device=device).T
+        picked, token_rows = hidden[lines_t, nodes_t], token_rows.to(device)
+        target = torch.tensor([t for cont in targets for t in cont], device=device)
+        token_lp, hit = torch.empty(len(target), device=device), torch.zeros(len(target), dtype=torch.bool, device=device)
+        for start in range(0, len(rows), HEAD_ROWS):  # in chunks: all the logits at once can be gigabytes
+            logprobs = F.log_softmax(self.model.get_output_embeddings()(picked[start:start + HEAD_ROWS]), dim=-1, dtype=self.softmax_dtype)
+            here = (token_rows >= start) & (token_rows < start + HEAD_ROWS)
+            local = token_rows[here] - start
+            token_lp[here] = logprobs[local, target[here]].to(token_lp.dtype)
+            if self.greedy_needed:  # max's indices: argmax's (the first maximum), at twice the speed
+                hit[here] = logprobs.max(dim=-1).indices[local] == target[here]
+        token_lp, hit = token_lp.cpu(), hit.cpu()
         answers, start = [], 0
         for cont in targets:
             end = start + len(cont)
@@ -102,56 +149,99 @@ class PackedLM(HFLM):
         return answers
 
 
-def layout(context: list[int], continuations: list[list[int]]) -> Row:
-    """Pack one context and its continuations into a row.
-
-    Returns the row's tokens, their position ids, its attention mask (``mask[q, k]``: query ``q``
-    may attend to key ``k``) and, per continuation, the row positions whose outputs predict its
-    tokens: the last context token, then each of its own tokens but the last.
-    """
-    tokens, positions, block = list(context), list(range(len(context))), [0] * len(context)
-    scored = []
-    for k, cont in enumerate(continuations, start=1):
-        start = len(tokens)
-        tokens += cont[:-1]
-        positions += range(len(context), len(context) + len(cont) - 1)
-        block += [k] * (len(cont) - 1)
-        scored.append([len(context) - 1, *range(start, len(tokens))])
-    block_t = torch.tensor(block)
-    causal = torch.ones(len(tokens), len(tokens), dtype=torch.bool).tril()
-    same_or_context = (block_t[None, :] == 0) | (block_t[None, :] == block_t[:, None])
-    return tokens, positions, causal & same_or_context, scored
-
-
-def group_by_context(pairs: list[tuple[list[int], list[int]]], max_length: int) -> list[list[int]]:
-    """Group request indices: requests that share a context (of two or more tokens) form one
-    group while its row stays within ``max_length``; every other request is a group alone."""
-    groups: list[list[int]] = []
-    open_groups: dict[tuple[int, ...], tuple[list[int], int]] = {}
-    for i, (context, cont) in enumerate(pairs):
-        key, extra = tuple(context), len(cont) - 1
-        if len(context) >= 2 and key in open_groups and open_groups[key][1] + extra <= max_length:
-            group, length = open_groups[key]
-            group.append(i)
-            open_groups[key] = (group, length + extra)
-            continue
-        groups.append([i])
-        if len(context) >= 2:
-            open_groups[key] = (groups[-1], len(context) + extra)
-    return groups
-
-
-def pack_lines(lengths: list[int], capacity: int) -> list[list[int]]:
-    """First-fit decreasing: row indices -> lines of at most ``capacity`` tokens (a longer row is a
-    line alone), longest lines first, so that a batch of lines carries little padding."""
-    lines: list[list[int]] = []
-    room: list[int] = []
-    for r in sorted(range(len(lengths)), key=lambda r: -lengths[r]):
-        slot = next((k for k, free in enumerate(room) if free >= lengths[r]), None)
-        if slot is None:
-            lines.append([r])
-            room.append(capacity - lengths[r])
+def plan_lines(pairs: list[Pair], capacity: int, max_length: int) -> list[list[int]]:
+    """Request indices -> lines. Requests are sorted, so that those sharing a prefix are
+    neighbours, and taken in turn: a line closes when the next context's requests would take its
+    prefix tree past ``capacity`` tokens. Requests sharing a context of two or more tokens stay in
+    one line (a line longer than ``capacity`` if need be) while the line stays within
+    ``max_length``; one-token contexts (the windows of a rolling log-likelihood) are not kept together."""
+    units: list[list[int]] = []  # requests that must share a line
+    unit_size = 0
+    for i in sorted(range(len(pairs)), key=lambda i: pairs[i]):
+        context, cont = pairs[i]
+        if units and len(context) >= 2 and pairs[units[-1][0]][0] == context and unit_size + len(cont) - 1 <= max_length:
+            units[-1].append(i)
+            unit_size += len(cont) - 1
         else:
-            lines[slot].append(r)
-            room[slot] -= lengths[r]
-    return sorted(lines, key=lambda line: -sum(lengths[r] for r in line))
+            units.append([i])
+            unit_size = len(context) + len(cont) - 1
+    lines: list[list[int]] = []
+    size, last = 0, []
+    for unit in units:
+        alone = len(pairs[unit[0]][0]) + sum(len(pairs[i][1]) - 1 for i in unit)  # at most this many new nodes
+        joined = alone - common_prefix(last, path(pairs[unit[0]]))
+        if lines and size + joined <= capacity:
+            lines[-1] += unit
+            size += joined
+        else:
+            lines.append(list(unit))
+            size = alone
+        last = path(pairs[unit[-1]])
+    return lines
+
+
+def layout_line(pairs: list[Pair]) -> Line:
+    """Lay a line's requests out as one prefix tree of their inputs (the context, then every
+    continuation token but the last, which predicts nothing).
+
+    Returns the tree's tokens in depth-first order, their position ids (depths), each token's
+    subtree end (see ``ancestry_mask``) and, per request, the nodes whose outputs predict its
+    continuation: the last context token, then each of the continuation's own tokens but the last.
+    """
+    paths = [path(pair) for pair in pairs]
+    tokens: list[int] = []
+    depths: list[int] = []
+    ends: list[int] = []
+    nodes: list[list[int]] = [[] for _ in pairs]
+    previous_path: list[int] = []  # in sorted order, the path before shares the most with this one
+    previous_nodes: list[int] = []
+    for i in sorted(range(len(pairs)), key=lambda i: paths[i]):
+        shared = common_prefix(previous_path, paths[i])
+        new = range(len(tokens), len(tokens) + len(paths[i]) - shared)
+        tokens += paths[i][shared:]
+        depths += range(shared, len(paths[i]))
+        ends += [0] * len(new)
+        nodes[i] = previous_nodes[:shared] + list(new)
+        for node in nodes[i]:  # ids grow along a path and from path to path: the latest path ends every subtree on it
+            ends[node] = nodes[i][-1] + 1
+        previous_path, previous_nodes = paths[i], nodes[i]
+    scored = [nodes[i][len(context) - 1:] for i, (context, _) in enumerate(pairs)]
+    return tokens, depths, ends, scored
+
+
+def ancestry_mask(ends: list[int]) -> torch.Tensor:
+    """Attention mask of a prefix tree in depth-first order: query ``q`` may attend to key ``k``
+    when ``k`` is ``q`` or an ancestor of it, i.e. ``k <= q < ends[k]`` (a node's descendants
+    are the nodes after it, up to its subtree end)."""
+    index = torch.arange(len(ends))
+    return (index[None, :] <= index[:, None]) & (index[:, None] < torch.tensor(ends)[None, :])
+
+
+def path(pair: Pair) -> list[int]:
+    """A request's input tokens: its context, then its continuation but the last token."""
+    context, cont = pair
+    return context + cont[:-1]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def batch_lines(lengths: list[int], budget: int, slack: int) -> list[list[int]]:
+    """Lines (longest first) -> forward passes: consecutive lines while the padded batch stays
+    within ``budget`` tokens and each line is at most ``slack`` tokens shorter than the first."""
+    batches: list[list[int]] = []
+    for k, length in enumerate(lengths):
+        if batches:
+            width = lengths[batches[-1][0]]
+            if (len(batches[-1]) + 1) * width <= budget and width - length <= slack:
+                batches[-1].append(k)
+                continue
+        batches.append([k])
+    return batches

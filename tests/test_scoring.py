@@ -14,44 +14,91 @@ def tiny():
     return model.eval(), tokenizer
 
 
-def test_layout_masks_each_continuation_to_the_context_and_itself():
-    tokens, positions, mask, scored = scoring.layout([5, 6, 7], [[1, 2, 3], [4]])
+def test_a_line_is_a_prefix_tree_each_request_seeing_its_own_tokens_only():
+    tokens, positions, ends, scored = scoring.layout_line([([5, 6, 7], [1, 2, 3]), ([5, 6, 7], [4])])
     assert tokens == [5, 6, 7, 1, 2]  # a continuation's last token is never an input
     assert positions == [0, 1, 2, 3, 4]
     assert scored == [[2, 3, 4], [2]]  # the last context token predicts every first token
-    assert mask.tolist() == [
+    assert scoring.ancestry_mask(ends).tolist() == [
         [1, 0, 0, 0, 0],
         [1, 1, 0, 0, 0],
         [1, 1, 1, 0, 0],
         [1, 1, 1, 1, 0],
         [1, 1, 1, 1, 1],
     ]
-    _, positions, mask, _ = scoring.layout([5, 6], [[1, 2], [3, 4]])
-    assert positions == [0, 1, 2, 2]  # both answers start right after the context
-    assert mask[3].tolist() == [True, True, False, True]  # the second answer does not see the first
+    tokens, positions, ends, scored = scoring.layout_line([([5, 6], [1, 2]), ([5, 6], [3, 4])])
+    assert tokens == [5, 6, 1, 3] and positions == [0, 1, 2, 2]  # both answers start right after the context
+    assert scoring.ancestry_mask(ends)[3].tolist() == [True, True, False, True]  # the second answer does not see the first
+    assert scored == [[1, 2], [1, 3]]
 
 
-def test_grouping_shares_contexts_within_the_length_limit_and_lines_pack_first_fit():
+def test_requests_with_different_contexts_share_their_common_prefix():
+    tokens, positions, ends, scored = scoring.layout_line([([1, 2, 4], [8, 7]), ([1, 2, 3], [9]), ([7], [1])])
+    assert tokens == [1, 2, 3, 4, 8, 7]  # sorted: [1 2 3], then [1 2 4 8] sharing "1 2", then [7] alone
+    assert positions == [0, 1, 2, 2, 3, 0]  # depths: each request at the positions of a separate pass
+    assert scored == [[3, 4], [2], [5]]
+    mask = scoring.ancestry_mask(ends)
+    assert mask[4].tolist() == [True, True, False, True, True, False]  # "8" sees 1 2 4 and itself, not "3"
+    assert mask[5].tolist() == [False] * 5 + [True]  # an unrelated request sees nothing else
+
+
+def test_lines_keep_a_context_together_and_close_at_the_capacity():
     pairs = [([1, 2], [3]), ([1, 2], [4, 5]), ([9], [3]), ([9], [4]), ([1, 2], [6, 7, 8])]
-    assert scoring.group_by_context(pairs, max_length=10) == [[0, 1, 4], [2], [3]]  # one-token contexts are not shared
-    assert scoring.group_by_context(pairs, max_length=4) == [[0, 1], [2], [3], [4]]  # 2 + 0 + 1 + 2 > 4
-    assert scoring.pack_lines([5, 3, 4, 2, 9], capacity=8) == [[4], [0, 1], [2, 3]]  # 9 alone; 5+3; 4+2
+    # [1 2]'s three answers stay together although they take 5 tokens > 4; one-token contexts need not
+    assert scoring.plan_lines(pairs, capacity=4, max_length=10) == [[0, 1, 4], [2, 3]]
+    assert scoring.plan_lines(pairs, capacity=4, max_length=4) == [[0, 1], [4], [2, 3]]  # but not past max_length
+    assert scoring.plan_lines(pairs, capacity=64, max_length=64) == [[0, 1, 4, 2, 3]]
+
+
+def test_forward_passes_take_lines_of_nearly_equal_length_within_the_budget():
+    assert scoring.batch_lines([130, 128, 120, 100, 99, 20], budget=512, slack=16) == [[0, 1, 2], [3, 4], [5]]
+    assert scoring.batch_lines([100] * 6, budget=300, slack=16) == [[0, 1, 2], [3, 4, 5]]
 
 
 def _requests(tokenizer, pairs):
     return [((c, x), tokenizer(c).input_ids, tokenizer(x, add_special_tokens=False).input_ids) for c, x in pairs]
 
 
-def test_packed_scores_equal_hflm(tiny):
+def _separate_pass(model, context: list[int], cont: list[int]) -> tuple[float, bool]:
+    logprobs = torch.log_softmax(model(torch.tensor([context + cont[:-1]])).logits[0, len(context) - 1:], dim=-1)
+    return float(logprobs[range(len(cont)), cont].sum()), logprobs.argmax(-1).tolist() == cont
+
+
+def test_packed_scores_equal_hflm_and_separate_passes(tiny):
     model, tokenizer = tiny
     pairs = [("The capital of Peru is", " Lima"), ("The capital of Peru is", " Quito, of course"),
-             ("The capital of Peru is", " Bogota"), ("Two plus two", " is four"), ("x", " y z w")]
+             ("The capital of Peru is", " Bogota"), ("The capital of Peru is", " Bogus"), ("The capital of Chile is", " Lima"),
+             ("Two plus two", " is four"), ("x", " y z w")]
     requests = _requests(tokenizer, pairs) * 2 + [((" ", "tail"), [tokenizer.bos_token_id or 0], tokenizer("a long tail of text " * 8, add_special_tokens=False).input_ids)]
+    context = tokenizer("Two plus two").input_ids
+    with torch.no_grad():
+        best = [int(model(torch.tensor([context])).logits[0, -1].argmax())]
+    requests.append((("Two plus two", "<greedy>"), context, best))  # a greedy answer: "is greedy" is true
     theirs = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, max_length=256)._loglikelihood_tokens(requests)
     packed = scoring.PackedLM(pretrained=model, tokenizer=tokenizer, batch_size=3, max_length=256)
     ours = packed._loglikelihood_tokens(requests)
-    assert [g for _, g in ours] == [g for _, g in theirs]
+    assert [g for _, g in ours] == [g for _, g in theirs] and ours[-1][1]
     assert [lp for lp, _ in ours] == pytest.approx([lp for lp, _ in theirs], rel=1e-5, abs=1e-5)
+    # The same text split differently ("The capital" + " of Peru is Lima") shares every node with
+    # "The capital of Peru is" + " Lima". (lm-eval's own dedup of equal inputs scores the two alike.)
+    requests += _requests(tokenizer, [("The capital", " of Peru is Lima")])
+    with torch.no_grad():
+        separate = [_separate_pass(model, context, cont) for _, context, cont in requests]
+    ours = packed._loglikelihood_tokens(requests)
+    assert [g for _, g in ours] == [g for _, g in separate]
+    assert [lp for lp, _ in ours] == pytest.approx([lp for lp, _ in separate], rel=1e-5, abs=1e-5)
+
+
+def test_packed_rolling_loglikelihood_equals_hflm(tiny):
+    from lm_eval.api.instance import Instance
+
+    model, tokenizer = tiny
+    texts = ["The quick brown fox jumps over the lazy dog. " * 3, "The quick brown cat", "A different text " * 30, "x"]
+    requests = [Instance("loglikelihood_rolling", {}, (text,), i) for i, text in enumerate(texts)]
+    theirs = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=2, max_length=64).loglikelihood_rolling(requests)
+    packed = scoring.PackedLM(pretrained=model, tokenizer=tokenizer, batch_size=2, max_length=64)
+    assert packed.loglikelihood_rolling(requests) == pytest.approx(theirs, rel=1e-5)
+    assert packed.batch_size == 2 and packed.greedy_needed  # restored after the call
 
 
 def test_requests_longer_than_the_context_go_through_hflm(tiny, monkeypatch):
