@@ -141,8 +141,8 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def _pct(value) -> str:
-    """A fraction as a signed percentage; "–" when there is none (no general probes)."""
-    return "–" if value is None or pd.isna(value) else f"{value * 100:+.1f}%"
+    """A fraction as a signed percentage ("+0.0%", never "-0.0%"); "–" when there is none (no general probes)."""
+    return "–" if value is None or pd.isna(value) else f"{round(value * 100, 1) + 0.0:+.1f}%"
 
 
 def _summary_rows(analysis: Analysis, target: float | None) -> tuple[list[str], list[list[str]]]:

@@ -80,7 +80,8 @@ class PackedLM(HFLM):
             members = [i for k in chosen for i in lines[k]]
             for index, answer in zip(members, self._score_lines([layouts[k] for k in chosen], [requests[i][2] for i in members])):
                 out[index] = answer
-                self.cache_hook.add_partial("loglikelihood", requests[index][0], answer)
+                if requests[index][0] is not None:  # rolling windows carry no request string
+                    self.cache_hook.add_partial("loglikelihood", requests[index][0], answer)
             bar.update(len(members))
         bar.close()
         return [out[i] for i in range(len(requests))]

@@ -179,3 +179,7 @@ def test_notebook_runs_on_a_finished_run(tmp_path, fake_run):
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2  # the curves and the frontier were drawn
+
+
+def test_percentages_are_signed_and_never_negative_zero():
+    assert [report._pct(v) for v in (-0.0004, 0.0004, -0.0123, None)] == ["+0.0%", "+0.0%", "-1.2%", "–"]
