@@ -157,19 +157,18 @@ def plan_lines(pairs: list[Pair], capacity: int, max_length: int) -> list[list[i
     one line (a line longer than ``capacity`` if need be) while the line stays within
     ``max_length``; one-token contexts (the windows of a rolling log-likelihood) are not kept together."""
     units: list[list[int]] = []  # requests that must share a line
-    unit_size = 0
+    sizes: list[int] = []  # each unit's tokens laid out alone (at most; answers may share prefixes too)
     for i in sorted(range(len(pairs)), key=lambda i: pairs[i]):
         context, cont = pairs[i]
-        if units and len(context) >= 2 and pairs[units[-1][0]][0] == context and unit_size + len(cont) - 1 <= max_length:
+        if units and len(context) >= 2 and pairs[units[-1][0]][0] == context and sizes[-1] + len(cont) - 1 <= max_length:
             units[-1].append(i)
-            unit_size += len(cont) - 1
+            sizes[-1] += len(cont) - 1
         else:
             units.append([i])
-            unit_size = len(context) + len(cont) - 1
+            sizes.append(len(context) + len(cont) - 1)
     lines: list[list[int]] = []
     size, last = 0, []
-    for unit in units:
-        alone = len(pairs[unit[0]][0]) + sum(len(pairs[i][1]) - 1 for i in unit)  # at most this many new nodes
+    for unit, alone in zip(units, sizes):
         joined = alone - common_prefix(last, path(pairs[unit[0]]))
         if lines and size + joined <= capacity:
             lines[-1] += unit
