@@ -1,9 +1,17 @@
-"""Sample text from a frozen base model, batched with a KV cache, and cache the samples on disk.
+"""Sample text from a frozen model, batched over a static KV cache, and cache the samples on disk.
 
 The samples feed the label-free drift probe (``base_samples_ppl``: how likely a snapshot finds
 the text its own base wrote). The same sampler fills the self-generated replay buffer (:mod:`forgetscope.replay`).
 Prompts are generic chat requests for models with a chat template (instruct models) and the bare
 BOS token for the others (base models).
+
+Why not ``model.generate``: for a small model every decoding step is a few hundred tiny kernels,
+and launching them from Python costs far more than running them (an H100 sampled SmolLM2-135M at
+about 500 tokens/s through ``generate``). Here a whole batch decodes into a static cache of fixed
+shape, so on CUDA one decoding step is captured once as a CUDA graph and replayed: the GPU runs
+the step without Python in between. Every prompt of a call is left-padded to one length and every
+batch has the same size (the last one is filled up with copies), so one capture serves the call.
+On the CPU (and if a capture fails) the same step runs eagerly; both give the same tokens.
 """
 
 from __future__ import annotations
@@ -28,6 +36,9 @@ _SUBJECTS = (
     "the Roman empire", "learning a new language", "the ocean's tides",
 )
 _REQUESTS = ("Tell me about {}.", "Write a short paragraph about {}.", "Explain {} to a child.", "What is interesting about {}?")
+CPU_BATCH = 16  # sequences decoded together on the CPU
+MAX_GPU_BATCH = 1024  # on CUDA: as many as fit in a quarter of the free memory, at most this many
+CHECK_EVERY = 8  # decoding steps between checks whether every sequence has ended (each check waits for the GPU)
 
 
 def generic_prompts(n: int, seed: int = 0) -> list[str]:
@@ -43,45 +54,182 @@ def render(prompt: str, tokenizer, chat: bool) -> str:
     return prompt
 
 
+def prompt_ids(prompt: str, tokenizer, chat: bool) -> list[int]:
+    """A prompt's token ids as they are sampled from: the rendered chat turn, or the raw text with
+    the tokenizer's special tokens; an empty raw prompt is the BOS token alone."""
+    if not chat and not prompt:
+        return [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
+    return tokenizer(render(prompt, tokenizer, chat), add_special_tokens=not chat).input_ids
+
+
+def batch_size(model, prompt_len: int, max_new_tokens: int, n: int) -> int:
+    """Sequences per batch: ``CPU_BATCH`` on the CPU; on CUDA as many as the static cache (keys and
+    values of every layer), the logits and the sampling buffers fit in a quarter of the free memory."""
+    if model.device.type != "cuda":
+        return min(n, CPU_BATCH)
+    config = model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    element = next(model.parameters()).element_size()
+    per_sequence = ((prompt_len + max_new_tokens) * config.num_hidden_layers * 2 * heads * head_dim * element
+                    + prompt_len * config.hidden_size * 4 * element + 6 * config.vocab_size * 4)
+    fits = int(torch.cuda.mem_get_info(model.device)[0] // 4 // per_sequence)
+    return max(1, min(n, MAX_GPU_BATCH, fits))
+
+
+def _mask(allowed: torch.Tensor, model) -> torch.Tensor:
+    """A boolean [batch, 1, queries, keys] mask as the model's attention takes it (SDPA: boolean;
+    eager: additive)."""
+    if model.config._attn_implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=model.dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(model.dtype).min)
+
+
+class _Decoder:
+    """Decodes batches of one fixed shape (``rows`` sequences, ``prompt_len`` + ``new`` tokens) over
+    one static cache; on CUDA the one-token step is a CUDA graph, captured at the first batch."""
+
+    def __init__(self, model, rows: int, prompt_len: int, new: int):
+        from transformers import StaticCache
+
+        self.model, self.prompt_len = model, prompt_len
+        device = model.device
+        self.cache = StaticCache(config=model.config, max_cache_len=prompt_len + new)
+        self.keys = torch.zeros(rows, 1, 1, prompt_len + new, dtype=torch.bool, device=device)  # which keys each row sees
+        self.ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # where the step writes into the cache
+        self.graph, self.logits = None, None
+        self.use_graph = device.type == "cuda"
+
+    def _step(self) -> torch.Tensor:
+        out = self.model(input_ids=self.ids, position_ids=self.positions, cache_position=self.slot,
+                         attention_mask=_mask(self.keys, self.model), past_key_values=self.cache, use_cache=True)
+        return out.logits[:, -1]
+
+    def prefill(self, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Run the left-padded prompts (``real``: which tokens are not padding) into the cache;
+        returns the next-token logits."""
+        self.cache.reset()
+        rows, length = ids.shape
+        causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
+        allowed = torch.zeros(rows, 1, length, self.keys.shape[-1], dtype=torch.bool, device=ids.device)  # keys: the whole cache
+        allowed[:, 0, :, :length] = (causal & real[:, None, :]) | torch.eye(length, dtype=torch.bool, device=ids.device)  # padding sees itself
+        self.keys.zero_()
+        self.keys[:, 0, 0, :length] = real
+        self.positions.copy_(real.sum(1, keepdim=True) - 1)
+        out = self.model(input_ids=ids, position_ids=(real.cumsum(1) - 1).clamp(min=0), attention_mask=_mask(allowed, self.model),
+                         cache_position=torch.arange(length, device=ids.device), past_key_values=self.cache, use_cache=True,
+                         logits_to_keep=1)
+        return out.logits[:, -1]
+
+    def step(self, tokens: torch.Tensor, index: int) -> torch.Tensor:
+        """Feed each row's latest token as decoding step ``index``; returns the next-token logits."""
+        self.ids.copy_(tokens[:, None])
+        self.positions.add_(1)
+        self.slot.fill_(self.prompt_len + index)
+        self.keys[:, 0, 0, self.prompt_len + index] = True
+        if not self.use_graph:
+            return self._step()
+        if self.graph is None:
+            self.graph = self._capture()
+            if self.graph is None:
+                return self._step()
+        self.graph.replay()
+        return self.logits
+
+    def _capture(self):
+        """Capture the step as a CUDA graph (warm-up runs write the same slot the step writes)."""
+        try:
+            stream = torch.cuda.Stream(self.model.device)
+            stream.wait_stream(torch.cuda.current_stream(self.model.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._step()
+            torch.cuda.current_stream(self.model.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.logits = self._step()
+            return graph
+        except RuntimeError as err:  # a model whose forward cannot be captured: decode eagerly
+            print(f"forgetscope: decoding without a CUDA graph ({str(err).splitlines()[0]})")
+            self.use_graph = False
+            torch.cuda.synchronize(self.model.device)
+            return None
+
+
+def pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """One token per row: greedy at ``temperature`` 0, else sampled from the nucleus of ``top_p``."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the smallest set reaching top_p; never empty
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0))
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # compiled blocks (train.compile) run eagerly here
 def generate(model, tokenizer, prompts: list[str], chat: bool, max_new_tokens: int, temperature: float, top_p: float,
-             seed: int, batch_size: int = 16, desc: str = "sampling from the base") -> list[dict[str, str]]:
-    """Sample one continuation per prompt, batched with a KV cache; returns ``[{"id", "prompt", "text"}]``.
+             seed: int, desc: str = "sampling from the base") -> list[dict]:
+    """Sample one continuation per prompt. Returns per prompt ``{"id", "prompt", "text",
+    "prompt_ids", "completion_ids"}``: ``prompt_ids`` are the tokens sampled from (see
+    :func:`prompt_ids`), ``completion_ids`` the tokens the model produced, up to and including its
+    end-of-sequence token when it stopped, so that ``prompt_ids + completion_ids`` is exactly the
+    sequence the model wrote; ``text`` is the completion decoded, special tokens skipped, stripped.
 
     ``chat``: wrap each prompt as a user turn of the chat template; else use it as raw text, where
-    an empty prompt starts from the BOS token alone (unconditional sampling). Shows tokens/s.
+    an empty prompt starts from the BOS token alone (unconditional sampling). ``temperature`` 0 is
+    greedy decoding. Seeded; a bar shows tokens/s.
     """
     was_training = model.training
     model.eval()
-    torch.manual_seed(seed)
-    tokenizer.padding_side = "left"
-    rendered = [render(p, tokenizer, chat) for p in prompts]
-    out = []
-    produced, started = 0, time.time()
+    device = model.device
+    generator = torch.Generator(device).manual_seed(seed)
+    encoded = [prompt_ids(p, tokenizer, chat) for p in prompts]
+    length = max(len(ids) for ids in encoded)
+    rows = batch_size(model, length, max_new_tokens, len(prompts))
+    decoder = _Decoder(model, rows, length, max_new_tokens)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ends = sorted({tokenizer.eos_token_id, *_eos_ids(model)} - {None})
+    stop = torch.tensor(ends, device=device)
+    out, produced, started = [], 0, time.time()
     bar = tqdm(total=len(prompts), desc=desc, unit="seq")
-    for start in range(0, len(prompts), batch_size):
-        chunk = rendered[start : start + batch_size]
-        if all(not c for c in chunk):  # unconditional: start from BOS alone
-            ids = torch.full((len(chunk), 1), tokenizer.bos_token_id or tokenizer.eos_token_id)
-            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        else:
-            batch = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-        batch = {k: v.to(model.device) for k, v in batch.items()}
-        tokens = model.generate(
-            **batch, do_sample=True, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-            use_cache=True, pad_token_id=tokenizer.pad_token_id,
-        )
-        new = tokens[:, batch["input_ids"].shape[1] :]
-        produced += int((new != tokenizer.pad_token_id).sum())
-        for offset, row in enumerate(new):
+    for start in range(0, len(prompts), rows):
+        chunk = encoded[start:start + rows]
+        chunk += [chunk[0]] * (rows - len(chunk))  # a full batch: the captured step has one shape
+        ids = torch.tensor([[pad] * (length - len(c)) + c for c in chunk], device=device)
+        real = torch.tensor([[False] * (length - len(c)) + [True] * len(c) for c in chunk], device=device)
+        tokens = torch.full((rows, max_new_tokens), pad, device=device)
+        done = torch.zeros(rows, dtype=torch.bool, device=device)
+        logits = decoder.prefill(ids, real)
+        for index in range(max_new_tokens):
+            token = pick(logits, temperature, top_p, generator).masked_fill(done, pad)
+            tokens[:, index] = token
+            done |= torch.isin(token, stop)
+            if index + 1 == max_new_tokens or ((index + 1) % CHECK_EVERY == 0 and bool(done.all())):
+                break
+            logits = decoder.step(token, index)
+        for offset, row in enumerate(tokens[: len(prompts) - start].tolist()):
             i = start + offset
-            out.append({"id": f"sample-{i:04d}", "prompt": prompts[i], "text": tokenizer.decode(row, skip_special_tokens=True).strip()})
-        bar.update(len(chunk))
+            ended = next((k + 1 for k, t in enumerate(row) if t in ends), None)
+            completion = row[:ended] if ended else row
+            produced += len(completion)
+            out.append({"id": f"sample-{i:04d}", "prompt": prompts[i], "text": tokenizer.decode(completion, skip_special_tokens=True).strip(),
+                        "prompt_ids": encoded[i], "completion_ids": completion})
+        bar.update(min(rows, len(prompts) - start))
         bar.set_postfix(tokens_per_s=f"{produced / max(time.time() - started, 1e-9):.0f}")
     bar.close()
-    tokenizer.padding_side = "right"
     model.train(was_training)
     return out
+
+
+def _eos_ids(model) -> list[int]:
+    """The model's generation config's end-of-sequence ids (one id or several)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
 def base_samples(model, tokenizer, base_id: str, n: int = 64, max_new_tokens: int = 96, temperature: float = 1.0,
@@ -93,5 +241,5 @@ def base_samples(model, tokenizer, base_id: str, n: int = 64, max_new_tokens: in
         chat = bool(getattr(tokenizer, "chat_template", None))
         prompts = generic_prompts(n, seed) if chat else ["" for _ in range(n)]
         rows = generate(model, tokenizer, prompts, chat, max_new_tokens, temperature, top_p, seed)
-        io.write_text(path, "".join(json.dumps(r) + "\n" for r in rows if r["text"]))
+        io.write_text(path, "".join(json.dumps({k: r[k] for k in ("id", "prompt", "text")}) + "\n" for r in rows if r["text"]))
     return path
