@@ -15,9 +15,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from forgetscope import tasks
 from forgetscope.errors import UserError
 from forgetscope.recipe import TaskConfig
+
+
+IGNORE_INDEX = -100  # the label of a token that is not trained on
 
 
 class DataError(UserError):
@@ -87,7 +92,7 @@ def completion_delimiter(chat: bool) -> str:
 
 
 def tokenize(records: list[dict[str, Any]], tokenizer, task: TaskConfig, seq_len: int) -> list[dict[str, list[int]]]:
-    """Tokenize records into ``input_ids``/``labels`` (prompt masked with -100), truncated to ``seq_len``."""
+    """Tokenize records into ``input_ids``/``labels`` (prompt masked with ``IGNORE_INDEX``), truncated to ``seq_len``."""
     chat = uses_chat_template(task, tokenizer)
     has_prompt = task.prompt_field in records[0]
     field = task.completion_field if has_prompt else task.text_field
@@ -112,7 +117,7 @@ def tokenize(records: list[dict[str, Any]], tokenizer, task: TaskConfig, seq_len
             prompt_ids = tokenizer(prefix, add_special_tokens=not chat).input_ids
             answer_ids = tokenizer(answer, add_special_tokens=False).input_ids
             full = prompt_ids + answer_ids
-            input_ids, labels = full[:seq_len], ([-100] * len(prompt_ids) + answer_ids)[:seq_len]
+            input_ids, labels = full[:seq_len], ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:seq_len]
         else:
             full = tokenizer(str(record[field]) + end).input_ids
             input_ids, labels = full[:seq_len], full[:seq_len]
@@ -125,3 +130,35 @@ def tokenize(records: list[dict[str, Any]], tokenizer, task: TaskConfig, seq_len
             raise DataError(f"task: {message}")
         print(f"forgetscope: warning: {message}", file=sys.stderr)
     return examples
+
+
+def pack(examples: list[dict[str, list[int]]], capacity: int, pad_id: int) -> dict[str, Any]:
+    """A training batch without padding between examples: examples are laid end to end in rows of at
+    most ``capacity`` tokens (first fit, longest first), position ids restart at each example, and
+    only row ends are padded. Without an attention mask, transformers reads the example boundaries
+    from the restarting position ids and keeps attention within each example, so every example
+    trains exactly as it would alone. The first label of each example is masked (no prediction
+    crosses a boundary); the padding, a run of position ids of its own, carries no labels. The batch
+    also turns the KV cache off (``use_cache``): transformers reads packed boundaries only without one."""
+    rows: list[list[dict[str, list[int]]]] = []
+    room: list[int] = []
+    for example in sorted(examples, key=lambda e: -len(e["input_ids"])):
+        size = len(example["input_ids"])
+        fit = next((r for r, free in enumerate(room) if free >= size), None)
+        if fit is None:
+            rows.append([])
+            room.append(capacity)
+            fit = len(rows) - 1
+        rows[fit].append(example)
+        room[fit] -= size
+    width = max(capacity - free for free in room)
+    batch: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for row in rows:
+        ids = [t for e in row for t in e["input_ids"]]
+        labels = [label for e in row for label in [IGNORE_INDEX, *e["labels"][1:]]]
+        positions = [p for e in row for p in range(len(e["input_ids"]))]
+        tail = width - len(ids)
+        batch["input_ids"].append(ids + [pad_id] * tail)
+        batch["labels"].append(labels + [IGNORE_INDEX] * tail)
+        batch["position_ids"].append(positions + list(range(tail)))
+    return {**{k: torch.tensor(v) for k, v in batch.items()}, "use_cache": False}

@@ -23,11 +23,10 @@ from typing import Any, Iterator
 
 import torch
 
-from forgetscope import io
+from forgetscope import distributed, io
 from forgetscope.models import cache_dir
 from forgetscope.recipe import EvalConfig
 
-CPU_BATCH_SIZE = 16  # `auto` on CPU: lm-eval's automatic search only reacts to CUDA out-of-memory
 MAX_LENGTH = 2048  # context cap for scoring; also bounds lm-eval's batch-size search on CUDA
 BOOTSTRAP_ITERS = 1000  # stderr of perplexity-style metrics; lm-eval's default 100000 takes minutes
 SEED = 0
@@ -122,6 +121,7 @@ class EvalSuite:
     hashes: dict[str, str] = field(default_factory=dict)  # task -> hash of its config and items
     members: dict[str, list[str]] = field(default_factory=dict)  # task or group -> its leaf tasks
     base_fingerprint: str | None = None  # of the frozen base under LoRA snapshots (None: hash them whole)
+    lines_per_pass: int | None = None  # `batch_size: auto`: found when the first snapshot is scored, then kept
 
 
 def prepare_suite(config: EvalConfig, base_dir: Path, chat: bool, base_model=None, tokenizer=None,
@@ -178,16 +178,26 @@ def _quiet_lm_eval() -> None:
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
 
 
-def _cache_path(suite: EvalSuite, task: str, model_fp: str) -> Path:
+def _cache_path(suite: EvalSuite, task: str, model_fp: str, device: str) -> Path:
+    """Where the result of ``task`` on the weights ``model_fp`` is cached: keyed by everything that
+    moves a score (the scorer's version and the device kind too: CUDA and CPU kernels round differently)."""
+    from forgetscope.scoring import SCORER_VERSION
+
     key = json.dumps([model_fp, suite.hashes.get(task, task), version("lm_eval"), suite.config.limit, SEED,
-                      suite.chat and suite.roles.get(task) == "new", suite.config.precision])
+                      suite.chat and suite.roles.get(task) == "new", suite.config.precision, SCORER_VERSION, device])
     return cache_dir() / "results" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
 
 
-def _batch_size(config: EvalConfig, device: torch.device) -> int | str:
-    if config.batch_size != "auto":
-        return config.batch_size
-    return "auto" if device.type == "cuda" else CPU_BATCH_SIZE
+def _lines_per_pass(suite: EvalSuite, model) -> int:
+    """The scorer's batch size: the recipe's, or for ``auto`` one found from the free accelerator
+    memory the first time (before training takes its share) and kept for the run."""
+    if suite.config.batch_size != "auto":
+        return suite.config.batch_size
+    if suite.lines_per_pass is None:
+        from forgetscope.scoring import auto_lines
+
+        suite.lines_per_pass = auto_lines(model, suite.config.precision)
+    return suite.lines_per_pass
 
 
 def max_length(model) -> int:
@@ -195,57 +205,66 @@ def max_length(model) -> int:
     return min(MAX_LENGTH, getattr(model.config, "max_position_embeddings", MAX_LENGTH) or MAX_LENGTH)
 
 
-def evaluate_model(model, tokenizer, suite: EvalSuite, base_only: bool = False) -> dict[str, Any]:
+def evaluate_model(model, tokenizer, suite: EvalSuite, base_only: bool = False) -> dict[str, Any] | None:
     """Score ``model`` on the suite; reuse cached results for tasks already scored on these weights.
 
     New-task evals are rendered with the chat template when training used it (``suite.chat``), so
     they see prompts exactly as training did; general probes use each task's own format.
     ``base_only`` marks a model whose adapters have no effect yet (step 0 of a LoRA run), so that it
     shares its cache entries with the plain base. Returns ``{"results", "samples", "cached"}``.
+
+    Under several processes every process calls this with the same weights: rank 0 looks the
+    results up in the cache, every rank scores its share of the rest, and rank 0 gathers, caches
+    and returns them (the other ranks get None).
     """
     lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
     base_only = base_only or bool(lora_b) and all(not p.any() for p in lora_b)  # adapters that change nothing yet
-    model_fp = fingerprint(model, base_only=base_only, base=suite.base_fingerprint if lora_b else None)
+    device = model.device.type
     out: dict[str, Any] = {"results": {}, "samples": {}, "cached": []}
     todo: dict[bool, list[str]] = {True: [], False: []}
-    for task, role in suite.roles.items():
-        path = _cache_path(suite, task, model_fp)
-        if path.is_file():
-            hit = json.loads(path.read_text())
-            out["results"][task], out["samples"][task] = hit["result"], hit["samples"]
-            out["cached"].append(task)
-        else:
-            todo[suite.chat and role == "new"].append(task)
-    if not any(todo.values()):
-        return out
+    if distributed.is_main():
+        model_fp = fingerprint(model, base_only=base_only, base=suite.base_fingerprint if lora_b else None)
+        for task, role in suite.roles.items():
+            path = _cache_path(suite, task, model_fp, device)
+            if path.is_file():
+                hit = json.loads(path.read_text())
+                out["results"][task], out["samples"][task] = hit["result"], hit["samples"]
+                out["cached"].append(task)
+            else:
+                todo[suite.chat and role == "new"].append(task)
+    todo = distributed.broadcast(todo)
+    if any(todo.values()):
+        from forgetscope.scoring import PackedLM
 
-    from forgetscope.scoring import PackedLM
+        _quiet_lm_eval()
+        was_training = model.training
+        model.eval()
+        lm = PackedLM(pretrained=model, tokenizer=tokenizer, batch_size=_lines_per_pass(suite, model), max_length=max_length(model))
+        try:
+            # compiled blocks (train.compile) run eagerly: scoring shapes would each cost a compilation
+            with (scoring_precision(model, suite.config.precision), merged_adapters(model, enabled=not base_only),
+                  torch.compiler.set_stance("force_eager")):
+                for use_chat, names in todo.items():
+                    if not names:
+                        continue
+                    raw = _lm_eval(lm, [suite.specs[n] for n in names], suite, use_chat)
+                    if raw is None:  # not rank 0: its share went to rank 0
+                        continue
+                    for task in names:
+                        result = _summarise(task, raw["results"][task], raw, suite.roles[task])
+                        leaves = suite.members[task]  # a group's items are its subtasks' items
+                        samples = [_sample_row(s, leaf if len(leaves) > 1 else None) for leaf in leaves for s in raw["samples"][leaf]]
+                        io.write_text(_cache_path(suite, task, model_fp, device), json.dumps({"result": result, "samples": samples}, default=str))
+                        out["results"][task], out["samples"][task] = result, samples
+        finally:
+            model.train(was_training)
+    return out if distributed.is_main() else None
 
-    _quiet_lm_eval()
-    was_training = model.training
-    model.eval()
-    lm = PackedLM(pretrained=model, tokenizer=tokenizer, batch_size=_batch_size(suite.config, model.device), max_length=max_length(model))
-    try:
-        with scoring_precision(model, suite.config.precision), merged_adapters(model, enabled=not base_only):
-            for use_chat, names in todo.items():
-                if not names:
-                    continue
-                raw = _lm_eval(lm, [suite.specs[n] for n in names], suite, use_chat)
-                for task in names:
-                    result = _summarise(task, raw["results"][task], raw, suite.roles[task])
-                    leaves = suite.members[task]  # a group's items are its subtasks' items
-                    samples = [_sample_row(s, leaf if len(leaves) > 1 else None) for leaf in leaves for s in raw["samples"][leaf]]
-                    io.write_text(_cache_path(suite, task, model_fp), json.dumps({"result": result, "samples": samples}, default=str))
-                    out["results"][task], out["samples"][task] = result, samples
-    finally:
-        model.train(was_training)
-    return out
 
-
-def _lm_eval(lm, specs: list, suite: EvalSuite, use_chat: bool) -> dict[str, Any]:
+def _lm_eval(lm, specs: list, suite: EvalSuite, use_chat: bool) -> dict[str, Any] | None:
     """lm-eval's ``simple_evaluate`` for a model already wrapped: the same seeds, zero-shot
     default and evaluation, without its reporting (environment info runs ``pip list`` in a
-    subprocess, the git hash another: about half a second per call)."""
+    subprocess, the git hash another: about half a second per call). None on ranks but 0."""
     import random
 
     import numpy as np

@@ -267,7 +267,7 @@ def load(path: str, trust_remote_code: bool = False, allow_pickle: bool = False)
                 "set allow_pickle: true in the recipe (or --allow-pickle) if you trust the source"
             ) from None
         raise
-    if torch.cuda.is_available():
-        model.to(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
+    if torch.cuda.is_available():  # this process's GPU; several processes may share one
+        model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}")
     return model, tokenizer
 

@@ -141,6 +141,21 @@ class TrainConfig:
         "with bf16, or a CPU with AVX512-BF16/AMX), else fp32.",
     )
     seed: int = option(0, "Seed for initialisation and data order.")
+    packing: bool = option(
+        False,
+        "Padding-free batches: each micro-batch's examples are laid end to end in one row, attention kept within "
+        "each example (position ids restart), so no compute goes to padding. Not with replay.",
+    )
+    compile: bool = option(
+        False,
+        "torch.compile the model's repeated blocks for training (regional compilation: one block compiles once for "
+        "all of them, about a minute). Pays off on long GPU runs; scoring and sampling run uncompiled.",
+    )
+    deterministic: bool = option(
+        False,
+        "Bit-reproducible training on CUDA (PyTorch's deterministic algorithms; slower). Without it, identical "
+        "re-runs on a GPU differ in the last bits, so their snapshots are scored anew rather than taken from the cache.",
+    )
 
 
 @dataclass
@@ -432,6 +447,9 @@ def _check(recipe: Recipe, data: dict[str, Any]) -> list[str]:
         problems.append(f"lora.dropout: must be in [0, 1), got {recipe.lora.dropout}")
 
     problems += _check_replay(recipe)
+    if recipe.replay and t.packing:
+        problems.append("train.packing: not with replay (each batch is split between new-task and replay examples); "
+                        "set train.packing: false")
     if recipe.stages:
         problems += _check_stages(recipe, data)
     else:

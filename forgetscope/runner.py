@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import platform
 import shutil
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from forgetscope import curves, data, evaluate, figures, io, models, replay, sequence, snapshots, stats, train
+from forgetscope import curves, data, distributed, evaluate, figures, io, models, replay, sequence, snapshots, stats, train
 from forgetscope.errors import UserError
 from forgetscope.recipe import Recipe
 
@@ -64,7 +63,8 @@ def run(recipe: Recipe) -> Path:
     ``failed`` in its manifest; its finished snapshots and evaluations stay.
     """
     layout = snapshots.RunLayout(Path(recipe.runs_dir) / recipe.name)
-    if int(os.environ.get("RANK", "0")) != 0:
+    distributed.init()
+    if not distributed.is_main():
         return _run(recipe, layout, main_process=False)
     # The lock lives in the cache, not the runs folder, so that a run refused for bad input writes nothing.
     key = hashlib.sha256(str(layout.root.resolve()).encode()).hexdigest()[:16]
@@ -84,7 +84,8 @@ def _run(recipe: Recipe, layout: snapshots.RunLayout, main_process: bool) -> Pat
         io.sweep(layout.root)  # debris of an interrupted attempt; we hold the run's lock
 
     started = time.time()
-    model_path = models.resolve(recipe.base, recipe.base_dir)
+    with distributed.main_first():  # rank 0 converts the model (once, cached), the others load it
+        model_path = models.resolve(recipe.base, recipe.base_dir)
     model, tokenizer = models.load(model_path, recipe.trust_remote_code, recipe.allow_pickle)
     chat = data.uses_chat_template(recipe.sequence[0].task if recipe.stages else recipe.task, tokenizer)
     if recipe.stages:  # every stage's data is checked before anything is written
@@ -94,7 +95,8 @@ def _run(recipe: Recipe, layout: snapshots.RunLayout, main_process: bool) -> Pat
         examples = data.tokenize(data.load_records(recipe.task, recipe.base_dir), tokenizer, recipe.task, recipe.train.seq_len)
         steps = snapshots.schedule(recipe.snapshots, recipe.train.steps)
     base_fp = evaluate.fingerprint(model)  # hashed once: keys the drift probe's samples and the replay buffer
-    suite = evaluate.prepare_suite(recipe.evals, recipe.base_dir, chat, model, tokenizer, base_fp) if main_process else None
+    with distributed.main_first():  # rank 0 samples the drift probe's text (cached), the others read it
+        suite = evaluate.prepare_suite(recipe.evals, recipe.base_dir, chat, model, tokenizer, base_fp)
     if main_process:
         layout.root.mkdir(parents=True, exist_ok=True)
         io.write_text(layout.recipe, recipe.to_yaml())
@@ -108,27 +110,32 @@ def _run(recipe: Recipe, layout: snapshots.RunLayout, main_process: bool) -> Pat
             snapshot_steps=steps,
             chat_template=chat,
             bf16=train.use_bf16(recipe.train.precision),
-            processes=train.world_size(),
+            processes=distributed.launched(),
             trust_remote_code=recipe.trust_remote_code,
             allow_pickle=recipe.allow_pickle,
             versions=_versions(),
             started=time.strftime("%Y-%m-%dT%H:%M:%S"),
             stages=sequence.manifest_entry(recipe) if recipe.stages else None,
         )
-    buffer = replay.build_buffer(model, tokenizer, recipe, base_fp) if recipe.replay and not recipe.stages else None
+    with distributed.main_first():  # rank 0 samples the buffer (cached), the others read it
+        buffer = replay.build_buffer(model, tokenizer, recipe, base_fp) if recipe.replay and not recipe.stages else None
     model = train.prepare_model(model, recipe)
-    done = set(layout.eval_steps())
+    done = set(distributed.broadcast(layout.eval_steps()))
     timings: dict[str, float] = {}
 
     def take(current, step: int, tokens: int) -> None:
+        """Every process: score the snapshot (each its share); rank 0 writes it."""
         train.check_finite(current, step)
-        weights = recipe.snapshots.keep_weights and step > 0
-        meta = {"step": step, "tokens": tokens, "method": recipe.method, "recipe_hash": run_hash, "base": model_path}
-        snapshots.save_snapshot(layout, step, current, tokenizer, meta, weights)
+        if main_process:
+            weights = recipe.snapshots.keep_weights and step > 0
+            meta = {"step": step, "tokens": tokens, "method": recipe.method, "recipe_hash": run_hash, "base": model_path}
+            snapshots.save_snapshot(layout, step, current, tokenizer, meta, weights)
         if step in done:
             return
         tick = time.time()
         evaluation = evaluate.evaluate_model(current, tokenizer, suite, base_only=step == 0)
+        if not main_process:
+            return
         snapshots.save_eval(layout, step, tokens, evaluation)
         timings[snapshots.step_name(step)] = round(time.time() - tick, 2)
         reused = f" (cached: {', '.join(evaluation['cached'])})" if evaluation["cached"] else ""

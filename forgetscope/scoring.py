@@ -20,8 +20,11 @@ prompt with a 3-token answer 147 positions of logits that are thrown away.
 
 Scores agree with ``HFLM`` up to float rounding (the same sums in a different order); accuracies
 are the same. Models whose logits are not the output layer applied to the last hidden state
-(softcapping, logit scales), ``batch_size="auto"`` and inputs that lm-eval would truncate go
-through ``HFLM``'s own path unchanged.
+(softcapping, logit scales) and inputs that lm-eval would truncate go through ``HFLM``'s own
+path unchanged.
+
+Under several processes each scores its share of the requests (lm-eval splits them by rank and
+gathers the results on rank 0); ``PackedLM`` takes its rank from the process group.
 """
 
 from __future__ import annotations
@@ -35,11 +38,15 @@ import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
+from forgetscope import distributed
+
 # Architectures whose logits are exactly ``lm_head(decoder(...).last_hidden_state)``.
 PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2"}
 LINE_TOKENS = 128  # requests are taken into a line while its prefix tree stays within this many tokens
 SLACK_TOKENS = 16  # a line joins a forward pass only if at most this much shorter than its longest
 HEAD_ROWS = 1024  # scored positions per chunk of output layer + log-softmax (bounds the logits' memory)
+MAX_AUTO_LINES = 512  # `auto` on CUDA: at most this many lines (65k tokens) per forward pass
+SCORER_VERSION = 2  # part of the result cache's key: raise it whenever a change may move a score
 
 Request = tuple[tuple[str, str], list[int], list[int]]
 Pair = tuple[list[int], list[int]]  # a request's context and continuation tokens
@@ -53,6 +60,18 @@ class PackedLM(HFLM):
         super().__init__(*args, **kwargs)
         self.lines_per_pass = self.batch_size  # forward passes carry about this many lines of LINE_TOKENS
         self.greedy_needed = True  # whether callers read "is greedy" (a rolling log-likelihood does not)
+        self._rank, self._world_size = distributed.rank(), distributed.world_size()
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``tensor``, stacked (HFLM's goes through an accelerate object we do not make)."""
+        if self.world_size <= 1:
+            return tensor
+        parts = [torch.zeros_like(tensor) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, tensor)
+        return torch.stack(parts)
+
+    def barrier(self) -> None:
+        distributed.barrier()
 
     def _packable(self) -> bool:
         config = self.model.config
@@ -78,7 +97,7 @@ class PackedLM(HFLM):
         for batch in batch_lines([len(layouts[k][0]) for k in longest_first], budget, SLACK_TOKENS):
             chosen = [longest_first[b] for b in batch]
             members = [i for k in chosen for i in lines[k]]
-            for index, answer in zip(members, self._score_lines([layouts[k] for k in chosen], [requests[i][2] for i in members])):
+            for index, answer in zip(members, self._score_within_memory([layouts[k] for k in chosen], [requests[i][2] for i in members])):
                 out[index] = answer
                 if requests[index][0] is not None:  # rolling windows carry no request string
                     self.cache_hook.add_partial("loglikelihood", requests[index][0], answer)
@@ -106,6 +125,21 @@ class PackedLM(HFLM):
             yield
         finally:
             self.batch_size_per_gpu = kept
+
+    def _score_within_memory(self, lines: list[Line], targets: list[list[int]]) -> list[tuple[float, bool]]:
+        """``_score_lines``; a batch that runs out of accelerator memory is scored in halves, and
+        later batches are made smaller too."""
+        try:
+            return self._score_lines(lines, targets)
+        except torch.OutOfMemoryError:
+            if len(lines) == 1:
+                raise
+        torch.cuda.empty_cache()
+        half = len(lines) // 2
+        self.lines_per_pass = max(1, min(self.lines_per_pass, half))
+        split = sum(len(line[3]) for line in lines[:half])  # requests in the first half
+        return (self._score_within_memory(lines[:half], targets[:split])
+                + self._score_within_memory(lines[half:], targets[split:]))
 
     @torch.no_grad()
     def _score_lines(self, lines: list[Line], targets: list[list[int]]) -> list[tuple[float, bool]]:
@@ -148,6 +182,20 @@ class PackedLM(HFLM):
             answers.append((float(token_lp[start:end].sum()), bool(hit[start:end].all())))
             start = end
         return answers
+
+
+def auto_lines(model, precision: str) -> int:
+    """Lines per forward pass for ``batch_size: auto``: on CUDA as many as the activations of a
+    no-grad forward pass in ``precision`` fit in a quarter of the free memory (at most
+    ``MAX_AUTO_LINES``); 16 on the CPU, where larger passes are no faster."""
+    if model.device.type != "cuda":
+        return 16
+    config = model.config
+    element = 2 if precision == "bf16" else next(model.parameters()).element_size()
+    heads = config.num_attention_heads
+    per_line = LINE_TOKENS * element * (8 * config.hidden_size + 4 * config.intermediate_size) + heads * LINE_TOKENS**2 * 8
+    free = torch.cuda.mem_get_info(model.device)[0] - HEAD_ROWS * config.vocab_size * 8
+    return max(1, min(MAX_AUTO_LINES, int(free // 4 // per_line)))
 
 
 def plan_lines(pairs: list[Pair], capacity: int, max_length: int) -> list[list[int]]:

@@ -53,10 +53,10 @@ def test_kl_is_zero_when_current_equals_base(replay_data):
     model.eval()
     recipe = recipe_from_dict(replay_data)
     examples = fdata.tokenize(fdata.load_records(recipe.task, None)[:4], tokenizer, recipe.task, 40)
-    batch = replay.collate(examples, tokenizer.pad_token_id)
+    batch = {k: v.to(model.device) for k, v in replay.collate(examples, tokenizer.pad_token_id).items()}
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        values, indices = replay.base_topk(model, tokenizer, examples, k=16)
+        values, indices = (t.to(model.device) for t in replay.base_topk(model, tokenizer, examples, k=16))
         assert replay.kl_topk(values, indices, logits, batch["labels"]).item() == pytest.approx(0, abs=1e-5)
         assert replay.kl_full(logits, logits, batch["labels"]).item() == pytest.approx(0, abs=1e-6)
         shifted = logits + torch.randn_like(logits)
@@ -110,10 +110,11 @@ def test_kl_replay_keeps_the_model_closer_to_the_base(tmp_path, replay_data):
         buffer = replay.build_buffer(model, tokenizer, recipe, evaluate.fingerprint(model))
         examples = fdata.tokenize(fdata.load_records(recipe.task, tmp_path), tokenizer, recipe.task, 48)
         train.make_trainer(model, tokenizer, examples, recipe, str(tmp_path / "t"), [], buffer).train()
-        batch = replay.collate(buffer.examples, tokenizer.pad_token_id)
+        batch = {k: v.to(model.device) for k, v in replay.collate(buffer.examples, tokenizer.pad_token_id).items()}
         with torch.no_grad():
             logits = model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        drift[weight] = replay.kl_topk(buffer.topk_values, buffer.topk_indices, logits, batch["labels"]).item()
+        values, indices = buffer.topk_values.to(model.device), buffer.topk_indices.to(model.device)
+        drift[weight] = replay.kl_topk(values, indices, logits, batch["labels"]).item()
     assert drift[20.0] < 0.5 * drift[0.0]
 
 

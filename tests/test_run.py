@@ -66,7 +66,7 @@ def test_lora_snapshot_reloads_with_peft_to_same_logits(tmp_path, tiny_recipe_da
             if "lora_B" in name:
                 p.normal_(0, 0.5)
     model.eval()
-    batch = tokenizer(["Write 1234 in Zorbic numerals."], return_tensors="pt")
+    batch = tokenizer(["Write 1234 in Zorbic numerals."], return_tensors="pt").to(model.device)
     expected = model(**batch).logits
     layout = snapshots.RunLayout(tmp_path / "run")
     folder = snapshots.save_snapshot(layout, 5, model, tokenizer, {"step": 5}, weights=True)

@@ -60,7 +60,7 @@ def _requests(tokenizer, pairs):
 
 
 def _separate_pass(model, context: list[int], cont: list[int]) -> tuple[float, bool]:
-    logprobs = torch.log_softmax(model(torch.tensor([context + cont[:-1]])).logits[0, len(context) - 1:], dim=-1)
+    logprobs = torch.log_softmax(model(torch.tensor([context + cont[:-1]], device=model.device)).logits[0, len(context) - 1:], dim=-1)
     return float(logprobs[range(len(cont)), cont].sum()), logprobs.argmax(-1).tolist() == cont
 
 
@@ -72,7 +72,7 @@ def test_packed_scores_equal_hflm_and_separate_passes(tiny):
     requests = _requests(tokenizer, pairs) * 2 + [((" ", "tail"), [tokenizer.bos_token_id or 0], tokenizer("a long tail of text " * 8, add_special_tokens=False).input_ids)]
     context = tokenizer("Two plus two").input_ids
     with torch.no_grad():
-        best = [int(model(torch.tensor([context])).logits[0, -1].argmax())]
+        best = [int(model(torch.tensor([context], device=model.device)).logits[0, -1].argmax())]
     requests.append((("Two plus two", "<greedy>"), context, best))  # a greedy answer: "is greedy" is true
     theirs = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, max_length=256)._loglikelihood_tokens(requests)
     packed = scoring.PackedLM(pretrained=model, tokenizer=tokenizer, batch_size=3, max_length=256)
@@ -122,7 +122,7 @@ def test_merged_adapters_score_like_the_adapter_and_restore_the_base_exactly(tin
             if "lora_B" in name:
                 p.normal_(0, 0.5)
     before = {k: v.clone() for k, v in peft.state_dict().items()}
-    x = torch.arange(12)[None]
+    x = torch.arange(12, device=peft.device)[None]
     expected = peft(x).logits
     with evaluate.merged_adapters(peft):
         assert all(layer.merged for layer in peft.modules() if hasattr(layer, "merged"))
@@ -138,13 +138,14 @@ def test_scoring_precision_ignores_the_training_autocast_and_bf16_is_opt_in(tiny
     model._original_forward = model.forward  # what accelerate's mixed precision leaves behind
     model.forward = lambda *a, **k: calls.append("training forward") or model._original_forward(*a, **k)
     try:
+        x = torch.arange(5, device=model.device)[None]
         with evaluate.scoring_precision(model, "fp32"):
-            out = model(torch.arange(5)[None]).logits
-            assert not torch.is_autocast_enabled("cpu")
+            out = model(x).logits
+            assert not torch.is_autocast_enabled(model.device.type)
         assert calls == [] and out.dtype == torch.float32
         with evaluate.scoring_precision(model, "bf16"):
-            assert model(torch.arange(5)[None]).logits.dtype == torch.bfloat16
-        model(torch.arange(5)[None])
+            assert model(x).logits.dtype == torch.bfloat16
+        model(x)
         assert calls == ["training forward"]  # restored after scoring
     finally:
         model.forward = model._original_forward
@@ -161,3 +162,29 @@ def test_the_cache_key_holds_the_precision(tiny, tmp_path, monkeypatch):
     assert evaluate.evaluate_model(model, tokenizer, suites[0])["cached"] == []
     assert evaluate.evaluate_model(model, tokenizer, suites[1])["cached"] == []  # not fp32's results
     assert evaluate.evaluate_model(model, tokenizer, suites[1])["cached"] == ["numerals"]
+
+
+def test_a_batch_out_of_memory_is_scored_in_halves(tiny, monkeypatch):
+    model, tokenizer = tiny
+    requests = _requests(tokenizer, [("The capital of Peru is", " Lima"), ("Two plus two", " is four"), ("x", " y z w"),
+                                     ("The capital of Chile is", " Santiago")])
+    packed = scoring.PackedLM(pretrained=model, tokenizer=tokenizer, batch_size=64, max_length=256)
+    expected = packed._loglikelihood_tokens(requests)
+    original = scoring.PackedLM._score_lines
+    sizes = []
+
+    def small_memory(self, lines, targets):
+        sizes.append(len(lines))
+        if len(lines) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(self, lines, targets)
+
+    monkeypatch.setattr(scoring.PackedLM, "_score_lines", small_memory)
+    monkeypatch.setattr(scoring, "LINE_TOKENS", 8)  # one request a line: several lines a batch
+    packed = scoring.PackedLM(pretrained=model, tokenizer=tokenizer, batch_size=64, max_length=256)
+    got = packed._loglikelihood_tokens(requests)
+    assert max(sizes) > 1 and packed.lines_per_pass == 1  # halved down to single lines, and kept small
+    assert [g for _, g in got] == [g for _, g in expected]
+    assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in expected], rel=1e-5)
+    found = scoring.auto_lines(model, "fp32")
+    assert found == 16 if model.device.type == "cpu" else 1 <= found <= scoring.MAX_AUTO_LINES

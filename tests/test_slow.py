@@ -50,7 +50,8 @@ def test_accelerate_launch_with_two_cpu_processes(tmp_path):
     runs = tmp_path / "runs"
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "-m", "forgetscope", "run", str(RECIPES / "tiny.yaml"), "--set", f"runs_dir={runs}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # CPU processes over gloo, also on a GPU machine
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     root = runs / "tiny"
     manifest = json.loads((root / "manifest.json").read_text())
