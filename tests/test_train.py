@@ -66,3 +66,24 @@ def test_a_packed_compiled_run_trains_and_scores(tmp_path, tiny_recipe_data):
     log = pd.read_csv(root / "train_log.csv")
     assert log["loss"].iloc[-1] < log["loss"].iloc[0]
     assert set(pd.read_csv(root / "curves.csv")["step"]) == {0, 1, 3}
+
+
+def test_deterministic_runs_repeat_bit_for_bit(tmp_path, tiny_recipe_data):
+    """``train.deterministic``: two runs of one recipe write identical adapters at every snapshot, so
+    the second run's scores come from the result cache (on CUDA too, where kernels are otherwise
+    free to sum in any order)."""
+    from forgetscope.runner import run
+
+    roots = []
+    try:
+        for name in ("first", "second"):
+            data_ = {**tiny_recipe_data, "name": name, "runs_dir": str(tmp_path),
+                     "train": {**tiny_recipe_data["train"], "deterministic": True}}
+            roots.append(run(recipe_from_dict(data_)))
+    finally:
+        torch.use_deterministic_algorithms(False)  # the Trainer switched it on for the whole process
+    for step in ("step-000001", "step-000003"):
+        files = sorted(p.name for p in (roots[0] / "snapshots" / step).glob("*.safetensors"))
+        assert files
+        for name in files:
+            assert (roots[0] / "snapshots" / step / name).read_bytes() == (roots[1] / "snapshots" / step / name).read_bytes()
