@@ -42,7 +42,9 @@ def prepare_model(model, recipe: Recipe):
         model.requires_grad_(True)
     else:
         from peft import LoraConfig, get_peft_model
+        from transformers import set_seed
 
+        set_seed(recipe.train.seed)  # the adapters' initialisation: the same whatever ran before in this process
         lora = recipe.lora
         config = LoraConfig(
             r=lora.r,
