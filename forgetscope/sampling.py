@@ -39,6 +39,7 @@ _REQUESTS = ("Tell me about {}.", "Write a short paragraph about {}.", "Explain 
 CPU_BATCH = 16  # sequences decoded together on the CPU
 MAX_GPU_BATCH = 1024  # on CUDA: as many as fit in a quarter of the free memory, at most this many
 CHECK_EVERY = 8  # decoding steps between checks whether every sequence has ended (each check waits for the GPU)
+WARMUP_STEPS = 2  # eager decoding steps before the step is captured as a CUDA graph
 
 
 def generic_prompts(n: int, seed: int = 0) -> list[str]:
@@ -101,8 +102,10 @@ class _Decoder:
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # where the step writes into the cache
         self.graph, self.logits = None, None
         self.use_graph = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.use_graph else None
 
     def _step(self) -> torch.Tensor:
+        # the static cache writes at `cache_position` (or, in some versions, at its own running position: the same)
         out = self.model(input_ids=self.ids, position_ids=self.positions, cache_position=self.slot,
                          attention_mask=_mask(self.keys, self.model), past_key_values=self.cache, use_cache=True)
         return out.logits[:, -1]
@@ -124,31 +127,40 @@ class _Decoder:
         return out.logits[:, -1]
 
     def step(self, tokens: torch.Tensor, index: int) -> torch.Tensor:
-        """Feed each row's latest token as decoding step ``index``; returns the next-token logits."""
+        """Feed each row's latest token as decoding step ``index``; returns the next-token logits.
+
+        On CUDA the first ``WARMUP_STEPS`` steps run eagerly on a side stream (CUDA graphs need
+        warmed-up kernels and allocations), the next one is captured, and every later step,
+        in this batch and the next ones, replays the capture. Every run of the step is a real
+        decoding step: some versions of transformers' static cache advance their own write
+        position on each forward pass rather than read ``cache_position``.
+        """
         self.ids.copy_(tokens[:, None])
         self.positions.add_(1)
         self.slot.fill_(self.prompt_len + index)
         self.keys[:, 0, 0, self.prompt_len + index] = True
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
         if not self.use_graph:
             return self._step()
+        if index < WARMUP_STEPS:
+            with torch.cuda.stream(self.stream):
+                logits = self._step()
+            torch.cuda.current_stream(self.model.device).wait_stream(self.stream)
+            return logits
+        self.graph = self._capture()
         if self.graph is None:
-            self.graph = self._capture()
-            if self.graph is None:
-                return self._step()
+            return self._step()
         self.graph.replay()
         return self.logits
 
     def _capture(self):
-        """Capture the step as a CUDA graph (warm-up runs write the same slot the step writes)."""
+        """Capture the step as a CUDA graph (capturing runs nothing); None if the model's forward
+        cannot be captured."""
         try:
-            stream = torch.cuda.Stream(self.model.device)
-            stream.wait_stream(torch.cuda.current_stream(self.model.device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._step()
-            torch.cuda.current_stream(self.model.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=self.stream):
                 self.logits = self._step()
             return graph
         except RuntimeError as err:  # a model whose forward cannot be captured: decode eagerly
