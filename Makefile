@@ -3,7 +3,8 @@
 
 PYTHON ?= python3
 # The CPU build of torch, installed first; without the pin pip pulls several GB of CUDA packages.
-# On a GPU machine: make TORCH="torch --index-url https://download.pytorch.org/whl/cu124" ...
+# On a GPU machine: make install TORCH="torch==2.11.0 --index-url https://download.pytorch.org/whl/cu128"
+# (any CUDA build of torch 2.6 or newer; checked on an H100 with torch 2.11.0+cu130).
 TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
@@ -46,11 +47,16 @@ test: $(STAMP) browser
 test-fast: $(STAMP)
 	$(BIN)/pytest -ra -m "not slow"
 
-# Speed and memory, written as JSON (not part of the tests: timings vary by machine).
+# Speed and memory, written as JSON (not part of the tests: timings vary by machine). On a machine
+# with CUDA the scoring runs there (the lm_eval CLI too) and training and sampling are measured as well.
+DEVICE = $(shell $(BIN)/python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null)
 bench: $(STAMP)
-	$(BIN)/python benchmarks/eval_speed.py --limit 20 --out bench/eval_speed_limit20.json
-	$(BIN)/python benchmarks/eval_speed.py --limit 5 --out bench/eval_speed_limit5.json
-	$(BIN)/python benchmarks/eval_speed.py --limit 100 --out bench/eval_speed_limit100.json
+	$(BIN)/python benchmarks/eval_speed.py --limit 20
+	$(BIN)/python benchmarks/eval_speed.py --limit 5
+	$(BIN)/python benchmarks/eval_speed.py --limit 100
+	$(BIN)/python benchmarks/sampling_speed.py
+	if [ "$(DEVICE)" = cuda ]; then $(BIN)/python benchmarks/eval_speed.py --limit 0 --snapshots 2 \
+		&& $(BIN)/python benchmarks/train_speed.py --compile; fi
 
 clean:
 	rm -rf runs .pytest_cache

@@ -196,7 +196,7 @@ class EvalConfig:
     limit: int | None = option(200, "Score at most this many items per task (null: all).")
     batch_size: int | Literal["auto"] = option(
         "auto", "Evaluation batch size: about this many lines of 128 tokens per forward pass (a line packs several "
-        "requests); `auto`: lm-eval's search on CUDA, 16 on CPU."
+        "requests); `auto`: on CUDA as many as fit in a quarter of the free memory (found once per run), 16 on CPU."
     )
     include: list[str] = option([], "Extra folders of lm-eval task YAMLs (relative to the recipe).")
     precision: Literal["fp32", "bf16"] = option(
