@@ -16,6 +16,8 @@ from typing import TypeVar
 
 import torch
 
+from forgetscope.errors import UserError
+
 T = TypeVar("T")
 
 
@@ -26,7 +28,11 @@ def launched() -> int:
 
 def init() -> None:
     """Join the process group now (accelerate's state; gloo on CPUs, NCCL on GPUs) when launched
-    with several processes, so that the steps before training can wait for each other."""
+    with several processes, so that the steps before training can wait for each other. FSDP is
+    refused: snapshots are scored from whole weights in each process, which sharded ones are not."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        raise UserError("FSDP is not supported yet (snapshots are scored from whole weights in every process); "
+                        "launch with --multi_gpu (DDP) and a model that fits one GPU, or use method: lora")
     if launched() > 1:
         from accelerate import PartialState
 

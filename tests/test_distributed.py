@@ -14,7 +14,6 @@ from conftest import ROOT
 from forgetscope import evaluate, models
 from forgetscope.recipe import EvalConfig
 
-pytestmark = pytest.mark.slow
 
 TASKS = dict(new=["numerals"], general=["world_capitals", "mmlu_shipped", "prose_ppl"], limit=12)
 
@@ -41,6 +40,7 @@ WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_processes_score_their_shares_and_agree_with_one(tmp_path, monkeypatch):
     monkeypatch.setenv("FORGETSCOPE_CACHE", str(tmp_path / "one"))
     model, tokenizer = models.load(models.resolve("tiny-random"))
@@ -66,3 +66,12 @@ def test_two_processes_score_their_shares_and_agree_with_one(tmp_path, monkeypat
             assert theirs == pytest.approx(value["value"], rel=1e-5), (task, metric)
         ids = sorted(map(str, (s["item_id"] for s in alone["samples"][task])))
         assert sorted(map(str, (s["item_id"] for s in gathered["samples"][task]))) == ids  # every item, once
+
+
+def test_fsdp_is_refused_in_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    from forgetscope import cli
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --use_fsdp` sets
+    assert cli.main(["run", str(ROOT / "recipes" / "tiny.yaml"), "--set", f"runs_dir={tmp_path / 'runs'}"]) == 2
+    assert "FSDP is not supported yet" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
