@@ -40,6 +40,7 @@ CPU_BATCH = 16  # sequences decoded together on the CPU
 MAX_GPU_BATCH = 1024  # on CUDA: as many as fit in a quarter of the free memory, at most this many
 CHECK_EVERY = 8  # decoding steps between checks whether every sequence has ended (each check waits for the GPU)
 WARMUP_STEPS = 2  # eager decoding steps before the step is captured as a CUDA graph
+TOP_P_CANDIDATES = 1024  # top-p sampling looks for the nucleus among this many most likely tokens first
 
 
 def generic_prompts(n: int, seed: int = 0) -> list[str]:
@@ -171,15 +172,22 @@ class _Decoder:
 
 
 def pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """One token per row: greedy at ``temperature`` 0, else sampled from the nucleus of ``top_p``."""
+    """One token per row: greedy at ``temperature`` 0, else sampled from the nucleus of ``top_p``
+    (the smallest set of most likely tokens whose probabilities reach ``top_p``).
+
+    The nucleus is looked for among the ``TOP_P_CANDIDATES`` most likely tokens, which is much
+    cheaper than sorting the whole vocabulary for every row; when some row's candidates do not
+    reach ``top_p`` (a very flat distribution), the whole vocabulary is sorted, so the draw is exact."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the smallest set reaching top_p; never empty
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0))
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    if top_p >= 1:
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    top, order = probs.topk(min(TOP_P_CANDIDATES, probs.shape[-1]), dim=-1)  # most likely first
+    if bool((top.sum(-1) < top_p).any()):
+        top, order = probs.sort(dim=-1, descending=True)
+    outside = top.cumsum(-1) - top >= top_p  # the mass before a token already reaches top_p; never the first
+    return order.gather(-1, torch.multinomial(top.masked_fill(outside, 0), 1, generator=generator))[:, 0]
 
 
 @torch.no_grad()

@@ -71,6 +71,15 @@ def test_top_p_keeps_the_smallest_set_that_reaches_it():
     assert int(sampling.pick(logits, 0.0, 1.0, generator)) == 0  # temperature 0: greedy
 
 
+def test_top_p_beyond_the_candidates_sorts_the_whole_vocabulary(monkeypatch):
+    monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", 2)  # the two most likely hold 0.5 + 0.3 < 0.9
+    logits = torch.log(torch.tensor([[0.05, 0.3, 0.15, 0.5]]))
+    generator = torch.Generator().manual_seed(0)
+    drawn = {int(sampling.pick(logits, 1.0, 0.9, generator)) for _ in range(300)}
+    assert drawn == {3, 1, 2}  # the nucleus of 0.9 has three tokens: found by sorting all four
+    assert {int(sampling.pick(logits, 1.0, 0.8, generator)) for _ in range(300)} == {3, 1}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_the_cuda_graph_decodes_like_the_eager_step(lively, monkeypatch):
     model, tokenizer = lively
