@@ -168,7 +168,8 @@ def make_trainer(model, tokenizer, examples: list[dict], recipe: Recipe, output_
         report_to=[],
         include_num_input_tokens_seen="all" if t.packing else "non_padding",  # a packed batch has no padding
         ddp_find_unused_parameters=False,
-        dataloader_num_workers=0,
+        # on a GPU two workers collate the next batches while it computes; on a CPU they would take its cores
+        dataloader_num_workers=2 if torch.cuda.is_available() else 0,
         logging_nan_inf_filter=False,  # a NaN loss must show, so that DivergenceGuard stops the run
         # every step gets a full batch (and so the recipe's new-task/replay split); the data repeats anyway
         dataloader_drop_last=len(examples) >= t.batch_size,
