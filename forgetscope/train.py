@@ -84,12 +84,15 @@ class DivergenceGuard(TrainerCallback):
 class SnapshotCallback(TrainerCallback):
     """Calls ``take(model, step, tokens)`` at step 0 and at every scheduled step; with ``resumable``
     it also has the Trainer save its state there (model, optimizer, scheduler, RNG), so that an
-    interrupted run resumes from the latest snapshot."""
+    interrupted run resumes from the latest snapshot; ``save_at_end`` saves the last step too
+    (a stage that later stages start from)."""
 
-    def __init__(self, steps: list[int], take: Callable[[object, int, int], None], resumable: bool = False):
+    def __init__(self, steps: list[int], take: Callable[[object, int, int], None], resumable: bool = False,
+                 save_at_end: bool = False):
         self.steps = set(steps)
         self.take = take
         self.resumable = resumable
+        self.save_at_end = save_at_end
 
     def _maybe_take(self, state, model, step: int) -> None:
         if step not in self.steps:
@@ -104,7 +107,7 @@ class SnapshotCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self._maybe_take(state, model, state.global_step)
-        if self.resumable and state.global_step in self.steps and state.global_step < state.max_steps:
+        if self.resumable and state.global_step in self.steps and (state.global_step < state.max_steps or self.save_at_end):
             control.should_save = True
 
 

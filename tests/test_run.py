@@ -10,7 +10,8 @@ import yaml
 
 from forgetscope import models, snapshots, train
 from forgetscope.recipe import SnapshotConfig, load_recipe, recipe_from_dict
-from forgetscope.runner import RunError, run
+from forgetscope.runner import run
+from forgetscope.session import RunError
 
 
 def _run(tmp_path, data, **changes):
