@@ -31,7 +31,7 @@ def _cmd_audit(args: argparse.Namespace) -> None:
     from forgetscope.recipe import EvalConfig, recipe_from_dict
 
     defaults = EvalConfig()
-    evals = {"new": args.new if args.new is not None else defaults.new,
+    evals = {"new": args.new or [],
              "general": args.general if args.general is not None else defaults.general,
              "limit": args.limit if args.limit else None}
     config = recipe_from_dict({"evals": evals, "base": args.base}).evals  # same type checks as a recipe
@@ -139,13 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     recipe_command("run", "fine-tune by a recipe, snapshot on its schedule, score every snapshot, write curves", _cmd_run)
     recipe_command("show", "print the resolved recipe (every default filled in) after validating it", _cmd_show)
     audit_cmd = sub.add_parser(
-        "audit", help="score checkpoints trained elsewhere (full or peft adapters) against their base",
+        "audit", help="score checkpoints trained elsewhere (full models or peft adapters) against their base",
         description="Score checkpoints trained elsewhere against their base (step 0) and write curves like `run` does.",
     )
     audit_cmd.add_argument("--base", required=True, help="the base model: alias, local folder, .gguf file or HF id")
     audit_cmd.add_argument("--checkpoints", required=True, nargs="+", metavar="DIR",
-                           help="checkpoint folders (config.json or adapter_config.json inside), or folders of them such as a Trainer output_dir")
-    audit_cmd.add_argument("--new", nargs="*", metavar="TASK", help="new-task evals (default: numerals)")
+                           help="checkpoint folders (a full model or a peft adapter), folders of them such as the output_dir "
+                                "of HF Trainer, TRL or axolotl (checkpoint-*/ inside), or Hugging Face ids")
+    audit_cmd.add_argument("--new", nargs="*", metavar="TASK", help="new-task evals: what the fine-tune was meant to learn (default: none)")
     audit_cmd.add_argument("--general", nargs="*", metavar="TASK", help="general-capability evals (default: the embedded suite)")
     audit_cmd.add_argument("--limit", type=int, default=200, help="items per eval, 0 for all (default 200)")
     audit_cmd.add_argument("--name", default="audit", help="run name: results go to RUNS_DIR/NAME (default audit)")

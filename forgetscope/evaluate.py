@@ -287,7 +287,8 @@ def evaluate_model(model, tokenizer, suite: EvalSuite, base_only: bool = False) 
     _quiet_lm_eval()
     was_training = model.training
     model.eval()
-    lm = PackedLM(pretrained=model, tokenizer=tokenizer, batch_size=_batch_size(suite.config, model.device), max_length=max_length(model))
+    with _weights_kept_as_they_are(model):
+        lm = PackedLM(pretrained=model, tokenizer=tokenizer, batch_size=_batch_size(suite.config, model.device), max_length=max_length(model))
     try:
         with scoring_precision(model, suite.config.precision), merged_adapters(model, enabled=not base_only):
             for use_chat, names in todo.items():
@@ -328,6 +329,18 @@ def _lm_eval(lm, specs: list, suite: EvalSuite, use_chat: bool) -> dict[str, Any
             _join_like_training(task)
     return evaluate(lm=lm, task_dict=loaded, limit=suite.config.limit, cache_requests=False, bootstrap_iters=BOOTSTRAP_ITERS,
                     log_samples=True, apply_chat_template=use_chat, verbosity="ERROR")
+
+
+@contextlib.contextmanager
+def _weights_kept_as_they_are(model) -> Iterator[None]:
+    """lm-eval's ``HFLM`` ties the input and output embeddings of the model it is handed (lm-eval
+    0.4.13). A model in memory is already as it should be, and re-tying breaks a peft model that
+    trains a copy of a tied output layer (``modules_to_save=["lm_head"]``); so it is skipped."""
+    model.tie_weights = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del model.tie_weights
 
 
 @contextlib.contextmanager
