@@ -62,10 +62,10 @@ def _run(recipe: Recipe, session: RunSession, run_hash: str) -> Path:
                   allow_pickle=recipe.allow_pickle, stages=sequence.manifest_entry(recipe) if recipe.stages else None)
     model = train.prepare_model(model, recipe)
 
-    def take(current, step: int, tokens: int) -> None:
+    def take(current, step: int, tokens: int) -> dict[str, float]:
         train.check_finite(current, step)
         meta = {"method": recipe.method, "recipe_hash": run_hash, "base": model_path}
-        session.score(current, step, tokens, meta, weights=recipe.snapshots.keep_weights and step > 0)
+        return session.scalars(session.score(current, step, tokens, meta, weights=recipe.snapshots.keep_weights and step > 0))
 
     def on_resume(checkpoint: str) -> None:
         print(f"forgetscope: resuming {session.root} from {checkpoint}")

@@ -85,10 +85,10 @@ def load_weights(model, checkpoint: str) -> None:
 
 
 def train_stages(recipe: Recipe, model, tokenizer, stages: list[tuple[list[str], list[dict]]], steps: list[int],
-                 take: Callable[[object, int, int], None], out_dir: Path, base_fingerprint: str,
+                 take: Callable[[object, int, int], dict[str, float] | None], out_dir: Path, base_fingerprint: str,
                  on_resume: Callable[[str], None]) -> list[dict]:
     """Train every stage in turn on the same model; ``take(model, step, tokens)`` at each snapshot
-    (global steps). Before a stage with replay, the buffer is sampled from the model as it is then
+    (global steps), whose scores go to the Trainer's log when the recipe sets ``train.report_to``. Before a stage with replay, the buffer is sampled from the model as it is then
     (the base for the first stage, ``base_fingerprint``), prompted (``replay.prompts: tasks``) with
     the earlier stages' prompts. ``on_resume(checkpoint)`` when a stage resumes from a checkpoint.
     Returns the training log of all stages, with global steps (and a ``stage`` column for sequences)."""
@@ -110,13 +110,15 @@ def train_stages(recipe: Recipe, model, tokenizer, stages: list[tuple[list[str],
             buffer = replay.build_buffer(model, tokenizer, stage, fingerprint, prompts or None)
         local = [s - start for s in steps if start < s <= end or (index == 0 and s == 0)]
 
-        def take_global(current, step: int, seen: int, start: int = start, tokens: int = tokens) -> None:
-            take(current, start + step, tokens + seen)
+        def take_global(current, step: int, seen: int, start: int = start, tokens: int = tokens) -> dict[str, float] | None:
+            return take(current, start + step, tokens + seen)
 
         last = index == len(recipes) - 1
         callback = train.SnapshotCallback(local, take_global, resumable=resumable, save_at_end=not last)
         folder = out_dir / f"stage-{index + 1}"
         trainer = train.make_trainer(model, tokenizer, stages[index][1], stage, str(folder), [callback], buffer)
+        if stage.train.report_to:
+            callback.report = trainer.log
         checkpoint = train.latest_checkpoint(folder) if resumable else None
         if checkpoint:
             on_resume(str(Path(checkpoint).relative_to(out_dir)))

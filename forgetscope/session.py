@@ -167,6 +167,14 @@ class RunSession:
         print(f"forgetscope: step {step}{label}: " + curves.headline(evaluation["results"]) + reused)
         return evaluation
 
+    @staticmethod
+    def scalars(evaluation: dict[str, Any] | None) -> dict[str, float]:
+        """An evaluation as flat scalars for a Trainer's log: ``eval_forgetscope/<eval>/<metric>`` (the
+        ``eval_`` prefix files them under evaluation in TensorBoard, W&B and MLflow)."""
+        results = (evaluation or {}).get("results", {})
+        return {f"eval_forgetscope/{task}/{metric}": entry["value"] for task, result in results.items()
+                for metric, entry in result["metrics"].items()}
+
     @contextlib.contextmanager
     def failing(self) -> Iterator[None]:
         """Any error in the block marks the run ``failed`` (finished snapshots and results stay);
@@ -204,6 +212,9 @@ class RunSession:
             return None
         from forgetscope import sequence
 
+        for events in sorted((self.root / "trainer").glob("stage-*/runs")):  # TensorBoard's, when train.report_to has it
+            (self.root / "tensorboard").mkdir(exist_ok=True)
+            events.rename(self.root / "tensorboard" / events.parent.name)
         shutil.rmtree(self.root / "trainer", ignore_errors=True)  # the training state kept for resuming
         table = curves.write_curves(self.layout, run, recipe, method)
         figures.save(figures.plot_curves(table, title=title), self.layout.figure)
