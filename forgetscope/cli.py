@@ -33,7 +33,7 @@ def _cmd_audit(args: argparse.Namespace) -> None:
     defaults = EvalConfig()
     evals = {"new": args.new or [],
              "general": args.general if args.general is not None else defaults.general,
-             "limit": args.limit if args.limit else None}
+             "limit": args.limit if args.limit else None, "include": args.include}
     config = recipe_from_dict({"evals": evals, "base": args.base}).evals  # same type checks as a recipe
     root = audit(args.base, args.checkpoints, config, name=args.name, runs_dir=args.runs_dir,
                  chat_template=args.chat_template, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit_cmd.add_argument("--new", nargs="*", metavar="TASK", help="new-task evals: what the fine-tune was meant to learn (default: none)")
     audit_cmd.add_argument("--general", nargs="*", metavar="TASK", help="general-capability evals (default: the embedded suite)")
     audit_cmd.add_argument("--limit", type=int, default=200, help="items per eval, 0 for all (default 200)")
+    audit_cmd.add_argument("--include", nargs="*", default=[], metavar="DIR", help="folders of your own lm-eval task YAMLs")
     audit_cmd.add_argument("--name", default="audit", help="run name: results go to RUNS_DIR/NAME (default audit)")
     audit_cmd.add_argument("--runs-dir", default="runs", help="folder that holds runs (default runs)")
     audit_cmd.add_argument("--chat-template", default="auto", choices=["auto", "on", "off"],
