@@ -113,10 +113,11 @@ def _cmd_tasks(args: argparse.Namespace) -> None:
             print(f"  {name:16s} {first_line}")
     if args.all:
         names = evaluate.task_manager((str(evaluate.evals_dir()), *map(str, args.include))).all_tasks
-        print(f"\nAll {len(names)} lm-eval tasks and groups (standard ones need the network or a local HF cache):")
+        print(f"\nAll {len(names)} lm-eval tasks, groups and tags (standard ones need their data: online, or in the HF datasets cache):")
         print("\n".join(f"  {n}" for n in names))
     else:
-        print("\nlm-eval's standard tasks (hellaswag, arc_easy, mmlu, ...) work too when online: `forgetscope tasks --all`.")
+        print("\nlm-eval's standard tasks (hellaswag, arc_easy, mmlu, gsm8k, ...) work too, online or from the HF datasets "
+              "cache: `forgetscope tasks --all`.")
 
 
 def build_parser() -> argparse.ArgumentParser:

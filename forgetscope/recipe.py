@@ -182,7 +182,8 @@ class EvalConfig:
     general: list[str] = option(
         ["prose_ppl", "world_capitals", "mmlu_shipped", "base_samples_ppl"],
         "Held-out general-capability evals (forgetting): embedded probes, tasks in evals/ or "
-        "your `include` folders, or lm-eval's standard tasks (hellaswag, arc_easy, ...) when online.",
+        "your `include` folders, or lm-eval's standard tasks and groups (hellaswag, arc_easy, mmlu, gsm8k, ...), whose "
+        "data comes from the Hub or, offline, the HF datasets cache.",
     )
     limit: int | None = option(200, "Score at most this many items per task (null: all).")
     batch_size: int | Literal["auto"] = option(
