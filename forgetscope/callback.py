@@ -77,11 +77,14 @@ class ForgettingCallback(SnapshotCallback):
                                   "a different run; give ForgettingCallback another name= or remove that folder",
                                   main_process=trainer.is_world_process_zero())
         self.session.acquire()  # before training: a folder in use, or holding another run, is refused now
-        if self.session.main and self.session.layout.read_manifest().get("status") == "finished":
-            self.session.release()
-            raise CallbackError(f"ForgettingCallback: {self.session.root} holds a finished run; give another name= or remove it")
-        # the evals' data and the base's fingerprint (and drift samples), before the first update
-        self.suite = evaluate.prepare_suite(self.evals, Path.cwd(), self.chat, model, tokenizer) if self.session.main else None
+        try:
+            if self.session.main and self.session.layout.read_manifest().get("status") == "finished":
+                raise CallbackError(f"ForgettingCallback: {self.session.root} holds a finished run; give another name= or remove it")
+            # the evals' data and the base's fingerprint (and drift samples), before the first update
+            self.suite = evaluate.prepare_suite(self.evals, Path.cwd(), self.chat, model, tokenizer) if self.session.main else None
+        except BaseException:
+            self.session.release()  # a notebook goes on: leave the folder free
+            raise
         self.tokenizer = tokenizer
 
     def _score(self, model, step: int, tokens: int) -> dict[str, float]:

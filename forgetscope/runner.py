@@ -56,10 +56,11 @@ def _run(recipe: Recipe, session: RunSession, run_hash: str) -> Path:
     steps = sequence.schedule(recipe)
     base_fp = evaluate.fingerprint(model)  # hashed once: keys the drift probe's samples and the replay buffer
     suite = evaluate.prepare_suite(recipe.evals, recipe.base_dir, chat, model, tokenizer, base_fp) if session.main else None
-    session.start(suite, tokenizer, {"recipe.yaml": recipe.to_yaml()}, base=recipe.base, base_path=model_path, method=recipe.method, seed=recipe.train.seed,
-                  snapshot_steps=steps, chat_template=chat, bf16=train.use_bf16(recipe.train.precision),
-                  processes=train.world_size(), trust_remote_code=recipe.trust_remote_code,
-                  allow_pickle=recipe.allow_pickle, stages=sequence.manifest_entry(recipe) if recipe.stages else None)
+    session.start(suite, tokenizer, {"recipe.yaml": recipe.to_yaml()}, base=recipe.base, base_path=model_path,
+                  method=recipe.method, seed=recipe.train.seed, snapshot_steps=steps, chat_template=chat,
+                  bf16=train.use_bf16(recipe.train.precision), processes=train.world_size(),
+                  trust_remote_code=recipe.trust_remote_code, allow_pickle=recipe.allow_pickle,
+                  stages=sequence.manifest_entry(recipe) if recipe.stages else None)
     model = train.prepare_model(model, recipe)
 
     def take(current, step: int, tokens: int) -> dict[str, float]:
