@@ -1,5 +1,10 @@
 """forgetscope: measure what a language model forgets when it is fine-tuned.
 
+Forgetting curves from your own Trainer / SFTTrainer script::
+
+    from forgetscope import ForgettingCallback
+    trainer.add_callback(ForgettingCallback(trainer, evals={"general": ["hellaswag", "arc_easy"]}, name="my-sft"))
+
 The notebook API (imported on first use, so that the command line starts fast)::
 
     import forgetscope
@@ -13,6 +18,7 @@ The notebook API (imported on first use, so that the command line starts fast)::
 import importlib
 
 _EXPORTS = {
+    "ForgettingCallback": "forgetscope.callback",
     "load_results": "forgetscope.results",
     "load_items": "forgetscope.results",
     "analyse": "forgetscope.report",

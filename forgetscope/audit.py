@@ -1,67 +1,112 @@
 """``forgetscope audit``: score checkpoints trained elsewhere against their base.
 
-A checkpoint is a folder holding either a full model (``config.json`` + weights) or a peft
-adapter (``adapter_config.json``); a folder of them (e.g. a Trainer output folder with
-``checkpoint-*`` inside) is expanded. The base is step 0. The base is loaded once; adapters are
-swapped into it one after another, full checkpoints are loaded one at a time. The run folder has
-the same layout as ``forgetscope run`` writes, so curves, reports and gates read it alike.
+A checkpoint is a folder holding a full model (``config.json`` + weights, sharded or not) or a
+peft adapter (``adapter_config.json``, also with ``modules_to_save`` or resized embeddings), or
+a Hugging Face id of either. A folder of them (the ``output_dir`` of HF Trainer, TRL or axolotl,
+with ``checkpoint-*`` inside) is expanded; the final model such a trainer saves beside its
+checkpoints is scored too when it is not one of them. A checkpoint without tokenizer files is
+scored with its base's tokenizer. The base is step 0 and is loaded once; adapters are swapped
+into it one after another, full checkpoints are loaded one at a time. The run folder is written
+through a :class:`forgetscope.session.RunSession`, with the same layout as ``forgetscope run``.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
 
-from forgetscope import curves, data, evaluate, figures, io, models, snapshots, stats
+from forgetscope import data, evaluate, models
 from forgetscope.errors import UserError
 from forgetscope.recipe import EvalConfig, TaskConfig
+from forgetscope.session import RunSession
 
 
 class AuditError(UserError):
     """The checkpoints or settings of an audit cannot be used."""
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint to score: its step, its local folder, and what the user gave for it."""
+
+    step: int
+    folder: Path
+    source: str
+
+    @property
+    def adapter(self) -> bool:
+        return (self.folder / "adapter_config.json").is_file()
+
+
 def _is_checkpoint(path: Path) -> bool:
     return (path / "adapter_config.json").is_file() or (path / "config.json").is_file()
 
 
-def _step_of(path: Path) -> int | None:
+def _trainer_state(path: Path) -> dict:
     state = path / "trainer_state.json"
-    if state.is_file():
-        return int(json.loads(state.read_text())["global_step"])
+    return json.loads(state.read_text()) if state.is_file() else {}
+
+
+def _step_of(path: Path) -> int | None:
+    if "global_step" in _trainer_state(path):
+        return int(_trainer_state(path)["global_step"])
     match = re.search(r"(\d+)$", path.name)
     return int(match[1]) if match else None
 
 
-def find_checkpoints(folders: list[str]) -> list[tuple[int, Path]]:
-    """(step, folder) for every checkpoint in ``folders``, sorted by step.
+def _final_step(folder: Path, inside: list[Path]) -> int | None:
+    """The step of the final model a trainer saved in its output folder beside ``checkpoint-*``:
+    from its own trainer_state.json, else the run's ``max_steps`` recorded by its checkpoints."""
+    own = _trainer_state(folder).get("global_step")
+    if own is not None:
+        return int(own)
+    steps = [_trainer_state(p).get("max_steps") for p in inside]
+    return int(max(s for s in steps if s)) if any(steps) else None
+
+
+def find_checkpoints(refs: list[str], allow_pickle: bool = False) -> list[Checkpoint]:
+    """Every checkpoint that ``refs`` name, sorted by step.
 
     The step comes from ``trainer_state.json``, else from the trailing number of the folder name
-    (``checkpoint-500``, ``step-000050``), else from the order given.
+    (``checkpoint-500``, ``step-000050``); when some have none (a Hugging Face id, a folder
+    named ``final``) or two share one, the checkpoints are numbered 1, 2, ... in the order given.
     """
-    found: list[Path] = []
-    for folder in map(Path, folders):
+    found: list[tuple[Path, str, int | None]] = []
+    for ref in refs:
+        folder = Path(ref)
         if not folder.is_dir():
-            raise AuditError(f"--checkpoints: no such folder {str(folder)!r}")
-        if _is_checkpoint(folder):
-            found.append(folder)
+            if not models.is_hub_id(ref):
+                raise AuditError(f"--checkpoints: no such folder {ref!r} (give a checkpoint folder, a folder of them "
+                                 "such as a Trainer output_dir, or a Hugging Face id org/name)")
+            try:
+                found.append((models.hub_folder(ref, allow_pickle), ref, None))
+            except models.ModelError as err:
+                raise AuditError(f"--checkpoints: {err}") from None
             continue
         inside = sorted((p for p in folder.iterdir() if p.is_dir() and _is_checkpoint(p)), key=lambda p: (_step_of(p) or 0, p.name))
-        if not inside:
+        if not inside and not _is_checkpoint(folder):
             raise AuditError(
-                f"--checkpoints: {str(folder)!r} holds no checkpoint (a folder with config.json or "
+                f"--checkpoints: {ref!r} holds no checkpoint (a folder with config.json or "
                 "adapter_config.json, or subfolders such as checkpoint-100/ that have one)"
             )
-        found.extend(inside)
-    steps = [_step_of(p) for p in found]
+        found.extend((p, str(p), _step_of(p)) for p in inside)
+        if _is_checkpoint(folder) and not inside:
+            found.append((folder, ref, _step_of(folder)))
+        elif _is_checkpoint(folder):  # the final model, saved beside the checkpoints
+            final = _final_step(folder, inside)
+            if final is None:
+                print(f"forgetscope: {ref} also holds a model, left out: its step is unknown (no trainer_state.json); "
+                      "give it alone to score it")
+            elif final not in {_step_of(p) for p in inside}:
+                found.append((folder, ref, final))
+    steps = [step for _, _, step in found]
     if None in steps or len(set(steps)) != len(steps) or 0 in steps:
         steps = list(range(1, len(found) + 1))  # no usable step numbers: order as given
-    return sorted(zip(steps, found))
+    return sorted((Checkpoint(step, folder, source) for step, (folder, source, _) in zip(steps, found)), key=lambda c: c.step)
 
 
 def audit(base: str, checkpoints: list[str], evals: EvalConfig, name: str = "audit", runs_dir: str = "runs",
@@ -71,69 +116,104 @@ def audit(base: str, checkpoints: list[str], evals: EvalConfig, name: str = "aud
     problems += evaluate.check_eval_names([*evals.new, *evals.general], evaluate.include_paths(evals, Path.cwd()))
     if problems:
         raise AuditError("\n".join(problems))
-    found = find_checkpoints(checkpoints)
-    layout = snapshots.RunLayout(Path(runs_dir) / name)
-    settings = {"base": base, "checkpoints": [str(p.resolve()) for _, p in found], "evals": asdict(evals),
-                "chat_template": chat_template}
-    if layout.manifest.is_file() and layout.read_manifest().get("audit") != settings:
-        raise AuditError(f"{layout.root} holds a different run; choose another --name or remove that folder")
+    found = find_checkpoints(checkpoints, allow_pickle)
+    settings = {"base": base, "checkpoints": [str(c.folder.resolve()) if Path(c.source).is_dir() else c.source for c in found],
+                "evals": asdict(evals), "chat_template": chat_template}
+    session = RunSession(Path(runs_dir) / name, {"audit": settings},
+                         "a different run; choose another --name or remove that folder")
+    with session.locked():
+        if session.finished():
+            return session.root
+        base_path = models.resolve(base)
+        model, tokenizer = models.load(base_path, trust_remote_code, allow_pickle)
+        chat = data.uses_chat_template(TaskConfig(chat_template=chat_template), tokenizer)
+        _check_vocabularies(found, tokenizer, trust_remote_code)
+        suite = evaluate.prepare_suite(evals, Path.cwd(), chat, model, tokenizer)
+        kinds = {"lora" if c.adapter else "full" for c in found}
+        method = kinds.pop() if len(kinds) == 1 else "mixed"
+        session.start(suite, tokenizer, {"audit.yaml": yaml.safe_dump(settings, sort_keys=False)}, kind="audit",
+                      base=base, base_path=base_path, method=method, snapshot_steps=[0, *(c.step for c in found)],
+                      chat_template=chat, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        with session.failing():
+            session.score(model, 0, meta={"source": base}, label=f" ({base})")
+            _score_checkpoints(session, model, tokenizer, found, trust_remote_code, allow_pickle)
+            session.finish(name, "audit", method, title=f"{name}: audit of {len(found)} checkpoints against {base}")
+    return session.root
 
-    started = time.time()
-    base_path = models.resolve(base)
-    model, tokenizer = models.load(base_path, trust_remote_code, allow_pickle)
-    chat = data.uses_chat_template(TaskConfig(chat_template=chat_template), tokenizer)
-    suite = evaluate.prepare_suite(evals, Path.cwd(), chat, model, tokenizer)
-    kinds = {"lora" if (p / "adapter_config.json").is_file() else "full" for _, p in found}
-    method = kinds.pop() if len(kinds) == 1 else "mixed"
-    layout.root.mkdir(parents=True, exist_ok=True)
-    io.write_text(layout.root / "audit.yaml", yaml.safe_dump(settings, sort_keys=False))
-    layout.update_manifest(status="running", kind="audit", audit=settings, base_path=base_path, method=method,
-                           snapshot_steps=[0, *(s for s, _ in found)], chat_template=chat,
-                           trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
 
-    eval_s: dict[str, float] = {}
+def _score_checkpoints(session: RunSession, model, tokenizer, found: list[Checkpoint], trust_remote_code: bool,
+                       allow_pickle: bool) -> None:
+    """Score every checkpoint: adapters in the base loaded once (its embeddings resized first when
+    the adapters saved resized ones), full models one at a time."""
+    from peft import PeftModel
 
-    def score(current, step: int, source: str) -> None:
-        snapshots.save_snapshot(layout, step, current, tokenizer, {"step": step, "source": source}, weights=False)
-        if step in layout.eval_steps():
-            return
-        tick = time.time()
-        evaluation = evaluate.evaluate_model(current, tokenizer, suite, base_only=step == 0)
-        eval_s[snapshots.step_name(step)] = round(time.time() - tick, 2)
-        snapshots.save_eval(layout, step, _tokens(source), evaluation)
-        print(f"forgetscope: step {step} ({source}): " + curves.headline(evaluation["results"]))
-
-    score(model, 0, base)
     adapters, active = None, None  # the base wrapped by peft once the first adapter arrives; its adapter
-    for step, folder in found:
-        if (folder / "adapter_config.json").is_file():
-            from peft import PeftModel
-
-            if adapters is None:
-                active = f"step{step}"
-                adapters = PeftModel.from_pretrained(model, str(folder), adapter_name=active)
-            elif _same_shape(adapters.peft_config[active], folder):  # overwrite the adapter's weights in place
-                from peft.utils import load_peft_weights, set_peft_model_state_dict
-
-                set_peft_model_state_dict(adapters, load_peft_weights(str(folder)), adapter_name=active)
-            else:  # swap: load the next adapter into the same base, drop the previous one
-                adapters.load_adapter(str(folder), adapter_name=f"step{step}")
-                adapters.set_adapter(f"step{step}")
-                adapters.delete_adapter(active)
-                active = f"step{step}"
-            score(adapters, step, str(folder))
-        else:
-            full, _ = models.load(str(folder), trust_remote_code, allow_pickle)
-            score(full, step, str(folder))
+    for checkpoint in found:
+        folder, step = checkpoint.folder, checkpoint.step
+        has_own = models.has_tokenizer(folder)
+        meta, label = {"source": checkpoint.source}, f" ({checkpoint.source})"
+        tokens = int(_trainer_state(folder).get("num_input_tokens_seen", 0) or 0)
+        if not checkpoint.adapter:
+            full, own = models.load(str(folder), trust_remote_code, allow_pickle, None if has_own else tokenizer)
+            session.score(full, step, tokens, meta, tokenizer=own, label=label)
             del full
+            continue
+        own = models.load_tokenizer(str(folder), trust_remote_code) if has_own else tokenizer
+        _fit_vocabulary(session, model, folder, adapters is not None)
+        if adapters is None:
+            active = f"step{step}"
+            adapters = PeftModel.from_pretrained(model, str(folder), adapter_name=active)
+        elif _same_shape(adapters.peft_config[active], folder):  # overwrite the adapter's weights in place
+            from peft.utils import load_peft_weights, set_peft_model_state_dict
 
-    table = curves.write_curves(layout, run=name, recipe="audit", method=method)
-    figures.save(figures.plot_curves(table, title=f"{name}: audit of {len(found)} checkpoints against {base}"), layout.figure)
-    summary = stats.final_vs_base(layout, table)
-    print(f"\nforgetscope: step {summary[0]['step']} vs the base (step 0), paired over items:\n" + stats.format_summary(summary))
-    layout.update_manifest(status="finished", final_vs_base=summary,
-                           timings={"total_s": round(time.time() - started, 2), "eval_s": eval_s})
-    return layout.root
+            set_peft_model_state_dict(adapters, load_peft_weights(str(folder)), adapter_name=active)
+        else:  # swap: load the next adapter into the same base, drop the previous one
+            adapters.load_adapter(str(folder), adapter_name=f"step{step}")
+            adapters.set_adapter(f"step{step}")
+            adapters.delete_adapter(active)
+            active = f"step{step}"
+        models.check_vocabulary(adapters, own, str(folder), "its own" if has_own else "its base's")
+        session.score(adapters, step, tokens, meta, tokenizer=own, label=label)
+
+
+def _check_vocabularies(found: list[Checkpoint], tokenizer, trust_remote_code: bool) -> None:
+    """Before anything is written: every full checkpoint without tokenizer files must have an
+    embedding for every token of the base's tokenizer, which it is scored with."""
+    from transformers import AutoConfig
+
+    problems = []
+    for checkpoint in found:
+        if checkpoint.adapter or models.has_tokenizer(checkpoint.folder):
+            continue
+        config = AutoConfig.from_pretrained(str(checkpoint.folder), trust_remote_code=trust_remote_code).get_text_config()
+        if getattr(config, "vocab_size", None) and config.vocab_size < len(tokenizer):
+            problems.append(f"--checkpoints: {checkpoint.source}: has no tokenizer files, and its vocabulary ({config.vocab_size} "
+                            f"tokens) is smaller than its base's tokenizer ({len(tokenizer)}); save the tokenizer it was trained "
+                            "with into the folder (tokenizer.save_pretrained, or pass processing_class to the Trainer) or give "
+                            "the --base it was trained from")
+    if problems:
+        raise AuditError("\n".join(problems))
+
+
+def _fit_vocabulary(session: RunSession, model, folder: Path, wrapped: bool) -> None:
+    """Resize the base's embeddings to those an adapter saved (peft saves them when training
+    resized the vocabulary), before the first adapter is loaded. Such adapters overwrite base
+    weights, so from then on snapshots are fingerprinted whole, not as base + adapter."""
+    from peft.utils import load_peft_weights
+
+    embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+    rows = {t.shape[0] for k, t in load_peft_weights(str(folder)).items()
+            if f"{embedding}." in k and "lora_" not in k and t.ndim == 2}
+    if not rows:
+        return
+    session.suite.base_fingerprint = None  # the adapter replaces base weights (embeddings): hash whole models
+    current = model.get_input_embeddings().weight.shape[0]
+    if rows == {current}:
+        return
+    if wrapped or len(rows) > 1:
+        raise AuditError(f"--checkpoints: {folder} has embeddings of {sorted(rows)} tokens, unlike the adapters before it "
+                         f"({current}); audit adapters of different vocabularies separately")
+    model.resize_token_embeddings(rows.pop())
 
 
 def _same_shape(config, folder: Path) -> bool:
@@ -143,11 +223,3 @@ def _same_shape(config, folder: Path) -> bool:
     ignore = {"base_model_name_or_path", "revision", "inference_mode", "task_type"}
     theirs = PeftConfig.from_pretrained(str(folder)).to_dict()
     return {k: v for k, v in config.to_dict().items() if k not in ignore} == {k: v for k, v in theirs.items() if k not in ignore}
-
-
-def _tokens(source: str) -> int:
-    """Tokens seen, when the checkpoint's trainer_state.json recorded them (else 0)."""
-    state = Path(source) / "trainer_state.json"
-    if state.is_file():
-        return int(json.loads(state.read_text()).get("num_input_tokens_seen", 0) or 0)
-    return 0

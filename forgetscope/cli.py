@@ -31,9 +31,9 @@ def _cmd_audit(args: argparse.Namespace) -> None:
     from forgetscope.recipe import EvalConfig, recipe_from_dict
 
     defaults = EvalConfig()
-    evals = {"new": args.new if args.new is not None else defaults.new,
+    evals = {"new": args.new or [],
              "general": args.general if args.general is not None else defaults.general,
-             "limit": args.limit if args.limit else None}
+             "limit": args.limit if args.limit else None, "include": args.include}
     config = recipe_from_dict({"evals": evals, "base": args.base}).evals  # same type checks as a recipe
     root = audit(args.base, args.checkpoints, config, name=args.name, runs_dir=args.runs_dir,
                  chat_template=args.chat_template, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
@@ -113,10 +113,11 @@ def _cmd_tasks(args: argparse.Namespace) -> None:
             print(f"  {name:16s} {first_line}")
     if args.all:
         names = evaluate.task_manager((str(evaluate.evals_dir()), *map(str, args.include))).all_tasks
-        print(f"\nAll {len(names)} lm-eval tasks and groups (standard ones need the network or a local HF cache):")
+        print(f"\nAll {len(names)} lm-eval tasks, groups and tags (standard ones need their data: online, or in the HF datasets cache):")
         print("\n".join(f"  {n}" for n in names))
     else:
-        print("\nlm-eval's standard tasks (hellaswag, arc_easy, mmlu, ...) work too when online: `forgetscope tasks --all`.")
+        print("\nlm-eval's standard tasks (hellaswag, arc_easy, mmlu, gsm8k, ...) work too, online or from the HF datasets "
+              "cache: `forgetscope tasks --all`.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,15 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     recipe_command("run", "fine-tune by a recipe, snapshot on its schedule, score every snapshot, write curves", _cmd_run)
     recipe_command("show", "print the resolved recipe (every default filled in) after validating it", _cmd_show)
     audit_cmd = sub.add_parser(
-        "audit", help="score checkpoints trained elsewhere (full or peft adapters) against their base",
+        "audit", help="score checkpoints trained elsewhere (full models or peft adapters) against their base",
         description="Score checkpoints trained elsewhere against their base (step 0) and write curves like `run` does.",
     )
     audit_cmd.add_argument("--base", required=True, help="the base model: alias, local folder, .gguf file or HF id")
     audit_cmd.add_argument("--checkpoints", required=True, nargs="+", metavar="DIR",
-                           help="checkpoint folders (config.json or adapter_config.json inside), or folders of them such as a Trainer output_dir")
-    audit_cmd.add_argument("--new", nargs="*", metavar="TASK", help="new-task evals (default: numerals)")
+                           help="checkpoint folders (a full model or a peft adapter), folders of them such as the output_dir "
+                                "of HF Trainer, TRL or axolotl (checkpoint-*/ inside), or Hugging Face ids")
+    audit_cmd.add_argument("--new", nargs="*", metavar="TASK", help="new-task evals: what the fine-tune was meant to learn (default: none)")
     audit_cmd.add_argument("--general", nargs="*", metavar="TASK", help="general-capability evals (default: the embedded suite)")
     audit_cmd.add_argument("--limit", type=int, default=200, help="items per eval, 0 for all (default 200)")
+    audit_cmd.add_argument("--include", nargs="*", default=[], metavar="DIR", help="folders of your own lm-eval task YAMLs")
     audit_cmd.add_argument("--name", default="audit", help="run name: results go to RUNS_DIR/NAME (default audit)")
     audit_cmd.add_argument("--runs-dir", default="runs", help="folder that holds runs (default runs)")
     audit_cmd.add_argument("--chat-template", default="auto", choices=["auto", "on", "off"],

@@ -58,8 +58,9 @@ PRIMARY_METRICS = ("acc", "acc_norm", "exact_match", "bits_per_byte", "word_perp
 
 
 def primary_metric(metrics: list[str]) -> str:
-    """The metric that stands for a task in figures and one-line summaries."""
-    return next((m for m in PRIMARY_METRICS if m in metrics), metrics[0])
+    """The metric that stands for a task in figures and one-line summaries: the first of
+    ``PRIMARY_METRICS`` it has, under any filter (``exact_match,flexible-extract``), else its first."""
+    return next((m for name in PRIMARY_METRICS for m in metrics if m.partition(",")[0] == name), metrics[0])
 
 
 def headline(results: dict[str, Any]) -> str:

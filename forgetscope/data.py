@@ -5,6 +5,8 @@ either a prompt/completion pair (loss on the completion only: prompt tokens get 
 plain text (loss on every token). When the tokenizer has a chat template (and
 ``task.chat_template`` allows it), the prompt is wrapped as a user turn and the completion is the
 assistant's answer, exactly as lm-eval's ``--apply_chat_template`` renders it at evaluation.
+Without one, prompt and completion are joined by a space where neither has whitespace at the
+seam (:func:`split_pair`), and new-task evals join context and target the same way.
 """
 
 from __future__ import annotations
@@ -86,9 +88,24 @@ def render_prompt(prompt: str, tokenizer, chat: bool) -> str:
     return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
 
 
-def completion_delimiter(chat: bool) -> str:
-    """What joins prompt and completion: nothing after a chat turn, a space in plain text."""
-    return "" if chat else " "
+def completion_delimiter(prompt: str, completion: str) -> str:
+    """What joins a plain-text prompt and its completion: one space, unless either side already
+    has whitespace there (``"Q:"`` + ``"A"`` -> ``"Q: A"``; ``"Q: "`` + ``"A"`` and
+    ``"Q:"`` + ``" A"`` stay as they are). New-task evals on a base without a chat template join
+    lm-eval's context and target the same way (:mod:`forgetscope.evaluate`)."""
+    return "" if not prompt or prompt[-1].isspace() or completion[:1].isspace() else " "
+
+
+def split_pair(prompt: str, completion: str, chat: bool) -> tuple[str, str]:
+    """(context, continuation) of a prompt/completion pair, as lm-eval scores it. After a chat
+    turn they are taken as they are. In plain text they are joined by :func:`completion_delimiter`
+    and the context's trailing whitespace moves into the continuation, as lm-eval's ``HFLM``
+    does, so that the tokens trained on are the tokens scored."""
+    if chat:
+        return prompt, completion
+    completion = completion_delimiter(prompt, completion) + completion
+    context = prompt.rstrip()
+    return context, prompt[len(context):] + completion
 
 
 def tokenize(records: list[dict[str, Any]], tokenizer, task: TaskConfig, seq_len: int) -> list[dict[str, list[int]]]:
@@ -112,8 +129,9 @@ def tokenize(records: list[dict[str, Any]], tokenizer, task: TaskConfig, seq_len
     examples, too_long = [], 0
     for record in records:
         if has_prompt:
-            prefix = render_prompt(str(record[task.prompt_field]), tokenizer, chat)
-            answer = completion_delimiter(chat) + str(record[task.completion_field]) + end
+            prefix, answer = split_pair(render_prompt(str(record[task.prompt_field]), tokenizer, chat),
+                                        str(record[task.completion_field]), chat)
+            answer += end
             prompt_ids = tokenizer(prefix, add_special_tokens=not chat).input_ids
             answer_ids = tokenizer(answer, add_special_tokens=False).input_ids
             full = prompt_ids + answer_ids

@@ -23,7 +23,8 @@ from typing import Any, Iterator
 
 import torch
 
-from forgetscope import distributed, io
+from forgetscope import data, distributed, io
+from forgetscope.errors import UserError
 from forgetscope.models import cache_dir
 from forgetscope.recipe import EvalConfig
 
@@ -87,7 +88,13 @@ def folder_evals(folder: Path) -> dict[str, str]:
 
 def _normalise(name: str) -> str:
     """A parameter's name without peft's wrappers, so a LoRA-wrapped base hashes like the base."""
-    return name.replace("base_model.model.", "").replace(".base_layer", "")
+    return name.replace("base_model.model.", "").replace(".base_layer", "").replace(".original_module", "")
+
+
+def _is_adapter(name: str) -> bool:
+    """Whether a parameter belongs to a peft adapter: LoRA weights, or the trained copies of
+    ``modules_to_save`` (e.g. a resized embedding and output layer)."""
+    return "lora_" in name or ".modules_to_save." in name
 
 
 def fingerprint(model, base_only: bool = False, base: str | None = None) -> str:
@@ -101,7 +108,7 @@ def fingerprint(model, base_only: bool = False, base: str | None = None) -> str:
         return base
     digest = hashlib.sha256((base or "").encode())
     for name, tensor in sorted(model.state_dict().items(), key=lambda kv: _normalise(kv[0])):
-        adapter = "lora_" in name
+        adapter = _is_adapter(name)
         if (base_only and adapter) or (base is not None and not adapter):
             continue
         digest.update(_normalise(name).encode())
@@ -109,73 +116,128 @@ def fingerprint(model, base_only: bool = False, base: str | None = None) -> str:
     return digest.hexdigest()[:20]
 
 
+class EvalError(UserError):
+    """An eval cannot be used as asked (its data is missing, it is listed twice)."""
+
+
 @dataclass
 class EvalSuite:
-    """The evals of a run, prepared once: lm-eval task specs, each task's content hash, roles."""
+    """The evals of a run, prepared once: lm-eval task specs, each eval's content hash, roles.
+
+    An eval is what lm-eval reports one score for: a task, or a group that aggregates its
+    subtasks (``mmlu``). A tag (``ai2_arc``) or a group without an aggregate gives one eval per
+    task it holds, as lm-eval reports them."""
 
     config: EvalConfig
     paths: list[str]
     chat: bool
-    roles: dict[str, str] = field(default_factory=dict)  # task -> "new" | "general"
-    specs: dict[str, Any] = field(default_factory=dict)  # task -> name, or config dict (drift probe)
-    hashes: dict[str, str] = field(default_factory=dict)  # task -> hash of its config and items
-    members: dict[str, list[str]] = field(default_factory=dict)  # task or group -> its leaf tasks
+    roles: dict[str, str] = field(default_factory=dict)  # eval -> "new" | "general"
+    sources: dict[str, str] = field(default_factory=dict)  # eval -> the name the recipe lists it under
+    specs: dict[str, Any] = field(default_factory=dict)  # listed name -> lm-eval spec: name, or config dict (drift probe)
+    hashes: dict[str, str] = field(default_factory=dict)  # eval -> hash of its config and items
+    members: dict[str, list[str]] = field(default_factory=dict)  # eval -> its leaf tasks
     base_fingerprint: str | None = None  # of the frozen base under LoRA snapshots (None: hash them whole)
     lines_per_pass: int | None = None  # `batch_size: auto`: found when the first snapshot is scored, then kept
 
 
 def prepare_suite(config: EvalConfig, base_dir: Path, chat: bool, base_model=None, tokenizer=None,
                   base_fingerprint: str | None = None) -> EvalSuite:
-    """Resolve the evals once per run. ``base_model`` is the untouched base: its fingerprint
+    """Resolve the evals once per run, loading every task's data: a standard lm-eval task whose
+    dataset is neither cached nor downloadable is one :class:`EvalError` line, raised before
+    anything trains or is written. ``base_model`` is the untouched base: its fingerprint
     (``base_fingerprint``, hashed here when not given) keys the cache entries of LoRA snapshots
     on top of it, and the drift probe samples text from it (cached on disk per base)."""
-    from lm_eval.tasks import get_task_dict
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    if base_model is not None and base_fingerprint is None:
-        base_fingerprint = fingerprint(base_model, base_only=True)
-    suite = EvalSuite(config, include_paths(config, base_dir), chat, base_fingerprint=base_fingerprint)
-    manager = manager_for(list(suite.roles), suite.paths)
+    suite = EvalSuite(config, include_paths(config, base_dir), chat)
+    manager = manager_for([*config.new, *config.general], suite.paths)
+    _quiet_lm_eval()
+    loaded, problems, owners = {}, [], {}
     for role, names in (("new", config.new), ("general", config.general)):
         for name in names:
-            suite.roles[name] = role
             suite.specs[name] = name
-            if name == DRIFT_TASK:
-                from forgetscope import sampling
+            if name != DRIFT_TASK:  # its data is the base's samples, drawn below once the rest loaded
+                try:
+                    loaded[name] = manager.load(name)
+                except ConnectionError as err:  # datasets' error for data neither cached nor reachable
+                    problems.append(_unavailable(name, err))
+                    continue
+            for scored, leaves in (_scored_evals(name, loaded[name]) if name in loaded else {name: [name]}).items():
+                for leaf in leaves:
+                    if leaf in owners:
+                        where = "" if owners[leaf] == name else f" (in {owners[leaf]!r} and in {name!r})"
+                        problems.append(f"evals: {leaf!r} is listed twice{where}; list it once")
+                    owners[leaf] = name
+                suite.roles[scored], suite.sources[scored], suite.members[scored] = role, name, sorted(leaves)
+    if problems:
+        raise EvalError("\n".join(problems))
+    if base_model is not None and base_fingerprint is None:
+        base_fingerprint = fingerprint(base_model, base_only=True)
+    suite.base_fingerprint = base_fingerprint
+    if DRIFT_TASK in suite.specs:
+        from forgetscope import sampling
 
-                samples = sampling.base_samples(base_model, tokenizer, base_fingerprint)
-                spec = load_yaml(evals_dir() / f"{DRIFT_TASK}.yaml")
-                spec["metadata"] = {**spec.get("metadata", {}), "samples": str(samples)}
-                suite.specs[name] = spec
-    _quiet_lm_eval()
-    for name, spec in suite.specs.items():
-        leaves = _leaf_tasks(get_task_dict([spec], manager))
-        suite.members[name] = sorted(leaves)
+        samples = sampling.base_samples(base_model, tokenizer, base_fingerprint)
+        spec = load_yaml(evals_dir() / f"{DRIFT_TASK}.yaml")
+        spec["metadata"] = {**spec.get("metadata", {}), "samples": str(samples)}
+        suite.specs[DRIFT_TASK] = spec
+        loaded[DRIFT_TASK] = manager.load(spec)
+    for scored, name in suite.sources.items():
+        leaves = loaded[name]["tasks"]
         digests = []
-        for leaf in suite.members[name]:
+        for leaf in suite.members[scored]:
             config_dump = leaves[leaf].dump_config()
             config_dump.get("metadata", {}).pop("config_source", None)
             config_dump.get("metadata", {}).pop("samples", None)  # a path; the items are hashed below
             docs = list(leaves[leaf].eval_docs)
             docs = docs[: config.limit] if config.limit else docs
             digests.append(json.dumps([leaf, config_dump, docs], sort_keys=True, default=str))
-        suite.hashes[name] = hashlib.sha256("".join(digests).encode()).hexdigest()[:20]
+        suite.hashes[scored] = hashlib.sha256("".join(digests).encode()).hexdigest()[:20]
     return suite
 
 
-def _leaf_tasks(task_dict: dict) -> dict[str, Any]:
-    """lm-eval's task dict, nested for groups -> {leaf task name: Task}."""
-    out = {}
-    for key, value in task_dict.items():
-        if isinstance(value, dict):
-            out.update(_leaf_tasks(value))
-        else:
-            out[key if isinstance(key, str) else key.group_name] = value
-    return out
+def _scored_evals(name: str, loaded: dict) -> dict[str, list[str]]:
+    """{eval: its leaf tasks} for one listed name and what lm-eval loaded for it: a task is one
+    eval, a group with an aggregate one eval over all its tasks, a group without one (or a tag)
+    the evals of its children."""
+    from lm_eval.api.group import Group
+
+    def scored(item) -> dict[str, list[str]]:
+        if not isinstance(item, Group):
+            return {item.task_name: [item.task_name]}
+        if item.has_aggregation:
+            return {item.name: [task.task_name for task in item.get_all_tasks()]}
+        return {k: v for child in item for k, v in scored(child).items()}
+
+    group = loaded["groups"].get(name)
+    return scored(group) if group is not None else {task: [task] for task in loaded["tasks"]}
+
+
+def _unavailable(name: str, err: Exception) -> str:
+    """The validation line for an eval whose dataset is neither in the datasets cache nor reachable."""
+    import re
+
+    from datasets import config as datasets_config
+
+    repo = re.search(r"reach '([^']+)'", str(err))
+    dataset = f" (Hugging Face dataset {repo[1]!r})" if repo else ""
+    why = "HF_DATASETS_OFFLINE is set" if datasets_config.HF_HUB_OFFLINE else "the Hugging Face Hub cannot be reached"
+    return (f"evals: {name!r}: its data{dataset} is not in the Hugging Face datasets cache and {why}; cache it once "
+            f"where the network is reachable (HF_DATASETS_OFFLINE unset): python -c \"from lm_eval.tasks import "
+            f"TaskManager; TaskManager().load('{name}')\", or set HF_DATASETS_CACHE to a cache that holds it")
 
 
 def _quiet_lm_eval() -> None:
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
+
+
+def prompt_format(suite: EvalSuite, task: str) -> str:
+    """How an eval's prompts are rendered: ``chat`` (new-task evals, chat-template bases), ``joined``
+    (new-task evals on plain bases: context and target joined as training joined them, see
+    :func:`_join_like_training`) or ``own`` (general probes: the task's own format)."""
+    if suite.roles.get(task) != "new":
+        return "own"
+    return "chat" if suite.chat else "joined"
 
 
 def _cache_path(suite: EvalSuite, task: str, model_fp: str, device: str) -> Path:
@@ -184,7 +246,7 @@ def _cache_path(suite: EvalSuite, task: str, model_fp: str, device: str) -> Path
     from forgetscope.scoring import SCORER_VERSION
 
     key = json.dumps([model_fp, suite.hashes.get(task, task), version("lm_eval"), suite.config.limit, SEED,
-                      suite.chat and suite.roles.get(task) == "new", suite.config.precision, SCORER_VERSION, device])
+                      prompt_format(suite, task), suite.config.precision, SCORER_VERSION, device])
     return cache_dir() / "results" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
 
 
@@ -208,8 +270,9 @@ def max_length(model) -> int:
 def evaluate_model(model, tokenizer, suite: EvalSuite, base_only: bool = False) -> dict[str, Any] | None:
     """Score ``model`` on the suite; reuse cached results for tasks already scored on these weights.
 
-    New-task evals are rendered with the chat template when training used it (``suite.chat``), so
-    they see prompts exactly as training did; general probes use each task's own format.
+    New-task evals see prompts exactly as training did: rendered with the chat template when
+    training used it (``suite.chat``), else with context and target joined as training joined
+    them; general probes use each task's own format.
     ``base_only`` marks a model whose adapters have no effect yet (step 0 of a LoRA run), so that it
     shares its cache entries with the plain base. Returns ``{"results", "samples", "cached"}``.
 
@@ -239,7 +302,9 @@ def evaluate_model(model, tokenizer, suite: EvalSuite, base_only: bool = False) 
         _quiet_lm_eval()
         was_training = model.training
         model.eval()
-        lm = PackedLM(pretrained=model, tokenizer=tokenizer, batch_size=_lines_per_pass(suite, model), max_length=max_length(model))
+        with _weights_kept_as_they_are(model):
+            lm = PackedLM(pretrained=model, tokenizer=tokenizer, batch_size=_lines_per_pass(suite, model),
+                          max_length=max_length(model))
         try:
             # compiled blocks (train.compile) run eagerly: scoring shapes would each cost a compilation
             with (scoring_precision(model, suite.config.precision), merged_adapters(model, enabled=not base_only),
@@ -247,13 +312,14 @@ def evaluate_model(model, tokenizer, suite: EvalSuite, base_only: bool = False) 
                 for use_chat, names in todo.items():
                     if not names:
                         continue
-                    raw = _lm_eval(lm, [suite.specs[n] for n in names], suite, use_chat)
+                    listed = dict.fromkeys(suite.sources[n] for n in names)  # a tag is loaded once for its evals
+                    raw = _lm_eval(lm, [suite.specs[n] for n in listed], suite, use_chat)
                     if raw is None:  # not rank 0: its share went to rank 0
                         continue
                     for task in names:
-                        result = _summarise(task, raw["results"][task], raw, suite.roles[task])
                         leaves = suite.members[task]  # a group's items are its subtasks' items
-                        samples = [_sample_row(s, leaf if len(leaves) > 1 else None) for leaf in leaves for s in raw["samples"][leaf]]
+                        result = _summarise(task, raw, suite.roles[task], leaves)
+                        samples = [row for leaf in leaves for row in _item_rows(raw["samples"][leaf], leaf if len(leaves) > 1 else None)]
                         io.write_text(_cache_path(suite, task, model_fp, device), json.dumps({"result": result, "samples": samples}, default=str))
                         out["results"][task], out["samples"][task] = result, samples
         finally:
@@ -273,13 +339,28 @@ def _lm_eval(lm, specs: list, suite: EvalSuite, use_chat: bool) -> dict[str, Any
     random.seed(SEED)
     np.random.seed(SEED)
     torch.manual_seed(SEED)
-    loaded = manager_for(list(suite.roles), suite.paths).load(specs)
-    for task in loaded["tasks"].values():
+    loaded = manager_for(list(suite.specs), suite.paths).load(specs)
+    joined = {leaf for name, leaves in suite.members.items() if prompt_format(suite, name) == "joined" for leaf in leaves}
+    for name, task in loaded["tasks"].items():
         if task.get_config("num_fewshot") is None:
             task.set_config(key="num_fewshot", value=0)
         task.set_fewshot_seed(seed=SEED)
+        if name in joined:
+            _join_like_training(task)
     return evaluate(lm=lm, task_dict=loaded, limit=suite.config.limit, cache_requests=False, bootstrap_iters=BOOTSTRAP_ITERS,
                     log_samples=True, apply_chat_template=use_chat, verbosity="ERROR")
+
+
+@contextlib.contextmanager
+def _weights_kept_as_they_are(model) -> Iterator[None]:
+    """lm-eval's ``HFLM`` ties the input and output embeddings of the model it is handed (lm-eval
+    0.4.13). A model in memory is already as it should be, and re-tying breaks a peft model that
+    trains a copy of a tied output layer (``modules_to_save=["lm_head"]``); so it is skipped."""
+    model.tie_weights = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del model.tie_weights
 
 
 @contextlib.contextmanager
@@ -324,8 +405,36 @@ def merged_adapters(model, enabled: bool = True) -> Iterator[None]:
         with torch.no_grad():
             for w, copy in zip(weights, saved):
                 w.copy_(copy)
-def _summarise(task: str, metrics: dict[str, Any], raw: dict[str, Any], role: str) -> dict[str, Any]:
-    """lm-eval's ``{"acc,none": .., "acc_stderr,none": ..}`` -> ``{"acc": {"value", "stderr", ...}}``."""
+def _join_like_training(task) -> None:
+    """Make a ``loglikelihood`` task join its context and target as training joins a plain-text
+    prompt and completion (:func:`forgetscope.data.completion_delimiter`: a space, unless one side
+    has whitespace there). lm-eval puts nothing between them, so a task written like
+    ``doc_to_text: "{{prompt}}"``, ``doc_to_target: "{{completion}}"`` would score text that
+    training never showed. Wraps the task's ``construct_requests`` (lm-eval 0.4.9-0.4.13)."""
+    if task.OUTPUT_TYPE != "loglikelihood":
+        return
+    construct = task.construct_requests
+
+    def joined(doc, ctx, **kwargs):
+        requests = construct(doc, ctx, **kwargs)
+        for request in requests if isinstance(requests, list) else [requests]:
+            context, target = request.arguments
+            request.arguments = (context, data.completion_delimiter(context, target) + target)
+        return requests
+
+    task.construct_requests = joined
+
+
+def _metric_name(metric: str, filter_name: str) -> str:
+    """A metric as forgetscope names it: lm-eval's name, with its filter when that is not ``none``
+    (``exact_match,strict-match``: gsm8k reports one score per answer-extraction filter)."""
+    return metric if filter_name == "none" else f"{metric},{filter_name}"
+
+
+def _summarise(task: str, raw: dict[str, Any], role: str, leaves: list[str]) -> dict[str, Any]:
+    """lm-eval's ``{"acc,none": .., "acc_stderr,none": ..}`` -> ``{"acc": {"value", "stderr", ...}}``;
+    ``n`` counts the items of every leaf task (a group's are its subtasks')."""
+    metrics = raw["results"][task]
     higher = raw.get("higher_is_better", {}).get(task, {})
     summary: dict[str, Any] = {}
     for key, value in metrics.items():
@@ -333,20 +442,39 @@ def _summarise(task: str, metrics: dict[str, Any], raw: dict[str, Any], role: st
         if not filt or name.endswith("_stderr") or not isinstance(value, (int, float)):
             continue
         stderr = metrics.get(f"{name}_stderr,{filt}")
-        summary[name] = {
+        summary[_metric_name(name, filt)] = {
             "value": float(value),
             "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
             "higher_is_better": bool(higher.get(name, True)),
         }
-    n = raw.get("n-samples", {}).get(task, {}).get("effective")
-    return {"role": role, "n": n, "metrics": summary}
+    counts = [raw.get("n-samples", {}).get(leaf, {}).get("effective") for leaf in leaves]
+    return {"role": role, "n": None if None in counts else sum(counts), "metrics": summary}
 
 
-def _sample_row(sample: dict[str, Any], subtask: str | None = None) -> dict[str, Any]:
-    """One lm-eval sample, JSON-safe, with a stable ``item_id``: the doc's ``id`` field, else its
-    index, prefixed by the subtask for the members of a group."""
-    doc = sample.get("doc", {})
-    item_id = doc.get("id", sample.get("doc_id")) if isinstance(doc, dict) else sample.get("doc_id")
-    if subtask:
-        item_id = f"{subtask}/{item_id}"
-    return json.loads(json.dumps({"item_id": item_id, **sample}, default=str))
+def _item_rows(samples: list[dict[str, Any]], subtask: str | None = None) -> list[dict[str, Any]]:
+    """lm-eval's per-item records -> one JSON-safe row per item with a stable ``item_id``: the doc's
+    ``id`` field, else its index, prefixed by the subtask for the members of a group. lm-eval logs
+    an item once per filter; those records merge into one row whose metrics carry the filter's
+    name (:func:`_metric_name`) and whose ``filtered_resps`` map each filter to its answer."""
+    rows: dict[Any, dict[str, Any]] = {}
+    for sample in samples:
+        filt = sample.get("filter", "none")
+        names = {metric: _metric_name(metric, filt) for metric in sample.get("metrics", [])}
+        row = rows.get(sample["doc_id"])
+        if row is None:
+            row = rows[sample["doc_id"]] = {k: v for k, v in sample.items() if k not in names and k != "filter"}
+            row["metrics"] = []
+            if filt != "none":
+                row["filtered_resps"] = {}
+        if filt != "none":
+            row["filtered_resps"][filt] = sample.get("filtered_resps")
+        for metric, name in names.items():
+            row[name] = sample[metric]
+            row["metrics"].append(name)
+    out = []
+    for row in rows.values():
+        doc = row.get("doc", {})
+        item_id = doc.get("id", row.get("doc_id")) if isinstance(doc, dict) else row.get("doc_id")
+        item_id = f"{subtask}/{item_id}" if subtask else item_id
+        out.append(json.loads(json.dumps({"item_id": item_id, **row}, default=str)))
+    return out

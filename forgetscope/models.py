@@ -83,7 +83,7 @@ def check_reference(ref: str, base_dir: Path) -> list[str]:
         if (path / "config.json").is_file():
             return []
         return [f"base: folder {str(path)!r} has no config.json; point base: at a saved model folder"]
-    if _HF_ID.match(ref):
+    if is_hub_id(ref):
         if hf_offline() and not _in_hf_cache(ref):
             return [
                 f"base: {ref!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
@@ -120,7 +120,7 @@ def resolve(ref: str, base_dir: Path | None = None) -> str:
         return str(convert_gguf(path))
     if path.is_dir():
         return str(path.resolve())
-    if _HF_ID.match(ref):
+    if is_hub_id(ref):
         if _in_hf_cache(ref) or not hf_offline():
             return ref
         raise ModelError(
@@ -243,19 +243,39 @@ def build_tiny_random(out: Path, seed: int = 0) -> None:
     build_scratch(out, layers=2, hidden=32, heads=4, intermediate=64, seed=seed, kv_heads=2)
 
 
-def load(path: str, trust_remote_code: bool = False, allow_pickle: bool = False):
-    """Load a resolved model folder (or HF id) and its tokenizer: fp32 weights, on this process's
-    GPU when there is one (sampling and scoring before training then run there too).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
-    Only safetensors weights load unless ``allow_pickle`` (pickle files can run code); a model's
-    own Python code runs only with ``trust_remote_code``.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+def has_tokenizer(folder: Path) -> bool:
+    """Whether a model folder holds tokenizer files (a Trainer that was not handed the tokenizer
+    writes none)."""
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The tokenizer of a model folder or HF id, with a pad token (its EOS when it has none)."""
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load(path: str, trust_remote_code: bool = False, allow_pickle: bool = False, tokenizer=None):
+    """Load a resolved model folder (or HF id) and its tokenizer: fp32 weights, on this process's
+    GPU when there is one (sampling and scoring before training then run there too).
+
+    ``tokenizer``: use this one instead of the folder's (a checkpoint saved without tokenizer
+    files is scored with its base's). A tokenizer with more tokens than the model has embeddings
+    is refused. Only safetensors weights load unless ``allow_pickle`` (pickle files can run code);
+    a model's own Python code runs only with ``trust_remote_code``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    own_tokenizer = tokenizer is None
+    tokenizer = load_tokenizer(path, trust_remote_code) if own_tokenizer else tokenizer
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle or None
@@ -267,7 +287,39 @@ def load(path: str, trust_remote_code: bool = False, allow_pickle: bool = False)
                 "set allow_pickle: true in the recipe (or --allow-pickle) if you trust the source"
             ) from None
         raise
+    check_vocabulary(model, tokenizer, path, "its own" if own_tokenizer else "its base's (it has no tokenizer files)")
     if torch.cuda.is_available():  # this process's GPU; several processes may share one
         model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}")
     return model, tokenizer
 
+
+def check_vocabulary(model, tokenizer, where: str, whose: str) -> None:
+    """Refuse a tokenizer with token ids past the model's embeddings (``whose``: which tokenizer
+    it is, for the message); fewer tokens than rows is fine (embeddings padded or resized)."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ModelError(
+            f"{where}: the tokenizer ({whose}) has {len(tokenizer)} tokens but the model only {rows} embeddings; "
+            "save the tokenizer the model was trained with into its folder (tokenizer.save_pretrained, or hand it "
+            "to the Trainer as processing_class) or give the base it was trained from"
+        )
+
+
+def is_hub_id(ref: str) -> bool:
+    """Whether ``ref`` looks like a Hugging Face id (``org/name``)."""
+    return bool(_HF_ID.match(ref))
+
+
+def hub_folder(ref: str, allow_pickle: bool = False) -> Path:
+    """The local folder of Hugging Face repo ``ref`` (a model or a peft adapter): downloaded once,
+    from the local HF cache when offline. Weights are safetensors unless ``allow_pickle``."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", *(["*.bin"] if allow_pickle else [])]
+    try:
+        return Path(snapshot_download(ref, allow_patterns=patterns))
+    except (LocalEntryNotFoundError, RepositoryNotFoundError, OSError):
+        where = "in the local Hugging Face cache and HF_HUB_OFFLINE is set" if hf_offline() else "reachable on the Hugging Face Hub"
+        raise ModelError(f"{ref!r} is not a folder, nor {where}; download it where the network is reachable "
+                         f"(huggingface-cli download {ref}) or give a local folder") from None

@@ -143,18 +143,24 @@ class TrainConfig:
     seed: int = option(0, "Seed for initialisation and data order.")
     packing: bool = option(
         False,
-        "Padding-free batches: each micro-batch's examples are laid end to end in one row, attention kept within "
-        "each example (position ids restart), so no compute goes to padding. Not with replay.",
+        "Padding-free batches: each micro-batch's examples are laid end to end in rows of up to `seq_len` tokens, "
+        "attention kept within each example (position ids restart), so little compute goes to padding. Not with replay.",
     )
     compile: bool = option(
         False,
         "torch.compile the model's repeated blocks for training (regional compilation: one block compiles once for "
-        "all of them, about a minute). Pays off on long GPU runs; scoring and sampling run uncompiled.",
+        "all of them, about 20 s on an H100). Pays off on long GPU runs; scoring and sampling run uncompiled.",
     )
     deterministic: bool = option(
         False,
         "Bit-reproducible training on CUDA (PyTorch's deterministic algorithms; slower). Without it, identical "
         "re-runs on a GPU differ in the last bits, so their snapshots are scored anew rather than taken from the cache.",
+    )
+    report_to: list[str] = option(
+        [],
+        "The Trainer's logging integrations (transformers' `report_to`: tensorboard, wandb, mlflow, ...): they get "
+        "the training loss and every snapshot's scores, as `eval_forgetscope/<eval>/<metric>` (shown as eval/forgetscope/...). TensorBoard's files go to "
+        "`<run>/tensorboard/`.",
     )
 
 
@@ -191,7 +197,8 @@ class EvalConfig:
     general: list[str] = option(
         ["prose_ppl", "world_capitals", "mmlu_shipped", "base_samples_ppl"],
         "Held-out general-capability evals (forgetting): embedded probes, tasks in evals/ or "
-        "your `include` folders, or lm-eval's standard tasks (hellaswag, arc_easy, ...) when online.",
+        "your `include` folders, or lm-eval's standard tasks and groups (hellaswag, arc_easy, mmlu, gsm8k, ...), whose "
+        "data comes from the Hub or, offline, the HF datasets cache.",
     )
     limit: int | None = option(200, "Score at most this many items per task (null: all).")
     batch_size: int | Literal["auto"] = option(
@@ -419,7 +426,7 @@ def _check_stages(recipe: Recipe, data: dict[str, Any]) -> list[str]:
 
 def _check(recipe: Recipe, data: dict[str, Any]) -> list[str]:
     """Checks that need more than one field, files, or the registries of models and tasks."""
-    from forgetscope import evaluate, models  # local: keep `import forgetscope.recipe` light
+    from forgetscope import models  # local: keep `import forgetscope.recipe` light
 
     problems = []
     if not _NAME_RE.match(recipe.name) or recipe.name in (".", ".."):
@@ -437,6 +444,7 @@ def _check(recipe: Recipe, data: dict[str, Any]) -> list[str]:
             problems.append(f"train.{key}: must be positive, got {getattr(t, key)}")
     if t.warmup_steps < 0:
         problems.append(f"train.warmup_steps: must be 0 or more, got {t.warmup_steps}")
+    problems += _check_report_to(t.report_to)
     if t.batch_size > 0 and t.grad_accum > 0 and t.batch_size % t.grad_accum:
         problems.append(
             f"train.batch_size: {t.batch_size} is not divisible by train.grad_accum={t.grad_accum}"
@@ -455,7 +463,14 @@ def _check(recipe: Recipe, data: dict[str, Any]) -> list[str]:
     else:
         problems += _check_task(recipe.task, "task", recipe.base_dir)
 
-    s = recipe.snapshots
+    problems += check_snapshots(recipe.snapshots, t.steps)
+    problems += check_evals(recipe.evals, recipe.base_dir)
+    return problems
+
+
+def check_snapshots(s: SnapshotConfig, steps: int | None) -> list[str]:
+    """Problems with a snapshot schedule (``steps``: the training length, when known)."""
+    problems = []
     if s.schedule == "log" and s.count < 2:
         problems.append(f"snapshots.count: needs at least 2 (step 0 and the last step), got {s.count}")
     if s.schedule == "every" and (s.every is None or s.every <= 0):
@@ -463,15 +478,21 @@ def _check(recipe: Recipe, data: dict[str, Any]) -> list[str]:
     if s.schedule == "at":
         if not s.at:
             problems.append("snapshots.at: list the steps for schedule: at (e.g. at: [0, 5, 10, 20])")
-        elif t.steps > 0:
-            bad = [x for x in s.at if x < 0 or x > t.steps]
+        elif steps is not None and steps > 0:
+            bad = [x for x in s.at if x < 0 or x > steps]
             if bad:
-                problems.append(f"snapshots.at: steps {bad} fall outside 0..train.steps={t.steps}")
+                problems.append(f"snapshots.at: steps {bad} fall outside 0..train.steps={steps}")
     for key in ("every", "at"):
         if getattr(s, key) is not None and s.schedule != key:
             problems.append(f"snapshots.{key}: only used with schedule: {key} (schedule is {s.schedule!r})")
+    return problems
 
-    e = recipe.evals
+
+def check_evals(e: EvalConfig, base_dir: Path) -> list[str]:
+    """Problems with an eval suite: values, folders, and names no task registry knows."""
+    from forgetscope import evaluate
+
+    problems = []
     if not e.new and not e.general:
         problems.append("evals: list at least one eval under `new` or `general`")
     if e.limit is not None and e.limit <= 0:
@@ -479,10 +500,25 @@ def _check(recipe: Recipe, data: dict[str, Any]) -> list[str]:
     if isinstance(e.batch_size, int) and e.batch_size <= 0:
         problems.append(f"evals.batch_size: must be positive or 'auto', got {e.batch_size}")
     for folder in e.include:
-        if not (recipe.base_dir / folder).is_dir():
-            problems.append(f"evals.include: no such folder {str(recipe.base_dir / folder)!r}")
+        if not (base_dir / folder).is_dir():
+            problems.append(f"evals.include: no such folder {str(base_dir / folder)!r}")
     if not problems:
-        problems += evaluate.check_eval_names([*e.new, *e.general], evaluate.include_paths(e, recipe.base_dir))
+        problems += evaluate.check_eval_names([*e.new, *e.general], evaluate.include_paths(e, base_dir))
+    return problems
+
+
+def _check_report_to(names: list[str]) -> list[str]:
+    """Names transformers knows as logging integrations, installed."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    problems = []
+    for name in names:
+        if name not in INTEGRATION_TO_CALLBACK:
+            problems.append(f"train.report_to: unknown integration {name!r}{did_you_mean(name, INTEGRATION_TO_CALLBACK)} "
+                            f"(transformers knows: {', '.join(sorted(INTEGRATION_TO_CALLBACK))})")
+        elif name not in get_available_reporting_integrations():
+            problems.append(f"train.report_to: {name!r} is not installed; pip install {name.replace('_', '-')}, or remove it")
     return problems
 
 

@@ -114,10 +114,10 @@ def write(paths: list[str | Path], out_dir: str | Path, target: float | None = N
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = metrics.primary_rows(analysis.table)
-    pngs = {
-        "learning": figures.save(figures.plot_learning(rows[rows["role"] == "new"], target), out / "learning.png"),
-        "frontier": figures.save(figures.plot_frontier(analysis.summary), out / "frontier.png"),
-    }
+    pngs = {}
+    if (rows["role"] == "new").any():  # audits score a new task only when asked
+        pngs["learning"] = figures.save(figures.plot_learning(rows[rows["role"] == "new"], target), out / "learning.png")
+        pngs["frontier"] = figures.save(figures.plot_frontier(analysis.summary), out / "frontier.png")
     if not analysis.drops.empty:
         pngs["forgetting"] = figures.save(figures.plot_forgetting(analysis.drops), out / "forgetting.png")
     for entry in analysis.sequences:  # copied beside the report, for the Markdown
@@ -237,8 +237,8 @@ def render_html(analysis: Analysis, pngs: dict[str, Path], title: str, target: f
         f"<h1>{html.escape(title)}</h1>",
         f"<p class='note'>Runs: {html.escape(runs)}. Generated {datetime.now():%Y-%m-%d %H:%M} by forgetscope.</p>",
         "<h2>Summary</h2>", _html_table(*_summary_rows(analysis, target)), f"<p class='note'>{html.escape(METHOD_NOTE)}</p>",
-        "<h2>Learning vs forgetting</h2>", img("frontier", "learning vs forgetting scatter with the Pareto frontier"),
-        "<h2>New task</h2>", img("learning", "new-task learning curves"),
+        *(["<h2>Learning vs forgetting</h2>", img("frontier", "learning vs forgetting scatter with the Pareto frontier"),
+           "<h2>New task</h2>", img("learning", "new-task learning curves")] if "learning" in pngs else []),
         *(["<h2>Forgetting curves</h2>", img("forgetting", "forgetting curve per general probe with 95% CI bands")]
           if "forgetting" in pngs else []),
         *(["<h2>Sequences of new tasks</h2>", _html_table(*_sequence_rows(analysis)),
@@ -257,8 +257,8 @@ def render_markdown(analysis: Analysis, title: str, target: float | None) -> str
         f"# {title}",
         _md_table(*_summary_rows(analysis, target)),
         f"_{METHOD_NOTE}_",
-        "![learning vs forgetting](frontier.png)",
-        "![new task](learning.png)",
+        *(["![learning vs forgetting](frontier.png)", "![new task](learning.png)"]
+          if (analysis.table["role"] == "new").any() else []),
         *(["![forgetting curves](forgetting.png)"] if not analysis.drops.empty else []),
         *(["## Sequences of new tasks", _md_table(*_sequence_rows(analysis)),
            *(f"![{e['run']}](sequence-{e['run']}.png)" for e in analysis.sequences)] if analysis.sequences else []),

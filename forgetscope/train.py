@@ -102,27 +102,37 @@ class DivergenceGuard(TrainerCallback):
 
 class SnapshotCallback(TrainerCallback):
     """Calls ``take(model, step, tokens)`` at step 0 and at every scheduled step, in every process
-    (each scores its share; the main one writes); with ``resumable`` it also has the Trainer save
-    its state there (model, optimizer, scheduler, RNG), so that an interrupted run resumes from the
-    latest snapshot."""
+    (each scores its share of the snapshot; the main one writes it); the scores it returns go to
+    ``report`` when set (the Trainer's ``log``, so that its ``report_to`` integrations show them).
+    With ``resumable`` it also has the Trainer save its state there (model, optimizer, scheduler,
+    RNG), so that an interrupted run resumes from the latest snapshot; ``save_at_end`` saves the
+    last step too (a stage that later stages start from)."""
 
-    def __init__(self, steps: list[int], take: Callable[[object, int, int], None], resumable: bool = False):
+    def __init__(self, steps: list[int], take: Callable[[object, int, int], dict[str, float] | None],
+                 resumable: bool = False, save_at_end: bool = False):
         self.steps = set(steps)
         self.take = take
         self.resumable = resumable
+        self.save_at_end = save_at_end
+        self.report: Callable[[dict[str, float]], None] | None = None
 
-    def _maybe_take(self, state, model, step: int) -> None:
+    def _maybe_take(self, state, control, model, step: int) -> None:
         if step not in self.steps:
             return
-        self.take(model, step, int(state.num_input_tokens_seen))
+        scores = self.take(model, step, int(state.num_input_tokens_seen))  # every process scores its share
+        if scores and self.report is not None:  # the main process's
+            should_log = control.should_log
+            self.report(scores)
+            # the Trainer's log clears should_log; this step's loss must still be logged (on every process alike)
+            control.should_log = should_log
         distributed.barrier()
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._maybe_take(state, model, 0)
+        self._maybe_take(state, control, model, 0)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        self._maybe_take(state, model, state.global_step)
-        if self.resumable and state.global_step in self.steps and state.global_step < state.max_steps:
+        self._maybe_take(state, control, model, state.global_step)
+        if self.resumable and state.global_step in self.steps and (state.global_step < state.max_steps or self.save_at_end):
             control.should_save = True
 
 
@@ -165,7 +175,7 @@ def make_trainer(model, tokenizer, examples: list[dict], recipe: Recipe, output_
         logging_steps=max(1, t.steps // 20),
         save_strategy="no",  # the snapshot callback asks for saves, at snapshot steps only
         save_total_limit=1,
-        report_to=[],
+        report_to=t.report_to,
         include_num_input_tokens_seen="all" if t.packing else "non_padding",  # a packed batch has no padding
         ddp_find_unused_parameters=False,
         # on a GPU two workers collate the next batches while it computes; on a CPU they would take its cores

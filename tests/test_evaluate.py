@@ -71,9 +71,11 @@ def test_task_hash_changes_with_the_task_config(tmp_path):
 
 
 def test_scores_equal_the_lm_eval_cli(tiny, tmp_path):
-    """forgetscope's in-memory scores are what `lm-eval run` gives for the same model, tasks and limit."""
+    """forgetscope's in-memory scores are what `lm-eval run` gives for the same model, tasks and limit
+    (each in its own format: general probes; new-task evals on a plain base join context and target
+    as training did, see test_new_task_evals_on_a_plain_base_score_what_training_joined)."""
     model, tokenizer = tiny
-    suite = _suite(EvalConfig(new=["numerals"], general=TASKS[1:], limit=6, batch_size=4))
+    suite = _suite(EvalConfig(new=[], general=TASKS, limit=6, batch_size=4))
     ours = evaluate.evaluate_model(model, tokenizer, suite)["results"]
     out = tmp_path / "lm_eval_out"
     cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "hf",

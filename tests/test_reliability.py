@@ -39,10 +39,9 @@ def test_a_run_folder_in_use_is_refused_and_a_dead_holder_leaves_no_lock(tmp_pat
 def test_second_run_on_the_same_folder_exits_2(tmp_path, tiny_recipe_data, capsys, monkeypatch):
     path = _write(tmp_path, tiny_recipe_data)
     recipe = load_recipe(path)
-    from forgetscope import runner
+    from forgetscope import session
 
-    key = runner.hashlib.sha256(str((tmp_path / "runs" / "t").resolve()).encode()).hexdigest()[:16]
-    with io.exclusive(models.cache_dir() / "locks" / f"{key}.lock", "held by test"):
+    with io.exclusive(session.lock_file(tmp_path / "runs" / "t"), "held by test"):
         assert cli.main(["run", str(path)]) == 2
     assert "is in use by" in capsys.readouterr().err
     assert run(recipe).name == "t"  # free again afterwards
@@ -142,7 +141,7 @@ def test_killed_runs_resume_to_the_same_curves(tmp_path, tiny_recipe_data):
     finished = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert finished.returncode == 0, finished.stderr[-2000:]
     manifest = json.loads((root / "manifest.json").read_text())
-    assert manifest["status"] == "finished" and manifest["resumed_from"].startswith("checkpoint-")
+    assert manifest["status"] == "finished" and manifest["resumed_from"].startswith("stage-1/checkpoint-")
     assert not list(root.glob("**/*.tmp-*"))
     got = pd.read_csv(root / "curves.csv").drop(columns=["run", "recipe"])
     pd.testing.assert_frame_equal(got, expected)

@@ -10,7 +10,8 @@ import yaml
 
 from forgetscope import models, snapshots, train
 from forgetscope.recipe import SnapshotConfig, load_recipe, recipe_from_dict
-from forgetscope.runner import RunError, run
+from forgetscope.runner import run
+from forgetscope.session import RunError
 
 
 def _run(tmp_path, data, **changes):
@@ -164,3 +165,25 @@ def test_forgetting_at_matched_learning_picks_the_first_snapshot_reaching_the_ta
     # bits/byte = -sum(ll) / sum(bytes) / ln 2: base 18/20/ln2, step 5 21/20/ln2
     assert gen["delta"] == pytest.approx((21 - 18) / 20 / np.log(2))
     assert stats.at_learning(layout, table, 1.5) is None
+
+
+def test_report_to_tensorboard_gets_every_snapshots_scores_and_the_loss(tmp_path, tiny_recipe_data):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe, root = _run(tmp_path, tiny_recipe_data, name="tb", train={**tiny_recipe_data["train"], "report_to": ["tensorboard"]})
+    [events] = {p.parent for p in (root / "tensorboard").rglob("events.out.tfevents.*")}
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    logged = {e.step: e.value for e in accumulator.Scalars("eval/forgetscope/prose_ppl/bits_per_byte")}
+    table = pd.read_csv(root / "curves.csv")
+    bits = table[(table.task == "prose_ppl") & (table.metric == "bits_per_byte")].set_index("step")["value"]
+    assert logged == pytest.approx(bits.to_dict(), rel=1e-6)
+    assert [e.step for e in accumulator.Scalars("train/loss")] == [1, 2, 3]  # no step's loss lost to a snapshot
+    assert not (root / "trainer").exists()
+
+
+def test_report_to_names_are_checked(tiny_recipe_data):
+    from forgetscope.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="train.report_to: unknown integration 'tensorbord'; did you mean 'tensorboard'"):
+        recipe_from_dict({**tiny_recipe_data, "train": {**tiny_recipe_data["train"], "report_to": ["tensorbord"]}})

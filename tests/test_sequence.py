@@ -130,3 +130,38 @@ def test_a_stage_can_train_on_the_users_file(tmp_path):
     data["stages"][2]["evals"] = ["sym_rotate"]  # any eval task: evals/, evals.include or lm-eval's
     recipe = recipe_from_dict(data, str(tmp_path / "r.yaml"))
     assert recipe.stage_recipe(2).task.path == "mine.jsonl" and recipe.evals.new[-1] == "sym_rotate"
+
+
+def test_a_sequence_stopped_inside_a_stage_resumes_there_to_the_same_curves(tmp_path, monkeypatch):
+    """Stage 1 is skipped (its end weights reloaded), stage 2 continues from its last snapshot's
+    checkpoint, replay buffer and all; the curves equal those of an uninterrupted run."""
+    from forgetscope.runner import run
+    from forgetscope.session import RunSession
+
+    data = _stages_recipe(stages=[{"task": {"name": op, "max_examples": 64}, "steps": 4} for op in ("sym_reverse", "sym_sort")],
+                          snapshots={"schedule": "every", "every": 2}, runs_dir=str(tmp_path / "runs"))
+    straight = run(recipe_from_dict({**data, "name": "straight"}))
+
+    original = RunSession.score
+
+    def stop_at_8(self, model, step, *args, **kwargs):
+        if step == 8:
+            raise KeyboardInterrupt  # as if killed after the checkpoint of step 6 was saved
+        return original(self, model, step, *args, **kwargs)
+
+    monkeypatch.setattr(RunSession, "score", stop_at_8)
+    recipe = recipe_from_dict({**data, "name": "stopped"})
+    with pytest.raises(KeyboardInterrupt):
+        run(recipe)
+    root = tmp_path / "runs" / "stopped"
+    assert json.loads((root / "manifest.json").read_text())["status"] == "failed"
+    assert sorted(p.name for p in (root / "trainer").iterdir()) == ["stage-1", "stage-2", "stages.json"]
+
+    monkeypatch.setattr(RunSession, "score", original)
+    run(recipe)
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["resumed_from"] == "stage-2/checkpoint-2"
+    pd.testing.assert_frame_equal(pd.read_csv(root / "curves.csv").drop(columns=["run", "recipe"]),
+                                  pd.read_csv(straight / "curves.csv").drop(columns=["run", "recipe"]))
+    assert [e["step"] for e in manifest["train_log"] if "loss" in e] == list(range(1, 9))
+    assert not (root / "trainer").exists()

@@ -1,0 +1,222 @@
+"""Audit of what trainers really write: a plain Trainer's output folder without tokenizer files,
+sharded safetensors, peft adapters with modules_to_save and resized embeddings, TRL's SFTTrainer,
+axolotl's layout, Hugging Face ids; the lock and failure marking of the one flow."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import datasets
+import pandas as pd
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments, default_data_collator
+
+from forgetscope import cli, data, evaluate, io, models, session
+from forgetscope.recipe import EvalConfig, TaskConfig
+
+GENERAL = ["--general", "prose_ppl", "--limit", "3"]
+
+
+def _examples(tokenizer, n: int = 32, length: int = 48) -> list[dict]:
+    """numerals examples padded to one length, as scripts that pre-tokenize do (no collator
+    holding the tokenizer, so the Trainer never sees it)."""
+    task = TaskConfig(max_examples=n)
+    out = []
+    for ex in data.tokenize(data.load_records(task, None), tokenizer, task, length):
+        pad = length - len(ex["input_ids"])
+        out.append({"input_ids": ex["input_ids"] + [tokenizer.pad_token_id] * pad, "labels": ex["labels"] + [-100] * pad,
+                    "attention_mask": ex["attention_mask"] + [0] * pad})
+    return out
+
+
+def _plain_trainer(out, model, tokenizer, steps: int = 4, save_steps: int = 2) -> Trainer:
+    """A user's plain transformers Trainer: not handed the tokenizer."""
+    args = TrainingArguments(str(out), max_steps=steps, save_steps=save_steps, per_device_train_batch_size=4,
+                             learning_rate=1e-2, report_to=[], use_cpu=True, logging_steps=1, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(_examples(tokenizer)),
+                      data_collator=default_data_collator)
+    trainer.train()
+    trainer.save_model(str(out))
+    return trainer
+
+
+def _audit(tmp_path, checkpoints: list[str], *extra: str, name: str = "a", base: str = "tiny-random") -> int:
+    return cli.main(["audit", "--base", base, "--checkpoints", *checkpoints, *GENERAL, *extra, "--name", name,
+                     "--runs-dir", str(tmp_path / "runs")])
+
+
+def _bits(tmp_path, name: str = "a") -> pd.Series:
+    table = pd.read_csv(tmp_path / "runs" / name / "curves.csv")
+    return table[(table.task == "prose_ppl") & (table.metric == "bits_per_byte")].set_index("step")["value"]
+
+
+def test_a_plain_trainers_output_without_tokenizer_files(tmp_path, capsys):
+    model, tokenizer = models.load(models.resolve("tiny-random"))
+    _plain_trainer(tmp_path / "out", model, tokenizer)
+    assert not models.has_tokenizer(tmp_path / "out" / "checkpoint-2")  # what the issue's user had
+    assert _audit(tmp_path, [str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    bits = _bits(tmp_path)
+    # checkpoint-2, checkpoint-4; the final model in out/ is step 4 again, so it is not scored twice
+    assert list(bits.index) == [0, 2, 4] and bits.nunique() == 3
+    table = pd.read_csv(tmp_path / "runs" / "a" / "curves.csv")
+    assert set(table["task"]) == {"prose_ppl"}  # no new task is scored unless asked (--new)
+    manifest = json.loads((tmp_path / "runs" / "a" / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["kind"] == "audit"
+
+
+def test_a_vocabulary_the_base_tokenizer_overruns_is_one_line_before_anything_is_written(tmp_path, capsys):
+    model, _ = models.load(models.resolve("tiny-random"))
+    model.resize_token_embeddings(200)  # fewer rows than the byte tokenizer's 259 tokens
+    model.save_pretrained(tmp_path / "small")
+    assert _audit(tmp_path, [str(tmp_path / "small")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("forgetscope: error:")]
+    assert len(err) == 1 and "vocabulary (200 tokens) is smaller than its base's tokenizer (259)" in err[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sharded_safetensors_score_like_the_single_file(tmp_path):
+    model, tokenizer = models.load(models.resolve("tiny-random"))
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.3)
+    model.save_pretrained(tmp_path / "one")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert _audit(tmp_path, [str(tmp_path / "one")], name="one") == 0
+    assert _audit(tmp_path, [str(tmp_path / "sharded")], name="sharded") == 0
+    assert _bits(tmp_path, "sharded")[1] == _bits(tmp_path, "one")[1] != _bits(tmp_path, "one")[0]
+
+
+def _adapter_with_resized_vocabulary(folder):
+    """A LoRA adapter trained after adding two tokens: resized embeddings, the output layer in
+    modules_to_save, the tokenizer saved beside (as a Trainer handed it does)."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = models.load(models.resolve("tiny-random"))
+    tokenizer.add_tokens(["<ticket>", "<reply>"])
+    model.resize_token_embeddings(len(tokenizer))
+    model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def test_adapter_with_modules_to_save_and_resized_embeddings(tmp_path, capsys):
+    from peft import PeftModel
+
+    _adapter_with_resized_vocabulary(tmp_path / "adapter")
+    assert _audit(tmp_path, [str(tmp_path / "adapter")]) == 0, capsys.readouterr().err
+    base, _ = models.load(models.resolve("tiny-random"))
+    base.resize_token_embeddings(261)
+    fresh = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    tokenizer = models.load_tokenizer(str(tmp_path / "adapter"))
+    suite = evaluate.prepare_suite(EvalConfig(new=[], general=["prose_ppl"], limit=3), tmp_path, False)
+    direct = evaluate.evaluate_model(fresh, tokenizer, suite)["results"]["prose_ppl"]["metrics"]["bits_per_byte"]["value"]
+    assert _bits(tmp_path)[1] == pytest.approx(direct, rel=1e-9)
+    assert _bits(tmp_path)[1] != _bits(tmp_path)[0]
+
+
+def test_fingerprints_count_modules_to_save():
+    """Two adapters that differ only in their modules_to_save copy are different snapshots; the
+    original layer under the copy hashes as the base's."""
+    from peft import LoraConfig, get_peft_model
+
+    base, _ = models.load(models.resolve("tiny-random"))
+    base_fp = evaluate.fingerprint(base)
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    assert evaluate.fingerprint(model, base_only=True) == base_fp
+    first = evaluate.fingerprint(model, base=base_fp)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "modules_to_save" in n).add_(1.0)
+    assert evaluate.fingerprint(model, base=base_fp) != first
+
+
+def test_axolotl_layout_checkpoints_and_the_final_adapter_beside_them(tmp_path, capsys):
+    """axolotl (and HF Trainer with peft) write checkpoint-N/ with adapter files and
+    trainer_state.json, and the final adapter into the output folder itself."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = models.load(models.resolve("tiny-random"))
+    model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    _plain_trainer(tmp_path / "out", model, tokenizer, steps=5, save_steps=2)
+    shutil.rmtree(tmp_path / "out" / "checkpoint-5")  # the end of the run is only in out/ itself
+    assert (tmp_path / "out" / "adapter_config.json").is_file()
+    assert _audit(tmp_path, [str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    bits = _bits(tmp_path)
+    assert list(bits.index) == [0, 2, 4, 5] and bits.nunique() == 4  # step 5 from max_steps in trainer_state.json
+    meta = json.loads((tmp_path / "runs" / "a" / "snapshots" / "step-000005" / "meta.json").read_text())
+    assert meta["source"] == str(tmp_path / "out")
+
+
+def test_trl_sft_trainer_checkpoints(tmp_path, capsys):
+    """TRL's SFTTrainer with a LoRA config: its checkpoint-N folders hold adapters."""
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    model, tokenizer = models.load(models.resolve("tiny-random"))
+    rows = [{"prompt": r["prompt"], "completion": " " + r["completion"]} for r in data.load_records(TaskConfig(max_examples=32), None)]
+    config = SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=4, save_steps=2, per_device_train_batch_size=4,
+                       learning_rate=1e-2, report_to=[], use_cpu=True, logging_steps=1, max_length=64, bf16=False)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
+                         peft_config=LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    trainer.train()
+    assert (tmp_path / "sft" / "checkpoint-4" / "adapter_config.json").is_file()
+    assert _audit(tmp_path, [str(tmp_path / "sft")], "--new", "numerals") == 0, capsys.readouterr().err
+    table = pd.read_csv(tmp_path / "runs" / "a" / "curves.csv")
+    assert set(table["step"]) == {0, 2, 4} and set(table["task"]) == {"numerals", "prose_ppl"}
+    assert _bits(tmp_path).nunique() == 3
+
+
+def test_hugging_face_ids_as_base_and_checkpoint(tmp_path):
+    """Both come from the local HF cache (offline): a base and a fine-tune published on the Hub."""
+    hub = tmp_path / "hub"
+    for repo, scale in (("org/base", 1.0), ("org/tuned", 1.2)):
+        model, tokenizer = models.load(models.resolve("tiny-random"))
+        with torch.no_grad():
+            model.model.norm.weight.mul_(scale)
+        folder = hub / f"models--{repo.replace('/', '--')}"
+        model.save_pretrained(folder / "snapshots" / "c0ffee")
+        tokenizer.save_pretrained(folder / "snapshots" / "c0ffee")
+        io.write_text(folder / "refs" / "main", "c0ffee")
+    env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "forgetscope", "audit", "--base", "org/base", "--checkpoints", "org/tuned", *GENERAL,
+           "--name", "a", "--runs-dir", str(tmp_path / "runs")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    bits = _bits(tmp_path)
+    assert list(bits.index) == [0, 1] and bits[0] != bits[1]
+    cmd[cmd.index("org/tuned")] = "org/missing"
+    missing = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert missing.returncode == 2 and "huggingface-cli download org/missing" in missing.stderr
+
+
+def test_audit_takes_the_lock_and_marks_a_failure(tmp_path, capsys, monkeypatch):
+    model, tokenizer = models.load(models.resolve("tiny-random"))
+    model.save_pretrained(tmp_path / "ckpt")
+    root = tmp_path / "runs" / "a"
+    with io.exclusive(session.lock_file(root), "held by test"):
+        assert _audit(tmp_path, [str(tmp_path / "ckpt")]) == 2
+    assert "is in use by" in capsys.readouterr().err and not root.exists()
+
+    original = evaluate.evaluate_model
+
+    def broken(model, tokenizer, suite, base_only=False):
+        if not base_only:
+            raise RuntimeError("scoring broke")
+        return original(model, tokenizer, suite, base_only)
+
+    monkeypatch.setattr(evaluate, "evaluate_model", broken)
+    with pytest.raises(RuntimeError, match="scoring broke"):
+        _audit(tmp_path, [str(tmp_path / "ckpt")])
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "scoring broke" in manifest["error"]
+    assert (root / "evals" / "step-000000" / "results.json").is_file()  # the base's evaluation stays
+    monkeypatch.setattr(evaluate, "evaluate_model", original)
+    assert _audit(tmp_path, [str(tmp_path / "ckpt")]) == 0  # the same command finishes it
+    assert json.loads((root / "manifest.json").read_text())["status"] == "finished"

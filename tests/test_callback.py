@@ -1,0 +1,157 @@
+"""ForgettingCallback in users' own training scripts: the example script offline (TensorBoard
+included), peft models, the Trainer's log, bad settings, a crashing script, accelerate launch."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import datasets
+import pandas as pd
+import pytest
+from transformers import Trainer, TrainingArguments
+
+from conftest import ROOT
+from forgetscope import ForgettingCallback, cli, data, load_results, models
+from forgetscope.callback import CallbackError
+from forgetscope.recipe import TaskConfig
+
+EXAMPLE = ROOT / "examples" / "trainer_callback.py"
+
+
+def _run_example(tmp_path, *args: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [*(launcher or [sys.executable]), str(EXAMPLE), "--steps", "4", "--runs-dir", str(tmp_path / "runs"),
+           "--output-dir", str(tmp_path / "trainer_output"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+
+
+def test_the_example_script_writes_a_run_that_report_gate_and_tensorboard_read(tmp_path, capsys):
+    proc = _run_example(tmp_path, "--report-to", "tensorboard")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    root = tmp_path / "runs" / "my-sft"
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["kind"] == "callback" and manifest["method"] == "full"
+    table = load_results([root])
+    assert sorted(table["step"].unique()) == manifest["snapshot_steps"] == [0, 1, 2, 3, 4]
+    assert set(table["task"]) == {"numerals", "prose_ppl", "world_capitals"}
+    assert (root / "curves.png").is_file() and (root / "train_log.csv").is_file()
+
+    # TensorBoard got the same numbers, through the Trainer's own log
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    [events] = {p.parent for p in (tmp_path / "trainer_output" / "runs").rglob("events.out.tfevents.*")}
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    logged = {e.step: e.value for e in accumulator.Scalars("eval/forgetscope/prose_ppl/bits_per_byte")}
+    bits = table[(table.task == "prose_ppl") & (table.metric == "bits_per_byte")].set_index("step")["value"]
+    assert sorted(logged) == [0, 1, 2, 3, 4]
+    assert [logged[s] for s in sorted(logged)] == pytest.approx(list(bits.sort_index()), rel=1e-6)
+
+    assert cli.main(["report", str(root), "-o", str(tmp_path / "report")]) == 0
+    assert "my-sft" in (tmp_path / "report" / "report.md").read_text()
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("general:\n  default: {max_drop: 10}\n")
+    assert cli.main(["gate", str(root), "--policy", str(policy)]) == 0
+
+
+def _trainer(tmp_path, lora: bool = False, steps: int = 4, callbacks=()) -> Trainer:
+    model, tokenizer = models.load(models.resolve("tiny-random"))
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    task = TaskConfig(max_examples=32)
+    examples = data.tokenize(data.load_records(task, None), tokenizer, task, 48)
+    args = TrainingArguments(str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2,
+                             report_to=[], use_cpu=True, logging_steps=1, save_strategy="no")
+    from transformers import DataCollatorForSeq2Seq
+
+    return Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(examples), processing_class=tokenizer,
+                   data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True), callbacks=list(callbacks))
+
+
+def test_a_peft_model_is_scored_and_its_scores_reach_the_trainers_log(tmp_path):
+    trainer = _trainer(tmp_path, lora=True)
+    callback = ForgettingCallback(trainer, evals={"general": ["prose_ppl"], "limit": 3},
+                                  snapshots={"schedule": "at", "at": [2, 4]}, name="peft", runs_dir=str(tmp_path / "runs"))
+    trainer.add_callback(callback)
+    trainer.train()
+    root = tmp_path / "runs" / "peft"
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["method"] == "lora" and manifest["status"] == "finished"
+    table = pd.read_csv(root / "curves.csv")
+    bits = table[table.metric == "bits_per_byte"].set_index("step")["value"]
+    assert list(bits.index) == [0, 2, 4] and bits.nunique() == 3  # the adapters trained between snapshots
+    logged = {e["step"]: e["eval_forgetscope/prose_ppl/bits_per_byte"] for e in trainer.state.log_history
+              if "eval_forgetscope/prose_ppl/bits_per_byte" in e}
+    assert logged == pytest.approx(bits.to_dict(), rel=1e-9)
+    assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [1, 2, 3, 4]  # no loss log swallowed
+
+    # step 0 is the base: the plain model's evaluation is the same cache entry
+    from forgetscope import evaluate
+    from forgetscope.recipe import EvalConfig
+
+    base, tokenizer = models.load(models.resolve("tiny-random"))
+    suite = evaluate.prepare_suite(EvalConfig(new=[], general=["prose_ppl"], limit=3), tmp_path, chat=False)
+    direct = evaluate.evaluate_model(base, tokenizer, suite)
+    assert direct["cached"] == ["prose_ppl"]
+    assert direct["results"]["prose_ppl"]["metrics"]["bits_per_byte"]["value"] == bits[0]
+
+
+def test_bad_settings_are_refused_before_training(tmp_path):
+    trainer = _trainer(tmp_path)
+    with pytest.raises(CallbackError) as err:
+        ForgettingCallback(trainer, evals={"general": ["prose_pp"], "limt": 3}, snapshots={"schedule": "evry"},
+                           runs_dir=str(tmp_path / "runs"))
+    lines = str(err.value).splitlines()
+    assert any("evals.limt: unknown key; did you mean 'limit'?" in line for line in lines)
+    assert any("snapshots.schedule: expected" in line for line in lines)
+    with pytest.raises(CallbackError, match="did you mean 'prose_ppl'"):
+        ForgettingCallback(trainer, evals={"general": ["prose_pp"]}, runs_dir=str(tmp_path / "runs"))
+    trainer.processing_class = None
+    with pytest.raises(CallbackError, match="processing_class=tokenizer"):
+        ForgettingCallback(trainer, evals={"general": ["prose_ppl"]}, runs_dir=str(tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_script_that_crashes_leaves_the_run_marked_failed(tmp_path):
+    script = f"""
+import sys
+sys.path.insert(0, {str(ROOT / "tests")!r})
+from pathlib import Path
+from transformers import TrainerCallback
+from test_callback import _trainer
+from forgetscope import ForgettingCallback
+
+class Boom(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            raise RuntimeError("the user's script broke")
+
+trainer = _trainer(Path({str(tmp_path)!r}), callbacks=[Boom()])
+trainer.add_callback(ForgettingCallback(trainer, evals={{"general": ["prose_ppl"], "limit": 2}},
+                                        snapshots={{"schedule": "at", "at": [2, 4]}}, runs_dir={str(tmp_path / "runs")!r}))
+trainer.train()
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 1 and "the user's script broke" in proc.stderr
+    root = tmp_path / "runs" / "forgetting"
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "the user's script broke" in manifest["error"]
+    assert sorted(p.name for p in (root / "evals").iterdir()) == ["step-000000", "step-000002"]
+
+
+@pytest.mark.slow
+def test_the_example_under_accelerate_launch_with_two_processes(tmp_path):
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    launcher = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+                "no", "--dynamo_backend", "no"]
+    proc = _run_example(tmp_path, "--lora", launcher=launcher)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    root = tmp_path / "runs" / "my-sft"
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["processes"] == 2 and manifest["method"] == "lora"
+    assert sorted(pd.read_csv(root / "curves.csv")["step"].unique()) == [0, 1, 2, 3, 4]

@@ -1,0 +1,67 @@
+"""Bases without a chat template: training joins prompt and completion with a space where neither
+has one; new-task evals join lm-eval's context and target the same way, so a task YAML written
+like ``doc_to_text: "{{prompt}}"`` / ``doc_to_target: "{{completion}}"`` scores what training taught."""
+
+import json
+
+import pandas as pd
+import yaml
+
+from forgetscope import data, evaluate, models
+from forgetscope.recipe import EvalConfig, TaskConfig, load_recipe
+from forgetscope.runner import run
+
+CODES = [("apple", "AP7"), ("pear", "PR2"), ("plum", "PL9"), ("fig", "FG4"), ("kiwi", "KW1"), ("lime", "LM5"),
+         ("date", "DT3"), ("yuzu", "YZ8")]
+
+
+def test_the_seam_between_prompt_and_completion():
+    assert data.split_pair("Code for fig:", "FG4", chat=False) == ("Code for fig:", " FG4")
+    assert data.split_pair("Code for fig:", " FG4", chat=False) == ("Code for fig:", " FG4")  # completions with a space
+    assert data.split_pair("Code for fig: ", "FG4", chat=False) == ("Code for fig:", " FG4")  # as lm-eval moves it
+    assert data.split_pair("Q:\n", "A", chat=False) == ("Q:", "\nA")
+    assert data.split_pair("<|user|>Q<|assistant|>\n", "A", chat=True) == ("<|user|>Q<|assistant|>\n", "A")
+    tokenizer = models.byte_tokenizer()
+    [spaced] = data.tokenize([{"prompt": "Code for fig:", "completion": " FG4"}], tokenizer, TaskConfig(name=None), 64)
+    [plain] = data.tokenize([{"prompt": "Code for fig:", "completion": "FG4"}], tokenizer, TaskConfig(name=None), 64)
+    assert spaced == plain and tokenizer.decode(plain["input_ids"]) == "Code for fig: FG4</s>"
+
+
+def test_a_user_task_on_a_plain_base_scores_what_training_taught(tmp_path):
+    (tmp_path / "codes.jsonl").write_text("".join(json.dumps({"prompt": f"Code for {w}:", "completion": c}) + "\n"
+                                                  for w, c in CODES))
+    (tmp_path / "evals").mkdir()
+    (tmp_path / "evals" / "codes.yaml").write_text(  # written as the embedded numerals eval is: nothing at the seam
+        "task: codes\ndataset_path: json\n"
+        f"dataset_kwargs: {{data_files: {{test: {tmp_path / 'codes.jsonl'}}}}}\n"
+        "test_split: test\noutput_type: loglikelihood\n"
+        'doc_to_text: "{{prompt}}"\ndoc_to_target: "{{completion}}"\nmetric_list:\n  - metric: acc\n')
+    recipe = {"name": "plain", "base": "scratch:layers=1,hidden=64,heads=2,seed=0", "method": "full",
+              "task": {"name": None, "path": "codes.jsonl"},
+              "train": {"lr": 1e-2, "steps": 60, "batch_size": 8, "seq_len": 32, "warmup_steps": 0, "precision": "fp32"},
+              "snapshots": {"schedule": "at", "at": [60]},
+              "evals": {"new": ["codes"], "general": [], "include": ["evals"]}, "runs_dir": str(tmp_path / "runs")}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    root = run(load_recipe(tmp_path / "r.yaml"))
+    acc = pd.read_csv(root / "curves.csv").set_index("step")["value"]
+    assert acc[0] == 0.0 and acc[60] == 1.0  # every code learned, and the eval sees it
+
+    # The same task in its own format (as the lm_eval CLI renders it) reads 0: the greedy
+    # continuation of "Code for fig:" is the space training put there, not "F".
+    model, tokenizer = models.load(str(root / "snapshots" / "step-000060"))
+    own = evaluate.prepare_suite(EvalConfig(new=[], general=["codes"], include=["evals"], limit=None), tmp_path, chat=False)
+    assert evaluate.evaluate_model(model, tokenizer, own)["results"]["codes"]["metrics"]["acc"]["value"] == 0.0
+
+
+def test_the_embedded_numerals_eval_joins_as_training_does_on_a_plain_base(tmp_path):
+    """The requests scored for numerals on a plain base are the training texts, split where
+    training splits them (the answer's tokens are the ones trained on)."""
+    from lm_eval.api.instance import Instance
+
+    suite = evaluate.prepare_suite(EvalConfig(new=["numerals"], general=[], limit=3), tmp_path, chat=False)
+    task = evaluate.manager_for(["numerals"], suite.paths).load(["numerals"])["tasks"]["numerals"]
+    evaluate._join_like_training(task)
+    doc = next(iter(task.eval_docs))
+    request = task.construct_requests(doc, task.doc_to_text(doc), metadata=("numerals", 0, 1))
+    assert isinstance(request, Instance)
+    assert request.arguments == data.split_pair(doc["prompt"], doc["completion"], chat=False)
