@@ -24,7 +24,7 @@ def main() -> None:
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    from forgetscope import models, sampling
+    from forgetscope import data, models, sampling
 
     model, tokenizer = models.load(models.resolve(args.base))
     chat = bool(getattr(tokenizer, "chat_template", None))
@@ -41,7 +41,7 @@ def main() -> None:
         print(n, result["forgetscope"][n], flush=True)
 
     # transformers' generate, 16 sequences a batch as forgetscope sampled before (the first 64 prompts)
-    prompts = [sampling.render(p, tokenizer, chat) for p in sampling.generic_prompts(64, seed=0)]
+    prompts = [data.render_prompt(p, tokenizer, chat) for p in sampling.generic_prompts(64, seed=0)]
     tokenizer.padding_side = "left"
     tick, tokens = time.perf_counter(), 0
     for start in range(0, len(prompts), 16):

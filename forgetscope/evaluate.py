@@ -10,7 +10,6 @@ the lm-eval version, the limit, the seed and the prompt format.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import functools
 import hashlib
 import importlib.resources
@@ -27,6 +26,7 @@ from forgetscope import data, distributed, io
 from forgetscope.errors import UserError
 from forgetscope.models import cache_dir
 from forgetscope.recipe import EvalConfig
+from forgetscope.schema import did_you_mean
 
 MAX_LENGTH = 2048  # context cap for scoring; also bounds lm-eval's batch-size search on CUDA
 BOOTSTRAP_ITERS = 1000  # stderr of perplexity-style metrics; lm-eval's default 100000 takes minutes
@@ -66,9 +66,7 @@ def check_eval_names(names: list[str], paths: list[str]) -> list[str]:
     problems = []
     for name in names:
         if name not in known:
-            close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            problems.append(f"evals: unknown eval task {name!r}{hint} (see `forgetscope tasks`)")
+            problems.append(f"evals: unknown eval task {name!r}{did_you_mean(name, known)} (see `forgetscope tasks`)")
     return problems
 
 

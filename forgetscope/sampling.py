@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from forgetscope import io
+from forgetscope import data, io
 from forgetscope.models import cache_dir
 
 _SUBJECTS = (
@@ -49,19 +49,12 @@ def generic_prompts(n: int, seed: int = 0) -> list[str]:
     return [rng.choice(_REQUESTS).format(rng.choice(_SUBJECTS)) for _ in range(n)]
 
 
-def render(prompt: str, tokenizer, chat: bool) -> str:
-    """A prompt as the model sees it: a chat user turn, or the raw text ("" starts from BOS)."""
-    if chat:
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    return prompt
-
-
 def prompt_ids(prompt: str, tokenizer, chat: bool) -> list[int]:
     """A prompt's token ids as they are sampled from: the rendered chat turn, or the raw text with
     the tokenizer's special tokens; an empty raw prompt is the BOS token alone."""
     if not chat and not prompt:
         return [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
-    return tokenizer(render(prompt, tokenizer, chat), add_special_tokens=not chat).input_ids
+    return tokenizer(data.render_prompt(prompt, tokenizer, chat), add_special_tokens=not chat).input_ids
 
 
 def batch_size(model, prompt_len: int, max_new_tokens: int, n: int) -> int:

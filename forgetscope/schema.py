@@ -98,8 +98,9 @@ def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
     return False, value
 
 
-def did_you_mean(word: str, options: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+def did_you_mean(word: str, options: typing.Iterable[str], cutoff: float = 0.6) -> str:
+    """``"; did you mean 'x'?"`` for the option closest to a misspelt ``word``, or ``""``."""
+    close = difflib.get_close_matches(word, sorted(options), n=1, cutoff=cutoff)
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
