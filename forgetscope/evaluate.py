@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import torch
 
-from forgetscope import data, distributed, io
+from forgetscope import data, distributed, io, seams
 from forgetscope.errors import UserError
 from forgetscope.models import cache_dir
 from forgetscope.recipe import EvalConfig
@@ -145,8 +145,6 @@ def prepare_suite(config: EvalConfig, base_dir: Path, chat: bool, base_model=Non
     anything trains or is written. ``base_model`` is the untouched base: its fingerprint
     (``base_fingerprint``, hashed here when not given) keys the cache entries of LoRA snapshots
     on top of it, and the drift probe samples text from it (cached on disk per base)."""
-    from lm_eval.tasks._yaml_loader import load_yaml
-
     suite = EvalSuite(config, include_paths(config, base_dir), chat)
     manager = manager_for([*config.new, *config.general], suite.paths)
     _quiet_lm_eval()
@@ -176,7 +174,7 @@ def prepare_suite(config: EvalConfig, base_dir: Path, chat: bool, base_model=Non
         from forgetscope import sampling
 
         samples = sampling.base_samples(base_model, tokenizer, base_fingerprint)
-        spec = load_yaml(evals_dir() / f"{DRIFT_TASK}.yaml")
+        spec = seams.load_task_yaml(evals_dir() / f"{DRIFT_TASK}.yaml")
         spec["metadata"] = {**spec.get("metadata", {}), "samples": str(samples)}
         suite.specs[DRIFT_TASK] = spec
         loaded[DRIFT_TASK] = manager.load(spec)
@@ -300,7 +298,7 @@ def evaluate_model(model, tokenizer, suite: EvalSuite, base_only: bool = False) 
         _quiet_lm_eval()
         was_training = model.training
         model.eval()
-        with _weights_kept_as_they_are(model):
+        with seams.tie_weights_skipped(model):
             lm = PackedLM(pretrained=model, tokenizer=tokenizer, batch_size=_lines_per_pass(suite, model),
                           max_length=max_length(model))
         try:
@@ -350,32 +348,13 @@ def _lm_eval(lm, specs: list, suite: EvalSuite, use_chat: bool) -> dict[str, Any
 
 
 @contextlib.contextmanager
-def _weights_kept_as_they_are(model) -> Iterator[None]:
-    """lm-eval's ``HFLM`` ties the input and output embeddings of the model it is handed (lm-eval
-    0.4.13). A model in memory is already as it should be, and re-tying breaks a peft model that
-    trains a copy of a tied output layer (``modules_to_save=["lm_head"]``); so it is skipped."""
-    model.tie_weights = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        del model.tie_weights
-
-
-@contextlib.contextmanager
 def scoring_precision(model, precision: str) -> Iterator[None]:
-    """Score in ``precision`` whatever the training precision. accelerate's mixed precision wraps
-    ``model.forward`` in bf16 autocast for training (keeping the original as ``_original_forward``);
-    scoring calls the original forward, under bf16 autocast only when ``precision`` is ``bf16``."""
-    patched = "_original_forward" in vars(model)
-    training_forward = model.forward
-    if patched:
-        model.forward = model._original_forward
-    try:
-        with torch.autocast(device_type=model.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            yield
-    finally:
-        if patched:
-            model.forward = training_forward
+    """Score in ``precision`` whatever the training precision: the model's own forward (not the
+    autocast wrapper of accelerate's mixed precision), under bf16 autocast only when ``precision``
+    is ``bf16``."""
+    with seams.plain_forward(model), torch.autocast(device_type=model.device.type, dtype=torch.bfloat16,
+                                                     enabled=precision == "bf16"):
+        yield
 
 
 @contextlib.contextmanager
@@ -408,19 +387,8 @@ def _join_like_training(task) -> None:
     prompt and completion (:func:`forgetscope.data.completion_delimiter`: a space, unless one side
     has whitespace there). lm-eval puts nothing between them, so a task written like
     ``doc_to_text: "{{prompt}}"``, ``doc_to_target: "{{completion}}"`` would score text that
-    training never showed. Wraps the task's ``construct_requests`` (lm-eval 0.4.9-0.4.13)."""
-    if task.OUTPUT_TYPE != "loglikelihood":
-        return
-    construct = task.construct_requests
-
-    def joined(doc, ctx, **kwargs):
-        requests = construct(doc, ctx, **kwargs)
-        for request in requests if isinstance(requests, list) else [requests]:
-            context, target = request.arguments
-            request.arguments = (context, data.completion_delimiter(context, target) + target)
-        return requests
-
-    task.construct_requests = joined
+    training never showed."""
+    seams.rewrite_loglikelihood_requests(task, lambda context, target: (context, data.completion_delimiter(context, target) + target))
 
 
 def _metric_name(metric: str, filter_name: str) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from forgetscope import data, io
+from forgetscope import data, io, seams
 from forgetscope.models import cache_dir
 
 _SUBJECTS = (
@@ -72,24 +72,14 @@ def batch_size(model, prompt_len: int, max_new_tokens: int, n: int) -> int:
     return max(1, min(n, MAX_GPU_BATCH, fits))
 
 
-def _mask(allowed: torch.Tensor, model) -> torch.Tensor:
-    """A boolean [batch, 1, queries, keys] mask as the model's attention takes it (SDPA: boolean;
-    eager: additive)."""
-    if model.config._attn_implementation == "sdpa":
-        return allowed
-    return torch.zeros(allowed.shape, dtype=model.dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(model.dtype).min)
-
-
 class _Decoder:
     """Decodes batches of one fixed shape (``rows`` sequences, ``prompt_len`` + ``new`` tokens) over
     one static cache; on CUDA the one-token step is a CUDA graph, captured at the first batch."""
 
     def __init__(self, model, rows: int, prompt_len: int, new: int):
-        from transformers import StaticCache
-
         self.model, self.prompt_len = model, prompt_len
         device = model.device
-        self.cache = StaticCache(config=model.config, max_cache_len=prompt_len + new)
+        self.cache = seams.static_cache(model, prompt_len + new)
         self.keys = torch.zeros(rows, 1, 1, prompt_len + new, dtype=torch.bool, device=device)  # which keys each row sees
         self.ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
@@ -101,7 +91,7 @@ class _Decoder:
     def _step(self) -> torch.Tensor:
         # the static cache writes at `cache_position` (or, in some versions, at its own running position: the same)
         out = self.model(input_ids=self.ids, position_ids=self.positions, cache_position=self.slot,
-                         attention_mask=_mask(self.keys, self.model), past_key_values=self.cache, use_cache=True)
+                         attention_mask=seams.attention_mask(self.model, self.keys), past_key_values=self.cache, use_cache=True)
         return out.logits[:, -1]
 
     def prefill(self, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -115,7 +105,7 @@ class _Decoder:
         self.keys.zero_()
         self.keys[:, 0, 0, :length] = real
         self.positions.copy_(real.sum(1, keepdim=True) - 1)
-        out = self.model(input_ids=ids, position_ids=(real.cumsum(1) - 1).clamp(min=0), attention_mask=_mask(allowed, self.model),
+        out = self.model(input_ids=ids, position_ids=(real.cumsum(1) - 1).clamp(min=0), attention_mask=seams.attention_mask(self.model, allowed),
                          cache_position=torch.arange(length, device=ids.device), past_key_values=self.cache, use_cache=True,
                          logits_to_keep=1)
         return out.logits[:, -1]

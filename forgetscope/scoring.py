@@ -29,16 +29,14 @@ gathers the results on rank 0); ``PackedLM`` takes its rank from the process gro
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
-from forgetscope import distributed
+from forgetscope import distributed, seams
 
 # Architectures whose logits are exactly ``lm_head(decoder(...).last_hidden_state)``.
 PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2"}
@@ -60,7 +58,7 @@ class PackedLM(HFLM):
         super().__init__(*args, **kwargs)
         self.lines_per_pass = self.batch_size  # forward passes carry about this many lines of LINE_TOKENS
         self.greedy_needed = True  # whether callers read "is greedy" (a rolling log-likelihood does not)
-        self._rank, self._world_size = distributed.rank(), distributed.world_size()
+        seams.set_hflm_ranks(self, distributed.rank(), distributed.world_size())
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every rank's ``tensor``, stacked (HFLM's goes through an accelerate object we do not make)."""
@@ -87,7 +85,7 @@ class PackedLM(HFLM):
         rest = sorted(set(range(len(requests))) - set(fits))
         out: dict[int, tuple[float, bool]] = {}
         if rest:  # lm-eval truncates these from the left (and never sends empty ones); let it
-            with self._batch_size(self.lines_per_pass):
+            with seams.hflm_batch_size(self, self.lines_per_pass):
                 out.update(zip(rest, super()._loglikelihood_tokens([requests[i] for i in rest], disable_tqdm)))
         lines = [[fits[j] for j in line] for line in plan_lines([requests[i][1:] for i in fits], LINE_TOKENS, self.max_length)]
         layouts = [layout_line([requests[i][1:] for i in line]) for line in lines]
@@ -112,19 +110,10 @@ class PackedLM(HFLM):
             return super().loglikelihood_rolling(requests, disable_tqdm)
         self.greedy_needed = False
         try:
-            with self._batch_size(sys.maxsize):
+            with seams.hflm_batch_size(self, sys.maxsize):
                 return super().loglikelihood_rolling(requests, disable_tqdm)
         finally:
             self.greedy_needed = True
-
-    @contextlib.contextmanager
-    def _batch_size(self, size: int) -> Iterator[None]:
-        """HFLM's batch size set to ``size`` for the duration."""
-        kept, self.batch_size_per_gpu = self.batch_size_per_gpu, size
-        try:
-            yield
-        finally:
-            self.batch_size_per_gpu = kept
 
     def _score_within_memory(self, lines: list[Line], targets: list[list[int]]) -> list[tuple[float, bool]]:
         """``_score_lines``; a batch that runs out of accelerator memory is scored in halves, and
@@ -157,11 +146,8 @@ class PackedLM(HFLM):
         # answers that differ only in their last token are predicted from the same nodes: one row each
         token_rows = torch.tensor([rows.setdefault((b, node), len(rows))
                                    for b, line in enumerate(lines) for nodes in line[3] for node in nodes])
-        if self.model.config._attn_implementation == "sdpa":
-            attention = allowed[:, None]
-        else:
-            attention = torch.zeros(allowed.shape, dtype=self.model.dtype).masked_fill(~allowed, torch.finfo(self.model.dtype).min)[:, None]
-        hidden = self.model.get_decoder()(input_ids=ids.to(self.device), attention_mask=attention.to(self.device),
+        attention = seams.attention_mask(self.model, allowed[:, None].to(self.device))
+        hidden = self.model.get_decoder()(input_ids=ids.to(self.device), attention_mask=attention,
                                           position_ids=positions.to(self.device)).last_hidden_state
         device = hidden.device
         lines_t, nodes_t = torch.tensor(list(rows), device=device).T

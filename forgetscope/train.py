@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-from forgetscope import data, distributed
+from forgetscope import data, distributed, seams
 from forgetscope.errors import UserError
 from forgetscope.recipe import Recipe
 
@@ -32,7 +32,7 @@ def use_bf16(precision: str) -> bool:
         return precision == "bf16"
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return seams.cpu_has_bf16()
 
 
 def prepare_model(model, recipe: Recipe):

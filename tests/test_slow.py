@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from conftest import RECIPES
-from forgetscope import models
+from forgetscope import models, seams
 from forgetscope.recipe import load_recipe
 from forgetscope.runner import run
 
@@ -48,8 +48,10 @@ def test_embedded_default_converts_trains_and_evaluates(tmp_path, monkeypatch):
 def test_accelerate_launch_with_two_cpu_processes(tmp_path):
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     runs = tmp_path / "runs"
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "forgetscope", "run", str(RECIPES / "tiny.yaml"), "--set", f"runs_dir={runs}"]
+    precision = "bf16" if seams.cpu_has_bf16() else "no"  # the training forward autocasts; scoring must not
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", precision,
+           "--dynamo_backend", "no", "-m", "forgetscope", "run", str(RECIPES / "tiny.yaml"), "--set", f"runs_dir={runs}",
+           "--set", f"train.precision={'bf16' if precision == 'bf16' else 'fp32'}"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # CPU processes over gloo, also on a GPU machine
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

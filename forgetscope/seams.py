@@ -1,0 +1,127 @@
+"""Every place where forgetscope relies on a library's internals, in one module.
+
+Everything else uses lm-eval, transformers, accelerate and torch through their public API. Each
+function here wraps one assumption that no public API promises, says which versions it was
+checked against (``CHECKED``), and has a test in ``tests/test_seams.py`` that fails with a message
+naming the function when a new release breaks the assumption. ``pyproject.toml`` bounds the
+libraries to the versions tested.
+
+Two more seams live where they must, as subclass hooks: :class:`forgetscope.scoring.PackedLM`
+overrides ``HFLM._loglikelihood_tokens`` (the hook torchtune's evaluation also builds on), and
+:class:`forgetscope.replay.ReplayTrainer` overrides ``Trainer.compute_loss`` (a documented hook).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+CHECKED = {"lm_eval": "0.4.13", "transformers": "5.17.0 (CUDA), 5.23.0 (CPU)", "accelerate": "1.15.0",
+           "torch": "2.11.0 (CUDA), 2.13.0 (CPU)", "peft": "0.21.0, 0.21.2"}
+
+
+# ---------------------------------------------------------------- lm-eval
+
+
+def load_task_yaml(path: Path) -> dict:
+    """A task YAML as lm-eval reads it (its ``!function`` tags resolved): ``lm_eval.tasks._yaml_loader``."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    return load_yaml(path)
+
+
+@contextlib.contextmanager
+def hflm_batch_size(lm, size: int) -> Iterator[None]:
+    """``HFLM``'s batch size set to ``size`` for the block: its ``batch_size_per_gpu`` attribute,
+    which its ``_loglikelihood_tokens`` and ``loglikelihood_rolling`` read."""
+    kept, lm.batch_size_per_gpu = lm.batch_size_per_gpu, size
+    try:
+        yield
+    finally:
+        lm.batch_size_per_gpu = kept
+
+
+def set_hflm_ranks(lm, rank: int, world_size: int) -> None:
+    """Tell an ``HFLM`` built around a model in memory which share of the requests is its own
+    (lm-eval assumes a single process then): the ``_rank`` and ``_world_size`` behind its
+    ``rank`` and ``world_size``, which ``evaluator.evaluate`` reads to split and gather."""
+    lm._rank, lm._world_size = rank, world_size
+
+
+@contextlib.contextmanager
+def tie_weights_skipped(model) -> Iterator[None]:
+    """``HFLM`` re-ties the input and output embeddings of the model it is handed. A model in
+    memory is already as it should be, and re-tying breaks a peft model that trains a copy of a
+    tied output layer (``modules_to_save=["lm_head"]``); so ``tie_weights`` does nothing meanwhile."""
+    own = vars(model).get("tie_weights")  # an instance attribute set by someone else, kept
+    model.tie_weights = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        if own is None:
+            del model.tie_weights
+        else:
+            model.tie_weights = own
+
+
+def rewrite_loglikelihood_requests(task, rewrite: Callable[[str, str], tuple[str, str]]) -> None:
+    """Have a ``loglikelihood`` task pass each request's (context, target) through ``rewrite``
+    as it builds them: wraps the task's ``construct_requests`` and rewrites ``Instance.arguments``."""
+    if task.OUTPUT_TYPE != "loglikelihood":
+        return
+    construct = task.construct_requests
+
+    def rewritten(doc, ctx, **kwargs):
+        requests = construct(doc, ctx, **kwargs)
+        for request in requests if isinstance(requests, list) else [requests]:
+            request.arguments = rewrite(*request.arguments)
+        return requests
+
+    task.construct_requests = rewritten
+
+
+# ---------------------------------------------------------------- accelerate, torch
+
+
+@contextlib.contextmanager
+def plain_forward(model) -> Iterator[None]:
+    """The model's own ``forward`` for the block: accelerate's mixed precision replaces
+    ``model.forward`` by an autocast wrapper and keeps the original as ``_original_forward``."""
+    patched = "_original_forward" in vars(model)
+    wrapped = model.forward
+    if patched:
+        model.forward = model._original_forward
+    try:
+        yield
+    finally:
+        if patched:
+            model.forward = wrapped
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs bf16 natively (AVX512-BF16 or AMX): ``torch.ops.mkldnn``'s check."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+# ---------------------------------------------------------------- transformers
+
+
+def attention_mask(model, allowed: torch.Tensor) -> torch.Tensor:
+    """A boolean ``[batch, 1, queries, keys]`` mask as the model's attention takes it when handed a
+    4D mask, which transformers passes through unchanged: boolean for SDPA, additive (0 or the
+    dtype's minimum) for the eager implementation (``config._attn_implementation``)."""
+    if model.config._attn_implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=model.dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(model.dtype).min)
+
+
+def static_cache(model, length: int):
+    """A KV cache of fixed ``length`` for ``model`` (transformers' ``StaticCache``). Its write
+    position is ``cache_position`` in some versions and its own running count of tokens in others
+    (5.17, 5.23): every forward pass through it must therefore be a real decoding step."""
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=length)

@@ -1,0 +1,108 @@
+"""The library internals forgetscope relies on (forgetscope/seams.py), each checked against the
+installed versions: a failure here names the seam to update after a library upgrade."""
+
+import inspect
+
+import pytest
+import torch
+from lm_eval.models.huggingface import HFLM
+
+from conftest import ROOT
+from forgetscope import evaluate, models, seams
+
+UPGRADE = f"(checked with {seams.CHECKED}); update forgetscope/seams.py"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tokenizer = models.load(models.resolve("tiny-random"))
+    return model.eval(), tokenizer
+
+
+def test_lm_eval_reads_task_yamls_with_its_private_loader():
+    spec = seams.load_task_yaml(evaluate.evals_dir() / "base_samples_ppl.yaml")
+    assert spec.get("task") == "base_samples_ppl", f"lm_eval.tasks._yaml_loader.load_yaml changed {UPGRADE}"
+
+
+def test_hflm_takes_its_batch_size_ranks_and_scoring_hook_where_we_set_them(tiny):
+    model, tokenizer = tiny
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4)
+    with seams.hflm_batch_size(lm, 7):
+        assert lm.batch_size == 7, f"HFLM.batch_size no longer reads batch_size_per_gpu {UPGRADE}"
+    assert lm.batch_size == 4
+    seams.set_hflm_ranks(lm, 1, 3)
+    assert (lm.rank, lm.world_size) == (1, 3), f"HFLM.rank/world_size no longer read _rank/_world_size {UPGRADE}"
+    parameters = list(inspect.signature(HFLM._loglikelihood_tokens).parameters)
+    assert parameters[:4] == ["self", "requests", "disable_tqdm", "override_bs"], \
+        f"HFLM._loglikelihood_tokens, which PackedLM overrides, changed its signature {UPGRADE}"
+
+
+def test_hflm_re_ties_weights_unless_skipped(tiny):
+    model, tokenizer = tiny
+    calls = []
+    model.tie_weights = lambda *a, **k: calls.append("tied")
+    try:
+        HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
+        assert calls, f"HFLM no longer calls tie_weights: tie_weights_skipped may go {UPGRADE}"
+        calls.clear()
+        with seams.tie_weights_skipped(model):
+            HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
+        assert calls == []
+    finally:
+        del model.tie_weights
+
+
+def test_loglikelihood_requests_are_rewritten_as_they_are_built():
+    manager = evaluate.task_manager((str(evaluate.evals_dir()),), defaults=False)
+    task = manager.load("numerals")["tasks"]["numerals"]
+    seams.rewrite_loglikelihood_requests(task, lambda context, target: (context + "|", target))
+    task.build_all_requests(limit=2, rank=0, world_size=1)
+    assert task.instances and all(i.arguments[0].endswith("|") for i in task.instances), \
+        f"Task.construct_requests no longer builds the requests {UPGRADE}"
+
+
+def test_accelerate_mixed_precision_keeps_the_plain_forward(tiny):
+    from accelerate import Accelerator
+
+    if not torch.cuda.is_available() and not seams.cpu_has_bf16():
+        pytest.skip("this CPU has no native bf16 for accelerate's mixed precision")
+    model, _ = models.load(models.resolve("tiny-random"))
+    prepared = Accelerator(mixed_precision="bf16", cpu=not torch.cuda.is_available()).prepare(model)
+    x = torch.arange(6, device=prepared.device)[None]
+    autocast = []
+    prepared.model.register_forward_hook(lambda *args: autocast.append(torch.is_autocast_enabled(prepared.device.type)))
+    prepared(x)
+    assert autocast == [True], "accelerate's bf16 mixed precision did not autocast the forward pass"
+    assert "_original_forward" in vars(prepared), f"accelerate no longer keeps _original_forward {UPGRADE}"
+    with seams.plain_forward(prepared):
+        prepared(x)
+    assert autocast == [True, False]  # the model's own forward: no autocast
+    prepared(x)
+    assert autocast[-1] is True  # the training forward is back
+
+
+def test_four_dimensional_masks_pass_through_as_given(tiny):
+    model, _ = tiny
+    ids = torch.arange(5, device=model.device)[None]
+    allowed = torch.ones(5, 5, dtype=torch.bool, device=model.device).tril()
+    allowed[3:, :3] = False  # the last two tokens form a block of their own
+    for implementation in ("sdpa", "eager"):
+        model.config._attn_implementation = implementation
+        masked = model(ids, attention_mask=seams.attention_mask(model, allowed[None, None])).logits[0, 4]
+        positions = torch.arange(5, device=model.device)[None]
+        alone = model(ids[:, 3:], position_ids=positions[:, 3:]).logits[0, 1]  # the block alone, at its positions
+        assert torch.allclose(masked, alone, atol=1e-5), f"transformers changed how it takes a 4D mask {UPGRADE}"
+    model.config._attn_implementation = "sdpa"
+
+
+def test_the_cpu_bf16_check_answers():
+    assert isinstance(seams.cpu_has_bf16(), bool)
+
+
+def test_the_static_cache_advances_one_position_per_token_fed(tiny):
+    model, _ = tiny
+    cache = seams.static_cache(model, 12)
+    ids = torch.arange(4, device=model.device)[None]
+    model(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(4, device=model.device))
+    model(ids[:, :1], past_key_values=cache, use_cache=True, cache_position=torch.tensor([4], device=model.device))
+    assert cache.get_seq_length() == 5, f"StaticCache no longer fills one position per token {UPGRADE}"
