@@ -7,7 +7,6 @@ import pytest
 import torch
 from lm_eval.models.huggingface import HFLM
 
-from conftest import ROOT
 from forgetscope import evaluate, models, seams
 
 UPGRADE = f"(checked with {seams.CHECKED}); update forgetscope/seams.py"
