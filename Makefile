@@ -42,7 +42,7 @@ browser:
 		|| echo "forgetscope: could not install chromium; the browser test will be skipped"
 
 test: $(STAMP) browser
-	$(BIN)/pytest -ra
+	$(BIN)/pytest -ra --durations=15
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -ra -m "not slow"
