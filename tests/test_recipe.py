@@ -65,7 +65,7 @@ MALFORMED = [
     ({"replay": {"ratio": 1.5}}, "replay.ratio: must be between 0 and 1"),
     ({"replay": {"source": "data"}}, "replay.path: give the file"),
     ({"replay": {"lose": "kl"}}, "replay.lose: unknown key; did you mean 'loss'?"),
-    ({"method": "full", "lora": None, "replay": {"refresh_every": 10}}, "replay.refresh_every: needs method: lora"),
+    ({"replay": {"refresh_every": 0}}, "replay.refresh_every: a positive number of steps, with source: self"),
 ]
 
 

@@ -35,7 +35,7 @@ def test_buffer_is_cached_and_invalidated(tmp_path, replay_data, monkeypatch):
     first = replay.build_buffer(model, tokenizer, recipe, fp)
     assert len(calls) == 1 and len(first.examples) == 8 and first.topk_values.shape[-1] == 8
     again = replay.build_buffer(model, tokenizer, recipe, fp)  # same base, settings, seed: reused
-    assert len(calls) == 1 and again.texts == first.texts
+    assert len(calls) == 1 and again.examples == first.examples
     assert torch.equal(again.topk_indices, first.topk_indices)
     for change in ({"seed": 1}, {"temperature": 0.7}, {"samples": 6}):
         other = recipe_from_dict({**replay_data, "replay": {**replay_data["replay"], **change}})
@@ -88,8 +88,17 @@ def test_both_losses_train_and_the_ratio_is_respected(tmp_path, replay_data, met
     examples = fdata.tokenize(fdata.load_records(recipe.task, tmp_path), tokenizer, recipe.task, 48)
     trainer = train.make_trainer(model, tokenizer, examples, recipe, str(tmp_path / "t"), [], buffer)
     trainer.args.logging_steps = 4
-    trainer.train()
-    assert set(trainer.batch_sizes) == {(6, 2)}  # 25% of every batch of 8 is replay
+    rows = []  # (replay, all) examples of every training forward pass (not the reference's, under no_grad)
+    real_collate = replay.collate
+    replay.collate = lambda examples, *a: rows.append(len(examples)) or real_collate(examples, *a)
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kwargs: rows.append(kwargs["input_ids"].shape[0]) if torch.is_grad_enabled() else None, with_kwargs=True)
+    try:
+        trainer.train()
+    finally:
+        replay.collate = real_collate
+        hook.remove()
+    assert set(zip(rows[::2], rows[1::2])) == {(2, 8)}  # 25% of every batch of 8 is replay
     logs = [entry for entry in trainer.state.log_history if "new_loss" in entry]
     assert len(logs) == 3
     assert logs[-1]["new_loss"] < logs[0]["new_loss"]
@@ -139,7 +148,7 @@ def test_rehearsal_from_old_data(tmp_path, replay_data):
     recipe = load_recipe(tmp_path / "r.yaml")
     model, tokenizer = _base()
     buffer = replay.build_buffer(model, tokenizer, recipe, evaluate.fingerprint(model))
-    assert len(buffer.examples) == 6 and buffer.texts[0] == "old fact number 0."
+    assert len(buffer.examples) == 6 and tokenizer.decode(buffer.examples[0]["input_ids"]) == "old fact number 0.</s>"
     assert buffer.topk_values is None  # ntp needs no base log-probs
 
 
@@ -163,4 +172,5 @@ def test_lora_buffer_refreshes_from_the_adapter_disabled_base(tmp_path, replay_d
     trainer = train.make_trainer(model, tokenizer, examples, recipe, str(tmp_path / "t"), [], buffer)
     trainer.train()
     assert adapters_on == [False, False]  # refreshed at steps 2 and 4, both times from the base
-    assert trainer.buffer.texts != buffer.texts
+    assert trainer.buffer.examples != buffer.examples
+    assert [e["step"] for e in trainer.state.log_history if "replay_refresh" in e] == [0, 2, 4]
