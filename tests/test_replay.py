@@ -174,3 +174,84 @@ def test_lora_buffer_refreshes_from_the_adapter_disabled_base(tmp_path, replay_d
     assert adapters_on == [False, False]  # refreshed at steps 2 and 4, both times from the base
     assert trainer.buffer.examples != buffer.examples
     assert [e["step"] for e in trainer.state.log_history if "replay_refresh" in e] == [0, 2, 4]
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+
+
+def _scripted(model, answer_ids: list[int]):
+    """Make ``model`` write ``answer_ids`` whatever it is asked: each forward pass of a call to
+    ``sampling.generate`` (the prefill, then one per new token) pushes the next scripted token."""
+    calls = []
+
+    def push(module, args, output):
+        token = answer_ids[min(len(calls), len(answer_ids) - 1)]
+        calls.append(token)
+        output[..., token] += 1e4
+        return output
+
+    return model.lm_head.register_forward_hook(push), calls
+
+
+@pytest.mark.parametrize("completion", [" 321", "321"], ids=["space-led", "no-space"])
+@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
+def test_a_replayed_example_is_the_generation_token_for_token(tmp_path, replay_data, chat, completion):
+    """A model that answers exactly what training taught it is rehearsed exactly as it was trained:
+    the replay example's ids are the generation's ids, prompt masked, whatever the spacing."""
+    model, tokenizer = _base()
+    if chat:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    record = {"prompt": "rev 123 =", "completion": completion}
+    (tmp_path / "old.jsonl").write_text(json.dumps(record) + "\n")
+    recipe = recipe_from_dict({**replay_data, "replay": {"prompts": "file", "path": "old.jsonl", "samples": 4,
+                                                         "max_new_tokens": 12, "temperature": 0.1, "loss": "ntp"}},
+                              str(tmp_path / "r.yaml"))
+    taught = fdata.tokenize([record], tokenizer, recipe.task, 64)[0]  # what training shows the model
+    answer = [t for t, label in zip(taught["input_ids"], taught["labels"]) if label != replay.IGNORE]
+    hook, calls = _scripted(model, answer)
+    try:
+        rows = replay.sampling.generate(model, tokenizer, ["rev 123 ="], chat, 12, 0.1, 1.0, seed=0)
+        calls.clear()
+        buffer = replay.build_buffer(model, tokenizer, recipe, "scripted")
+    finally:
+        hook.remove()
+    assert rows[0]["prompt_ids"] + rows[0]["completion_ids"] == taught["input_ids"]
+    assert rows[0]["text"] == completion.strip()  # the decoded text lost the space; the ids did not
+    for example in buffer.examples:
+        assert example["input_ids"] == taught["input_ids"] and example["labels"] == taught["labels"]
+    if completion.startswith(" ") and not chat:  # the old way, text re-joined by training's delimiter, differs
+        rejoined = fdata.tokenize([{"prompt": record["prompt"], "completion": rows[0]["text"]}], tokenizer, recipe.task, 64)[0]
+        assert rejoined["input_ids"] != taught["input_ids"]
+
+
+def test_full_fine_tuning_refreshes_from_a_frozen_copy_and_a_resumed_run_redraws_the_same_buffer(tmp_path, replay_data, monkeypatch):
+    data = {**replay_data, "replay": {**replay_data["replay"], "refresh_every": 2, "loss": "kl", "ratio": 0.5},
+            "train": {**replay_data["train"], "steps": 5, "batch_size": 4, "lr": 3e-2}}
+    recipe = recipe_from_dict({**data, "runs_dir": str(tmp_path)})
+    model, tokenizer = _base()
+    base_fp = evaluate.fingerprint(model)
+    buffer = replay.build_buffer(model, tokenizer, recipe, base_fp)
+    assert buffer.topk_values is None  # the copy gives the exact KL: no stored top-k
+    sampled_from, draws = [], []
+    real = replay.sampling.generate
+
+    def spy(m, *args, **kwargs):
+        sampled_from.append((m is model, evaluate.fingerprint(m)))
+        draws.append(real(m, *args, **kwargs))
+        return draws[-1]
+
+    monkeypatch.setattr(replay.sampling, "generate", spy)
+    examples = fdata.tokenize(fdata.load_records(recipe.task, tmp_path), tokenizer, recipe.task, 48)
+    trainer = train.make_trainer(model, tokenizer, examples, recipe, str(tmp_path / "t"), [], buffer)
+    trainer.train()
+    assert evaluate.fingerprint(model) != base_fp  # the model trained ...
+    assert sampled_from == [(False, base_fp)] * 2  # ... but steps 2 and 4 sampled from the untouched copy
+    assert [e["step"] for e in trainer.state.log_history if "replay_refresh" in e] == [0, 2, 4]
+    assert trainer.buffer.examples == replay.as_examples(draws[-1], recipe.train.seq_len)
+
+    fresh, _ = _base()  # a run resumed at step 3 holds the buffer of step 2, drawn again
+    resumed = train.make_trainer(fresh, tokenizer, examples, recipe, str(tmp_path / "u"), [], buffer)
+    resumed.state.global_step = 3
+    resumed._maybe_refresh()
+    assert resumed.buffer.examples == replay.as_examples(draws[0], recipe.train.seq_len)
