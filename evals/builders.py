@@ -55,6 +55,10 @@ def prose(**_: object) -> dict[str, datasets.Dataset]:
     return _test(tasks.prose_passages())
 
 
+def prose_lines(**_: object) -> dict[str, datasets.Dataset]:
+    return _test(tasks.prose_lines("test"))
+
+
 def world_capitals(**_: object) -> dict[str, datasets.Dataset]:
     return _test(tasks.world_capitals())
 

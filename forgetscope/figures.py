@@ -230,18 +230,18 @@ def plot_replay(logs: dict[str, pd.DataFrame]) -> Figure:
 
 
 def plot_sweep(table: pd.DataFrame, target: float | None = None, title: str = "") -> Figure:
-    """A sweep (:mod:`forgetscope.sweep`): forgetting of what the model knew at the end, and with a
-    ``target`` the forgetting at matched learning and the steps to the target, against the swept
-    value (or, when the values are not numbers, such as model references, the parameter count),
+    """A sweep (:mod:`forgetscope.sweep`): forgetting of what the model knew and the new task's
+    score at the end, and with a ``target`` the forgetting at matched learning and the steps to the
+    target, against the swept value (or, when the values are not numbers, such as model references, the parameter count),
     one line per recipe; a recipe run at one value is a single point beside the others."""
     numeric = bool(pd.to_numeric(table["value"], errors="coerce").notna().all())
     x = pd.to_numeric(table["value"]) if numeric else table["params"]
     table = table.assign(x=x.astype(float))
-    panels = [("forgetting", "forgetting of the earlier tasks at the end")]
+    panels = [("forgetting", "forgetting of the earlier tasks at the end"), ("new_final", "new task at the end (learning)")]
     if target is not None:
         panels += [("forgetting_at_target", f"forgetting when the new task reaches {target:g}"),
                    ("steps_to_target", f"steps until the new task reaches {target:g}")]
-    fig, axes = _panels(len(panels), 3, (4.6, 3.6))
+    fig, axes = _panels(len(panels), 2, (5.0, 3.6))
     colors = _run_colors(table["recipe"])
     for ax, (column, label) in zip(axes, panels):
         for recipe, line in table.groupby("recipe", sort=False):
@@ -249,8 +249,12 @@ def plot_sweep(table: pd.DataFrame, target: float | None = None, title: str = ""
             ax.plot(line["x"], line[column], marker="o", color=colors[recipe], label=recipe)
         if table["x"].max() >= 10 * table["x"].min() > 0:
             ax.set_xscale("log")
+        ticks = sorted(table["x"].unique())
+        ax.set_xticks(ticks, [f"{v:g}" if numeric else f"{v / 1000:.0f}k" for v in ticks], fontsize=8)
+        ax.minorticks_off()
         ax.set_xlabel(str(table["key"].iloc[0]) if numeric else "parameters (model width)")
-        ax.set_ylabel(label if column == "steps_to_target" else f"{label}\n(mean drop of R[j][j])", fontsize=8)
+        ax.set_ylabel({"forgetting": "drop from R[j][j] (up = worse)", "forgetting_at_target": "drop from R[j][j] (up = worse)",
+                       "new_final": "score", "steps_to_target": "steps into the fine-tune"}[column], fontsize=8)
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)

@@ -12,7 +12,8 @@ Each recipe is a sequence of stages; each run is measured on its last stage (the
 the stages before it (what the model knew), from its accuracy matrix and curves:
 
 * ``forgetting``: mean over the earlier tasks ``j`` of ``R[j][j] - R[T][j]``, what each had when
-  it was learned minus what is left at the end;
+  it was learned minus what is left at the end (sign-flipped where lower is better, such as bits
+  per byte: positive is always worse);
 * ``steps_to_target``: steps into the last stage until its task first reaches ``target``
   (linear interpolation between snapshots, :func:`forgetscope.metrics.crossing`);
 * ``forgetting_at_target``: the same mean drop of the earlier tasks at that step (forgetting at
@@ -55,9 +56,11 @@ def measure(root: Path, target: float | None) -> dict:
 
     last, earlier = stages[-1], stages[:-1]
     learned = [float(series(s).set_index("step")["value"][s["end"]]) for s in earlier]
+    signs = [1.0 if bool(series(s)["higher_is_better"].iloc[0]) else -1.0 for s in earlier]  # drops: positive = worse
 
     def drop_at(step: float) -> float:
-        return float(np.mean([have - np.interp(step, series(s)["step"], series(s)["value"]) for s, have in zip(earlier, learned)]))
+        return float(np.mean([sign * (have - np.interp(step, series(s)["step"], series(s)["value"]))
+                              for s, have, sign in zip(earlier, learned, signs)]))
 
     new = series(last)
     new = new[(new["step"] >= last["start"]) & (new["step"] <= last["end"])]

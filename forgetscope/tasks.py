@@ -106,10 +106,36 @@ def digits(op: str, split: str, seed: int = 0) -> list[dict[str, str]]:
     return [{"id": f"{op}-{s}", "prompt": f"{word} {s} =", "completion": f" {fn(s)}"} for s in chosen]
 
 
+_PROSE_HELDOUT = 200  # passages left to prose_ppl (it scores the first `limit` of them)
+
+
+def prose_lines(split: str, seed: int = 0, width: int = 64) -> list[dict[str, str]]:
+    """English prose in lines of at most ``width`` characters (cut at spaces), for language
+    modelling on small models from scratch (``text`` records: loss on every token). Lines of the
+    first 200 passages of :func:`prose_passages` are held out (``split="test"``; prose_ppl
+    scores those passages too, never trained on here); the others train, shuffled by ``seed``."""
+    passages = prose_passages()
+    chosen = passages[:_PROSE_HELDOUT] if split == "test" else passages[_PROSE_HELDOUT:]
+    lines = []
+    for passage in chosen:
+        line = ""
+        for word in passage["text"].split():
+            if line and len(line) + 1 + len(word) > width:
+                lines.append(line)
+                line = ""
+            line = f"{line} {word}".strip()[:width]
+        lines.append(line)
+    records = [{"id": f"prose-line-{split}-{i:05d}", "text": text} for i, text in enumerate(lines)]
+    if split == "train":
+        random.Random(seed).shuffle(records)
+    return records
+
+
 EMBEDDED_TASKS: dict[str, Callable[..., list[dict[str, str]]]] = {
     "numerals": numerals,
     **{op: functools.partial(symbolic, op) for op in SYMBOLIC_OPS},
     **{op: functools.partial(digits, op) for op in DIGIT_OPS},
+    "prose_lines": prose_lines,
 }
 
 
@@ -118,6 +144,8 @@ def describe(name: str) -> str:
     if name in SYMBOLIC_OPS:
         code, fn = SYMBOLIC_OPS[name]
         return f"Symbolic, for sequences on small models: `{code} dbch =` -> `{fn('dbch')}` (4 letters a-h)."
+    if name == "prose_lines":
+        return "English prose in lines of at most 64 characters (text: loss on every token), to pretrain small models."
     if name in DIGIT_OPS:
         word, fn = DIGIT_OPS[name]
         return f"Digits, for sequences on small models: `{word} 493 =` -> `{' ' + fn('493')}` (completion led by a space)."

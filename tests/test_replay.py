@@ -255,3 +255,18 @@ def test_full_fine_tuning_refreshes_from_a_frozen_copy_and_a_resumed_run_redraws
     resumed.state.global_step = 3
     resumed._maybe_refresh()
     assert resumed.buffer.examples == replay.as_examples(draws[0], recipe.train.seq_len)
+
+
+def test_the_report_shows_the_replay_loss_beside_the_new_task_loss_and_the_buffer_draws(tmp_path, fake_run):
+    layout = fake_run(tmp_path / "runs" / "rep", {0: {"i0": 1.0}, 5: {"i0": 1.0}, 10: {"i0": 0.0}})
+    log = [{"replay_refresh": 8, "step": 0}, {"loss": 2.0, "new_loss": 1.5, "replay_loss": 0.5, "step": 4},
+           {"replay_refresh": 8, "step": 5}, {"loss": 0.4, "new_loss": 0.3, "replay_loss": 0.01, "step": 8}]
+    layout.update_manifest(replay={"loss": "ntp", "refresh_every": 5}, train_log=log)
+    fake_run(tmp_path / "runs" / "plain", {0: {"i0": 1.0}, 10: {"i0": 0.0}})
+    from forgetscope import cli
+
+    assert cli.main(["report", str(tmp_path / "runs"), "-o", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| rep | 1.5 → 0.3 | 0.5 → 0.01 | 0, 5 |" in md and "![replay](replay.png)" in md
+    assert "| plain |" not in md.split("## Replay")[1].split("##")[0]  # no replay, no row
+    assert (tmp_path / "out" / "replay.png").stat().st_size > 10_000
