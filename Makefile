@@ -40,7 +40,7 @@ capacity: $(STAMP)
 		--title "Capacity: the same fine-tune with self-generated replay on models of several widths"
 
 lr-tradeoff: $(STAMP)
-	$(BIN)/forgetscope sweep recipes/lr_tradeoff.yaml --key train.lr --values 1e-4 3e-4 1e-3 3e-3 -o runs/lr_tradeoff --target 0.9
+	$(BIN)/forgetscope sweep recipes/lr_tradeoff.yaml --key train.lr --values 3e-4 1e-3 3e-3 -o runs/lr_tradeoff --target 0.9
 	$(BIN)/forgetscope sweep recipes/lr_tradeoff_replay.yaml --key train.lr --values 3e-3 -o runs/lr_tradeoff --target 0.9 \
 		--title "The learning-rate trade-off, and replay at the high rate"
 

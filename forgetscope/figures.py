@@ -253,8 +253,9 @@ def plot_sweep(table: pd.DataFrame, target: float | None = None, title: str = ""
         ax.set_xticks(ticks, [f"{v:g}" if numeric else f"{v / 1000:.0f}k" for v in ticks], fontsize=8)
         ax.minorticks_off()
         ax.set_xlabel(str(table["key"].iloc[0]) if numeric else "parameters (model width)")
-        ax.set_ylabel({"forgetting": "drop from R[j][j] (up = worse)", "forgetting_at_target": "drop from R[j][j] (up = worse)",
-                       "new_final": "score", "steps_to_target": "steps into the fine-tune"}[column], fontsize=8)
+        drop = f"{table['metric'].iloc[0]}: drop from R[j][j] (up = worse)"
+        ax.set_ylabel({"forgetting": drop, "forgetting_at_target": drop, "new_final": "score",
+                       "steps_to_target": "steps into the fine-tune"}[column], fontsize=8)
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)

@@ -315,10 +315,18 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` merged in, key by key; a list is entered by index (``stages.1.lr``)."""
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
+        elif isinstance(value, dict) and isinstance(out.get(key), list) and all(k.isdigit() for k in value):
+            items = list(out[key])
+            for index, item in value.items():
+                if int(index) >= len(items):
+                    raise RecipeError([f"--set {key}.{index}: there is no item {index} (items 0..{len(items) - 1})"], "overrides")
+                items[int(index)] = _merge(items[int(index)], item) if isinstance(item, dict) and isinstance(items[int(index)], dict) else item
+            out[key] = items
         else:
             out[key] = value
     return out

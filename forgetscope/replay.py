@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from forgetscope import data, sampling
+from forgetscope import data, evaluate, sampling
 from forgetscope.errors import UserError
 from forgetscope.models import cache_dir
 from forgetscope.recipe import Recipe, ReplayConfig, TaskConfig
@@ -140,8 +140,9 @@ def sample_examples(model, tokenizer, recipe: Recipe, task_prompts: list[str] | 
     chat = mode != "bos" and (data.uses_chat_template(recipe.task, tokenizer) if mode == "tasks"
                               else bool(getattr(tokenizer, "chat_template", None)))
     desc = "answering the earlier stages' prompts" if mode == "tasks" else "sampling replay from the reference"
-    rows = sampling.generate(model, tokenizer, draw_prompts(recipe, tokenizer, task_prompts, draw), chat,
-                             config.max_new_tokens, config.temperature, config.top_p, config.seed + draw, desc=desc)
+    with evaluate.scoring_precision(model, "fp32"):  # a model trained before (a later stage) samples outside its autocast
+        rows = sampling.generate(model, tokenizer, draw_prompts(recipe, tokenizer, task_prompts, draw), chat,
+                                 config.max_new_tokens, config.temperature, config.top_p, config.seed + draw, desc=desc)
     return as_examples(rows, recipe.train.seq_len)
 
 

@@ -65,7 +65,8 @@ def measure(root: Path, target: float | None) -> dict:
     new = series(last)
     new = new[(new["step"] >= last["start"]) & (new["step"] <= last["end"])]
     at = metrics.crossing(new["step"].to_numpy(float), new["value"].to_numpy(float), target) if target is not None else None
-    return {"run": root.name, "params": _parameters(manifest["base_path"]), "new_final": float(new["value"].iloc[-1]),
+    metric = "/".join(dict.fromkeys(series(s)["metric"].iloc[0] for s in earlier))
+    return {"run": root.name, "params": _parameters(manifest["base_path"]), "metric": metric, "new_final": float(new["value"].iloc[-1]),
             "learned": float(np.mean(learned)), "forgetting": drop_at(last["end"]),
             "steps_to_target": at - last["start"] if at is not None else math.nan,
             "forgetting_at_target": drop_at(at) if at is not None else math.nan}

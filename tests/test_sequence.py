@@ -152,3 +152,16 @@ def test_replay_keeps_an_earlier_task_that_plain_training_loses_on_space_led_dat
     assert plain.loc["after digits_rotate", "digits_rotate"] >= 0.9 and kept.loc["after digits_rotate", "digits_rotate"] >= 0.9
     assert plain.loc["after digits_inc", "digits_rotate"] <= 0.2  # forgotten without replay
     assert kept.loc["after digits_inc", "digits_rotate"] >= 0.9 and kept.loc["after digits_inc", "digits_inc"] >= 0.9
+
+
+def test_a_stage_after_bf16_training_samples_its_replay_buffer(tmp_path):
+    """Training under bf16 autocast leaves accelerate's autocast wrapper on the model's forward; the
+    next stage's replay samples (and refreshes) must still decode into the sampler's fp32 cache."""
+    data = _stages_recipe(runs_dir=str(tmp_path), stages=_stages_recipe()["stages"][:2])
+    data["train"] = {**data["train"], "precision": "bf16"}
+    data["replay"] = {**data["replay"], "refresh_every": 2}
+    path = tmp_path / "bf16.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert cli.main(["run", str(path)]) == 0
+    log = json.loads((tmp_path / "seq" / "manifest.json").read_text())["train_log"]
+    assert [e["step"] for e in log if "replay_refresh" in e] == [3, 5]  # stage 2 starts at step 3; a refresh 2 steps in
