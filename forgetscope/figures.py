@@ -253,7 +253,7 @@ def plot_sweep(table: pd.DataFrame, target: float | None = None, title: str = ""
         ax.set_xticks(ticks, [f"{v:g}" if numeric else f"{v / 1000:.0f}k" for v in ticks], fontsize=8)
         ax.minorticks_off()
         ax.set_xlabel(str(table["key"].iloc[0]) if numeric else "parameters (model width)")
-        drop = f"{table['metric'].iloc[0]}: drop from R[j][j] (up = worse)"
+        drop = f"{table['metric'].iloc[0]} forgotten since R[j][j]\n(up = worse)"
         ax.set_ylabel({"forgetting": drop, "forgetting_at_target": drop, "new_final": "score",
                        "steps_to_target": "steps into the fine-tune"}[column], fontsize=8)
         ax.set_title(label, fontsize=9)

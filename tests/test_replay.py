@@ -270,3 +270,16 @@ def test_the_report_shows_the_replay_loss_beside_the_new_task_loss_and_the_buffe
     assert "| rep | 1.5 → 0.3 | 0.5 → 0.01 | 0, 5 |" in md and "![replay](replay.png)" in md
     assert "| plain |" not in md.split("## Replay")[1].split("##")[0]  # no replay, no row
     assert (tmp_path / "out" / "replay.png").stat().st_size > 10_000
+
+
+def test_successive_draws_walk_the_prompt_pool(replay_data):
+    recipe = recipe_from_dict({**replay_data, "replay": {**replay_data["replay"], "samples": 3}})
+    _, tokenizer = _base()
+    pool = ["p0", "p1", "p2", "p3", "p4"]
+    recipe.replay.prompts = "tasks"
+    assert [replay.draw_prompts(recipe, tokenizer, pool, draw) for draw in range(3)] == [
+        ["p0", "p1", "p2"], ["p3", "p4", "p0"], ["p1", "p2", "p3"]]
+    recipe.replay.prompts = "chat"  # generic requests, seeded by the draw
+    assert replay.draw_prompts(recipe, tokenizer, None, 0) != replay.draw_prompts(recipe, tokenizer, None, 1)
+    recipe.replay.prompts = "bos"
+    assert replay.draw_prompts(recipe, tokenizer, None, 4) == ["", "", ""]
