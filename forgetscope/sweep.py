@@ -64,7 +64,8 @@ def measure(root: Path, target: float | None) -> dict:
 
     new = series(last)
     new = new[(new["step"] >= last["start"]) & (new["step"] <= last["end"])]
-    at = metrics.crossing(new["step"].to_numpy(float), new["value"].to_numpy(float), target) if target is not None else None
+    sign = 1.0 if bool(new["higher_is_better"].iloc[0]) else -1.0  # cross "at least target" for scores, "at most" for losses
+    at = metrics.crossing(new["step"].to_numpy(float), sign * new["value"].to_numpy(float), sign * target) if target is not None else None
     metric = "/".join(dict.fromkeys(series(s)["metric"].iloc[0] for s in earlier))
     return {"run": root.name, "params": _parameters(manifest["base_path"]), "metric": metric, "new_final": float(new["value"].iloc[-1]),
             "learned": float(np.mean(learned)), "forgetting": drop_at(last["end"]),
@@ -97,6 +98,8 @@ def run_sweep(recipes: list[str], key: str, values: list[str], out_dir: str | Pa
     for path in recipes:
         for value in values:
             recipe = load_recipe(path, [*(overrides or []), f"{key}={value}"])
+            if not recipe.stages:
+                raise UserError(f"{path}: a sweep runs recipes of stages (what the model knows, then the fine-tune); add `stages`")
             slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(value)).strip("_.")
             planned.append((Path(path).stem, value, dataclasses.replace(recipe, name=f"{recipe.name}-{slug}")))
     rows = []

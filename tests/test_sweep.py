@@ -29,7 +29,7 @@ def fake_sequence(root, curve=CURVE, base="tiny-random"):
 
 def test_measure_by_hand(tmp_path):
     m = sweep.measure(fake_sequence(tmp_path / "r"), target=0.8)
-    assert m["learned"] == pytest.approx(0.9)  # R[1][a]
+    assert m["learned"] == pytest.approx(0.9) and m["metric"] == "acc"  # R[1][a]
     assert m["forgetting"] == pytest.approx(0.9 - 0.3)
     assert m["steps_to_target"] == pytest.approx(15 + (0.8 - 0.6) / (1.0 - 0.6) * 5 - 10)  # 7.5 steps into stage 2
     assert m["forgetting_at_target"] == pytest.approx(0.9 - (0.5 + 0.5 * (0.3 - 0.5)))  # a at step 17.5: 0.4
@@ -59,3 +59,6 @@ def test_a_sweep_runs_every_value_and_accumulates_in_its_folder(tmp_path, monkey
     assert (out / "sweep.png").stat().st_size > 10_000
     assert cli.main(["sweep", recipes[0], "--key", "train.lr", "--values", "-1", "-o", str(out)]) == 2  # validated first
     assert "train.lr: must be positive" in capsys.readouterr().err and len(ran) == 5
+    tiny = str(Path(__file__).parent.parent / "recipes" / "tiny.yaml")
+    assert cli.main(["sweep", recipes[0], tiny, "--key", "train.lr", "--values", "1e-3", "-o", str(out)]) == 2
+    assert "a sweep runs recipes of stages" in capsys.readouterr().err and len(ran) == 5  # nothing ran
