@@ -21,8 +21,9 @@ produced it, and exactly as training and evaluation show that task.
 
 **Fresh samples** (``refresh_every: N``): every N steps the buffer is sampled anew from the
 reference, from the next prompts of the pool, as Marek et al. 2026 regenerate their replay
-samples every 16 batches. A buffer repeated for thousands of steps is memorised (its loss falls to
-~1e-4) rather than rehearsed. Where the reference comes from, and what it costs:
+samples every 16 batches, so that the stage rehearses the reference's distribution rather than
+one fixed set of samples repeated hundreds of times. Where the reference comes from, and what it
+costs:
 
 * LoRA: the reference *is* the model with its adapters disabled: no extra memory; ``kl`` costs
   one extra no-grad forward of the replay part per step and is exact.
