@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install browser demo sequence test test-fast tiny bench clean
+.PHONY: install browser demo sequence sequence-paper capacity lr-tradeoff test test-fast tiny bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,10 +28,33 @@ demo: $(STAMP)
 	$(BIN)/forgetscope compare recipes/full_ft.yaml recipes/lora.yaml recipes/low_lr.yaml recipes/self_replay.yaml \
 		-o runs/report --target 0.9 --title "Four recipes on SmolLM2-135M-Instruct, new task: numerals"
 
-# Three new tasks in a row on a small model from scratch, without and with self-generated replay.
+# The small models from scratch below run on one thread: more buy little at this size, and on a shared CPU they
+# stall every step (measured here with another process busy: 0.09 s a step on one thread, 0.5 s on two).
+ONE_THREAD := OMP_NUM_THREADS=1
+
+# Three digit tasks in a row (lm-eval's convention: ` 321`) on a small model from scratch, without and with self-generated replay.
 sequence: $(STAMP)
-	$(BIN)/forgetscope compare recipes/sequence.yaml recipes/sequence_replay.yaml -o runs/sequence_report \
-		--title "Three symbolic tasks in a row, from scratch: without and with self-generated replay"
+	$(ONE_THREAD) $(BIN)/forgetscope compare recipes/sequence.yaml recipes/sequence_replay.yaml -o runs/sequence_report \
+		--title "Three digit tasks in a row, from scratch: without and with self-generated replay"
+
+# The same at the scale of Marek et al. 2026 (four tasks, batch 512, 2000 steps a stage, 1024 replay samples): for a GPU.
+sequence-paper: $(STAMP)
+	$(BIN)/forgetscope run recipes/sequence_paper.yaml --set replay=null --set name=sequence_paper_plain
+	$(BIN)/forgetscope run recipes/sequence_paper.yaml
+	$(BIN)/forgetscope report runs/sequence_paper_plain runs/sequence_paper -o runs/sequence_paper_report \
+		--title "Four digit tasks in a row at the paper's scale: without and with self-generated replay"
+
+# Marek et al. 2026's other two findings, on small models from scratch (figures: runs/capacity/sweep.png, runs/lr_tradeoff/sweep.png).
+CAPACITY_WIDTHS ?= 16 32 64
+capacity: $(STAMP)
+	$(ONE_THREAD) $(BIN)/forgetscope sweep recipes/capacity.yaml recipes/capacity_replay.yaml --key base -o runs/capacity --target 0.9 \
+		--values $(foreach h,$(CAPACITY_WIDTHS),scratch:layers=2,hidden=$(h),heads=4,seed=0) \
+		--title "Capacity: the same fine-tune on models of several widths, without and with self-generated replay"
+
+lr-tradeoff: $(STAMP)
+	$(ONE_THREAD) $(BIN)/forgetscope sweep recipes/lr_tradeoff.yaml --key train.lr --values 3e-4 1e-3 3e-3 -o runs/lr_tradeoff --target 0.9
+	$(ONE_THREAD) $(BIN)/forgetscope sweep recipes/lr_tradeoff_replay.yaml --key train.lr --values 3e-3 -o runs/lr_tradeoff --target 0.9 \
+		--title "The learning-rate trade-off, and replay at the high rate"
 
 tiny: $(STAMP)
 	$(BIN)/forgetscope run recipes/tiny.yaml

@@ -35,8 +35,28 @@ def sym_rotate(**_: object) -> dict[str, datasets.Dataset]:
     return _test(tasks.symbolic("sym_rotate", "test"))
 
 
+def digits_reverse(**_: object) -> dict[str, datasets.Dataset]:
+    return _test(tasks.digits("digits_reverse", "test"))
+
+
+def digits_inc(**_: object) -> dict[str, datasets.Dataset]:
+    return _test(tasks.digits("digits_inc", "test"))
+
+
+def digits_rotate(**_: object) -> dict[str, datasets.Dataset]:
+    return _test(tasks.digits("digits_rotate", "test"))
+
+
+def digits_sort(**_: object) -> dict[str, datasets.Dataset]:
+    return _test(tasks.digits("digits_sort", "test"))
+
+
 def prose(**_: object) -> dict[str, datasets.Dataset]:
     return _test(tasks.prose_passages())
+
+
+def prose_lines(**_: object) -> dict[str, datasets.Dataset]:
+    return _test(tasks.prose_lines("test"))
 
 
 def world_capitals(**_: object) -> dict[str, datasets.Dataset]:

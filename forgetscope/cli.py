@@ -78,6 +78,12 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     _write_report(roots, args)
 
 
+def _cmd_sweep(args: argparse.Namespace) -> None:
+    from forgetscope.sweep import run_sweep
+
+    run_sweep(args.recipes, args.key, args.values, args.out, args.set, args.target, args.title)
+
+
 def _cmd_gate(args: argparse.Namespace) -> int:
     from forgetscope import gate
 
@@ -179,6 +185,19 @@ def build_parser() -> argparse.ArgumentParser:
     compare_cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field in every recipe (repeatable)")
     report_options(compare_cmd)
     compare_cmd.set_defaults(func=_cmd_compare)
+    sweep_cmd = sub.add_parser("sweep", help="run recipes of stages at several values of one field; plot forgetting against it",
+                               description="Run each recipe (a sequence: what the model knew, then the fine-tune) at every "
+                                           "value of one field, measure the forgetting of the earlier stages (at the end, and "
+                                           "at matched learning with --target) and the steps to the target, and write "
+                                           "sweep.csv and sweep.png (with the rows of earlier sweeps into the same folder).")
+    sweep_cmd.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe YAML files with stages")
+    sweep_cmd.add_argument("--key", required=True, help="the field to sweep, as for --set: train.lr, base, ...")
+    sweep_cmd.add_argument("--values", required=True, nargs="+", metavar="VALUE", help="its values (parsed as YAML)")
+    sweep_cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field in every run (repeatable)")
+    sweep_cmd.add_argument("-o", "--out", required=True, metavar="DIR", help="folder for sweep.csv and sweep.png")
+    sweep_cmd.add_argument("--target", type=float, metavar="SCORE", help="new-task score for steps to target and matched learning")
+    sweep_cmd.add_argument("--title", default="", help="the figure's title")
+    sweep_cmd.set_defaults(func=_cmd_sweep)
     gate_cmd = sub.add_parser("gate", help="check a run against a release policy: exit 0 pass, 1 fail, 2 unusable input",
                               description="Check a finished run against a release policy (allowed drops per probe, minimum "
                                           "new-task scores). Prints a verdict table, writes gate.json and gate.md, and exits "

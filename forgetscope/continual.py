@@ -39,10 +39,12 @@ def accuracy_matrix(table: pd.DataFrame, stages: list[dict]) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
-def sequence_metrics(matrix: np.ndarray, higher_is_better: bool = True) -> dict:
+def sequence_metrics(matrix: np.ndarray, higher_is_better: bool | list[bool] = True) -> dict:
     """ACC, BWT, FWT, per-task and mean forgetting, and learning accuracy of ``matrix`` (shape
-    ``(T + 1, T)``: the base row, then one row per stage; see the module documentation)."""
-    r = np.asarray(matrix, float) * (1.0 if higher_is_better else -1.0)
+    ``(T + 1, T)``: the base row, then one row per stage; see the module documentation).
+    ``higher_is_better``: for all columns, or one per column (a stage of text scored in bits per
+    byte beside stages scored in accuracy)."""
+    r = np.asarray(matrix, float) * np.where(np.broadcast_to(higher_is_better, np.shape(matrix)[1:]), 1.0, -1.0)
     t = r.shape[1]
     if r.shape[0] != t + 1 or t < 2:
         raise ValueError(f"expected a (T + 1) x T matrix with T >= 2, got {r.shape}")

@@ -202,3 +202,65 @@ def plot_sequence(table: pd.DataFrame, stages: list[dict], matrix: pd.DataFrame,
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def plot_replay(logs: dict[str, pd.DataFrame]) -> Figure:
+    """Replay runs, one panel each: the new-task loss and the replay loss against step (log scale:
+    a memorised buffer shows as a replay loss falling towards 0), with a tick on the x axis at
+    every step where the replay buffer was drawn (before training, at each stage, at each refresh).
+
+    ``logs``: per run, its training log with columns step, new_loss, replay_loss and, on the rows
+    of buffer draws, replay_refresh (the number of samples drawn)."""
+    fig, axes = _panels(len(logs), 2, (5.6, 3.4))
+    for ax, (run, log) in zip(axes, logs.items()):
+        losses = log.dropna(subset=["new_loss"]).sort_values("step")
+        ax.plot(losses["step"], losses["new_loss"], marker=".", color="tab:blue", label="new-task loss")
+        ax.plot(losses["step"], losses["replay_loss"], marker=".", color="tab:orange", label="replay loss")
+        ax.set_yscale("log")
+        draws = log["step"][log["replay_refresh"].notna()] if "replay_refresh" in log else pd.Series(dtype=float)
+        ax.plot(draws, [0.0] * len(draws), "|", color="black", markersize=12, clip_on=False,
+                transform=ax.get_xaxis_transform(), label=f"buffer drawn ({len(draws)}x)")
+        ax.set_title(run)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("loss (log scale)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    fig.suptitle("Replay: new-task and replay losses\n(ticks: where the buffer was drawn)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_sweep(table: pd.DataFrame, target: float | None = None, title: str = "") -> Figure:
+    """A sweep (:mod:`forgetscope.sweep`): forgetting of what the model knew and the new task's
+    score at the end, and with a ``target`` the forgetting at matched learning and the steps to the
+    target, against the swept value (or, when the values are not numbers, such as model references, the parameter count),
+    one line per recipe; a recipe run at one value is a single point beside the others."""
+    numeric = bool(pd.to_numeric(table["value"], errors="coerce").notna().all())
+    x = pd.to_numeric(table["value"]) if numeric else table["params"]
+    table = table.assign(x=x.astype(float))
+    panels = [("forgetting", "forgetting of the earlier tasks at the end"), ("new_final", "new task at the end (learning)")]
+    if target is not None:
+        panels += [("forgetting_at_target", f"forgetting when the new task reaches {target:g}"),
+                   ("steps_to_target", f"steps until the new task reaches {target:g}")]
+    fig, axes = _panels(len(panels), 2, (5.0, 3.6))
+    colors = _run_colors(table["recipe"])
+    for ax, (column, label) in zip(axes, panels):
+        for recipe, line in table.groupby("recipe", sort=False):
+            line = line.sort_values("x")
+            ax.plot(line["x"], line[column], marker="o", color=colors[recipe], label=recipe)
+        if table["x"].max() >= 10 * table["x"].min() > 0:
+            ax.set_xscale("log")
+        ticks = sorted(table["x"].unique())
+        ax.set_xticks(ticks, [f"{v:g}" if numeric else f"{v / 1000:.0f}k" for v in ticks], fontsize=8)
+        ax.minorticks_off()
+        ax.set_xlabel(str(table["key"].iloc[0]) if numeric else "parameters (model width)")
+        drop = f"{table['metric'].iloc[0]} forgotten since R[j][j]\n(up = worse)"
+        ax.set_ylabel({"forgetting": drop, "forgetting_at_target": drop, "new_final": "score",
+                       "steps_to_target": "steps into the fine-tune"}[column], fontsize=8)
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -114,8 +114,10 @@ class ReplayConfig:
     topk: int = option(64, "`loss: kl` with full fine-tuning: how many of the base's log-probs per token to keep.")
     refresh_every: int | None = option(
         None,
-        "Resample the buffer from the base every N steps (LoRA only: full fine-tuning keeps no base copy). "
-        "null: keep the buffer drawn before training.",
+        "Draw the buffer anew from the reference (the base, or in a sequence the model before the stage) every N "
+        "steps, from the next prompts, so samples are rehearsed rather than memorised (Marek et al. 2026: every 16 "
+        "batches). LoRA samples from the adapter-disabled model; full fine-tuning keeps a frozen copy of the model "
+        "(one more copy of the weights in memory). null: keep the buffer drawn before training.",
     )
     seed: int = option(0, "Seed for sampling the buffer and drawing replay batches.")
 
@@ -320,10 +322,18 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` merged in, key by key; a list is entered by index (``stages.1.lr``)."""
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
+        elif isinstance(value, dict) and isinstance(out.get(key), list) and all(k.isdigit() for k in value):
+            items = list(out[key])
+            for index, item in value.items():
+                if int(index) >= len(items):
+                    raise RecipeError([f"--set {key}.{index}: there is no item {index} (items 0..{len(items) - 1})"], "overrides")
+                items[int(index)] = _merge(items[int(index)], item) if isinstance(item, dict) and isinstance(items[int(index)], dict) else item
+            out[key] = items
         else:
             out[key] = value
     return out
@@ -418,8 +428,9 @@ def _check_stages(recipe: Recipe, data: dict[str, Any]) -> list[str]:
     if recipe.replay and recipe.replay.loss == "kl" and recipe.method == "lora":
         problems.append("replay.loss: kl with method: lora compares with the base, not with the model before each "
                         "stage; use loss: ntp or method: full for sequences")
-    if recipe.replay and recipe.replay.refresh_every is not None:
-        problems.append("replay.refresh_every: not used with stages (each stage samples its own buffer)")
+    if recipe.replay and recipe.replay.refresh_every is not None and recipe.method == "lora":
+        problems.append("replay.refresh_every: with method: lora the adapter-disabled model is the base, not the model "
+                        "before each stage; use method: full for sequences")
     recipe.evals.new = new
     return problems
 
@@ -545,12 +556,8 @@ def _check_replay(recipe: Recipe) -> list[str]:
         problems.append("replay.path: only used with source: data or prompts: file")
     if r.path and not (recipe.base_dir / r.path).is_file():
         problems.append(f"replay.path: no such file {str(recipe.base_dir / r.path)!r}")
-    if r.refresh_every is not None:
-        if recipe.method != "lora":
-            problems.append("replay.refresh_every: needs method: lora (full fine-tuning keeps no copy of the base to "
-                            "sample from); raise replay.samples instead")
-        elif r.source != "self" or r.refresh_every <= 0:
-            problems.append("replay.refresh_every: a positive number of steps, with source: self")
+    if r.refresh_every is not None and (r.source != "self" or r.refresh_every <= 0):
+        problems.append("replay.refresh_every: a positive number of steps, with source: self")
     t = recipe.train
     if t.batch_size > 0 and 0 < r.ratio < 1 and round(t.batch_size * r.ratio) in (0, t.batch_size):
         problems.append(f"replay.ratio: {r.ratio} of train.batch_size={t.batch_size} leaves no room for "

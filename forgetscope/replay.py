@@ -1,30 +1,56 @@
-"""Replay during fine-tuning: self-generated samples of the frozen base, or old data.
+"""Replay during fine-tuning: self-generated samples of a frozen reference model, or old data.
 
-Before training, the buffer is filled: sequences sampled from the base itself (``source: self``:
-no access to the original training data needed), or examples from a file (``source: data``). It
-is cached on disk, keyed by the base's weights, the sampling settings, the sequence length and
-the seed. During training every step's batch is split: ``1 - ratio`` new-task examples and
-``ratio`` replay examples, scored in one forward pass, with
+Before training, the buffer is filled: sequences sampled from the reference itself (``source:
+self``: no access to the original training data needed), or examples from a file (``source:
+data``). The reference is the untouched base, or in a sequence of stages the model as it was
+before the stage. It is cached on disk, keyed by the reference's weights, the sampling settings,
+the sequence length and the seed. During training every step's batch is split: ``1 - ratio``
+new-task examples and ``ratio`` replay examples, scored in one forward pass, with
 
     loss = new-task loss + coeff * replay loss
 
 where the replay loss is ``ntp`` (next-token cross-entropy on the replay tokens) or ``kl``
-(KL(base || current) over the replay tokens, averaged per token).
+(KL(reference || current) over the replay tokens, averaged per token).
 
-Where the base distribution comes from, and what it costs:
+**Token for token.** A self-generated example is exactly the token sequence the reference wrote:
+the prompt's ids as they were sampled from (masked: no loss on them) followed by the completion's
+ids up to and including its end token. Nothing is decoded and re-tokenized, so a completion that
+starts with a space (lm-eval's convention: ``rev 123 =`` -> `` 321``), a chat turn, or a
+tokenizer that merges across the prompt/completion boundary is rehearsed exactly as the model
+produced it, and exactly as training and evaluation show that task.
 
-* LoRA: the base *is* the model with its adapters disabled: one extra no-grad forward of the
-  replay part per step, no extra memory, exact KL.
-* full fine-tuning: no second model is kept (that would double the weights in memory and cost a
-  forward per step). Instead the base's top-k log-probs at every replay position are computed once,
-  before training, and stored with the buffer: ``samples x seq_len x k`` x 12 bytes (256 x 128 x
-  64: 25 MB). The KL is then taken over k + 1 bins (the top-k tokens and "the rest"), a lower
-  bound of the full KL that is exact when the base's mass sits on its top k tokens, and zero
-  when current equals base.
+**Fresh samples** (``refresh_every: N``): every N steps the buffer is sampled anew from the
+reference, from the next prompts of the pool, as Marek et al. 2026 regenerate their replay
+samples every 16 batches, so that the stage rehearses the reference's distribution rather than
+one fixed set of samples repeated hundreds of times. Where the reference comes from, and what it
+costs:
+
+* LoRA: the reference *is* the model with its adapters disabled: no extra memory; ``kl`` costs
+  one extra no-grad forward of the replay part per step and is exact.
+* full fine-tuning with ``refresh_every``: a frozen copy of the model is kept (made when the
+  stage starts), one more copy of the weights in memory: 4 bytes a parameter in fp32 (0.54 GB for
+  SmolLM2-135M, 13 MB for a 3.2M-parameter model from scratch), a quarter more than full
+  fine-tuning's own 16 bytes a parameter (weights, gradients, two Adam moments). We keep a copy
+  rather than draw every sample up front (enough that none repeats more than a set number of
+  times) because the up-front buffer grows with steps x replay batch (2000 steps x 256 replay
+  examples at 4 repeats each: 128k samples a stage), its ``kl`` top-k log-probs with it
+  (128k x 24 positions x 64 x 12 bytes: 2.4 GB), and its samples would all come from one
+  moment of the pool; the copy costs the same sampling compute spread over the stage, and ``kl``
+  is then exact (one no-grad forward of the copy per step).
+* full fine-tuning without ``refresh_every``: no copy. For ``kl`` the reference's top-k
+  log-probs at every replay position are computed once, before training, and stored with the
+  buffer: ``samples x seq_len x k`` x 12 bytes (256 x 128 x 64: 25 MB). The KL is then taken over
+  k + 1 bins (the top-k tokens and "the rest"), a lower bound of the full KL that is exact when
+  the reference's mass sits on its top k tokens, and zero when current equals reference.
+
+Every draw of the buffer is logged (``replay_refresh``: the number of samples, at its step), so
+the report can mark where the buffer was refreshed beside the new-task and replay losses.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -35,21 +61,24 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from forgetscope import data, sampling
+from forgetscope import data, evaluate, sampling
 from forgetscope.errors import UserError
 from forgetscope.models import cache_dir
 from forgetscope.recipe import Recipe, ReplayConfig, TaskConfig
 
 IGNORE = -100
+BUFFER_FORMAT = 2  # in the cache key: 1 held re-tokenized text, 2 holds the sampled token ids
 
 
 @dataclass
 class ReplayBuffer:
-    """Tokenized replay examples, and for full fine-tuning with ``kl`` the base's top-k log-probs
-    (``topk_values``/``topk_indices``: [examples, positions, k], for positions 0..len-2)."""
+    """Tokenized replay examples (``input_ids``, ``labels``); ``prompts``: in a sequence, the
+    earlier stages' prompts that fresh samples are drawn from; for full fine-tuning with ``kl`` and
+    no reference copy, the reference's top-k log-probs (``topk_values``/``topk_indices``:
+    [examples, positions, k], for positions 0..len-2)."""
 
     examples: list[dict[str, list[int]]]
-    texts: list[str]
+    prompts: list[str] | None = None
     topk_values: torch.Tensor | None = None
     topk_indices: torch.Tensor | None = None
 
@@ -73,49 +102,67 @@ def _read_prompts(path: Path) -> list[str]:
     return [str(r.get("prompt", r.get("text", ""))) for r in data.read_file(path)]
 
 
-def _sample_records(model, tokenizer, config: ReplayConfig, base_dir: Path,
-                    task_prompts: list[str] | None = None) -> tuple[list[dict], list[str]]:
-    """Sample the buffer from ``model`` (the base, or the model before a stage): records ready for
-    :func:`data.tokenize`, and the texts. ``task_prompts``: the earlier stages' prompts (``tasks``)."""
+def draw_prompts(recipe: Recipe, tokenizer, task_prompts: list[str] | None, draw: int) -> list[str]:
+    """The ``replay.samples`` prompts of draw number ``draw`` (0: the buffer made before training,
+    k: the k-th refresh). A pool (the earlier stages' prompts, or the file's) is walked in turn, so
+    successive draws take successive prompts and cover the whole pool; generic chat requests are
+    seeded by the draw; unconditional samples start from BOS."""
+    config = recipe.replay
     mode = _prompt_mode(config, tokenizer)
-    if mode == "tasks":
-        if not task_prompts:
-            raise UserError("replay.prompts: `tasks` has no earlier stage to take prompts from")
-        prompts = [task_prompts[i % len(task_prompts)] for i in range(config.samples)]
-    elif mode == "file":
-        pool = _read_prompts(base_dir / config.path)
+    if mode in ("tasks", "file"):
+        pool = task_prompts if mode == "tasks" else _read_prompts(recipe.base_dir / config.path)
         if not pool:
-            raise UserError(f"replay.path: {config.path} holds no prompts")
-        prompts = [pool[i % len(pool)] for i in range(config.samples)]
-    elif mode == "chat":
-        prompts = sampling.generic_prompts(config.samples, config.seed)
-    else:
-        prompts = ["" for _ in range(config.samples)]
-    chat = mode != "bos" and bool(getattr(tokenizer, "chat_template", None))
-    desc = "answering the earlier stages' prompts" if mode == "tasks" else "sampling from the base"
-    rows = sampling.generate(model, tokenizer, prompts, chat, config.max_new_tokens, config.temperature, config.top_p,
-                             config.seed, desc=desc)
-    rows = [r for r in rows if r["text"]]
-    if mode == "bos":
-        return [{"text": r["text"]} for r in rows], [r["text"] for r in rows]
-    return [{"prompt": r["prompt"], "completion": r["text"]} for r in rows], [r["text"] for r in rows]
+            raise UserError("replay.prompts: `tasks` has no earlier stage to take prompts from" if mode == "tasks"
+                            else f"replay.path: {config.path} holds no prompts")
+        offset = draw * config.samples
+        return [pool[(offset + i) % len(pool)] for i in range(config.samples)]
+    if mode == "chat":
+        return sampling.generic_prompts(config.samples, config.seed + draw)
+    return ["" for _ in range(config.samples)]
 
 
-def _tokenize(records: list[dict], tokenizer, seq_len: int, chat: bool) -> list[dict[str, list[int]]]:
-    task = TaskConfig(name=None, chat_template="on" if chat else "off")
-    return data.tokenize(records, tokenizer, task, seq_len)
+def as_examples(rows: list[dict], seq_len: int) -> list[dict[str, list[int]]]:
+    """Generations (:func:`sampling.generate` rows) as training examples, token for token: the
+    prompt's ids (label -100: no loss on what the model did not write) then the completion's ids
+    (up to and including its end token), truncated to ``seq_len``."""
+    examples = []
+    for row in rows:
+        ids = [*row["prompt_ids"], *row["completion_ids"]][:seq_len]
+        labels = ([IGNORE] * len(row["prompt_ids"]) + list(row["completion_ids"]))[:seq_len]
+        examples.append({"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)})
+    return examples
+
+
+def sample_examples(model, tokenizer, recipe: Recipe, task_prompts: list[str] | None, draw: int) -> list[dict[str, list[int]]]:
+    """Sample draw ``draw`` of the buffer from ``model`` (the reference) and return it as examples.
+    Prompts of tasks are rendered as their stage's training rendered them (chat template or not)."""
+    config = recipe.replay
+    mode = _prompt_mode(config, tokenizer)
+    chat = mode != "bos" and (data.uses_chat_template(recipe.task, tokenizer) if mode == "tasks"
+                              else bool(getattr(tokenizer, "chat_template", None)))
+    desc = "answering the earlier stages' prompts" if mode == "tasks" else "sampling replay from the reference"
+    with evaluate.scoring_precision(model, "fp32"):  # a model trained before (a later stage) samples outside its autocast
+        rows = sampling.generate(model, tokenizer, draw_prompts(recipe, tokenizer, task_prompts, draw), chat,
+                                 config.max_new_tokens, config.temperature, config.top_p, config.seed + draw, desc=desc)
+    return as_examples(rows, recipe.train.seq_len)
+
+
+def keeps_reference_copy(recipe: Recipe) -> bool:
+    """Whether training keeps a frozen copy of the model to draw fresh samples from (full
+    fine-tuning with ``refresh_every``; LoRA samples from the adapter-disabled model instead)."""
+    return recipe.replay is not None and bool(recipe.replay.refresh_every) and recipe.method == "full"
 
 
 def build_buffer(model, tokenizer, recipe: Recipe, base_fingerprint: str, task_prompts: list[str] | None = None) -> ReplayBuffer:
     """Fill (or load from the cache) the replay buffer from ``model``: the untouched base, or in a
     sequence the model before the stage (``task_prompts``: the earlier stages' prompts)."""
     config, seq_len = recipe.replay, recipe.train.seq_len
-    with_topk = config.loss == "kl" and recipe.method == "full"
+    with_topk = config.loss == "kl" and recipe.method == "full" and not keeps_reference_copy(recipe)
     settings = {k: v for k, v in asdict(config).items() if k not in ("ratio", "loss", "coeff", "refresh_every")}
     if config.path:
         settings["file_sha"] = hashlib.sha256((recipe.base_dir / config.path).read_bytes()).hexdigest()
-    key_data = [base_fingerprint, settings, seq_len, with_topk, bool(getattr(tokenizer, "chat_template", None)),
-                *([task_prompts] if task_prompts else [])]
+    key_data = [BUFFER_FORMAT, base_fingerprint, settings, seq_len, with_topk, bool(getattr(tokenizer, "chat_template", None)),
+                recipe.task.chat_template, *([task_prompts] if task_prompts else [])]
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:20]
     path = cache_dir() / "replay" / f"{key}.pt"
     if path.is_file():
@@ -125,14 +172,10 @@ def build_buffer(model, tokenizer, recipe: Recipe, base_fingerprint: str, task_p
         records = data.read_file(recipe.base_dir / config.path)
         if not records:
             raise UserError(f"replay.path: {config.path} holds no records")
-        records = records[: config.samples]
-        texts = [str(r.get("text", r.get("completion", ""))) for r in records]
-        examples = data.tokenize(records, tokenizer, TaskConfig(name=None), seq_len)
+        examples = data.tokenize(records[: config.samples], tokenizer, TaskConfig(name=None), seq_len)
     else:
-        records, texts = _sample_records(model, tokenizer, config, recipe.base_dir, task_prompts)
-        chat = "prompt" in records[0] and bool(getattr(tokenizer, "chat_template", None))  # as they were sampled
-        examples = _tokenize(records, tokenizer, seq_len, chat=chat)
-    buffer = ReplayBuffer(examples, texts)
+        examples = sample_examples(model, tokenizer, recipe, task_prompts, draw=0)
+    buffer = ReplayBuffer(examples, task_prompts)
     if with_topk:
         buffer.topk_values, buffer.topk_indices = base_topk(model, tokenizer, examples, config.topk)
     tmp = path.with_name(f"{path.name}.tmp")
@@ -218,7 +261,11 @@ class ReplayTrainer(Trainer):
     """A Trainer whose every micro-batch also carries ``replay_batch`` examples from the buffer.
 
     New-task and replay examples go through the model in one forward pass (one backward, so it
-    works unchanged under DDP); ``new_loss`` and ``replay_loss`` are logged separately.
+    works unchanged under DDP); ``new_loss`` and ``replay_loss`` are logged separately, and every
+    draw of the buffer as ``replay_refresh``. With ``refresh_every``, the buffer is drawn anew from
+    the reference every N steps: the adapter-disabled model (LoRA) or a frozen copy of the model
+    as it was when this Trainer was made (full fine-tuning; see the module documentation). A
+    resumed run draws the same buffers and replay batches as an uninterrupted one.
     """
 
     def __init__(self, *args, buffer: ReplayBuffer, recipe: Recipe, replay_batch: int, **kwargs):
@@ -226,11 +273,11 @@ class ReplayTrainer(Trainer):
         self.model_accepts_loss_kwargs = False  # our loss is a per-micro-batch mean: let Trainer average over accumulation
         self.buffer, self.recipe, self.config, self.replay_batch = buffer, recipe, recipe.replay, replay_batch
         self.lora = recipe.method == "lora"
+        self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if keeps_reference_copy(recipe) else None
         self.micro = (-1, 0)  # (global step, micro-batch within it): seeds the replay draw
         self.coeff = coeff(self.config)
         self.sums = {"new_loss": 0.0, "replay_loss": 0.0, "count": 0}
-        self.batch_sizes: list[tuple[int, int]] = []  # (new, replay) per micro-batch, for inspection
-        self.refreshed_at = 0
+        self.drawn: int | None = None  # the draw the buffer holds, once logged (0: the one made before training)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._maybe_refresh()
@@ -249,10 +296,9 @@ class ReplayTrainer(Trainer):
         replay_logits, replay_labels = logits[n_new:], merged["labels"][n_new:]
         if self.config.loss == "ntp":
             replay_loss = next_token_loss(replay_logits, replay_labels)
-        elif self.lora:
-            unwrapped = self.accelerator.unwrap_model(model)
-            with torch.no_grad(), unwrapped.disable_adapter():
-                base_logits = unwrapped(input_ids=merged["input_ids"][n_new:], attention_mask=merged["attention_mask"][n_new:]).logits
+        elif self.lora or self.reference is not None:
+            with torch.no_grad(), self._reference() as reference:
+                base_logits = reference(input_ids=merged["input_ids"][n_new:], attention_mask=merged["attention_mask"][n_new:]).logits
             replay_loss = kl_full(base_logits, replay_logits, replay_labels)
         else:
             width = replay["input_ids"].shape[1] - 1
@@ -262,7 +308,6 @@ class ReplayTrainer(Trainer):
         self.sums["new_loss"] += float(new_loss.detach())
         self.sums["replay_loss"] += float(replay_loss.detach())
         self.sums["count"] += 1
-        self.batch_sizes.append((n_new, self.replay_batch))
         loss = new_loss + self.coeff * replay_loss
         return (loss, {"logits": logits}) if return_outputs else loss
 
@@ -273,18 +318,29 @@ class ReplayTrainer(Trainer):
             self.sums = {"new_loss": 0.0, "replay_loss": 0.0, "count": 0}
         super().log(logs, *args, **kwargs)
 
-    def _maybe_refresh(self) -> None:
-        """LoRA only: every ``refresh_every`` steps, resample the buffer from the adapter-disabled base."""
-        every, step = self.config.refresh_every, self.state.global_step
-        if not every or step == 0 or step % every or step == self.refreshed_at:
+    @contextlib.contextmanager
+    def _reference(self):
+        """The reference model: the frozen copy, or the trained model with its adapters disabled."""
+        if self.reference is not None:
+            yield self.reference
             return
-        self.refreshed_at = step
         unwrapped = self.accelerator.unwrap_model(self.model)
-        config = ReplayConfig(**{**asdict(self.config), "seed": self.config.seed + step})
         with unwrapped.disable_adapter():
-            records, texts = _sample_records(unwrapped, self.processing_class, config, self.recipe.base_dir)
-        examples = _tokenize(records, self.processing_class, self.recipe.train.seq_len, chat="prompt" in records[0])
-        self.buffer = ReplayBuffer(examples, texts)
+            yield unwrapped
+
+    def _maybe_refresh(self) -> None:
+        """Every ``refresh_every`` steps, draw the buffer anew from the reference (the draw is a
+        function of the step, so a resumed run redraws the buffer it had); log every draw."""
+        every, step = self.config.refresh_every, self.state.global_step
+        draw = step // every if every else 0
+        if draw == self.drawn:
+            return
+        if draw:
+            with self._reference() as reference:
+                examples = sample_examples(reference, self.processing_class, self.recipe, self.buffer.prompts, draw)
+            self.buffer = ReplayBuffer(examples, self.buffer.prompts)
+        self.drawn = draw
+        self.log({"replay_refresh": len(self.buffer.examples)})
 
 
 def _pad_to(tensor: torch.Tensor, length: int, value) -> torch.Tensor:

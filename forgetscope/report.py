@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -28,6 +28,7 @@ class Analysis:
     finals: pd.DataFrame  # run, task, role, metric, base, final, drop, low, high, p_mcnemar, forgotten, learned, n
     items: pd.DataFrame  # probe, item_id, text, runs, first_step, change: the most-forgotten items
     sequences: list[dict]  # runs with stages: run, figure (sequence.png), matrix metrics
+    replay: dict[str, pd.DataFrame] = field(default_factory=dict)  # runs with replay: their training log (replay_logs)
 
 
 def analyse(paths: list[str | Path], target: float | None = None, weights: dict[str, float] | None = None) -> Analysis:
@@ -63,7 +64,20 @@ def analyse(paths: list[str | Path], target: float | None = None, weights: dict[
                                    "learned": len(flip["learned"]) if flip else None})
             if role == "general":
                 forgotten.extend(_forgotten_items(layout, run, task, metric, bool(higher), sorted(line["step"])))
-    return Analysis(table, summary, pd.DataFrame(drops), pd.DataFrame(finals), _top_items(pd.DataFrame(forgotten)), sequences)
+    return Analysis(table, summary, pd.DataFrame(drops), pd.DataFrame(finals), _top_items(pd.DataFrame(forgotten)), sequences,
+                    replay_logs([root for root, _ in runs]))
+
+
+def replay_logs(roots: list[Path]) -> dict[str, pd.DataFrame]:
+    """Per run with replay (by name): its training log from the manifest, rows of losses
+    (step, new_loss, replay_loss) and rows of buffer draws (step, replay_refresh)."""
+    out = {}
+    for root in roots:
+        manifest = RunLayout(root).read_manifest()
+        log = pd.DataFrame(manifest.get("train_log") or [])
+        if manifest.get("replay") and "replay_loss" in log:
+            out[root.name] = log
+    return out
 
 
 def _forgotten_items(layout: RunLayout, run: str, task: str, metric: str, higher: bool, steps: list[int]) -> list[dict]:
@@ -120,6 +134,8 @@ def write(paths: list[str | Path], out_dir: str | Path, target: float | None = N
         pngs["frontier"] = figures.save(figures.plot_frontier(analysis.summary), out / "frontier.png")
     if not analysis.drops.empty:
         pngs["forgetting"] = figures.save(figures.plot_forgetting(analysis.drops), out / "forgetting.png")
+    if analysis.replay:
+        pngs["replay"] = figures.save(figures.plot_replay(analysis.replay), out / "replay.png")
     for entry in analysis.sequences:  # copied beside the report, for the Markdown
         copy = out / f"sequence-{entry['run']}.png"
         io.write_bytes(copy, entry["figure"].read_bytes())
@@ -188,6 +204,18 @@ def _sequence_rows(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
     return head, [[e["run"], *(f"{e[k]:+.3f}" for k in SEQUENCE_KEYS)] for e in analysis.sequences]
 
 
+def _replay_rows(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
+    head = ["run", "new-task loss (first → last)", "replay loss (first → last)", "buffer drawn at steps"]
+    body = []
+    for run, log in analysis.replay.items():
+        losses = log.dropna(subset=["new_loss"]).sort_values("step")
+        draws = [str(int(s)) for s in log["step"][log["replay_refresh"].notna()]] if "replay_refresh" in log else []
+        body.append([run, f"{losses['new_loss'].iloc[0]:.4g} → {losses['new_loss'].iloc[-1]:.4g}",
+                     f"{losses['replay_loss'].iloc[0]:.4g} → {losses['replay_loss'].iloc[-1]:.4g}",
+                     ", ".join(draws[:12]) + (f", … ({len(draws)} draws)" if len(draws) > 12 else "") or "–"])
+    return head, body
+
+
 def _item_rows(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
     head = ["probe", "item", "forgotten by (first step wrong) / change", "text"]
     body = []
@@ -244,6 +272,8 @@ def render_html(analysis: Analysis, pngs: dict[str, Path], title: str, target: f
         *(["<h2>Sequences of new tasks</h2>", _html_table(*_sequence_rows(analysis)),
            *(img(f"sequence-{e['run']}", f"accuracy matrix and task curves of {e['run']}") for e in analysis.sequences)]
           if analysis.sequences else []),
+        *(["<h2>Replay</h2>", _html_table(*_replay_rows(analysis)), img("replay", "new-task and replay losses with buffer draws")]
+          if analysis.replay else []),
         "<h2>Per task at the last step</h2>", _html_table(*_final_rows(analysis)),
         "<h2>Most-forgotten items</h2>", _html_table(*_item_rows(analysis), cls="items"),
         "</body></html>",
@@ -262,6 +292,7 @@ def render_markdown(analysis: Analysis, title: str, target: float | None) -> str
         *(["![forgetting curves](forgetting.png)"] if not analysis.drops.empty else []),
         *(["## Sequences of new tasks", _md_table(*_sequence_rows(analysis)),
            *(f"![{e['run']}](sequence-{e['run']}.png)" for e in analysis.sequences)] if analysis.sequences else []),
+        *(["## Replay", _md_table(*_replay_rows(analysis)), "![replay](replay.png)"] if analysis.replay else []),
         "## Per task at the last step",
         _md_table(*_final_rows(analysis)),
         "## Most-forgotten items",

@@ -2,8 +2,10 @@
 
 * New tasks: ``numerals`` (write a number in an invented numeral language). A pretrained model
   cannot do it at step 0 (it has never seen the language) and learns it within a few dozen steps.
-  ``sym_reverse``, ``sym_sort``, ``sym_shift``: symbolic string tasks over one small alphabet, for
-  sequences of new tasks on small models trained from scratch.
+  ``sym_reverse``, ``sym_sort``, ``sym_shift``, ``sym_rotate``: symbolic string tasks over one small
+  alphabet, and ``digits_reverse``, ``digits_inc``, ``digits_rotate``, ``digits_sort``: 3-digit tasks
+  whose completions start with a space (lm-eval's convention), for sequences of new tasks on small
+  models trained from scratch.
 * General probes: held-out English prose from the standard library's ``pydoc_data``.
 
 Items carry a stable ``id`` so that per-item results pair up across snapshots. The evaluation
@@ -76,9 +78,64 @@ def symbolic(op: str, split: str, seed: int = 0) -> list[dict[str, str]]:
     return [{"id": f"{op}-{s}", "prompt": f"{code} {s} =", "completion": fn(s)} for s in chosen]
 
 
+# Digit tasks in lm-eval's convention (the completion starts with a space: `rev 123 =` -> ` 321`),
+# for sequences on small models from scratch in the spirit of Marek et al. 2026's toy: each maps a
+# 3-digit string to another, named by its own operator word, over one shared vocabulary.
+DIGIT_OPS: dict[str, tuple[str, Callable[[str], str]]] = {
+    "digits_reverse": ("rev", lambda s: s[::-1]),
+    "digits_inc": ("inc", lambda s: "".join(str((int(c) + 1) % 10) for c in s)),
+    "digits_rotate": ("rot", lambda s: s[1:] + s[:1]),
+    "digits_sort": ("sort", lambda s: "".join(sorted(s))),
+}
+_DIGITS_EVAL = 200
+
+
+def digits(op: str, split: str, seed: int = 0) -> list[dict[str, str]]:
+    """A digit task (``op`` in :data:`DIGIT_OPS`), its completion led by a space as lm-eval tasks
+    write targets: ``rev 123 =`` -> `` 321`` (reverse), ``inc 129 =`` -> `` 230`` (each digit plus
+    one, 9 wraps to 0), ``rot 123 =`` -> `` 231`` (rotate left), ``sort 312 =`` -> `` 123``.
+
+    All 1000 strings 000-999; the same 200 are held out for evaluation in every task
+    (``split="test"``), the other 800 train (shuffled by ``seed``)."""
+    word, fn = DIGIT_OPS[op]
+    strings = [f"{n:03d}" for n in range(1000)]
+    random.Random(_SPLIT_SEED).shuffle(strings)
+    chosen = strings[:_DIGITS_EVAL] if split == "test" else strings[_DIGITS_EVAL:]
+    if split == "train":
+        random.Random(seed).shuffle(chosen)
+    return [{"id": f"{op}-{s}", "prompt": f"{word} {s} =", "completion": f" {fn(s)}"} for s in chosen]
+
+
+_PROSE_HELDOUT = 200  # passages left to prose_ppl (it scores the first `limit` of them)
+
+
+def prose_lines(split: str, seed: int = 0, width: int = 64) -> list[dict[str, str]]:
+    """English prose in lines of at most ``width`` characters (cut at spaces), for language
+    modelling on small models from scratch (``text`` records: loss on every token). Lines of the
+    first 200 passages of :func:`prose_passages` are held out (``split="test"``; prose_ppl
+    scores those passages too, never trained on here); the others train, shuffled by ``seed``."""
+    passages = prose_passages()
+    chosen = passages[:_PROSE_HELDOUT] if split == "test" else passages[_PROSE_HELDOUT:]
+    lines = []
+    for passage in chosen:
+        line = ""
+        for word in passage["text"].split():
+            if line and len(line) + 1 + len(word) > width:
+                lines.append(line)
+                line = ""
+            line = f"{line} {word}".strip()[:width]
+        lines.append(line)
+    records = [{"id": f"prose-line-{split}-{i:05d}", "text": text} for i, text in enumerate(lines)]
+    if split == "train":
+        random.Random(seed).shuffle(records)
+    return records
+
+
 EMBEDDED_TASKS: dict[str, Callable[..., list[dict[str, str]]]] = {
     "numerals": numerals,
     **{op: functools.partial(symbolic, op) for op in SYMBOLIC_OPS},
+    **{op: functools.partial(digits, op) for op in DIGIT_OPS},
+    "prose_lines": prose_lines,
 }
 
 
@@ -87,6 +144,11 @@ def describe(name: str) -> str:
     if name in SYMBOLIC_OPS:
         code, fn = SYMBOLIC_OPS[name]
         return f"Symbolic, for sequences on small models: `{code} dbch =` -> `{fn('dbch')}` (4 letters a-h)."
+    if name == "prose_lines":
+        return "English prose in lines of at most 64 characters (text: loss on every token), to pretrain small models."
+    if name in DIGIT_OPS:
+        word, fn = DIGIT_OPS[name]
+        return f"Digits, for sequences on small models: `{word} 493 =` -> `{' ' + fn('493')}` (completion led by a space)."
     return (EMBEDDED_TASKS[name].__doc__ or "").strip().splitlines()[0]
 
 

@@ -65,7 +65,7 @@ MALFORMED = [
     ({"replay": {"ratio": 1.5}}, "replay.ratio: must be between 0 and 1"),
     ({"replay": {"source": "data"}}, "replay.path: give the file"),
     ({"replay": {"lose": "kl"}}, "replay.lose: unknown key; did you mean 'loss'?"),
-    ({"method": "full", "lora": None, "replay": {"refresh_every": 10}}, "replay.refresh_every: needs method: lora"),
+    ({"replay": {"refresh_every": 0}}, "replay.refresh_every: a positive number of steps, with source: self"),
 ]
 
 
@@ -104,6 +104,14 @@ def test_bad_yaml_and_bad_override(tmp_path, capsys):
     assert "not valid YAML" in capsys.readouterr().err
     with pytest.raises(RecipeError, match="expected KEY=VALUE"):
         parse_overrides(["train.lr"])
+
+
+def test_overrides_enter_lists_by_index():
+    recipe = load_recipe(RECIPES / "sequence_paper.yaml", ["stages.1.steps=7", "stages.3.task.name=digits_rotate"])
+    assert [s.steps for s in recipe.sequence] == [2000, 7, 2000, 2000] and recipe.sequence[3].task.name == "digits_rotate"
+    assert recipe.sequence[3].task.max_examples is None  # the rest of the stage stays
+    with pytest.raises(RecipeError, match=r"--set stages.4: there is no item 4 \(items 0..3\)"):
+        load_recipe(RECIPES / "sequence_paper.yaml", ["stages.4.steps=7"])
 
 
 def test_cli_error_is_exit_2_without_traceback(tmp_path):

@@ -35,7 +35,7 @@ def test_buffer_is_cached_and_invalidated(tmp_path, replay_data, monkeypatch):
     first = replay.build_buffer(model, tokenizer, recipe, fp)
     assert len(calls) == 1 and len(first.examples) == 8 and first.topk_values.shape[-1] == 8
     again = replay.build_buffer(model, tokenizer, recipe, fp)  # same base, settings, seed: reused
-    assert len(calls) == 1 and again.texts == first.texts
+    assert len(calls) == 1 and again.examples == first.examples
     assert torch.equal(again.topk_indices, first.topk_indices)
     for change in ({"seed": 1}, {"temperature": 0.7}, {"samples": 6}):
         other = recipe_from_dict({**replay_data, "replay": {**replay_data["replay"], **change}})
@@ -88,8 +88,17 @@ def test_both_losses_train_and_the_ratio_is_respected(tmp_path, replay_data, met
     examples = fdata.tokenize(fdata.load_records(recipe.task, tmp_path), tokenizer, recipe.task, 48)
     trainer = train.make_trainer(model, tokenizer, examples, recipe, str(tmp_path / "t"), [], buffer)
     trainer.args.logging_steps = 4
-    trainer.train()
-    assert set(trainer.batch_sizes) == {(6, 2)}  # 25% of every batch of 8 is replay
+    rows = []  # (replay, all) examples of every training forward pass (not the reference's, under no_grad)
+    real_collate = replay.collate
+    replay.collate = lambda examples, *a: rows.append(len(examples)) or real_collate(examples, *a)
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kwargs: rows.append(kwargs["input_ids"].shape[0]) if torch.is_grad_enabled() else None, with_kwargs=True)
+    try:
+        trainer.train()
+    finally:
+        replay.collate = real_collate
+        hook.remove()
+    assert set(zip(rows[::2], rows[1::2])) == {(2, 8)}  # 25% of every batch of 8 is replay
     logs = [entry for entry in trainer.state.log_history if "new_loss" in entry]
     assert len(logs) == 3
     assert logs[-1]["new_loss"] < logs[0]["new_loss"]
@@ -139,7 +148,7 @@ def test_rehearsal_from_old_data(tmp_path, replay_data):
     recipe = load_recipe(tmp_path / "r.yaml")
     model, tokenizer = _base()
     buffer = replay.build_buffer(model, tokenizer, recipe, evaluate.fingerprint(model))
-    assert len(buffer.examples) == 6 and buffer.texts[0] == "old fact number 0."
+    assert len(buffer.examples) == 6 and tokenizer.decode(buffer.examples[0]["input_ids"]) == "old fact number 0.</s>"
     assert buffer.topk_values is None  # ntp needs no base log-probs
 
 
@@ -163,4 +172,114 @@ def test_lora_buffer_refreshes_from_the_adapter_disabled_base(tmp_path, replay_d
     trainer = train.make_trainer(model, tokenizer, examples, recipe, str(tmp_path / "t"), [], buffer)
     trainer.train()
     assert adapters_on == [False, False]  # refreshed at steps 2 and 4, both times from the base
-    assert trainer.buffer.texts != buffer.texts
+    assert trainer.buffer.examples != buffer.examples
+    assert [e["step"] for e in trainer.state.log_history if "replay_refresh" in e] == [0, 2, 4]
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+
+
+def _scripted(model, answer_ids: list[int]):
+    """Make ``model`` write ``answer_ids`` whatever it is asked: each forward pass of a call to
+    ``sampling.generate`` (the prefill, then one per new token) pushes the next scripted token."""
+    calls = []
+
+    def push(module, args, output):
+        token = answer_ids[min(len(calls), len(answer_ids) - 1)]
+        calls.append(token)
+        output[..., token] += 1e4
+        return output
+
+    return model.lm_head.register_forward_hook(push), calls
+
+
+@pytest.mark.parametrize("completion", [" 321", "321"], ids=["space-led", "no-space"])
+@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
+def test_a_replayed_example_is_the_generation_token_for_token(tmp_path, replay_data, chat, completion):
+    """A model that answers exactly what training taught it is rehearsed exactly as it was trained:
+    the replay example's ids are the generation's ids, prompt masked, whatever the spacing."""
+    model, tokenizer = _base()
+    if chat:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    record = {"prompt": "rev 123 =", "completion": completion}
+    (tmp_path / "old.jsonl").write_text(json.dumps(record) + "\n")
+    recipe = recipe_from_dict({**replay_data, "replay": {"prompts": "file", "path": "old.jsonl", "samples": 4,
+                                                         "max_new_tokens": 12, "temperature": 0.1, "loss": "ntp"}},
+                              str(tmp_path / "r.yaml"))
+    taught = fdata.tokenize([record], tokenizer, recipe.task, 64)[0]  # what training shows the model
+    answer = [t for t, label in zip(taught["input_ids"], taught["labels"]) if label != replay.IGNORE]
+    hook, calls = _scripted(model, answer)
+    try:
+        rows = replay.sampling.generate(model, tokenizer, ["rev 123 ="], chat, 12, 0.1, 1.0, seed=0)
+        calls.clear()
+        buffer = replay.build_buffer(model, tokenizer, recipe, "scripted")
+    finally:
+        hook.remove()
+    assert rows[0]["prompt_ids"] + rows[0]["completion_ids"] == taught["input_ids"]
+    assert rows[0]["text"] == completion.strip()  # the decoded text lost the space; the ids did not
+    for example in buffer.examples:
+        assert example["input_ids"] == taught["input_ids"] and example["labels"] == taught["labels"]
+    if completion.startswith(" ") and not chat:  # the old way, text re-joined by training's delimiter, differs
+        rejoined = fdata.tokenize([{"prompt": record["prompt"], "completion": rows[0]["text"]}], tokenizer, recipe.task, 64)[0]
+        assert rejoined["input_ids"] != taught["input_ids"]
+
+
+def test_full_fine_tuning_refreshes_from_a_frozen_copy_and_a_resumed_run_redraws_the_same_buffer(tmp_path, replay_data, monkeypatch):
+    data = {**replay_data, "replay": {**replay_data["replay"], "refresh_every": 2, "loss": "kl", "ratio": 0.5},
+            "train": {**replay_data["train"], "steps": 5, "batch_size": 4, "lr": 3e-2}}
+    recipe = recipe_from_dict({**data, "runs_dir": str(tmp_path)})
+    model, tokenizer = _base()
+    base_fp = evaluate.fingerprint(model)
+    buffer = replay.build_buffer(model, tokenizer, recipe, base_fp)
+    assert buffer.topk_values is None  # the copy gives the exact KL: no stored top-k
+    sampled_from, draws = [], []
+    real = replay.sampling.generate
+
+    def spy(m, *args, **kwargs):
+        sampled_from.append((m is model, evaluate.fingerprint(m)))
+        draws.append(real(m, *args, **kwargs))
+        return draws[-1]
+
+    monkeypatch.setattr(replay.sampling, "generate", spy)
+    examples = fdata.tokenize(fdata.load_records(recipe.task, tmp_path), tokenizer, recipe.task, 48)
+    trainer = train.make_trainer(model, tokenizer, examples, recipe, str(tmp_path / "t"), [], buffer)
+    trainer.train()
+    assert evaluate.fingerprint(model) != base_fp  # the model trained ...
+    assert sampled_from == [(False, base_fp)] * 2  # ... but steps 2 and 4 sampled from the untouched copy
+    assert [e["step"] for e in trainer.state.log_history if "replay_refresh" in e] == [0, 2, 4]
+    assert trainer.buffer.examples == replay.as_examples(draws[-1], recipe.train.seq_len)
+
+    fresh, _ = _base()  # a run resumed at step 3 holds the buffer of step 2, drawn again
+    resumed = train.make_trainer(fresh, tokenizer, examples, recipe, str(tmp_path / "u"), [], buffer)
+    resumed.state.global_step = 3
+    resumed._maybe_refresh()
+    assert resumed.buffer.examples == replay.as_examples(draws[0], recipe.train.seq_len)
+
+
+def test_the_report_shows_the_replay_loss_beside_the_new_task_loss_and_the_buffer_draws(tmp_path, fake_run):
+    layout = fake_run(tmp_path / "runs" / "rep", {0: {"i0": 1.0}, 5: {"i0": 1.0}, 10: {"i0": 0.0}})
+    log = [{"replay_refresh": 8, "step": 0}, {"loss": 2.0, "new_loss": 1.5, "replay_loss": 0.5, "step": 4},
+           {"replay_refresh": 8, "step": 5}, {"loss": 0.4, "new_loss": 0.3, "replay_loss": 0.01, "step": 8}]
+    layout.update_manifest(replay={"loss": "ntp", "refresh_every": 5}, train_log=log)
+    fake_run(tmp_path / "runs" / "plain", {0: {"i0": 1.0}, 10: {"i0": 0.0}})
+    from forgetscope import cli
+
+    assert cli.main(["report", str(tmp_path / "runs"), "-o", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| rep | 1.5 → 0.3 | 0.5 → 0.01 | 0, 5 |" in md and "![replay](replay.png)" in md
+    assert "| plain |" not in md.split("## Replay")[1].split("##")[0]  # no replay, no row
+    assert (tmp_path / "out" / "replay.png").stat().st_size > 10_000
+
+
+def test_successive_draws_walk_the_prompt_pool(replay_data):
+    recipe = recipe_from_dict({**replay_data, "replay": {**replay_data["replay"], "samples": 3}})
+    _, tokenizer = _base()
+    pool = ["p0", "p1", "p2", "p3", "p4"]
+    recipe.replay.prompts = "tasks"
+    assert [replay.draw_prompts(recipe, tokenizer, pool, draw) for draw in range(3)] == [
+        ["p0", "p1", "p2"], ["p3", "p4", "p0"], ["p1", "p2", "p3"]]
+    recipe.replay.prompts = "chat"  # generic requests, seeded by the draw
+    assert replay.draw_prompts(recipe, tokenizer, None, 0) != replay.draw_prompts(recipe, tokenizer, None, 1)
+    recipe.replay.prompts = "bos"
+    assert replay.draw_prompts(recipe, tokenizer, None, 4) == ["", "", ""]

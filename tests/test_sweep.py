@@ -1,0 +1,64 @@
+"""Sweeps: the forgetting, steps-to-target and matched-learning measures of a sequence run on a
+hand-computed fixture, and a sweep folder that accumulates rows and draws its figure."""
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from forgetscope import cli, models, runner, sweep
+from forgetscope.snapshots import RunLayout
+
+# step: (task a, task b) accuracy; stage 1 trains a over steps 1..10, stage 2 trains b over 11..20
+CURVE = {0: (0.0, 0.0), 10: (0.9, 0.0), 15: (0.5, 0.6), 20: (0.3, 1.0)}
+
+
+def fake_sequence(root, curve=CURVE, base="tiny-random"):
+    """A finished two-stage run folder: a manifest with its stages and a curves table."""
+    root.mkdir(parents=True)
+    stages = [{"task": "a", "evals": ["a"], "start": 0, "end": 10}, {"task": "b", "evals": ["b"], "start": 10, "end": 20}]
+    (root / "manifest.json").write_text(json.dumps({"status": "finished", "stages": stages, "base_path": models.resolve(base)}))
+    rows = [{"run": root.name, "step": step, "task": task, "metric": metric, "value": value if metric == "acc" else -1.0,
+             "higher_is_better": True}
+            for step, values in curve.items() for task, value in zip("ab", values) for metric in ("acc", "logprob")]
+    pd.DataFrame(rows).to_csv(RunLayout(root).curves, index=False)
+    return root
+
+
+def test_measure_by_hand(tmp_path):
+    m = sweep.measure(fake_sequence(tmp_path / "r"), target=0.8)
+    assert m["learned"] == pytest.approx(0.9) and m["metric"] == "acc"  # R[1][a]
+    assert m["forgetting"] == pytest.approx(0.9 - 0.3)
+    assert m["steps_to_target"] == pytest.approx(15 + (0.8 - 0.6) / (1.0 - 0.6) * 5 - 10)  # 7.5 steps into stage 2
+    assert m["forgetting_at_target"] == pytest.approx(0.9 - (0.5 + 0.5 * (0.3 - 0.5)))  # a at step 17.5: 0.4
+    model, _ = models.load(models.resolve("tiny-random"))
+    assert m["params"] == sum(p.numel() for p in model.parameters())
+    never = sweep.measure(fake_sequence(tmp_path / "s", {**CURVE, 20: (0.3, 0.7)}), target=0.8)
+    assert math.isnan(never["steps_to_target"]) and math.isnan(never["forgetting_at_target"])
+
+
+def test_a_sweep_runs_every_value_and_accumulates_in_its_folder(tmp_path, monkeypatch, capsys):
+    ran = []
+
+    def fake_run(recipe):
+        ran.append((recipe.name, recipe.train.lr))
+        return fake_sequence(tmp_path / "runs" / recipe.name)
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    recipes = sorted(str(p) for p in (Path(__file__).parent.parent / "recipes").glob("capacity*.yaml"))
+    out = tmp_path / "sweep"
+    assert cli.main(["sweep", *recipes, "--key", "train.lr", "--values", "1e-3", "3e-3", "-o", str(out),
+                     "--target", "0.8"]) == 0
+    assert ran == [("capacity-1e-3", 1e-3), ("capacity-3e-3", 3e-3), ("capacity_replay-1e-3", 1e-3),
+                   ("capacity_replay-3e-3", 3e-3)]
+    assert cli.main(["sweep", recipes[1], "--key", "train.lr", "--values", "1e-2", "-o", str(out)]) == 0
+    table = pd.read_csv(out / "sweep.csv")
+    assert len(table) == 5 and table["forgetting"].tolist() == pytest.approx([0.6] * 5)
+    assert (out / "sweep.png").stat().st_size > 10_000
+    assert cli.main(["sweep", recipes[0], "--key", "train.lr", "--values", "-1", "-o", str(out)]) == 2  # validated first
+    assert "train.lr: must be positive" in capsys.readouterr().err and len(ran) == 5
+    tiny = str(Path(__file__).parent.parent / "recipes" / "tiny.yaml")
+    assert cli.main(["sweep", recipes[0], tiny, "--key", "train.lr", "--values", "1e-3", "-o", str(out)]) == 2
+    assert "a sweep runs recipes of stages" in capsys.readouterr().err and len(ran) == 5  # nothing ran
