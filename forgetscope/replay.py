@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -61,12 +62,12 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from forgetscope import data, evaluate, sampling
+from forgetscope import data, evaluate, sampling, seams
+from forgetscope import io as fileio
 from forgetscope.errors import UserError
 from forgetscope.models import cache_dir
 from forgetscope.recipe import Recipe, ReplayConfig, TaskConfig
 
-IGNORE = -100
 BUFFER_FORMAT = 2  # in the cache key: 1 held re-tokenized text, 2 holds the sampled token ids
 
 
@@ -128,7 +129,7 @@ def as_examples(rows: list[dict], seq_len: int) -> list[dict[str, list[int]]]:
     examples = []
     for row in rows:
         ids = [*row["prompt_ids"], *row["completion_ids"]][:seq_len]
-        labels = ([IGNORE] * len(row["prompt_ids"]) + list(row["completion_ids"]))[:seq_len]
+        labels = ([data.IGNORE_INDEX] * len(row["prompt_ids"]) + list(row["completion_ids"]))[:seq_len]
         examples.append({"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)})
     return examples
 
@@ -178,10 +179,9 @@ def build_buffer(model, tokenizer, recipe: Recipe, base_fingerprint: str, task_p
     buffer = ReplayBuffer(examples, task_prompts)
     if with_topk:
         buffer.topk_values, buffer.topk_indices = base_topk(model, tokenizer, examples, config.topk)
-    tmp = path.with_name(f"{path.name}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(asdict(buffer), tmp)
-    tmp.replace(path)
+    serialized = io.BytesIO()
+    torch.save(asdict(buffer), serialized)
+    fileio.write_bytes(path, serialized.getvalue())
     return buffer
 
 
@@ -193,7 +193,7 @@ def collate(examples: list[dict[str, list[int]]], pad_id: int, length: int | Non
         pad = length - len(e["input_ids"])
         out["input_ids"].append(e["input_ids"] + [pad_id] * pad)
         out["attention_mask"].append([1] * len(e["input_ids"]) + [0] * pad)
-        out["labels"].append(e["labels"] + [IGNORE] * pad)
+        out["labels"].append(e["labels"] + [data.IGNORE_INDEX] * pad)
     return {k: torch.tensor(v) for k, v in out.items()}
 
 
@@ -217,7 +217,7 @@ def base_topk(model, tokenizer, examples, k: int, batch_size: int = 16) -> tuple
 
 def token_mean(per_token: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean of a [batch, positions] loss over positions whose next token is labelled."""
-    mask = (labels[:, 1:] != IGNORE).float()
+    mask = (labels[:, 1:] != data.IGNORE_INDEX).float()
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
 
@@ -270,7 +270,7 @@ class ReplayTrainer(Trainer):
 
     def __init__(self, *args, buffer: ReplayBuffer, recipe: Recipe, replay_batch: int, **kwargs):
         super().__init__(*args, **kwargs)
-        self.model_accepts_loss_kwargs = False  # our loss is a per-micro-batch mean: let Trainer average over accumulation
+        seams.average_loss_over_accumulation(self)  # our loss is a per-micro-batch mean
         self.buffer, self.recipe, self.config, self.replay_batch = buffer, recipe, recipe.replay, replay_batch
         self.lora = recipe.method == "lora"
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if keeps_reference_copy(recipe) else None
@@ -290,7 +290,7 @@ class ReplayTrainer(Trainer):
         replay = collate([self.buffer.examples[i] for i in idx], pad_id)
         n_new, length = inputs["input_ids"].shape[0], max(inputs["input_ids"].shape[1], replay["input_ids"].shape[1])
         merged = {k: torch.cat([_pad_to(inputs[k], length, pad), _pad_to(replay[k].to(inputs[k].device), length, pad)])
-                  for k, pad in (("input_ids", pad_id), ("attention_mask", 0), ("labels", IGNORE))}
+                  for k, pad in (("input_ids", pad_id), ("attention_mask", 0), ("labels", data.IGNORE_INDEX))}
         logits = model(input_ids=merged["input_ids"], attention_mask=merged["attention_mask"]).logits
         new_loss = next_token_loss(logits[:n_new], merged["labels"][:n_new])
         replay_logits, replay_labels = logits[n_new:], merged["labels"][n_new:]

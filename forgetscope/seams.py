@@ -83,6 +83,14 @@ def rewrite_loglikelihood_requests(task, rewrite: Callable[[str, str], tuple[str
     task.construct_requests = rewritten
 
 
+def lm_eval_mmlu_exemplars() -> str:
+    """The text of lm-eval's ``mmlu/flan_cot_fewshot/_cot_prompts.json`` (a data file of its
+    package, not an API): five worked questions for each MMLU subject."""
+    import importlib.resources
+
+    return (importlib.resources.files("lm_eval") / "tasks" / "mmlu" / "flan_cot_fewshot" / "_cot_prompts.json").read_text()
+
+
 # ---------------------------------------------------------------- accelerate, torch
 
 
@@ -107,6 +115,13 @@ def cpu_has_bf16() -> bool:
 
 
 # ---------------------------------------------------------------- transformers
+
+
+def average_loss_over_accumulation(trainer) -> None:
+    """Have a Trainer whose ``compute_loss`` returns a mean over its micro-batch divide it by the
+    gradient accumulation steps, as for a model that takes no ``num_items_in_batch``: its
+    ``model_accepts_loss_kwargs`` attribute, which it otherwise sets from the model's signature."""
+    trainer.model_accepts_loss_kwargs = False
 
 
 def attention_mask(model, allowed: torch.Tensor) -> torch.Tensor:

@@ -213,11 +213,11 @@ def mmlu_shipped() -> list[dict[str, Any]]:
     the 57 MMLU subjects. Each becomes a 4-choice item (question, choices, the gold letter);
     exemplars that do not parse cleanly are skipped.
     """
-    import importlib.resources
     import json
 
-    source = importlib.resources.files("lm_eval") / "tasks" / "mmlu" / "flan_cot_fewshot" / "_cot_prompts.json"
-    prompts = json.loads(source.read_text())
+    from forgetscope import seams
+
+    prompts = json.loads(seams.lm_eval_mmlu_exemplars())
     pattern = re.compile(
         r"Q: (?P<q>.+?)\n\(A\) (?P<a>.+?) \(B\) (?P<b>.+?) \(C\) (?P<c>.+?) \(D\) (?P<d>.+?)\nA: .*?"
         r"[Tt]he answer is \((?P<gold>[ABCD])\)",

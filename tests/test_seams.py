@@ -105,3 +105,24 @@ def test_the_static_cache_advances_one_position_per_token_fed(tiny):
     model(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(4, device=model.device))
     model(ids[:, :1], past_key_values=cache, use_cache=True, cache_position=torch.tensor([4], device=model.device))
     assert cache.get_seq_length() == 5, f"StaticCache no longer fills one position per token {UPGRADE}"
+
+
+def test_lm_eval_ships_the_mmlu_exemplars():
+    import json
+
+    exemplars = json.loads(seams.lm_eval_mmlu_exemplars())
+    assert len(exemplars) >= 50, f"lm-eval's mmlu/flan_cot_fewshot/_cot_prompts.json moved or changed {UPGRADE}"
+
+
+def test_a_trainer_told_so_divides_a_micro_batch_mean_by_the_accumulation_steps(tiny, tmp_path):
+    import datasets
+    from transformers import Trainer, TrainingArguments
+
+    model, _ = tiny
+    args = TrainingArguments(output_dir=str(tmp_path), gradient_accumulation_steps=2, report_to=[], use_cpu=True)
+    trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list([{"input_ids": [1, 2]}]))
+    trainer.compute_loss = lambda model, inputs, **kwargs: sum(p.sum() for p in model.parameters()) * 0 + 1.0
+    seams.average_loss_over_accumulation(trainer)
+    trainer.current_gradient_accumulation_steps = 2
+    loss = trainer.training_step(model.train(), {"input_ids": torch.tensor([[1, 2]])}, num_items_in_batch=torch.tensor(2))
+    assert float(loss) == pytest.approx(0.5), f"Trainer no longer reads model_accepts_loss_kwargs {UPGRADE}"
