@@ -25,17 +25,24 @@ class Analysis:
     table: pd.DataFrame  # tidy curves of all runs
     summary: pd.DataFrame  # one row per run, ranked (metrics.run_summary + rank_runs)
     drops: pd.DataFrame  # run, task, metric, step, drop, low, high: general probes, paired 95% CI
-    finals: pd.DataFrame  # run, task, role, metric, base, final, drop, low, high, p_mcnemar, forgotten, learned, n
+    finals: pd.DataFrame  # run, task, role, metric, base, final, drop, low, high, p, p_adj, chance, adj_drop, at_chance, flips
     items: pd.DataFrame  # probe, item_id, text, runs, first_step, change: the most-forgotten items
     sequences: list[dict]  # runs with stages: run, figure (sequence.png), matrix metrics
+    correction: str  # holm | bh | none: adjustment of each run's general probes' p-values
+    left_out: dict[str, list[str]]  # run -> general probes left out of general forgetting (at chance)
 
 
-def analyse(paths: list[str | Path], target: float | None = None, weights: dict[str, float] | None = None) -> Analysis:
-    """Load the runs in ``paths`` and compute the report's tables (see docs/METRICS.md)."""
+def analyse(paths: list[str | Path], target: float | None = None, weights: dict[str, float] | None = None,
+            correction: str = "holm", keep_at_chance: bool = False) -> Analysis:
+    """Load the runs in ``paths`` and compute the report's tables (see docs/METRICS.md).
+
+    ``correction`` (holm | bh | none) adjusts the p-values of each run's general probes at its last
+    step, which decide the "worse / better beyond noise" verdicts; probes whose base is not clearly
+    above chance are left out of general forgetting unless ``keep_at_chance``."""
     runs = results.load_runs(paths)
     table = pd.concat([t for _, t in runs], ignore_index=True)
     rows = metrics.primary_rows(table)
-    summary = metrics.rank_runs(metrics.run_summary(table, target=target, weights=weights))
+    summary = metrics.rank_runs(metrics.run_summary(table, target=target, weights=weights, keep_at_chance=keep_at_chance))
     drops, finals, forgotten, sequences = [], [], [], []
     for root, run_table in runs:
         layout = RunLayout(root)
@@ -49,21 +56,28 @@ def analyse(paths: list[str | Path], target: float | None = None, weights: dict[
             for step in sorted(line["step"]):
                 if role != "general" and step != last:
                     continue
-                ci = stats.paired_delta(layout, task, metric, step) if step else {"delta": 0.0, "low": 0.0, "high": 0.0, "n": 0}
+                ci = stats.paired_delta(layout, task, metric, step) if step else {"delta": 0.0, "low": 0.0, "high": 0.0, "n": 0, "p": 1.0}
                 drop, low, high = stats.as_drop(ci, bool(higher))
                 if role == "general":
                     drops.append({"run": run, "task": task, "metric": metric, "step": step, "drop": drop, "low": low, "high": high})
                 if step == last:
                     flip = stats.flips(layout, task, metric, step) or {}
-                    value = line.set_index("step")["value"]
+                    end = line.set_index("step").loc[step]
                     finals.append({"run": run, "task": task, "role": role, "metric": metric, "higher_is_better": bool(higher),
-                                   "base": float(value.get(0, math.nan)), "final": float(value[step]), "drop": drop, "low": low,
-                                   "high": high, "n": ci["n"], "p_mcnemar": flip.get("p_mcnemar"),
+                                   "base": float(end["v0"]), "final": float(end["value"]), "drop": drop, "low": low,
+                                   "high": high, "n": ci["n"], "p": ci["p"], "p_adj": ci["p"], "chance": end["chance"],
+                                   "adj_drop": end["adj_drop"], "at_chance": bool(end["at_chance"]) and role == "general",
+                                   "p_mcnemar": flip.get("p_mcnemar"),
                                    "forgotten": len(flip["forgotten"]) if flip else None,
-                                   "learned": len(flip["learned"]) if flip else None})
+                                   "learned": len(flip["learned"]) if flip else None,
+                                   "forgotten_adj": flip.get("forgotten_adj"), "learned_adj": flip.get("learned_adj")})
             if role == "general":
                 forgotten.extend(_forgotten_items(layout, run, task, metric, bool(higher), sorted(line["step"])))
-    return Analysis(table, summary, pd.DataFrame(drops), pd.DataFrame(finals), _top_items(pd.DataFrame(forgotten)), sequences)
+        family = [f for f in finals if f["run"] == run and f["role"] == "general"]
+        for entry, p_adj in zip(family, stats.adjust([f["p"] for f in family], correction)):
+            entry["p_adj"] = p_adj
+    return Analysis(table, summary, pd.DataFrame(drops), pd.DataFrame(finals), _top_items(pd.DataFrame(forgotten)), sequences,
+                    correction, {} if keep_at_chance else metrics.left_out(rows))
 
 
 def _forgotten_items(layout: RunLayout, run: str, task: str, metric: str, higher: bool, steps: list[int]) -> list[dict]:
@@ -108,9 +122,10 @@ def _top_items(items: pd.DataFrame) -> pd.DataFrame:
 
 
 def write(paths: list[str | Path], out_dir: str | Path, target: float | None = None,
-          weights: dict[str, float] | None = None, title: str = "forgetscope report") -> tuple[Path, Path]:
+          weights: dict[str, float] | None = None, title: str = "forgetscope report", correction: str = "holm",
+          keep_at_chance: bool = False) -> tuple[Path, Path]:
     """Write ``report.html`` (self-contained) and ``report.md`` (+ its PNG figures) into ``out_dir``."""
-    analysis = analyse(paths, target, weights)
+    analysis = analyse(paths, target, weights, correction, keep_at_chance)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = metrics.primary_rows(analysis.table)
@@ -164,20 +179,39 @@ def _summary_rows(analysis: Analysis, target: float | None) -> tuple[list[str], 
     return head, body
 
 
+CORRECTIONS = {"holm": "Holm", "bh": "BH", "none": "unadjusted"}
+
+
 def _final_rows(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
-    head = ["run", "task", "metric", "base", "final", "change [95% CI]", "McNemar p", "right→wrong / wrong→right", "verdict"]
+    head = ["run", "task", "metric", "base", "final", "change [95% CI]", "above-chance skill lost",
+            f"p ({CORRECTIONS[analysis.correction]})", "McNemar p", "right→wrong / wrong→right (chance-adjusted)", "verdict"]
     body = []
     for r in analysis.finals.sort_values(["role", "task", "run"], ascending=[False, True, True]).to_dict("records"):
         sign = -1 if r["higher_is_better"] else 1  # drop -> raw change of the metric
         low, high = sorted((sign * r["low"], sign * r["high"]))
-        verdict = "worse" if r["low"] > 0 else ("better" if r["high"] < 0 else "")
+        significant = r["p_adj"] <= ALPHA
+        verdict = ("worse" if r["drop"] > 0 else "better") if significant else ""
+        verdict = "; ".join(filter(None, [verdict, "base at chance" if r["at_chance"] else ""]))
         arrow = "↑" if r["higher_is_better"] else "↓"
-        p = r["p_mcnemar"]
-        flips = "–" if pd.isna(r["forgotten"]) else f"{int(r['forgotten'])} / {int(r['learned'])}"
+        flips = "–" if pd.isna(r["forgotten"]) else (f"{int(r['forgotten'])} / {int(r['learned'])} "
+                                                     f"({r['forgotten_adj']:.1f} / {r['learned_adj']:.1f})")
         body.append([r["run"], f"{r['task']} ({r['role']})", f"{r['metric']} {arrow}", _fmt(r["base"], 4), _fmt(r["final"], 4),
-                     f"{sign * r['drop']:+.4f} [{low:+.4f}, {high:+.4f}]",
-                     "–" if pd.isna(p) else ("<0.001" if p < 0.001 else f"{p:.3f}"), flips, verdict])
+                     f"{sign * r['drop']:+.4f} [{low:+.4f}, {high:+.4f}]", _pct(r["adj_drop"]) if pd.notna(r["chance"]) else "–",
+                     _p(r["p_adj"]), _p(r["p_mcnemar"]), flips, verdict])
     return head, body
+
+
+def _p(p) -> str:
+    return "–" if p is None or pd.isna(p) else ("<0.001" if p < 0.001 else f"{p:.3f}")
+
+
+def _left_out_note(analysis: Analysis) -> str:
+    """Which probes general forgetting leaves out, per run (empty when none)."""
+    if not analysis.left_out:
+        return ""
+    runs = "; ".join(f"{run}: {', '.join(probes)}" for run, probes in analysis.left_out.items())
+    return (f"Left out of general forgetting, their base score not clearly above chance (one-sided binomial p ≥ "
+            f"{metrics.CHANCE_ALPHA:g}), so they cannot show a drop: {runs}.")
 
 
 SEQUENCE_KEYS = ["average_accuracy", "backward_transfer", "forward_transfer", "mean_forgetting", "learning_accuracy"]
@@ -213,9 +247,12 @@ def _md_table(head: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+ALPHA = 0.05  # level of the report's "worse / better beyond noise" verdicts, after adjustment
 METHOD_NOTE = ("General forgetting = mean relative drop of the general probes' primary metrics from the base "
-               "(positive = worse); AUC = its average over training; drops carry paired 95% bootstrap CIs over "
-               "items, McNemar's exact test for accuracies. Formulas: docs/METRICS.md.")
+               "(positive = worse), probes at chance left out; AUC = its average over training; drops carry paired 95% "
+               "bootstrap CIs over items; verdicts use bootstrap p-values adjusted across each run's general probes "
+               "(at 5%); McNemar's exact test and flips for accuracies, with the flips guessing alone explains taken out "
+               "(chance-adjusted); above-chance skill lost = drop / (base - chance). Formulas: docs/METRICS.md.")
 
 
 def render_html(analysis: Analysis, pngs: dict[str, Path], title: str, target: float | None) -> str:
@@ -237,6 +274,7 @@ def render_html(analysis: Analysis, pngs: dict[str, Path], title: str, target: f
         f"<h1>{html.escape(title)}</h1>",
         f"<p class='note'>Runs: {html.escape(runs)}. Generated {datetime.now():%Y-%m-%d %H:%M} by forgetscope.</p>",
         "<h2>Summary</h2>", _html_table(*_summary_rows(analysis, target)), f"<p class='note'>{html.escape(METHOD_NOTE)}</p>",
+        *([f"<p class='note'>{html.escape(_left_out_note(analysis))}</p>"] if analysis.left_out else []),
         "<h2>Learning vs forgetting</h2>", img("frontier", "learning vs forgetting scatter with the Pareto frontier"),
         "<h2>New task</h2>", img("learning", "new-task learning curves"),
         *(["<h2>Forgetting curves</h2>", img("forgetting", "forgetting curve per general probe with 95% CI bands")]
@@ -257,6 +295,7 @@ def render_markdown(analysis: Analysis, title: str, target: float | None) -> str
         f"# {title}",
         _md_table(*_summary_rows(analysis, target)),
         f"_{METHOD_NOTE}_",
+        *([f"_{_left_out_note(analysis)}_"] if analysis.left_out else []),
         "![learning vs forgetting](frontier.png)",
         "![new task](learning.png)",
         *(["![forgetting curves](forgetting.png)"] if not analysis.drops.empty else []),
