@@ -26,6 +26,7 @@ from forgetscope import stats
 from forgetscope.curves import primary_metric
 
 CHANCE_ALPHA = 0.05  # a base score is "clearly above chance" when the one-sided binomial p is below this
+KL_PROBE = "new_task_kl"  # KL(base || current) on new-task prompts (forgetscope.cascade), role "drift"
 
 
 def primary_rows(table: pd.DataFrame, alpha: float = CHANCE_ALPHA) -> pd.DataFrame:

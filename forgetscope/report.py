@@ -30,6 +30,8 @@ class Analysis:
     sequences: list[dict]  # runs with stages: run, figure (sequence.png), matrix metrics
     correction: str  # holm | bh | none: adjustment of each run's general probes' p-values
     left_out: dict[str, list[str]]  # run -> general probes left out of general forgetting (at chance)
+    drift: pd.DataFrame  # run, step, drift, forgetting: the KL probe against general forgetting, per snapshot
+    cascades: list[dict]  # runs with a cascade: run, probe steps, full-battery steps and why, evaluation time
 
 
 def analyse(paths: list[str | Path], target: float | None = None, weights: dict[str, float] | None = None,
@@ -43,10 +45,12 @@ def analyse(paths: list[str | Path], target: float | None = None, weights: dict[
     table = pd.concat([t for _, t in runs], ignore_index=True)
     rows = metrics.primary_rows(table)
     summary = metrics.rank_runs(metrics.run_summary(table, target=target, weights=weights, keep_at_chance=keep_at_chance))
-    drops, finals, forgotten, sequences = [], [], [], []
+    drops, finals, forgotten, sequences, cascades = [], [], [], [], []
     for root, run_table in runs:
         layout = RunLayout(root)
         run = run_table["run"].iloc[0]
+        if layout.read_manifest().get("cascade"):
+            cascades.append(_cascade_entry(run, layout.read_manifest()["cascade"]))
         sequence = layout.read_manifest().get("sequence")
         if sequence and (root / "sequence.png").is_file():
             sequences.append({"run": run, "figure": root / "sequence.png", **sequence})
@@ -76,8 +80,24 @@ def analyse(paths: list[str | Path], target: float | None = None, weights: dict[
         family = [f for f in finals if f["run"] == run and f["role"] == "general"]
         for entry, p_adj in zip(family, stats.adjust([f["p"] for f in family], correction)):
             entry["p_adj"] = p_adj
+    drift = metrics.drift_vs_forgetting(table, metrics.KL_PROBE, weights, keep_at_chance)
     return Analysis(table, summary, pd.DataFrame(drops), pd.DataFrame(finals), _top_items(pd.DataFrame(forgotten)), sequences,
-                    correction, {} if keep_at_chance else metrics.left_out(rows))
+                    correction, {} if keep_at_chance else metrics.left_out(rows), drift, cascades)
+
+
+def _cascade_entry(run: str, record: dict) -> dict:
+    """A run's cascade from its manifest: how many probe steps, which got the full battery and why,
+    and the evaluation time against an estimate of the full battery at every probe step (the
+    cheap probes' measured time everywhere, plus the mean time of the rest of the battery at the
+    full steps after step 0, whose scores are often cached, at every step)."""
+    steps = {int(s): e for s, e in record["steps"].items()}
+    full = [s for s in sorted(steps) if steps[s]["full"]]
+    rest = [steps[s]["full_s"] for s in full if s > 0] or [steps[s]["full_s"] for s in full]
+    spent = sum(e["cheap_s"] + e["kl_s"] + e["full_s"] for e in steps.values())
+    everywhere = sum(e["cheap_s"] for e in steps.values()) + (sum(rest) / len(rest)) * len(steps)
+    return {"run": run, "probe_steps": len(steps), "full_steps": full,
+            "triggered": [f"{s}: {steps[s]['reason']}" for s in full if steps[s]["reason"] != "scheduled"],
+            "eval_s": spent, "eval_s_everywhere": everywhere}
 
 
 def _forgotten_items(layout: RunLayout, run: str, task: str, metric: str, higher: bool, steps: list[int]) -> list[dict]:
@@ -135,6 +155,9 @@ def write(paths: list[str | Path], out_dir: str | Path, target: float | None = N
     }
     if not analysis.drops.empty:
         pngs["forgetting"] = figures.save(figures.plot_forgetting(analysis.drops), out / "forgetting.png")
+    if len(analysis.drift):
+        r2 = metrics.r_squared(analysis.drift["drift"], analysis.drift["forgetting"])
+        pngs["drift"] = figures.save(figures.plot_drift_forgetting(analysis.drift, r2, metrics.KL_PROBE), out / "drift.png")
     for entry in analysis.sequences:  # copied beside the report, for the Markdown
         copy = out / f"sequence-{entry['run']}.png"
         io.write_bytes(copy, entry["figure"].read_bytes())
@@ -214,6 +237,19 @@ def _left_out_note(analysis: Analysis) -> str:
             f"{metrics.CHANCE_ALPHA:g}), so they cannot show a drop: {runs}.")
 
 
+def _cascade_rows(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
+    head = ["run", "probe steps", "full battery at", "triggered by a cheap probe", "evaluation time", "full battery everywhere (est.)"]
+    return head, [[e["run"], str(e["probe_steps"]), ", ".join(map(str, e["full_steps"])), "; ".join(e["triggered"]) or "–",
+                   f"{e['eval_s']:.0f} s", f"{e['eval_s_everywhere']:.0f} s"] for e in analysis.cascades]
+
+
+def _drift_note(analysis: Analysis) -> str:
+    r2 = metrics.r_squared(analysis.drift["drift"], analysis.drift["forgetting"])
+    return (f"{metrics.KL_PROBE} = KL(base || snapshot) per token on new-task prompts, along the base's own answers "
+            f"(no labels); R² = {r2:.2f} over {len(analysis.drift)} snapshots of {analysis.drift['run'].nunique()} runs "
+            "(least squares of general forgetting on the KL). Shenfeld et al. 2025 report R² 0.96 (toy) and 0.71 (LLMs).")
+
+
 SEQUENCE_KEYS = ["average_accuracy", "backward_transfer", "forward_transfer", "mean_forgetting", "learning_accuracy"]
 
 
@@ -279,6 +315,9 @@ def render_html(analysis: Analysis, pngs: dict[str, Path], title: str, target: f
         "<h2>New task</h2>", img("learning", "new-task learning curves"),
         *(["<h2>Forgetting curves</h2>", img("forgetting", "forgetting curve per general probe with 95% CI bands")]
           if "forgetting" in pngs else []),
+        *(["<h2>Cheap probes: KL from the base against forgetting</h2>", img("drift", "KL against general forgetting"),
+           f"<p class='note'>{html.escape(_drift_note(analysis))}</p>"] if "drift" in pngs else []),
+        *(["<h2>Evaluation cascade</h2>", _html_table(*_cascade_rows(analysis))] if analysis.cascades else []),
         *(["<h2>Sequences of new tasks</h2>", _html_table(*_sequence_rows(analysis)),
            *(img(f"sequence-{e['run']}", f"accuracy matrix and task curves of {e['run']}") for e in analysis.sequences)]
           if analysis.sequences else []),
@@ -299,6 +338,9 @@ def render_markdown(analysis: Analysis, title: str, target: float | None) -> str
         "![learning vs forgetting](frontier.png)",
         "![new task](learning.png)",
         *(["![forgetting curves](forgetting.png)"] if not analysis.drops.empty else []),
+        *(["## Cheap probes: KL from the base against forgetting", "![KL against forgetting](drift.png)",
+           f"_{_drift_note(analysis)}_"] if len(analysis.drift) else []),
+        *(["## Evaluation cascade", _md_table(*_cascade_rows(analysis))] if analysis.cascades else []),
         *(["## Sequences of new tasks", _md_table(*_sequence_rows(analysis)),
            *(f"![{e['run']}](sequence-{e['run']}.png)" for e in analysis.sequences)] if analysis.sequences else []),
         "## Per task at the last step",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from forgetscope import curves, data, evaluate, figures, io, models, replay, sequence, snapshots, stats, train
+from forgetscope import cascade, curves, data, evaluate, figures, io, models, replay, sequence, snapshots, stats, train
 from forgetscope.errors import UserError
 from forgetscope.recipe import Recipe
 
@@ -119,16 +119,20 @@ def _run(recipe: Recipe, layout: snapshots.RunLayout, main_process: bool) -> Pat
     model = train.prepare_model(model, recipe)
     done = set(layout.eval_steps())
     timings: dict[str, float] = {}
+    # cascade hook (issue 15): cheap probes at extra probe steps, the full battery where the cascade decides
+    probes = cascade.probe_steps(recipe.cascade, steps, recipe.train.steps) if recipe.cascade else []
+    triage = cascade.start(recipe, suite, steps, layout, model, tokenizer, chat) if recipe.cascade and main_process else None
 
     def take(current, step: int, tokens: int) -> None:
         train.check_finite(current, step)
-        weights = recipe.snapshots.keep_weights and step > 0
+        weights = recipe.snapshots.keep_weights and step > 0 and step in steps  # probe steps keep no weights
         meta = {"step": step, "tokens": tokens, "method": recipe.method, "recipe_hash": run_hash, "base": model_path}
         snapshots.save_snapshot(layout, step, current, tokenizer, meta, weights)
         if step in done:
             return
         tick = time.time()
-        evaluation = evaluate.evaluate_model(current, tokenizer, suite, base_only=step == 0)
+        evaluation = (triage.score(current, tokenizer, step) if triage else  # cascade hook (issue 15)
+                      evaluate.evaluate_model(current, tokenizer, suite, base_only=step == 0))
         snapshots.save_eval(layout, step, tokens, evaluation)
         timings[snapshots.step_name(step)] = round(time.time() - tick, 2)
         reused = f" (cached: {', '.join(evaluation['cached'])})" if evaluation["cached"] else ""
@@ -137,7 +141,8 @@ def _run(recipe: Recipe, layout: snapshots.RunLayout, main_process: bool) -> Pat
     resume = None
     if not recipe.stages:
         callback = train.SnapshotCallback(steps, take, resumable=recipe.snapshots.resumable)
-        trainer = train.make_trainer(model, tokenizer, examples, recipe, str(layout.root / "trainer"), [callback], buffer)
+        probing = [train.SnapshotCallback(probes, take)] if probes else []  # cascade hook (issue 15): no saves there
+        trainer = train.make_trainer(model, tokenizer, examples, recipe, str(layout.root / "trainer"), [callback, *probing], buffer)
         resume = train.latest_checkpoint(layout.root / "trainer") if recipe.snapshots.resumable else None
     if resume and main_process:
         print(f"forgetscope: resuming {layout.root} from {Path(resume).name}")
