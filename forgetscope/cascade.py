@@ -25,16 +25,20 @@ at every probe step, to measure what a cascade would save and miss.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io as bytes_io
+import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from forgetscope import data, evaluate, metrics, results, sampling
+from forgetscope import data, evaluate, io, metrics, results, sampling
 from forgetscope.curves import primary_metric
+from forgetscope.models import cache_dir
 from forgetscope.recipe import CascadeConfig, Recipe, TaskConfig
 from forgetscope.replay import base_topk, collate, kl_full, kl_topk
 from forgetscope.snapshots import RunLayout
@@ -91,21 +95,30 @@ def kl_prompts(task: TaskConfig, base_dir: Path, n: int) -> list[str]:
     return [str(r.get(task.prompt_field) or str(r.get(task.text_field, ""))[:100]) for r in records]
 
 
-def build_kl_probe(model, tokenizer, recipe: Recipe, chat: bool) -> KLProbe:
+def build_kl_probe(model, tokenizer, recipe: Recipe, chat: bool, base_fingerprint: str) -> KLProbe:
     """Sample the base's continuations of the new task's prompts (seeded, plain sampling at T = 1,
     so the per-token KL along them estimates the sequence KL) and, for full fine-tuning, keep the
-    base's top-k log-probs along them. ``model`` must still be the base."""
-    config = recipe.cascade
+    base's top-k log-probs along them. ``model`` must still be the base. Cached on disk, keyed by
+    the base's weights, the prompts and the settings, so recipes sharing a base sample once."""
+    config, lora = recipe.cascade, recipe.method == "lora"
     prompts = kl_prompts(recipe.task, recipe.base_dir, config.kl_prompts)
+    key_data = [base_fingerprint, prompts, chat, config.kl_tokens, recipe.train.seed, recipe.train.seq_len,
+                None if lora else config.kl_topk]
+    path = cache_dir() / "kl_probe" / f"{hashlib.sha256(json.dumps(key_data).encode()).hexdigest()[:20]}.pt"
+    if path.is_file():
+        return KLProbe(**torch.load(path, weights_only=True))
     rows = sampling.generate(model, tokenizer, prompts, chat, config.kl_tokens, temperature=1.0, top_p=1.0,
                              seed=recipe.train.seed, desc="sampling the KL probe from the base")
     records = [{"prompt": r["prompt"], "completion": r["text"]} for r in rows if r["text"]]
     examples = data.tokenize(records, tokenizer, TaskConfig(name=None, chat_template="on" if chat else "off"), recipe.train.seq_len)
-    probe = KLProbe(examples, [(r["prompt"], r["completion"]) for r in records], lora=recipe.method == "lora")
-    if not probe.lora:
+    probe = KLProbe(examples, [(r["prompt"], r["completion"]) for r in records], lora=lora)
+    if not lora:
+        vocab = model.get_output_embeddings().weight.shape[0]
         with evaluate.scoring_precision(model, "fp32"):
-            vocab = model.get_output_embeddings().weight.shape[0]
             probe.topk_values, probe.topk_indices = base_topk(model, tokenizer, examples, min(config.kl_topk, vocab))
+    buffer = bytes_io.BytesIO()
+    torch.save(asdict(probe), buffer)
+    io.write_bytes(path, buffer.getvalue())
     return probe
 
 
@@ -201,9 +214,9 @@ class Cascade:
 
 
 def start(recipe: Recipe, suite: evaluate.EvalSuite, scheduled: list[int], layout: RunLayout, model, tokenizer,
-          chat: bool) -> Cascade:
+          chat: bool, base_fingerprint: str) -> Cascade:
     """The cascade of a run; ``model`` must still be the base (the KL probe's reference)."""
-    probe = build_kl_probe(model, tokenizer, recipe, chat) if recipe.cascade.kl else None
+    probe = build_kl_probe(model, tokenizer, recipe, chat, base_fingerprint) if recipe.cascade.kl else None
     return Cascade(recipe, suite, scheduled, layout, probe)
 
 

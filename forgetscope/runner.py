@@ -121,7 +121,7 @@ def _run(recipe: Recipe, layout: snapshots.RunLayout, main_process: bool) -> Pat
     timings: dict[str, float] = {}
     # cascade hook (issue 15): cheap probes at extra probe steps, the full battery where the cascade decides
     probes = cascade.probe_steps(recipe.cascade, steps, recipe.train.steps) if recipe.cascade else []
-    triage = cascade.start(recipe, suite, steps, layout, model, tokenizer, chat) if recipe.cascade and main_process else None
+    triage = cascade.start(recipe, suite, steps, layout, model, tokenizer, chat, base_fp) if recipe.cascade and main_process else None
 
     def take(current, step: int, tokens: int) -> None:
         train.check_finite(current, step)

@@ -61,8 +61,12 @@ def test_the_kl_probe_is_zero_at_the_base_and_exact_otherwise(tiny_recipe_data, 
     model, tokenizer = models.load(models.resolve("tiny-random"))
     base = copy.deepcopy(model).eval()
     model = train.prepare_model(model, recipe)
-    probe = cascade.build_kl_probe(model, tokenizer, recipe, chat=False)
+    probe = cascade.build_kl_probe(model, tokenizer, recipe, chat=False, base_fingerprint=f"fp-{method}")
     assert len(probe.examples) == 6 and all(-100 in e["labels"] for e in probe.examples)  # prompts are masked
+    again = cascade.build_kl_probe(model, tokenizer, recipe, chat=False, base_fingerprint=f"fp-{method}")  # from the cache
+    assert again.texts == probe.texts and again.examples == probe.examples
+    if method == "full":
+        assert torch.equal(again.topk_values, probe.topk_values) and torch.equal(again.topk_indices, probe.topk_indices)
     at_base = cascade.measure_kl(probe, model, tokenizer)
     assert at_base["results"]["new_task_kl"]["metrics"]["kl"]["value"] == pytest.approx(0.0, abs=1e-6)
     with torch.no_grad():  # move the model away from the base
