@@ -40,12 +40,12 @@ def primary_rows(table: pd.DataFrame, alpha: float = CHANCE_ALPHA) -> pd.DataFra
         metric = primary_metric(list(group["metric"].unique()))
         rows = group[group["metric"] == metric].sort_values("step").copy()
         base = rows[rows["step"] == 0]
-        rows["v0"] = float(base["value"].iloc[0]) if len(base) else math.nan
-        chance = float(rows["chance"].iloc[0]) if "chance" in rows and len(base) else math.nan
+        v0 = float(base["value"].iloc[0]) if len(base) else math.nan
+        chance = float(rows["chance"].iloc[0]) if "chance" in rows else math.nan
         n0 = base["n"].iloc[0] if len(base) else math.nan
-        p = stats.above_chance_p(rows["v0"].iloc[0], int(n0), chance) if not (math.isnan(chance) or pd.isna(n0)) else math.nan
-        rows["p_above_chance"] = p
-        rows["at_chance"] = bool(p >= alpha) if not math.isnan(p) else False
+        known = not (math.isnan(v0) or math.isnan(chance) or pd.isna(n0))
+        p = stats.above_chance_p(v0, int(n0), chance) if known else math.nan
+        rows["v0"], rows["p_above_chance"], rows["at_chance"] = v0, p, known and p >= alpha
         parts.append(rows)
     out = pd.concat(parts, ignore_index=True) if parts else table.assign(v0=[], p_above_chance=[], at_chance=[])
     if "chance" not in out:
