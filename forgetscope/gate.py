@@ -157,7 +157,7 @@ def check(run: str | Path, policy: Policy, step: int | None = None) -> dict:
         left = metrics.left_out(rows).get(str(at["run"].iloc[0]), []) if policy.at_chance == "exclude" else []
         note = "; ".join(filter(None, [note, f"leaves out {', '.join(left)} (at chance)" if left else ""]))
         checks.append({"name": "general forgetting", "role": "general", "metric": "mean relative drop",
-                       "value": float(value.iloc[0]) if len(value) else float("nan"),
+                       "value": float(value.iloc[0]) if len(value) else None,
                        "limit": f"<= {policy.max_general_forgetting:g}", "passed": bool(ok), "note": note})
     return {"run": root.name, "path": str(root), "step": step, "confidence": policy.confidence,
             "decide_on": policy.decide_on, "correction": policy.correction, "probes_tested": len(tests),
@@ -216,7 +216,7 @@ def _row(c: dict) -> list[str]:
         measured = f"{c['drop']:+.4f} (≤ {c['bound']:+.4f})"
         p = _pvalue(c["p_adj"])
     else:
-        value, measured, p = f"{c['value']:.4g}", "", ""
+        value, measured, p = "–" if c["value"] is None else f"{c['value']:.4g}", "", ""
     return [("PASS" if c["passed"] else "FAIL"), c["name"], c["metric"], value, measured, c["limit"], p, c["note"]]
 
 

@@ -123,6 +123,15 @@ def test_a_probe_at_chance_is_flagged_and_left_out_of_general_forgetting(tmp_pat
     assert kept["checks"][-1]["value"] == pytest.approx((0.05 + 0.2) / 4) and kept["verdict"] == "fail"
 
 
+def test_general_forgetting_fails_when_no_probe_is_above_chance(tmp_path, fake_run, capsys):
+    nothing = {f"i{k}": 0.0 for k in range(50)}  # no item right at the base: nothing to forget
+    root = fake_run(tmp_path / "blank", {0: nothing, 10: nothing}).root
+    assert cli.main(["gate", str(root), "--policy", _policy(tmp_path, max_general_forgetting=0.05)]) == 1
+    result = json.loads((root / "gate.json").read_text())["checks"][-1]
+    assert result["value"] is None and result["note"].startswith("no general probe is above chance")
+    assert "general forgetting  mean relative drop  –" in capsys.readouterr().out
+
+
 def test_relative_limits_defaults_new_task_minimum_and_mean_forgetting(tmp_path, runs):
     result = gate.check(runs["large"], gate.load_policy(_policy(tmp_path, general={"default": {"max_relative_drop": 0.5}})))
     facts = result["checks"][0]
