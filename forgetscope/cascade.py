@@ -38,6 +38,7 @@ import torch
 
 from forgetscope import data, evaluate, io, metrics, results, sampling
 from forgetscope.curves import primary_metric
+from forgetscope.errors import UserError
 from forgetscope.models import cache_dir
 from forgetscope.recipe import CascadeConfig, Recipe, TaskConfig
 from forgetscope.replay import base_topk, collate, kl_full, kl_topk
@@ -234,7 +235,8 @@ def simulate(run: str | Path, limits: dict[str, float], level: float = 0.02) -> 
     record = layout.read_manifest().get("cascade") or {}
     steps = {int(s): entry for s, entry in record.get("steps", {}).items()}
     if not steps or not all(entry["full"] for entry in steps.values()):
-        raise ValueError(f"{run}: needs a run with a cascade that scored the full battery at every probe step (thresholds 0)")
+        raise UserError(f"{run}: needs a run whose cascade scored the full battery at every probe step; run the recipe "
+                        "with --set cascade.cheap_threshold=0 --set cascade.kl_threshold=0")
     scheduled, full, reference = set(record["scheduled"]), [], {}
     for step in sorted(steps):
         chosen, _ = decide(step, steps[step]["values"], reference, limits, scheduled)

@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from forgetscope import cascade, cli, gate, models, report
+from forgetscope.errors import UserError
 from forgetscope.recipe import RecipeError, load_recipe, recipe_from_dict
 from forgetscope.replay import collate, kl_full
 from forgetscope.runner import run
@@ -142,3 +143,6 @@ def test_simulate_replays_the_rule_on_a_dense_run(tmp_path, fake_run):
     assert out["peak_seen"] == pytest.approx(0.125) and out["peak_seen_step"] == 10  # 0.8 -> 0.7
     assert out["first_at_level"] == 5 and out["first_at_level_seen"] == 10
     assert cascade.simulate(layout.root, {"new_task_kl": 0.005})["full_steps"] == [0, 5, 10, 20]
+    layout.update_manifest(cascade={"scheduled": [0, 20], "steps": {"0": {"values": {}, "full": False}}})
+    with pytest.raises(UserError, match="cascade.kl_threshold=0"):
+        cascade.simulate(layout.root, {"new_task_kl": 0.05})
