@@ -86,6 +86,7 @@ class KLProbe:
     examples: list[dict[str, list[int]]]
     texts: list[tuple[str, str]]  # (prompt, continuation)
     lora: bool
+    precision: str  # evals.precision: the KL is scored like every probe (the base's top-k too, so step 0 reads 0)
     topk_values: torch.Tensor | None = None
     topk_indices: torch.Tensor | None = None
 
@@ -104,7 +105,7 @@ def build_kl_probe(model, tokenizer, recipe: Recipe, chat: bool, base_fingerprin
     config, lora = recipe.cascade, recipe.method == "lora"
     prompts = kl_prompts(recipe.task, recipe.base_dir, config.kl_prompts)
     key_data = [base_fingerprint, prompts, chat, config.kl_tokens, recipe.train.seed, recipe.train.seq_len,
-                None if lora else config.kl_topk]
+                recipe.evals.precision, None if lora else config.kl_topk]
     path = cache_dir() / "kl_probe" / f"{hashlib.sha256(json.dumps(key_data).encode()).hexdigest()[:20]}.pt"
     if path.is_file():
         return KLProbe(**torch.load(path, weights_only=True))
@@ -112,10 +113,10 @@ def build_kl_probe(model, tokenizer, recipe: Recipe, chat: bool, base_fingerprin
                              seed=recipe.train.seed, desc="sampling the KL probe from the base")
     records = [{"prompt": r["prompt"], "completion": r["text"]} for r in rows if r["text"]]
     examples = data.tokenize(records, tokenizer, TaskConfig(name=None, chat_template="on" if chat else "off"), recipe.train.seq_len)
-    probe = KLProbe(examples, [(r["prompt"], r["completion"]) for r in records], lora=lora)
+    probe = KLProbe(examples, [(r["prompt"], r["completion"]) for r in records], lora, recipe.evals.precision)
     if not lora:
         vocab = model.get_output_embeddings().weight.shape[0]
-        with evaluate.scoring_precision(model, "fp32"):
+        with evaluate.scoring_precision(model, probe.precision):
             probe.topk_values, probe.topk_indices = base_topk(model, tokenizer, examples, min(config.kl_topk, vocab))
     buffer = bytes_io.BytesIO()
     torch.save(asdict(probe), buffer)
@@ -132,7 +133,7 @@ def measure_kl(probe: KLProbe, model, tokenizer, batch_size: int = 16) -> dict:
     model.eval()
     length = max(len(e["input_ids"]) for e in probe.examples)
     per_item: list[tuple[float, float]] = []
-    with evaluate.scoring_precision(model, "fp32"):
+    with evaluate.scoring_precision(model, probe.precision):
         for start in range(0, len(probe.examples), batch_size):
             batch = collate(probe.examples[start : start + batch_size], tokenizer.pad_token_id, length)
             inputs = {k: batch[k].to(model.device) for k in ("input_ids", "attention_mask")}
@@ -150,7 +151,7 @@ def measure_kl(probe: KLProbe, model, tokenizer, batch_size: int = 16) -> dict:
                     values = probe.topk_values[start + i : start + i + 1].to(logits.device)
                     indices = probe.topk_indices[start + i : start + i + 1].to(logits.device)
                     kl = kl_topk(values, indices, logits[row], labels[row])
-                per_item.append((float(kl) * tokens, tokens))
+                per_item.append((float(kl) * tokens, tokens))  # kl_full/kl_topk compute in float32 from the logits
     model.train(was_training)
     means = np.array([num / den for num, den in per_item])
     value = sum(num for num, _ in per_item) / sum(den for _, den in per_item)
@@ -227,10 +228,11 @@ def start(recipe: Recipe, suite: evaluate.EvalSuite, scheduled: list[int], layou
 def simulate(run: str | Path, limits: dict[str, float], level: float = 0.02) -> dict:
     """What a cascade with ``limits`` would have done on ``run``, a run that scored the full battery
     at every probe step (a cascade with thresholds 0): the steps it would score fully, its
-    evaluation time against the full battery everywhere (from the recorded timings; the KL probe
-    counts for the cascade only), and the forgetting it would miss: the peak of the general
-    forgetting ``F_t`` over every step against over its full steps, and the first step with
-    ``F_t >= level`` in each."""
+    evaluation time against the full battery everywhere, and the forgetting it would miss: the peak
+    of the general forgetting ``F_t`` over every step against over its full steps, and the first
+    step with ``F_t >= level`` in each. Times are the medians over the probe steps of the recorded
+    cheap, KL and rest-of-battery times (so that a busy machine at a few steps does not decide the
+    comparison): everywhere ``n (cheap + rest)``, the cascade ``n (cheap + kl) + n_full rest``."""
     layout = RunLayout(Path(run))
     record = layout.read_manifest().get("cascade") or {}
     steps = {int(s): entry for s, entry in record.get("steps", {}).items()}
@@ -243,8 +245,8 @@ def simulate(run: str | Path, limits: dict[str, float], level: float = 0.02) -> 
         if chosen:
             full.append(step)
             reference = steps[step]["values"]
-    everywhere = sum(e["cheap_s"] + e["full_s"] for e in steps.values())
-    cascade = sum(e["cheap_s"] + e["kl_s"] for e in steps.values()) + sum(steps[s]["full_s"] for s in full)
+    cheap, kl, rest = (float(np.median([e[key] for e in steps.values()])) for key in ("cheap_s", "kl_s", "full_s"))
+    everywhere, cascade = len(steps) * (cheap + rest), len(steps) * (cheap + kl) + len(full) * rest
     rows = metrics.primary_rows(results.load_results([layout.root]))
     forgetting = metrics.general_forgetting(rows).set_index("step")["forgetting"]
     seen = forgetting[forgetting.index.isin(full)]
@@ -253,8 +255,9 @@ def simulate(run: str | Path, limits: dict[str, float], level: float = 0.02) -> 
         hits = series[series >= level]
         return int(hits.index[0]) if len(hits) else None
 
-    return {"probe_steps": sorted(steps), "full_steps": full, "eval_s_everywhere": round(everywhere, 1),
-            "eval_s_cascade": round(cascade, 1), "saved": round(1 - cascade / everywhere, 3) if everywhere else 0.0,
+    return {"probe_steps": sorted(steps), "full_steps": full, "step_s": {"cheap": cheap, "kl": kl, "rest": rest},
+            "eval_s_everywhere": round(everywhere, 1), "eval_s_cascade": round(cascade, 1),
+            "saved": round(1 - cascade / everywhere, 3) if everywhere else 0.0,
             "peak": float(forgetting.max()), "peak_step": int(forgetting.idxmax()), "peak_seen": float(seen.max()),
             "peak_seen_step": int(seen.idxmax()), "level": level, "first_at_level": first(forgetting),
             "first_at_level_seen": first(seen)}

@@ -83,6 +83,15 @@ def test_the_kl_probe_is_zero_at_the_base_and_exact_otherwise(tiny_recipe_data, 
     assert value == pytest.approx(_exact_kl(base, model.eval(), probe, tokenizer), rel=1e-4)
 
 
+def test_the_kl_probe_reads_zero_at_the_base_in_bf16_too(tiny_recipe_data):
+    data = {**tiny_recipe_data, "method": "full", "lora": None, "evals": {**tiny_recipe_data["evals"], "precision": "bf16"},
+            "cascade": {"cheap": [], "kl_prompts": 4, "kl_tokens": 8}}
+    model, tokenizer = models.load(models.resolve("tiny-random"))
+    probe = cascade.build_kl_probe(model, tokenizer, recipe_from_dict(data), chat=False, base_fingerprint="fp-bf16")
+    assert probe.precision == "bf16"
+    assert cascade.measure_kl(probe, model, tokenizer)["results"]["new_task_kl"]["metrics"]["kl"]["value"] == pytest.approx(0.0, abs=1e-6)
+
+
 @pytest.fixture
 def cascade_runs(tmp_path, tiny_recipe_data):
     """Two 4-step LoRA runs probed at every step, scheduled snapshots at 0 and 4: one whose
@@ -132,13 +141,14 @@ def test_simulate_replays_the_rule_on_a_dense_run(tmp_path, fake_run):
     items = {0: 16, 5: 12, 10: 14, 20: 15}  # right of 20
     layout = fake_run(tmp_path / "dense", {s: {f"i{k}": float(k < right) for k in range(20)} for s, right in items.items()})
     kl = {0: 0.0, 5: 0.01, 10: 0.08, 20: 0.1}
+    rest = {0: 10.0, 5: 9.0, 10: 11.0, 20: 90.0}  # a busy machine at step 20: the median (10.5) holds
     layout.update_manifest(cascade={"scheduled": [0, 20], "steps": {
-        str(s): {"values": {"new_task_kl": kl[s]}, "full": True, "reason": "", "cheap_s": 1.0, "kl_s": 0.5, "full_s": 10.0}
+        str(s): {"values": {"new_task_kl": kl[s]}, "full": True, "reason": "", "cheap_s": 1.0, "kl_s": 0.5, "full_s": rest[s]}
         for s in items}})
     out = cascade.simulate(layout.root, {"new_task_kl": 0.05})
     assert out["full_steps"] == [0, 10, 20] and out["probe_steps"] == [0, 5, 10, 20]
-    assert out["eval_s_everywhere"] == 4 * (1 + 10) and out["eval_s_cascade"] == 4 * 1.5 + 3 * 10
-    assert out["saved"] == pytest.approx(round(1 - 36 / 44, 3))
+    assert out["eval_s_everywhere"] == 4 * (1 + 10.5) and out["eval_s_cascade"] == 4 * 1.5 + 3 * 10.5
+    assert out["saved"] == pytest.approx(round(1 - 37.5 / 46, 3))
     assert out["peak"] == pytest.approx(0.25) and out["peak_step"] == 5  # 0.8 -> 0.6
     assert out["peak_seen"] == pytest.approx(0.125) and out["peak_seen_step"] == 10  # 0.8 -> 0.7
     assert out["first_at_level"] == 5 and out["first_at_level_seen"] == 10
