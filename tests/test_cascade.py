@@ -28,7 +28,7 @@ def test_probe_steps_and_the_decision_rule():
     assert full and reason == "kl moved +0.06 since the last full battery (threshold 0.05)"
     assert cascade.decide(5, {"kl": 0.0, "ppl": 0.97}, {"kl": 0.0, "ppl": 1.0}, limits, {0, 8})[0]  # a move either way
     assert cascade.thresholds(recipe_from_dict({"base": "tiny-random", "cascade": {"kl_threshold": 0.3}}).cascade) == \
-        {"base_samples_ppl": 0.02, "new_task_kl": 0.3}
+        {"base_samples_ppl": 0.05, "new_task_kl": 0.3}
 
 
 @pytest.mark.parametrize("data, message", [
