@@ -229,8 +229,9 @@ def simulate(run: str | Path, limits: dict[str, float], level: float = 0.02) -> 
     """What a cascade with ``limits`` would have done on ``run``, a run that scored the full battery
     at every probe step (a cascade with thresholds 0): the steps it would score fully, its
     evaluation time against the full battery everywhere, and the forgetting it would miss: the peak
-    of the general forgetting ``F_t`` over every step against over its full steps, and the first
-    step with ``F_t >= level`` in each. Times are the medians over the probe steps of the recorded
+    of the general forgetting ``F_t`` over every step against over its full steps, the first step
+    with ``F_t >= level`` in each, and how far the forgetting curve drawn through its full steps
+    (linear between them) strays from the measured ``F_t`` at a skipped step. Times are the medians over the probe steps of the recorded
     cheap, KL and rest-of-battery times (so that a busy machine at a few steps does not decide the
     comparison): everywhere ``n (cheap + rest)``, the cascade ``n (cheap + kl) + n_full rest``."""
     layout = RunLayout(Path(run))
@@ -250,6 +251,7 @@ def simulate(run: str | Path, limits: dict[str, float], level: float = 0.02) -> 
     rows = metrics.primary_rows(results.load_results([layout.root]))
     forgetting = metrics.general_forgetting(rows).set_index("step")["forgetting"]
     seen = forgetting[forgetting.index.isin(full)]
+    strays = (forgetting - np.interp(forgetting.index, seen.index, seen.to_numpy())).abs()
 
     def first(series):
         hits = series[series >= level]
@@ -260,4 +262,4 @@ def simulate(run: str | Path, limits: dict[str, float], level: float = 0.02) -> 
             "saved": round(1 - cascade / everywhere, 3) if everywhere else 0.0,
             "peak": float(forgetting.max()), "peak_step": int(forgetting.idxmax()), "peak_seen": float(seen.max()),
             "peak_seen_step": int(seen.idxmax()), "level": level, "first_at_level": first(forgetting),
-            "first_at_level_seen": first(seen)}
+            "first_at_level_seen": first(seen), "curve_error": float(strays.max()), "curve_error_step": int(strays.idxmax())}

@@ -152,6 +152,7 @@ def test_simulate_replays_the_rule_on_a_dense_run(tmp_path, fake_run):
     assert out["peak"] == pytest.approx(0.25) and out["peak_step"] == 5  # 0.8 -> 0.6
     assert out["peak_seen"] == pytest.approx(0.125) and out["peak_seen_step"] == 10  # 0.8 -> 0.7
     assert out["first_at_level"] == 5 and out["first_at_level_seen"] == 10
+    assert out["curve_error"] == pytest.approx(0.25 - 0.0625) and out["curve_error_step"] == 5  # 0.125 / 2 drawn at step 5
     assert cascade.simulate(layout.root, {"new_task_kl": 0.005})["full_steps"] == [0, 5, 10, 20]
     layout.update_manifest(cascade={"scheduled": [0, 20], "steps": {"0": {"values": {}, "full": False}}})
     with pytest.raises(UserError, match="cascade.kl_threshold=0"):
