@@ -71,7 +71,7 @@ def decide(step: int, values: dict[str, float], reference: dict[str, float], lim
         return True, "scheduled"
     for name, limit in limits.items():
         if name in values and name in reference and abs(values[name] - reference[name]) >= limit:
-            return True, f"{name} moved {values[name] - reference[name]:+.4g} since the last full battery (threshold {limit:g})"
+            return True, f"{name} moved {values[name] - reference[name]:+.4g} (threshold {limit:g})"
     return False, ""
 
 

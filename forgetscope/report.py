@@ -238,7 +238,8 @@ def _left_out_note(analysis: Analysis) -> str:
 
 
 def _cascade_rows(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
-    head = ["run", "probe steps", "full battery at", "triggered by a cheap probe", "evaluation time", "full battery everywhere (est.)"]
+    head = ["run", "probe steps", "full battery at", "triggered (cheap probe moved since the last full battery)",
+            "evaluation time", "full battery everywhere (est.)"]
     return head, [[e["run"], str(e["probe_steps"]), ", ".join(map(str, e["full_steps"])), "; ".join(e["triggered"]) or "–",
                    f"{e['eval_s']:.0f} s", f"{e['eval_s_everywhere']:.0f} s"] for e in analysis.cascades]
 
