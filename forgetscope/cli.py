@@ -55,7 +55,8 @@ def _weights(pairs: list[str]) -> dict[str, float]:
 def _write_report(runs: list[Path | str], args: argparse.Namespace) -> None:
     from forgetscope import report
 
-    html, md = report.write(runs, args.out, target=args.target, weights=_weights(args.weight), title=args.title)
+    html, md = report.write(runs, args.out, target=args.target, weights=_weights(args.weight), title=args.title,
+                            correction=args.correction, keep_at_chance=args.keep_at_chance)
     print(f"\nforgetscope: report written\n  HTML    : {html}\n  Markdown: {md}")
 
 
@@ -171,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--weight", action="append", default=[], metavar="PROBE=W",
                          help="weight of a general probe in general forgetting (default 1 each; 0 leaves it out; repeatable)")
         cmd.add_argument("--title", default="forgetscope report", help="the report's title")
+        cmd.add_argument("--correction", default="holm", choices=["holm", "bh", "none"],
+                         help="adjust each run's general probes' p-values: holm (family-wise, default), bh (false discovery rate), none")
+        cmd.add_argument("--keep-at-chance", action="store_true",
+                         help="keep probes whose base score is not clearly above chance in general forgetting (default: left out)")
 
     report_cmd = sub.add_parser("report", help="write an HTML + Markdown report comparing finished runs",
                                 description="Write a self-contained HTML report and a Markdown summary of one or more runs.")

@@ -31,6 +31,9 @@ def _panels(n: int, per_row: int, size: tuple[float, float]) -> tuple[Figure, li
     return fig, axes[:n]
 
 
+ROLE_TITLES = {"new": "new task", "general": "general", "drift": "label-free drift"}
+
+
 def plot_curves(table: pd.DataFrame, title: str = "") -> Figure:
     """One panel per task (three to a row): its primary metric against training step, with a 95%
     band (±1.96 stderr).
@@ -49,7 +52,7 @@ def plot_curves(table: pd.DataFrame, title: str = "") -> Figure:
             ax.fill_between(rows["step"], rows["value"] - half, rows["value"] + half, color=color, alpha=0.2)
         ax.axhline(rows["value"].iloc[0], color="grey", linestyle="--", linewidth=1, label="base (step 0)")
         arrow = "↑" if rows["higher_is_better"].iloc[0] else "↓"
-        ax.set_title(f"{task} ({'new task' if role == 'new' else 'general'})")
+        ax.set_title(f"{task} ({ROLE_TITLES.get(role, role)})")
         ax.set_ylabel(f"{metric} {arrow} better")
         ax.set_xlabel("training step")
         ax.set_xscale("symlog", linthresh=1)
@@ -262,5 +265,30 @@ def plot_sweep(table: pd.DataFrame, target: float | None = None, title: str = ""
     axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_drift_forgetting(points: pd.DataFrame, r2: float, probe: str) -> Figure:
+    """A label-free drift probe (x, e.g. the KL from the base on new-task prompts) against the
+    general forgetting measured at the same snapshot (y), every run's snapshots joined in step
+    order, with the least-squares line over all points and its R^2 (``points``: run, step, drift,
+    forgetting, from :func:`forgetscope.metrics.drift_vs_forgetting`)."""
+    colors = _run_colors(points["run"])
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
+    for run, line in points.groupby("run", sort=False):
+        line = line.sort_values("step")
+        ax.plot(line["drift"], line["forgetting"] * 100, marker="o", markersize=4, linewidth=0.8, color=colors[run], label=run)
+    if len(points) >= 2 and points["drift"].nunique() > 1:
+        slope, intercept = np.polyfit(points["drift"], points["forgetting"] * 100, 1)
+        xs = np.linspace(points["drift"].min(), points["drift"].max(), 50)
+        ax.plot(xs, intercept + slope * xs, color="black", linestyle="--", linewidth=1, label=f"least squares, R² = {r2:.2f}")
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_xlabel(f"{probe} (label-free, at the snapshot)")
+    ax.set_ylabel("general forgetting (% mean relative drop)")
+    ax.set_title("Does the cheap probe predict forgetting?")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -2,8 +2,11 @@
 
 Policy (YAML; example in examples/release_policy.yaml)::
 
-    confidence: 0.95          # two-sided level of the paired bootstrap CI of each drop
-    decide_on: upper          # upper | estimate: which end of the drop decides (see below)
+    confidence: 0.95          # one-sided confidence of each probe's non-inferiority test
+    decide_on: upper          # upper | estimate: the test decides, or the point estimate (see below)
+    correction: holm          # holm | bh | none: adjustment across the general probes tested
+    power: 0.8                # for the advice on inconclusive probes: items needed at this power
+    at_chance: exclude        # exclude | keep probes whose base is not above chance in max_general_forgetting
     new:                      # minimum scores of the new task(s) at the checked step
       numerals: {min: 0.9}
     general:                  # allowed drops of the general probes ("default" covers the rest)
@@ -12,13 +15,22 @@ Policy (YAML; example in examples/release_policy.yaml)::
       default: {max_relative_drop: 0.10}
     max_general_forgetting: 0.05   # optional: the mean relative drop over the probes
 
-How the CI enters the verdict: with ``decide_on: upper`` (the default) a probe passes only when
-the *upper* end of its drop's confidence interval is within the limit, i.e. the data show, at that
-confidence, that the model did not lose more than allowed; a drop whose interval straddles the
-limit fails as *inconclusive* (score more items to narrow it). ``decide_on: estimate`` compares
-the point estimate instead (lenient; for exploratory gates). New-task minimums compare the point
-estimate. Drops are sign-correct (positive = worse; see docs/METRICS.md); a relative limit
-divides the drop and its interval by ``abs(v_0)``.
+Each general probe is a **non-inferiority test** (docs/METRICS.md): H0 "the drop is at least the
+limit" against H1 "the drop is below it", one-sided at ``confidence``, by the paired bootstrap over
+items (p-value: the share of bootstrap drops at or above the limit). The p-values of the probes
+are adjusted for testing several (Holm by default: the PASS marks hold jointly with probability
+``confidence``; ``bh``: the share of wrong PASS marks is controlled instead), and a probe passes when
+its adjusted p-value is at most ``1 - confidence``. The table shows each drop's one-sided upper
+bound at the matching adjusted level, so a bound within the limit means a pass. A probe whose
+estimate is within the limit but whose test does not pass is *inconclusive*: the gate says how
+many items would decide it at ``power`` if the drop and its variance stay as observed, and fails.
+(The verdict needs every probe to pass, an intersection-union test that holds its level even
+without adjustment; the adjustment is what makes each probe's PASS defensible on its own.)
+``decide_on: estimate`` compares the point estimate instead (lenient; for exploratory gates).
+New-task minimums compare the point estimate. Drops are sign-correct (positive = worse); a
+relative limit divides the drop and its replicates by ``abs(v_0)``. A probe whose base score is
+not clearly above chance (one-sided binomial test at ``confidence``) is flagged: it cannot show
+forgetting, and ``max_general_forgetting`` leaves it out unless ``at_chance: keep``.
 
 Exit codes of ``forgetscope gate``: 0 pass, 1 fail, 2 unusable input (bad policy, not a run,
 a probe the policy names but the run lacks).
@@ -30,6 +42,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+import pandas as pd
 import yaml
 
 from forgetscope import io, metrics, results, schema, stats
@@ -55,8 +69,11 @@ class Limit:
 class Policy:
     """A release policy (see the module documentation)."""
 
-    confidence: float = option(0.95, "two-sided confidence level of the paired bootstrap CI of each drop")
-    decide_on: Literal["upper", "estimate"] = option("upper", "upper: the CI's upper end must be within the limit; estimate: the point estimate")
+    confidence: float = option(0.95, "one-sided confidence of each probe's non-inferiority test (and of the above-chance test)")
+    decide_on: Literal["upper", "estimate"] = option("upper", "upper: the (adjusted) non-inferiority test decides; estimate: the point estimate")
+    correction: Literal["holm", "bh", "none"] = option("holm", "adjustment across the general probes: holm (family-wise), bh (false discovery rate), none")
+    power: float = option(0.8, "power at which the gate says how many items would decide an inconclusive probe")
+    at_chance: Literal["exclude", "keep"] = option("exclude", "probes at chance at the base: left out of max_general_forgetting, or kept")
     new: dict[str, Any] = option({}, "new task -> {min: score}")
     general: dict[str, Any] = option({}, "general probe (or 'default') -> {max_drop | max_relative_drop}")
     max_general_forgetting: float | None = option(None, "largest allowed mean relative drop over the general probes")
@@ -78,6 +95,8 @@ def load_policy(path: str | Path) -> Policy:
     policy = schema.build(Policy, data, "", problems)
     if not 0.5 <= policy.confidence < 1:
         problems.append(f"confidence: {policy.confidence} must be in [0.5, 1), e.g. 0.95")
+    if not 0.5 <= policy.power < 1:
+        problems.append(f"power: {policy.power} must be in [0.5, 1), e.g. 0.8")
     for role in ("new", "general"):
         for name, entry in (getattr(policy, role) or {}).items():
             limit = schema.build(Limit, entry, f"{role}.{name}.", problems)
@@ -106,12 +125,17 @@ def check(run: str | Path, policy: Policy, step: int | None = None) -> dict:
     step = int(table["step"].max()) if step is None else step
     if step not in set(table["step"]):
         raise GateError(f"{root}: no evaluation at step {step}; evaluated steps: {sorted(set(table['step']))}")
-    rows = metrics.primary_rows(table[table["step"].isin([0, step])])
+    alpha = 1 - policy.confidence
+    rows = metrics.primary_rows(table[table["step"].isin([0, step])], alpha=alpha)
     at = rows[rows["step"] == step].set_index("task")
     for role, name in policy.limits:
         if name != "default" and (name not in at.index or at.loc[name, "role"] != role):
+            if name not in at.index and name in set(table["task"]):
+                full = sorted(set(table[table["task"] == name]["step"]))
+                raise GateError(f"policy {role}.{name}: step {step} was scored on the cheap probes only (a cascade step); "
+                                f"pass --step with a full-battery step: {full}")
             raise GateError(f"policy {role}.{name}: the run has no {role} eval {name!r}; it has {', '.join(sorted(at.index))}")
-    checks = []
+    checks, tests = [], []
     for task, row in at.sort_values("role", key=lambda r: r != "new", kind="stable").iterrows():
         limit = policy.limits.get((row["role"], task)) or (policy.limits.get(("general", "default")) if row["role"] == "general" else None)
         if limit is None:
@@ -121,60 +145,108 @@ def check(run: str | Path, policy: Policy, step: int | None = None) -> dict:
             checks.append({"name": task, "role": "new", "metric": row["metric"], "value": float(row["value"]),
                            "limit": f">= {limit.min:g}", "passed": bool(ok), "note": "" if ok else "below the minimum score"})
             continue
-        ci = stats.paired_delta(layout, task, row["metric"], step, confidence=policy.confidence) if step else \
-            {"delta": 0.0, "low": 0.0, "high": 0.0}
-        drop, low, high = stats.as_drop(ci, bool(row["higher_is_better"]))
-        relative = limit.max_relative_drop is not None
-        scale = abs(row["v0"]) if relative and row["v0"] else 1.0
-        drop, low, high = drop / scale, low / scale, high / scale
-        bound = high if policy.decide_on == "upper" else drop
-        allowed = limit.max_relative_drop if relative else limit.max_drop
-        ok = bound <= allowed
-        note = "" if ok else ("inconclusive: the estimate is within the limit but the CI is not; score more items"
-                              if drop <= allowed else "drop exceeds the limit")
-        checks.append({"name": task, "role": "general", "metric": row["metric"], "base": float(row["v0"]),
-                       "value": float(row["value"]), "drop": drop, "low": low, "high": high, "relative": relative,
-                       "limit": f"<= {allowed:g}{' relative' if relative else ''}", "passed": bool(ok), "note": note})
+        checks.append(_probe_check(layout, task, row, limit, step))
+        tests.append(checks[-1])
+    _decide(tests, policy)
     if policy.max_general_forgetting is not None:
-        forgetting = metrics.general_forgetting(rows)
-        value = float(forgetting[forgetting["step"] == step]["forgetting"].iloc[0]) if len(forgetting) else 0.0
-        ok = value <= policy.max_general_forgetting
-        checks.append({"name": "general forgetting", "role": "general", "metric": "mean relative drop", "value": value,
-                       "limit": f"<= {policy.max_general_forgetting:g}", "passed": bool(ok),
-                       "note": "" if ok else "mean relative drop exceeds the limit"})
+        forgetting = metrics.general_forgetting(rows, keep_at_chance=policy.at_chance == "keep")
+        value = forgetting[forgetting["step"] == step]["forgetting"]
+        ok = len(value) and float(value.iloc[0]) <= policy.max_general_forgetting
+        note = "" if ok else ("mean relative drop exceeds the limit" if len(value) else
+                              "no general probe is above chance at the base: nothing can show forgetting")
+        left = metrics.left_out(rows).get(str(at["run"].iloc[0]), []) if policy.at_chance == "exclude" else []
+        note = "; ".join(filter(None, [note, f"leaves out {', '.join(left)} (at chance)" if left else ""]))
+        checks.append({"name": "general forgetting", "role": "general", "metric": "mean relative drop",
+                       "value": float(value.iloc[0]) if len(value) else None,
+                       "limit": f"<= {policy.max_general_forgetting:g}", "passed": bool(ok), "note": note})
     return {"run": root.name, "path": str(root), "step": step, "confidence": policy.confidence,
-            "decide_on": policy.decide_on, "verdict": "pass" if all(c["passed"] for c in checks) else "fail",
-            "checks": checks}
+            "decide_on": policy.decide_on, "correction": policy.correction, "probes_tested": len(tests),
+            "verdict": "pass" if all(c["passed"] for c in checks) else "fail", "checks": checks}
+
+
+def _probe_check(layout: RunLayout, task: str, row, limit: Limit, step: int) -> dict:
+    """One general probe's drop (relative when its limit is), bootstrap replicates and raw
+    non-inferiority p-value; the decision comes later, across probes (:func:`_decide`)."""
+    delta, boot, n = stats.paired_bootstrap(layout, task, row["metric"], step)
+    sign = -1.0 if row["higher_is_better"] else 1.0
+    relative = limit.max_relative_drop is not None
+    scale = abs(row["v0"]) if relative and row["v0"] else 1.0
+    drop, boot_drop = sign * delta / scale, sign * boot / scale
+    allowed = limit.max_relative_drop if relative else limit.max_drop
+    chance = None if pd.isna(row["chance"]) else float(row["chance"])
+    return {"name": task, "role": "general", "metric": row["metric"], "base": float(row["v0"]), "value": float(row["value"]),
+            "drop": drop, "se": float(boot_drop.std(ddof=1)), "n": n, "relative": relative, "allowed": allowed,
+            "p": stats.p_noninferior(boot_drop, allowed), "chance": chance, "at_chance": bool(row["at_chance"]),
+            "limit": f"<= {allowed:g}{' relative' if relative else ''}", "_boot": boot_drop}
+
+
+def _decide(tests: list[dict], policy: Policy) -> None:
+    """Adjust the probes' p-values across the family, decide each, show the bound at the matching
+    level, and say how many items would decide an inconclusive probe."""
+    alpha, m = 1 - policy.confidence, len(tests)
+    for test, p_adj in zip(tests, stats.adjust([t["p"] for t in tests], policy.correction)):
+        test["p_adj"] = p_adj
+    rejected = sum(t["p_adj"] <= alpha for t in tests)
+    level = stats.adjusted_alpha(alpha, m, rejected, policy.correction)
+    family_alpha = alpha / m if policy.correction != "none" and m else alpha  # enough for any rank, Holm or BH
+    for t in tests:
+        t["bound"], t["bound_level"] = float(np.percentile(t.pop("_boot"), 100 * (1 - level))), 1 - level
+        ok = t["p_adj"] <= alpha if policy.decide_on == "upper" else t["drop"] <= t["allowed"]
+        notes = []
+        if not ok and t["drop"] >= t["allowed"]:
+            notes.append("drop exceeds the limit")
+        elif not ok:
+            t["items_needed"] = stats.items_to_decide(t["drop"], t["se"], t["n"], t["allowed"], family_alpha, policy.power)
+            t["mde"] = stats.detectable(t["se"], family_alpha, policy.power)
+            notes.append(f"inconclusive: within the limit but not shown to be; about {t['items_needed']} items (now {t['n']}) "
+                         f"would decide it at {policy.power:.0%} power if the drop stays {t['drop']:+.4f} (raise evals.limit); "
+                         f"at {t['n']} items only drops {t['mde']:.4f} or more below the limit pass reliably")
+        if t["at_chance"]:
+            notes.append(f"base at chance ({t['base']:.3g}; guessing {t['chance']:.3g}): this probe cannot show forgetting")
+        t["passed"], t["note"] = bool(ok), "; ".join(notes)
+
+
+def _pvalue(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def _row(c: dict) -> list[str]:
     if "drop" in c:
         value = f"{c['base']:.4g} → {c['value']:.4g}"
-        measured = f"{c['drop']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]"
+        measured = f"{c['drop']:+.4f} (≤ {c['bound']:+.4f})"
+        p = _pvalue(c["p_adj"])
     else:
-        value, measured = f"{c['value']:.4g}", ""
-    return [("PASS" if c["passed"] else "FAIL"), c["name"], c["metric"], value, measured, c["limit"], c["note"]]
+        value, measured, p = "–" if c["value"] is None else f"{c['value']:.4g}", "", ""
+    return [("PASS" if c["passed"] else "FAIL"), c["name"], c["metric"], value, measured, c["limit"], p, c["note"]]
 
 
-HEAD = ["", "check", "metric", "value", "drop [CI]", "limit", "note"]
+def _head(result: dict) -> list[str]:
+    return ["", "check", "metric", "value", "drop (upper bound)", "limit", f"p ({result['correction']})", "note"]
+
+
+def _method(result: dict) -> str:
+    adjusted = {"holm": "Holm-adjusted", "bh": "Benjamini-Hochberg-adjusted", "none": "unadjusted"}[result["correction"]]
+    return (f"non-inferiority at {result['confidence']:.0%}, one-sided, {adjusted} across {result['probes_tested']} "
+            f"probes; decided on the {'test' if result['decide_on'] == 'upper' else 'estimate'}")
 
 
 def render_text(result: dict) -> str:
     """The verdict table for a terminal."""
-    rows = [HEAD, *map(_row, result["checks"])]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(HEAD))]
+    head = _head(result)
+    rows = [head, *map(_row, result["checks"])]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
-    return "\n".join([*lines, "", f"verdict: {result['verdict'].upper()} ({result['run']}, step {result['step']}, "
-                      f"{result['confidence']:.0%} CI, decided on the {result['decide_on']})"])
+    return "\n".join([*lines, "", f"verdict: {result['verdict'].upper()} ({result['run']}, step {result['step']}, {_method(result)})"])
 
 
 def render_markdown(result: dict) -> str:
     """The verdict as Markdown, fit for a CI comment."""
     icon = "✅" if result["verdict"] == "pass" else "❌"
+    head = _head(result)
     lines = [f"### {icon} forgetscope release gate: **{result['verdict'].upper()}**", "",
-             f"Run `{result['run']}` at step {result['step']}; drops are positive when worse, with paired "
-             f"{result['confidence']:.0%} bootstrap CIs; decided on the CI's {result['decide_on']} end.", "",
-             "| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
+             f"Run `{result['run']}` at step {result['step']}; drops are positive when worse, paired over items; "
+             f"{_method(result)}. A bound within the limit is a pass.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in _row(c)) + " |" for c in result["checks"]]
     return "\n".join(lines) + "\n"
 

@@ -8,6 +8,11 @@ Notation: ``v_t`` is a task's primary metric at step ``t`` and ``v_0`` its value
 * gain (the new task, positive = better) ``= -drop_t``.
 * general forgetting ``F_t = sum_p w_p * reldrop_{p,t} / sum_p w_p`` over the general probes
   ``p`` (weights ``w_p``, default 1): relative, so probes in different units can be averaged.
+  Probes whose base score is not clearly above chance are left out (they cannot show a drop),
+  and ``F_t`` exists only at steps where every remaining probe was scored.
+* chance-adjusted drop of an accuracy ``(v_0 - v_t) / (v_0 - c)``, ``c`` the chance level: the
+  share of the base's above-chance skill lost (``1 -`` the chance-adjusted accuracy
+  ``(v_t - c) / (v_0 - c)``).
 """
 
 from __future__ import annotations
@@ -17,41 +22,87 @@ import math
 import numpy as np
 import pandas as pd
 
+from forgetscope import stats
 from forgetscope.curves import primary_metric
 
+CHANCE_ALPHA = 0.05  # a base score is "clearly above chance" when the one-sided binomial p is below this
+KL_PROBE = "new_task_kl"  # KL(base || current) on new-task prompts (forgetscope.cascade), role "drift"
 
-def primary_rows(table: pd.DataFrame) -> pd.DataFrame:
+
+def primary_rows(table: pd.DataFrame, alpha: float = CHANCE_ALPHA) -> pd.DataFrame:
     """The rows of each (run, task)'s primary metric, with ``v0`` (its step-0 value), ``delta``,
-    ``rel_delta``, ``drop`` and ``rel_drop`` per step."""
+    ``rel_delta``, ``drop`` and ``rel_drop`` per step; for accuracies with a ``chance`` column (from
+    :func:`forgetscope.results.load_runs`) also ``adj_drop`` (the chance-adjusted drop),
+    ``p_above_chance`` (:func:`forgetscope.stats.above_chance_p` of the base score) and
+    ``at_chance`` (that p is not below ``alpha``)."""
     parts = []
     for _, group in table.groupby(["run", "task"], sort=False):
         metric = primary_metric(list(group["metric"].unique()))
         rows = group[group["metric"] == metric].sort_values("step").copy()
-        base = rows.loc[rows["step"] == 0, "value"]
-        rows["v0"] = float(base.iloc[0]) if len(base) else math.nan
+        base = rows[rows["step"] == 0]
+        v0 = float(base["value"].iloc[0]) if len(base) else math.nan
+        chance = float(rows["chance"].iloc[0]) if "chance" in rows else math.nan
+        n0 = base["n"].iloc[0] if len(base) else math.nan
+        known = not (math.isnan(v0) or math.isnan(chance) or pd.isna(n0))
+        p = stats.above_chance_p(v0, int(n0), chance) if known else math.nan
+        rows["v0"], rows["p_above_chance"], rows["at_chance"] = v0, p, known and p >= alpha
         parts.append(rows)
-    out = pd.concat(parts, ignore_index=True) if parts else table.assign(v0=[])
+    out = pd.concat(parts, ignore_index=True) if parts else table.assign(v0=[], p_above_chance=[], at_chance=[])
+    if "chance" not in out:
+        out["chance"] = math.nan
     out["delta"] = out["value"] - out["v0"]
     out["rel_delta"] = out["delta"] / out["v0"].abs().replace(0, math.nan)
     sign = np.where(out["higher_is_better"].astype(bool), -1.0, 1.0)
     out["drop"] = sign * out["delta"]
     out["rel_drop"] = sign * out["rel_delta"]
+    above = (out["v0"] - out["chance"]).where(lambda gap: gap > 0)
+    out["adj_drop"] = out["drop"] / above
     return out
 
 
-def general_forgetting(rows: pd.DataFrame, weights: dict[str, float] | None = None) -> pd.DataFrame:
+def general_forgetting(rows: pd.DataFrame, weights: dict[str, float] | None = None, keep_at_chance: bool = False) -> pd.DataFrame:
     """Per run and step: ``F_t``, the weighted mean relative drop over the general probes.
 
     ``rows`` comes from :func:`primary_rows`; ``weights`` maps probe -> weight (missing: 1; a
-    probe with weight 0 is left out). Returns columns run, step, tokens, forgetting.
+    probe with weight 0 is left out). Probes at chance at the base are left out unless
+    ``keep_at_chance``. Steps where only some probes were scored (the cheap steps of a cascade)
+    get no ``F_t``. Returns columns run, step, tokens, forgetting.
     """
     general = rows[rows["role"] == "general"].copy()
     general["w"] = general["task"].map(lambda t: (weights or {}).get(t, 1.0)).astype(float)
-    general = general[general["w"] > 0]
+    general = general[(general["w"] > 0) & (keep_at_chance | ~general["at_chance"].astype(bool))]
+    counts = general.groupby(["run", "step"])["task"].transform("nunique")
+    general = general[counts == general.groupby("run")["task"].transform("nunique")]
     general["wx"] = general["w"] * general["rel_drop"]
     grouped = general.groupby(["run", "step"], sort=True)
     out = (grouped["wx"].sum() / grouped["w"].sum()).rename("forgetting").reset_index()
     return out.merge(grouped["tokens"].first().reset_index(), on=["run", "step"])
+
+
+def left_out(rows: pd.DataFrame) -> dict[str, list[str]]:
+    """{run: general probes left out of general forgetting because their base is at chance}."""
+    at = rows[(rows["role"] == "general") & rows["at_chance"].astype(bool)]
+    return {run: sorted(group["task"].unique()) for run, group in at.groupby("run", sort=False)}
+
+
+def drift_vs_forgetting(table: pd.DataFrame, probe: str, weights: dict[str, float] | None = None,
+                        keep_at_chance: bool = False) -> pd.DataFrame:
+    """Per run and step where both exist: a label-free drift probe's value (e.g. ``new_task_kl``)
+    and the general forgetting ``F_t``. Columns run, step, drift, forgetting."""
+    rows = primary_rows(table)
+    drift = rows[rows["task"] == probe][["run", "step", "value"]].rename(columns={"value": "drift"})
+    return drift.merge(general_forgetting(rows, weights, keep_at_chance)[["run", "step", "forgetting"]], on=["run", "step"])
+
+
+def r_squared(x: np.ndarray, y: np.ndarray) -> float:
+    """Coefficient of determination of the least-squares line ``y = a + b x``:
+    ``R^2 = 1 - sum (y - a - b x)^2 / sum (y - mean y)^2`` (= Pearson's r squared). NaN with fewer
+    than 3 points or no spread."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan
+    slope, intercept = np.polyfit(x, y, 1)
+    return float(1 - np.sum((y - intercept - slope * x) ** 2) / np.sum((y - y.mean()) ** 2))
 
 
 def crossing(steps: np.ndarray, values: np.ndarray, target: float) -> float | None:
@@ -75,8 +126,9 @@ def trapezoid_mean(steps: np.ndarray, values: np.ndarray) -> float:
     return area / float(steps[-1] - steps[0])
 
 
-def run_summary(table: pd.DataFrame, target: float | None = None, weights: dict[str, float] | None = None) -> pd.DataFrame:
-    """One row per run:
+def run_summary(table: pd.DataFrame, target: float | None = None, weights: dict[str, float] | None = None,
+                keep_at_chance: bool = False) -> pd.DataFrame:
+    """One row per run (general forgetting as in :func:`general_forgetting`):
 
     * ``gain_final`` / ``gain_best``: the new task's ``v_T - v_0`` / ``max_t (v_t - v_0)``
       (sign-correct; the first new task when there are several);
@@ -87,7 +139,7 @@ def run_summary(table: pd.DataFrame, target: float | None = None, weights: dict[
       ``F`` interpolated linearly at that step (forgetting at matched learning).
     """
     rows = primary_rows(table)
-    forgetting = general_forgetting(rows, weights)
+    forgetting = general_forgetting(rows, weights, keep_at_chance)
     out = []
     for run, group in rows.groupby("run", sort=False):
         new = group[group["role"] == "new"]

@@ -216,6 +216,29 @@ class EvalConfig:
 
 
 @dataclass
+class CascadeConfig:
+    """Cheap label-free probes at every probe step; the full battery at the snapshots and where a cheap probe moves."""
+
+    every: int | None = option(
+        None, "Probe every N training steps between the snapshots (cheap probes only, unless a threshold is crossed; "
+        "no weights are kept there). null: probe at the snapshots only."
+    )
+    cheap: list[str] = option(["base_samples_ppl"], "Label-free probes (evals of evals.general) scored at every probe step.")
+    cheap_threshold: float = option(
+        0.05, "Score the full battery where a cheap probe's primary metric (base_samples_ppl: bits per byte) has moved "
+        "this much since the last full battery. 0: the full battery at every probe step (to calibrate, see README)."
+    )
+    kl: bool = option(True, "Also measure new_task_kl, KL(base || current) on new-task prompts (Shenfeld et al. 2025), at every probe step.")
+    kl_threshold: float = option(
+        1.0, "Score the full battery where new_task_kl (nats per token) has moved this much since the last full battery "
+        "(on SmolLM2-135M about 2-3 points of general forgetting)."
+    )
+    kl_prompts: int = option(32, "New-task prompts (from the training data; no labels used) the KL probe samples the base's answers to.")
+    kl_tokens: int = option(32, "Length of each sampled answer, in tokens.")
+    kl_topk: int = option(64, "Full fine-tuning: the base's log-probs kept per position (LoRA: the adapter-disabled model gives the exact KL).")
+
+
+@dataclass
 class StageConfig:
     """One stage of a sequence: a new task trained after the stages before it."""
 
@@ -247,6 +270,7 @@ class Recipe:
     replay: ReplayConfig | None = option(None, "Replay settings (null: plain fine-tuning).")
     snapshots: SnapshotConfig = option(None, "Snapshot schedule (with `stages`: the schedule of each stage).")
     evals: EvalConfig = option(None, "Evaluation suite.")
+    cascade: CascadeConfig | None = option(None, "Evaluation cascade (null: the full battery at every snapshot).")
     stages: list[dict[str, Any]] = option(
         [],
         "A sequence of new tasks trained one after another (each: task, steps, lr, evals, replay; see "
@@ -266,7 +290,7 @@ class Recipe:
         for f in dataclasses.fields(self):
             hint = hints(Recipe)[f.name]
             cls = section_class(hint)
-            if cls is not None and getattr(self, f.name) is None and f.name not in ("lora", "replay"):
+            if cls is not None and getattr(self, f.name) is None and f.name not in ("lora", "replay", "cascade"):
                 setattr(self, f.name, cls())
         if self.method == "lora" and self.lora is None:
             self.lora = LoraSettings()
@@ -469,6 +493,7 @@ def _check(recipe: Recipe, data: dict[str, Any]) -> list[str]:
     if recipe.replay and t.packing:
         problems.append("train.packing: not with replay (each batch is split between new-task and replay examples); "
                         "set train.packing: false")
+    problems += _check_cascade(recipe)
     if recipe.stages:
         problems += _check_stages(recipe, data)
     else:
@@ -530,6 +555,23 @@ def _check_report_to(names: list[str]) -> list[str]:
                             f"(transformers knows: {', '.join(sorted(INTEGRATION_TO_CALLBACK))})")
         elif name not in get_available_reporting_integrations():
             problems.append(f"train.report_to: {name!r} is not installed; pip install {name.replace('_', '-')}, or remove it")
+    return problems
+
+
+def _check_cascade(recipe: Recipe) -> list[str]:
+    c = recipe.cascade
+    if c is None:
+        return []
+    problems = [f"cascade.cheap: {name!r} is not in evals.general; add it there or drop it from cascade.cheap "
+                "(cascade.cheap: [] keeps the KL probe alone)" for name in c.cheap if name not in recipe.evals.general]
+    if c.every is not None and c.every <= 0:
+        problems.append(f"cascade.every: must be positive or null, got {c.every}")
+    if c.cheap_threshold < 0 or c.kl_threshold < 0:
+        problems.append("cascade.cheap_threshold and cascade.kl_threshold: must be 0 or more")
+    if min(c.kl_prompts, c.kl_tokens, c.kl_topk) <= 0:
+        problems.append("cascade.kl_prompts, kl_tokens and kl_topk: must be positive")
+    if recipe.stages:
+        problems.append("cascade: not available with stages yet; remove the cascade section")
     return problems
 
 

@@ -25,22 +25,33 @@ class Analysis:
     table: pd.DataFrame  # tidy curves of all runs
     summary: pd.DataFrame  # one row per run, ranked (metrics.run_summary + rank_runs)
     drops: pd.DataFrame  # run, task, metric, step, drop, low, high: general probes, paired 95% CI
-    finals: pd.DataFrame  # run, task, role, metric, base, final, drop, low, high, p_mcnemar, forgotten, learned, n
+    finals: pd.DataFrame  # run, task, role, metric, base, final, drop, low, high, p, p_adj, chance, adj_drop, at_chance, flips
     items: pd.DataFrame  # probe, item_id, text, runs, first_step, change: the most-forgotten items
     sequences: list[dict]  # runs with stages: run, figure (sequence.png), matrix metrics
+    correction: str  # holm | bh | none: adjustment of each run's general probes' p-values
+    left_out: dict[str, list[str]]  # run -> general probes left out of general forgetting (at chance)
+    drift: pd.DataFrame  # run, step, drift, forgetting: the KL probe against general forgetting, per snapshot
+    cascades: list[dict]  # runs with a cascade: run, probe steps, full-battery steps and why, evaluation time
     replay: dict[str, pd.DataFrame] = field(default_factory=dict)  # runs with replay: their training log (replay_logs)
 
 
-def analyse(paths: list[str | Path], target: float | None = None, weights: dict[str, float] | None = None) -> Analysis:
-    """Load the runs in ``paths`` and compute the report's tables (see docs/METRICS.md)."""
+def analyse(paths: list[str | Path], target: float | None = None, weights: dict[str, float] | None = None,
+            correction: str = "holm", keep_at_chance: bool = False) -> Analysis:
+    """Load the runs in ``paths`` and compute the report's tables (see docs/METRICS.md).
+
+    ``correction`` (holm | bh | none) adjusts the p-values of each run's general probes at its last
+    step, which decide the "worse / better beyond noise" verdicts; probes whose base is not clearly
+    above chance are left out of general forgetting unless ``keep_at_chance``."""
     runs = results.load_runs(paths)
     table = pd.concat([t for _, t in runs], ignore_index=True)
     rows = metrics.primary_rows(table)
-    summary = metrics.rank_runs(metrics.run_summary(table, target=target, weights=weights))
-    drops, finals, forgotten, sequences = [], [], [], []
+    summary = metrics.rank_runs(metrics.run_summary(table, target=target, weights=weights, keep_at_chance=keep_at_chance))
+    drops, finals, forgotten, sequences, cascades = [], [], [], [], []
     for root, run_table in runs:
         layout = RunLayout(root)
         run = run_table["run"].iloc[0]
+        if layout.read_manifest().get("cascade"):
+            cascades.append(_cascade_entry(run, layout.read_manifest()["cascade"]))
         sequence = layout.read_manifest().get("sequence")
         if sequence and (root / "sequence.png").is_file():
             sequences.append({"run": run, "figure": root / "sequence.png", **sequence})
@@ -50,22 +61,45 @@ def analyse(paths: list[str | Path], target: float | None = None, weights: dict[
             for step in sorted(line["step"]):
                 if role != "general" and step != last:
                     continue
-                ci = stats.paired_delta(layout, task, metric, step) if step else {"delta": 0.0, "low": 0.0, "high": 0.0, "n": 0}
+                ci = stats.paired_delta(layout, task, metric, step) if step else {"delta": 0.0, "low": 0.0, "high": 0.0, "n": 0, "p": 1.0}
                 drop, low, high = stats.as_drop(ci, bool(higher))
                 if role == "general":
                     drops.append({"run": run, "task": task, "metric": metric, "step": step, "drop": drop, "low": low, "high": high})
                 if step == last:
                     flip = stats.flips(layout, task, metric, step) or {}
-                    value = line.set_index("step")["value"]
+                    end = line.set_index("step").loc[step]
                     finals.append({"run": run, "task": task, "role": role, "metric": metric, "higher_is_better": bool(higher),
-                                   "base": float(value.get(0, math.nan)), "final": float(value[step]), "drop": drop, "low": low,
-                                   "high": high, "n": ci["n"], "p_mcnemar": flip.get("p_mcnemar"),
+                                   "base": float(end["v0"]), "final": float(end["value"]), "drop": drop, "low": low,
+                                   "high": high, "n": ci["n"], "p": ci["p"], "p_adj": ci["p"], "chance": end["chance"],
+                                   "adj_drop": end["adj_drop"], "at_chance": bool(end["at_chance"]) and role == "general",
+                                   "p_mcnemar": flip.get("p_mcnemar"),
                                    "forgotten": len(flip["forgotten"]) if flip else None,
-                                   "learned": len(flip["learned"]) if flip else None})
+                                   "learned": len(flip["learned"]) if flip else None,
+                                   "forgotten_adj": flip.get("forgotten_adj"), "learned_adj": flip.get("learned_adj")})
             if role == "general":
                 forgotten.extend(_forgotten_items(layout, run, task, metric, bool(higher), sorted(line["step"])))
+        family = [f for f in finals if f["run"] == run and f["role"] == "general"]
+        for entry, p_adj in zip(family, stats.adjust([f["p"] for f in family], correction)):
+            entry["p_adj"] = p_adj
+    drift = metrics.drift_vs_forgetting(table, metrics.KL_PROBE, weights, keep_at_chance)
     return Analysis(table, summary, pd.DataFrame(drops), pd.DataFrame(finals), _top_items(pd.DataFrame(forgotten)), sequences,
+                    correction, {} if keep_at_chance else metrics.left_out(rows), drift, cascades,
                     replay_logs([root for root, _ in runs]))
+
+
+def _cascade_entry(run: str, record: dict) -> dict:
+    """A run's cascade from its manifest: how many probe steps, which got the full battery and why,
+    and the evaluation time against an estimate of the full battery at every probe step (the
+    cheap probes' measured time everywhere, plus the mean time of the rest of the battery at the
+    full steps after step 0, whose scores are often cached, at every step)."""
+    steps = {int(s): e for s, e in record["steps"].items()}
+    full = [s for s in sorted(steps) if steps[s]["full"]]
+    rest = [steps[s]["full_s"] for s in full if s > 0] or [steps[s]["full_s"] for s in full]
+    spent = sum(e["cheap_s"] + e["kl_s"] + e["full_s"] for e in steps.values())
+    everywhere = sum(e["cheap_s"] for e in steps.values()) + (sum(rest) / len(rest)) * len(steps)
+    return {"run": run, "probe_steps": len(steps), "full_steps": full,
+            "triggered": [f"{s}: {steps[s]['reason']}" for s in full if steps[s]["reason"] != "scheduled"],
+            "eval_s": spent, "eval_s_everywhere": everywhere}
 
 
 def replay_logs(roots: list[Path]) -> dict[str, pd.DataFrame]:
@@ -122,9 +156,10 @@ def _top_items(items: pd.DataFrame) -> pd.DataFrame:
 
 
 def write(paths: list[str | Path], out_dir: str | Path, target: float | None = None,
-          weights: dict[str, float] | None = None, title: str = "forgetscope report") -> tuple[Path, Path]:
+          weights: dict[str, float] | None = None, title: str = "forgetscope report", correction: str = "holm",
+          keep_at_chance: bool = False) -> tuple[Path, Path]:
     """Write ``report.html`` (self-contained) and ``report.md`` (+ its PNG figures) into ``out_dir``."""
-    analysis = analyse(paths, target, weights)
+    analysis = analyse(paths, target, weights, correction, keep_at_chance)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = metrics.primary_rows(analysis.table)
@@ -136,6 +171,9 @@ def write(paths: list[str | Path], out_dir: str | Path, target: float | None = N
         pngs["forgetting"] = figures.save(figures.plot_forgetting(analysis.drops), out / "forgetting.png")
     if analysis.replay:
         pngs["replay"] = figures.save(figures.plot_replay(analysis.replay), out / "replay.png")
+    if len(analysis.drift):
+        r2 = metrics.r_squared(analysis.drift["drift"], analysis.drift["forgetting"])
+        pngs["drift"] = figures.save(figures.plot_drift_forgetting(analysis.drift, r2, metrics.KL_PROBE), out / "drift.png")
     for entry in analysis.sequences:  # copied beside the report, for the Markdown
         copy = out / f"sequence-{entry['run']}.png"
         io.write_bytes(copy, entry["figure"].read_bytes())
@@ -180,20 +218,53 @@ def _summary_rows(analysis: Analysis, target: float | None) -> tuple[list[str], 
     return head, body
 
 
+CORRECTIONS = {"holm": "Holm", "bh": "BH", "none": "unadjusted"}
+
+
 def _final_rows(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
-    head = ["run", "task", "metric", "base", "final", "change [95% CI]", "McNemar p", "right→wrong / wrong→right", "verdict"]
+    head = ["run", "task", "metric", "base", "final", "change [95% CI]", "above-chance skill lost",
+            f"p ({CORRECTIONS[analysis.correction]})", "McNemar p", "right→wrong / wrong→right (chance-adjusted)", "verdict"]
     body = []
     for r in analysis.finals.sort_values(["role", "task", "run"], ascending=[False, True, True]).to_dict("records"):
         sign = -1 if r["higher_is_better"] else 1  # drop -> raw change of the metric
         low, high = sorted((sign * r["low"], sign * r["high"]))
-        verdict = "worse" if r["low"] > 0 else ("better" if r["high"] < 0 else "")
+        significant = r["p_adj"] <= ALPHA
+        verdict = ("worse" if r["drop"] > 0 else "better") if significant else ""
+        verdict = "; ".join(filter(None, [verdict, "base at chance" if r["at_chance"] else ""]))
         arrow = "↑" if r["higher_is_better"] else "↓"
-        p = r["p_mcnemar"]
-        flips = "–" if pd.isna(r["forgotten"]) else f"{int(r['forgotten'])} / {int(r['learned'])}"
+        flips = "–" if pd.isna(r["forgotten"]) else (f"{int(r['forgotten'])} / {int(r['learned'])} "
+                                                     f"({r['forgotten_adj']:.1f} / {r['learned_adj']:.1f})")
         body.append([r["run"], f"{r['task']} ({r['role']})", f"{r['metric']} {arrow}", _fmt(r["base"], 4), _fmt(r["final"], 4),
-                     f"{sign * r['drop']:+.4f} [{low:+.4f}, {high:+.4f}]",
-                     "–" if pd.isna(p) else ("<0.001" if p < 0.001 else f"{p:.3f}"), flips, verdict])
+                     f"{sign * r['drop']:+.4f} [{low:+.4f}, {high:+.4f}]", _pct(r["adj_drop"]) if pd.notna(r["chance"]) else "–",
+                     _p(r["p_adj"]), _p(r["p_mcnemar"]), flips, verdict])
     return head, body
+
+
+def _p(p) -> str:
+    return "–" if p is None or pd.isna(p) else ("<0.001" if p < 0.001 else f"{p:.3f}")
+
+
+def _left_out_note(analysis: Analysis) -> str:
+    """Which probes general forgetting leaves out, per run (empty when none)."""
+    if not analysis.left_out:
+        return ""
+    runs = "; ".join(f"{run}: {', '.join(probes)}" for run, probes in analysis.left_out.items())
+    return (f"Left out of general forgetting, their base score not clearly above chance (one-sided binomial p ≥ "
+            f"{metrics.CHANCE_ALPHA:g}), so they cannot show a drop: {runs}.")
+
+
+def _cascade_rows(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
+    head = ["run", "probe steps", "full battery at", "triggered (cheap probe moved since the last full battery)",
+            "evaluation time", "full battery everywhere (est.)"]
+    return head, [[e["run"], str(e["probe_steps"]), ", ".join(map(str, e["full_steps"])), "; ".join(e["triggered"]) or "–",
+                   f"{e['eval_s']:.0f} s", f"{e['eval_s_everywhere']:.0f} s"] for e in analysis.cascades]
+
+
+def _drift_note(analysis: Analysis) -> str:
+    r2 = metrics.r_squared(analysis.drift["drift"], analysis.drift["forgetting"])
+    return (f"{metrics.KL_PROBE} = KL(base || snapshot) per token on new-task prompts, along the base's own answers "
+            f"(no labels); R² = {r2:.2f} over {len(analysis.drift)} snapshots of {analysis.drift['run'].nunique()} runs "
+            "(least squares of general forgetting on the KL). Shenfeld et al. 2025 report R² 0.96 (toy) and 0.71 (LLMs).")
 
 
 SEQUENCE_KEYS = ["average_accuracy", "backward_transfer", "forward_transfer", "mean_forgetting", "learning_accuracy"]
@@ -241,9 +312,12 @@ def _md_table(head: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+ALPHA = 0.05  # level of the report's "worse / better beyond noise" verdicts, after adjustment
 METHOD_NOTE = ("General forgetting = mean relative drop of the general probes' primary metrics from the base "
-               "(positive = worse); AUC = its average over training; drops carry paired 95% bootstrap CIs over "
-               "items, McNemar's exact test for accuracies. Formulas: docs/METRICS.md.")
+               "(positive = worse), probes at chance left out; AUC = its average over training; drops carry paired 95% "
+               "bootstrap CIs over items; verdicts use bootstrap p-values adjusted across each run's general probes "
+               "(at 5%); McNemar's exact test and flips for accuracies, with the flips guessing alone explains taken out "
+               "(chance-adjusted); above-chance skill lost = drop / (base - chance). Formulas: docs/METRICS.md.")
 
 
 def render_html(analysis: Analysis, pngs: dict[str, Path], title: str, target: float | None) -> str:
@@ -265,10 +339,14 @@ def render_html(analysis: Analysis, pngs: dict[str, Path], title: str, target: f
         f"<h1>{html.escape(title)}</h1>",
         f"<p class='note'>Runs: {html.escape(runs)}. Generated {datetime.now():%Y-%m-%d %H:%M} by forgetscope.</p>",
         "<h2>Summary</h2>", _html_table(*_summary_rows(analysis, target)), f"<p class='note'>{html.escape(METHOD_NOTE)}</p>",
+        *([f"<p class='note'>{html.escape(_left_out_note(analysis))}</p>"] if analysis.left_out else []),
         *(["<h2>Learning vs forgetting</h2>", img("frontier", "learning vs forgetting scatter with the Pareto frontier"),
            "<h2>New task</h2>", img("learning", "new-task learning curves")] if "learning" in pngs else []),
         *(["<h2>Forgetting curves</h2>", img("forgetting", "forgetting curve per general probe with 95% CI bands")]
           if "forgetting" in pngs else []),
+        *(["<h2>Cheap probes: KL from the base against forgetting</h2>", img("drift", "KL against general forgetting"),
+           f"<p class='note'>{html.escape(_drift_note(analysis))}</p>"] if "drift" in pngs else []),
+        *(["<h2>Evaluation cascade</h2>", _html_table(*_cascade_rows(analysis))] if analysis.cascades else []),
         *(["<h2>Sequences of new tasks</h2>", _html_table(*_sequence_rows(analysis)),
            *(img(f"sequence-{e['run']}", f"accuracy matrix and task curves of {e['run']}") for e in analysis.sequences)]
           if analysis.sequences else []),
@@ -287,9 +365,13 @@ def render_markdown(analysis: Analysis, title: str, target: float | None) -> str
         f"# {title}",
         _md_table(*_summary_rows(analysis, target)),
         f"_{METHOD_NOTE}_",
+        *([f"_{_left_out_note(analysis)}_"] if analysis.left_out else []),
         *(["![learning vs forgetting](frontier.png)", "![new task](learning.png)"]
           if (analysis.table["role"] == "new").any() else []),
         *(["![forgetting curves](forgetting.png)"] if not analysis.drops.empty else []),
+        *(["## Cheap probes: KL from the base against forgetting", "![KL against forgetting](drift.png)",
+           f"_{_drift_note(analysis)}_"] if len(analysis.drift) else []),
+        *(["## Evaluation cascade", _md_table(*_cascade_rows(analysis))] if analysis.cascades else []),
         *(["## Sequences of new tasks", _md_table(*_sequence_rows(analysis)),
            *(f"![{e['run']}](sequence-{e['run']}.png)" for e in analysis.sequences)] if analysis.sequences else []),
         *(["## Replay", _md_table(*_replay_rows(analysis)), "![replay](replay.png)"] if analysis.replay else []),

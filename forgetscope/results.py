@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from forgetscope import curves
+from forgetscope import curves, stats
 from forgetscope.errors import UserError
 from forgetscope.snapshots import RunLayout
 
@@ -40,15 +40,18 @@ def run_folders(paths: list[str | Path]) -> list[Path]:
 
 def load_runs(paths: list[str | Path]) -> list[tuple[Path, pd.DataFrame]]:
     """(folder, tidy curves) of every run in ``paths``: its ``curves.csv``, or for a run still
-    going (or stopped) the evaluations it has so far. Run names must be distinct."""
+    going (or stopped) the evaluations it has so far, plus a ``chance`` column (the accuracy of
+    guessing, for 0/1 metrics: :func:`forgetscope.stats.chance_level`). Run names must be distinct."""
     runs = []
     for root in run_folders(paths):
         layout = RunLayout(root)
         if layout.curves.is_file():
-            runs.append((root, pd.read_csv(layout.curves)))
+            table = pd.read_csv(layout.curves)
         else:
             method = str(layout.read_manifest().get("method", ""))
-            runs.append((root, curves.build_table(layout, run=root.name, recipe=root.name, method=method)))
+            table = curves.build_table(layout, run=root.name, recipe=root.name, method=method)
+        chance = {pair: stats.chance_level(layout, *pair) for pair in set(zip(table["task"], table["metric"]))}
+        runs.append((root, table.assign(chance=[chance[pair] for pair in zip(table["task"], table["metric"])]).astype({"chance": float})))
     names = [t["run"].iloc[0] for _, t in runs if len(t)]
     if len(names) != len(set(names)):
         raise ResultsError(f"two runs share the name {max(names, key=names.count)!r}; give them distinct names (`name:` in the recipe)")

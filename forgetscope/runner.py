@@ -15,7 +15,7 @@ import hashlib
 import time
 from pathlib import Path
 
-from forgetscope import data, distributed, evaluate, models, replay, sequence, train
+from forgetscope import cascade, data, distributed, evaluate, models, replay, sequence, train
 from forgetscope.recipe import Recipe
 from forgetscope.session import RunSession
 
@@ -63,12 +63,17 @@ def _run(recipe: Recipe, session: RunSession, run_hash: str) -> Path:
                   bf16=train.use_bf16(recipe.train.precision), processes=distributed.launched(),
                   trust_remote_code=recipe.trust_remote_code, allow_pickle=recipe.allow_pickle,
                   stages=sequence.manifest_entry(recipe) if recipe.stages else None)
+    probes = cascade.probe_steps(recipe.cascade, steps, recipe.train.steps) if recipe.cascade else []
+    if recipe.cascade:  # cheap probes at every probe step, the full battery where the cascade decides
+        with distributed.main_first():  # it needs the untouched base: before prepare_model
+            session.cascade = cascade.start(recipe, suite, steps, session.layout, model, tokenizer, chat, base_fp)
     model = train.prepare_model(model, recipe)
 
     def take(current, step: int, tokens: int) -> dict[str, float]:
         train.check_finite(current, step)
         meta = {"method": recipe.method, "recipe_hash": run_hash, "base": model_path}
-        return session.scalars(session.score(current, step, tokens, meta, weights=recipe.snapshots.keep_weights and step > 0))
+        weights = recipe.snapshots.keep_weights and step > 0 and step in steps  # probe steps keep no weights
+        return session.scalars(session.score(current, step, tokens, meta, weights=weights))
 
     def on_resume(checkpoint: str) -> None:
         print(f"forgetscope: resuming {session.root} from {checkpoint}")
@@ -77,7 +82,7 @@ def _run(recipe: Recipe, session: RunSession, run_hash: str) -> Path:
     tick = time.time()
     with session.failing():
         log_history = sequence.train_stages(recipe, model, tokenizer, stage_data, steps, take, session.root / "trainer",
-                                            base_fp, on_resume)
+                                            base_fp, on_resume, probes)
         train_seconds = time.time() - tick - sum(session.eval_s.values())
         method = f"{recipe.method} + {recipe.replay.source} replay ({recipe.replay.loss})" if recipe.replay else recipe.method
         session.write_train_log(log_history, title=f"{recipe.name}: training losses")

@@ -86,11 +86,12 @@ def load_weights(model, checkpoint: str) -> None:
 
 def train_stages(recipe: Recipe, model, tokenizer, stages: list[tuple[list[str], list[dict]]], steps: list[int],
                  take: Callable[[object, int, int], dict[str, float] | None], out_dir: Path, base_fingerprint: str,
-                 on_resume: Callable[[str], None]) -> list[dict]:
+                 on_resume: Callable[[str], None], probes: list[int] = ()) -> list[dict]:
     """Train every stage in turn on the same model; ``take(model, step, tokens)`` at each snapshot
     (global steps), whose scores go to the Trainer's log when the recipe sets ``train.report_to``. Before a stage with replay, the buffer is sampled from the model as it is then
     (the base for the first stage, ``base_fingerprint``), prompted (``replay.prompts: tasks``) with
     the earlier stages' prompts. ``on_resume(checkpoint)`` when a stage resumes from a checkpoint.
+    ``probes``: more steps to ``take`` (the cascade's probe steps), where no training state is saved.
     Returns the training log of all stages, with global steps (and a ``stage`` column for sequences)."""
     recipes, resumable = stage_recipes(recipe), recipe.snapshots.resumable
     record = out_dir / "stages.json"
@@ -115,11 +116,13 @@ def train_stages(recipe: Recipe, model, tokenizer, stages: list[tuple[list[str],
             return take(current, start + step, tokens + seen)
 
         last = index == len(recipes) - 1
-        callback = train.SnapshotCallback(local, take_global, resumable=resumable, save_at_end=not last)
+        callbacks = [train.SnapshotCallback(local, take_global, resumable=resumable, save_at_end=not last)]
+        callbacks += [train.SnapshotCallback([s - start for s in probes if start < s <= end], take_global)] if probes else []
         folder = out_dir / f"stage-{index + 1}"
-        trainer = train.make_trainer(model, tokenizer, stages[index][1], stage, str(folder), [callback], buffer)
+        trainer = train.make_trainer(model, tokenizer, stages[index][1], stage, str(folder), callbacks, buffer)
         if stage.train.report_to:
-            callback.report = trainer.log
+            for callback in callbacks:
+                callback.report = trainer.log
         checkpoint = train.latest_checkpoint(folder) if resumable else None
         if checkpoint:
             on_resume(str(Path(checkpoint).relative_to(out_dir)))

@@ -84,6 +84,7 @@ class RunSession:
         self.conflict = conflict
         self.main = main_process
         self.suite: evaluate.EvalSuite | None = None
+        self.cascade = None  # a forgetscope.cascade.Cascade: scores in its place when the recipe has one
         self.tokenizer = None
         self.eval_s: dict[str, float] = {}
         self.started = time.time()
@@ -161,7 +162,10 @@ class RunSession:
         if distributed.broadcast(step in self.layout.eval_steps()):
             return None
         tick = time.time()
-        evaluation = evaluate.evaluate_model(model, tokenizer, self.suite, base_only=step == 0)
+        if self.cascade is not None:
+            evaluation = self.cascade.score(model, tokenizer, step)
+        else:
+            evaluation = evaluate.evaluate_model(model, tokenizer, self.suite, base_only=step == 0)
         if not self.main:
             return None
         snapshots.save_eval(self.layout, step, tokens, evaluation)

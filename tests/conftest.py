@@ -63,3 +63,25 @@ def make_fake_run(root: Path, steps_items: dict[int, dict[str, object]], task="f
 def fake_run():
     """A factory of run folders with hand-made per-item results (no model involved)."""
     return make_fake_run
+
+
+def add_fake_probe(layout: RunLayout, task: str, steps_items: dict[int, dict[str, float]], choices: int = 1,
+                   role: str = "general") -> None:
+    """Add a 0/1 probe with ``choices`` answers per item to every step of a fake run (see
+    :func:`make_fake_run`); a step missing from ``steps_items`` leaves the probe unscored there."""
+    for step, items in steps_items.items():
+        folder = layout.eval_dir(step)
+        args = [[f"Q {task}?", f" choice {c}"] for c in range(choices)]
+        (folder / f"samples_{task}.jsonl").write_text("".join(
+            json.dumps({"item_id": k, "acc": v, "metrics": ["acc"], "target": 0, "arguments": args}) + "\n"
+            for k, v in items.items()))
+        result = json.loads((folder / "results.json").read_text())
+        result["tasks"][task] = {"role": role, "n": len(items), "metrics": {
+            "acc": {"value": float(np.mean(list(items.values()))), "stderr": None, "higher_is_better": True}}}
+        (folder / "results.json").write_text(json.dumps(result))
+
+
+@pytest.fixture
+def fake_probe():
+    """Adds a probe to a fake run (:func:`add_fake_probe`)."""
+    return add_fake_probe

@@ -48,6 +48,47 @@ def test_general_forgetting_weights_max_and_area():
     assert summary["gain_final"] == pytest.approx(1.0) and summary["gain_best"] == pytest.approx(1.0)
 
 
+def test_chance_adjusted_drops_and_probes_at_chance():
+    table = _table(acc=(0.8, 0.6, 0.4)).assign(chance=np.nan)
+    mc = _table(acc=(0.27, 0.25, 0.1))
+    mc = mc[mc.task == "facts"].assign(task="mc", chance=0.25)  # 4 choices, 27 of 100 right at the base
+    table.loc[table.task == "facts", "chance"] = 0.25
+    table = pd.concat([table, mc.assign(n=100)], ignore_index=True)
+    rows = metrics.primary_rows(table).set_index(["task", "step"])
+    # accuracy 0.8 -> 0.4 with chance 0.25: 0.4 / 0.55 of the skill above chance is lost
+    assert rows.loc[("facts", 20), "adj_drop"] == pytest.approx(0.4 / 0.55)
+    assert rows.loc[("prose", 20), "adj_drop"] != rows.loc[("prose", 20), "adj_drop"]  # NaN: no chance for bits/byte
+    assert rows.loc[("mc", 0), "p_above_chance"] == pytest.approx(stats.binom_sf(27, 100, 0.25))
+    assert rows.loc[("mc", 20), "at_chance"] and not rows.loc[("facts", 20), "at_chance"]
+    f = metrics.general_forgetting(metrics.primary_rows(table)).set_index("step")["forgetting"]
+    assert f[20] == pytest.approx((0.5 + 0.5) / 2)  # mc (0.27 -> 0.1) left out
+    kept = metrics.general_forgetting(metrics.primary_rows(table), keep_at_chance=True).set_index("step")["forgetting"]
+    assert kept[20] == pytest.approx((0.5 + 0.5 + 0.17 / 0.27) / 3)
+    assert metrics.left_out(metrics.primary_rows(table)) == {"a": ["mc"]}
+    assert metrics.run_summary(table).iloc[0]["forgetting_final"] == pytest.approx(0.5)
+
+
+def test_general_forgetting_only_where_every_probe_was_scored():
+    table = _table(steps=(0, 10, 20))
+    cheap = table[(table.step == 10) & (table.task == "prose")].assign(step=5, value=1.05)  # a cascade step: one probe
+    f = metrics.general_forgetting(metrics.primary_rows(pd.concat([table, cheap]))).set_index("step")["forgetting"]
+    assert f.index.tolist() == [0, 10, 20]
+
+
+def test_r_squared_and_drift_against_forgetting():
+    x, y = np.array([0.0, 1.0, 2.0, 3.0]), np.array([0.0, 1.0, 2.0, 4.0])
+    # S_xy = 6.5, S_xx = 5, S_yy = 8.75: R^2 = 6.5^2 / (5 * 8.75)
+    assert metrics.r_squared(x, y) == pytest.approx(6.5**2 / (5 * 8.75))
+    scipy_stats = pytest.importorskip("scipy.stats")
+    assert metrics.r_squared(x, y) == pytest.approx(scipy_stats.linregress(x, y).rvalue ** 2)
+    assert math.isnan(metrics.r_squared(x[:2], y[:2]))
+    table = _table()
+    kl = table[table.task == "prose"].assign(task="new_task_kl", role="drift", metric="kl", value=[0.0, 0.1, 0.3])
+    points = metrics.drift_vs_forgetting(pd.concat([table, kl]), "new_task_kl")
+    assert points["drift"].tolist() == [0.0, 0.1, 0.3]
+    assert points["forgetting"].tolist() == pytest.approx([0.0, 0.175, 0.5])
+
+
 def test_matched_learning_is_interpolated_between_snapshots():
     s = metrics.run_summary(_table(), target=0.75).iloc[0]
     assert s["steps_to_target"] == pytest.approx(15.0)  # 0.5 at step 10, 1.0 at 20: 0.75 halfway
@@ -139,7 +180,8 @@ def test_report_ranks_and_renders_offline(tmp_path, fake_run):
     assert "Most-forgotten items" in md and "Question i" in md
     analysis = report.analyse([runs], target=0.5)
     harsh = analysis.finals.set_index(["run", "task"]).loc[("harsh", "facts")]
-    assert harsh["drop"] > 0 and harsh["p_mcnemar"] < 0.05
+    assert harsh["drop"] > 0 and harsh["p_mcnemar"] < 0.05 and harsh["p_adj"] < 0.05
+    assert "| harsh | facts (general) | acc ↑ |" in md and "p (Holm)" in md
     assert cli.main(["report", str(tmp_path / "missing"), "-o", str(tmp_path / "rep2")]) == 2
     assert not (tmp_path / "rep2").exists()  # nothing half-written
 
@@ -179,6 +221,23 @@ def test_notebook_runs_on_a_finished_run(tmp_path, fake_run):
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2  # the curves and the frontier were drawn
+
+
+def test_report_adjusts_across_probes_and_flags_chance(tmp_path, fake_run, fake_probe):
+    rng = np.random.default_rng(2)
+    base = {f"i{k}": float(v) for k, v in enumerate(rng.random(300) < 0.8)}
+    layout = fake_run(tmp_path / "runs" / "r", {0: base, 10: {k: float(v and rng.random() > 0.03) for k, v in base.items()}})
+    guess = {f"m{k}": float(k < 25) for k in range(100)}
+    fake_probe(layout, "mc", {0: guess, 10: {k: float(int(k[1:]) < 20) for k in guess}}, choices=4)
+    finals = {m: report.analyse([tmp_path / "runs"], correction=m).finals.set_index("task") for m in ("none", "holm")}
+    raw = finals["none"].loc[["facts", "mc"], "p"].tolist()
+    assert finals["holm"].loc[["facts", "mc"], "p_adj"].tolist() == pytest.approx(stats.adjust(raw, "holm"))
+    mc = finals["holm"].loc["mc"]
+    assert mc["at_chance"] and mc["chance"] == pytest.approx(0.25) and mc["forgotten"] == 5
+    assert mc["forgotten_adj"] == pytest.approx(max(0.0, 5 - 100 * 0.75 * 0.8 / 3))  # 20 flips each way by chance alone
+    report.write([tmp_path / "runs"], tmp_path / "rep")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "base at chance" in md and "Left out of general forgetting" in md and "r: mc" in md
 
 
 def test_percentages_are_signed_and_never_negative_zero():

@@ -1,4 +1,4 @@
-"""The release gate: verdicts, how the CI decides, exit codes 0/1/2, JSON and Markdown."""
+"""The release gate: non-inferiority verdicts, Holm/BH across probes, chance, advice on items, exit codes 0/1/2."""
 
 import json
 from pathlib import Path
@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 import yaml
 
-from forgetscope import cli, gate
+from forgetscope import cli, gate, stats
+
+scipy_stats = pytest.importorskip("scipy.stats")
 
 
 @pytest.fixture
 def runs(tmp_path, fake_run):
     """Three runs of one 0/1 probe ("facts", 200 items, 80% right at the base) that forget 0, 8
-    and 50 of the items they knew: drops of 0, 0.04 (CI straddling 0.05) and 0.25."""
+    and 50 of the items they knew: drops of 0, 0.04 (bound straddling 0.05) and 0.25."""
     rng = np.random.default_rng(0)
     base = {f"i{k}": float(v) for k, v in enumerate(rng.random(200) < 0.8)}
     known = [k for k, v in base.items() if v]
@@ -36,23 +38,98 @@ def test_verdicts_and_exit_codes(tmp_path, runs, capsys):
     assert cli.main(["gate", str(runs["large"]), "--policy", policy]) == 1
     out = capsys.readouterr().out
     assert "FAIL  facts" in out and "drop exceeds the limit" in out and "verdict: FAIL" in out
+    assert "non-inferiority at 95%, one-sided, Holm-adjusted across 1 probes" in out
     result = json.loads((runs["large"] / "gate.json").read_text())
     assert result["verdict"] == "fail" and result["step"] == 10
     facts = next(c for c in result["checks"] if c["name"] == "facts")
-    assert facts["low"] > 0.05 and not facts["passed"]
+    assert facts["drop"] == pytest.approx(0.25) and facts["p_adj"] == 1.0 and not facts["passed"]
     md = (runs["large"] / "gate.md").read_text()
     assert "**FAIL**" in md and "| FAIL | facts | acc |" in md
 
 
-def test_the_upper_end_of_the_ci_decides_unless_told_otherwise(tmp_path, runs):
+def test_a_one_sided_non_inferiority_test_decides(tmp_path, runs):
+    """8 of 200 items forgotten: the bootstrap's drops are Binomial(200, 0.04) / 200, so the p-value
+    and the one-sided 95% bound have exact binomial counterparts."""
     upper = gate.check(runs["small"], gate.load_policy(_policy(tmp_path, general={"facts": {"max_drop": 0.05}})))
     facts = upper["checks"][0]
-    assert facts["drop"] <= 0.05 < facts["high"]  # the estimate is within the limit, the CI is not
+    assert facts["drop"] == pytest.approx(0.04) and facts["n"] == 200
+    assert facts["p"] == pytest.approx(scipy_stats.binom.sf(9, 200, 0.04), abs=0.03)  # P[drop* >= 0.05] ~ 0.28
+    assert facts["bound_level"] == pytest.approx(0.95)
+    assert facts["bound"] == pytest.approx(scipy_stats.binom.ppf(0.95, 200, 0.04) / 200, abs=0.006)  # one-sided: 0.065
+    assert facts["se"] == pytest.approx((0.04 * 0.96 / 200) ** 0.5, rel=0.08)
     assert upper["verdict"] == "fail" and facts["note"].startswith("inconclusive")
+    # how many items would decide it: n' = n ((z_.95 + z_.8) se / (margin - drop))^2, about 2,400
+    assert facts["items_needed"] == stats.items_to_decide(0.04, facts["se"], 200, 0.05, 0.05, 0.8)
+    assert facts["items_needed"] == pytest.approx(200 * (2.4865 * 0.013856 / 0.01) ** 2, rel=0.16)
+    assert f"about {facts['items_needed']} items (now 200)" in facts["note"] and "80% power" in facts["note"]
     lenient = gate.load_policy(_policy(tmp_path, decide_on="estimate", general={"facts": {"max_drop": 0.05}}))
     assert gate.check(runs["small"], lenient)["verdict"] == "pass"
     wider = gate.load_policy(_policy(tmp_path, confidence=0.99, general={"facts": {"max_drop": 0.05}}))
-    assert gate.check(runs["small"], wider)["checks"][0]["high"] > facts["high"]
+    assert gate.check(runs["small"], wider)["checks"][0]["bound"] > facts["bound"]
+    loose = gate.load_policy(_policy(tmp_path, general={"facts": {"max_drop": 0.08}}))
+    assert gate.check(runs["small"], loose)["verdict"] == "pass"  # P[drop* >= 0.08] = P[Bin(200, .04) >= 16] < 0.05
+
+
+def test_inconclusive_probes_exit_1_with_the_items_that_would_decide(tmp_path, runs, capsys):
+    assert cli.main(["gate", str(runs["small"]), "--policy", _policy(tmp_path, general={"facts": {"max_drop": 0.05}})]) == 1
+    out = capsys.readouterr().out
+    assert "inconclusive" in out and "items (now 200) would decide it at 80% power" in out
+
+
+@pytest.fixture
+def several(tmp_path, fake_run, fake_probe):
+    """A run with three general probes: ``facts`` unchanged, and ``a`` and ``b`` (200 items, all right
+    at the base) each forgetting 5: with a limit of 0.0475 their raw p-values are about
+    P[Bin(200, 0.025) >= 10] = 0.03; plus ``mc``, 4 choices, at chance (50 of 200) at the base."""
+    rng = np.random.default_rng(0)
+    base = {f"i{k}": float(v) for k, v in enumerate(rng.random(200) < 0.8)}
+    layout = fake_run(tmp_path / "several", {0: base, 10: base})
+    right = {f"j{k}": 1.0 for k in range(200)}
+    for task in ("a", "b"):
+        fake_probe(layout, task, {0: right, 10: {k: float(int(k[1:]) >= 5) for k in right}})
+    guess = {f"m{k}": float(k < 50) for k in range(200)}
+    fake_probe(layout, "mc", {0: guess, 10: {k: float(int(k[1:]) < 40) for k in guess}}, choices=4)
+    return layout.root
+
+
+def test_holm_and_bh_adjust_across_the_general_probes(tmp_path, several):
+    limits = {"facts": {"max_drop": 0.05}, "a": {"max_drop": 0.0475}, "b": {"max_drop": 0.0475}}
+    results = {method: gate.check(several, gate.load_policy(_policy(tmp_path, correction=method, general=limits)))
+               for method in ("none", "holm", "bh")}
+    raw = {c["name"]: c["p"] for c in results["none"]["checks"]}
+    assert raw["a"] == raw["b"] == pytest.approx(scipy_stats.binom.sf(9, 200, 0.025), abs=0.012)
+    for method, result in results.items():
+        checks = {c["name"]: c for c in result["checks"]}
+        assert [checks[t]["p_adj"] for t in ("facts", "a", "b")] == pytest.approx(stats.adjust([raw[t] for t in ("facts", "a", "b")], method))
+        for c in checks.values():  # a bound within the limit exactly when the probe passes
+            assert (c["bound"] < c["allowed"]) == c["passed"]
+    assert results["none"]["verdict"] == "pass" and results["bh"]["verdict"] == "pass"  # BH: 3/2 x 0.03 <= 0.05
+    holm = {c["name"]: c for c in results["holm"]["checks"]}  # Holm: 2 x 0.03 > 0.05
+    assert results["holm"]["verdict"] == "fail" and holm["facts"]["passed"] and not holm["a"]["passed"]
+    assert holm["a"]["bound_level"] == pytest.approx(1 - 0.05 / 2) and "inconclusive" in holm["a"]["note"]
+
+
+def test_a_probe_at_chance_is_flagged_and_left_out_of_general_forgetting(tmp_path, several):
+    policy = {"general": {"mc": {"max_drop": 0.2}, "facts": {"max_drop": 0.05}}, "max_general_forgetting": 0.05}
+    result = gate.check(several, gate.load_policy(_policy(tmp_path, **policy)))
+    checks = {c["name"]: c for c in result["checks"]}
+    assert checks["mc"]["at_chance"] and checks["mc"]["chance"] == pytest.approx(0.25)
+    assert "base at chance (0.25; guessing 0.25): this probe cannot show forgetting" in checks["mc"]["note"]
+    assert not checks["facts"]["at_chance"]
+    forgetting = checks["general forgetting"]  # facts (0), a and b (0.025 each); mc's 0.2 left out
+    assert forgetting["value"] == pytest.approx(0.05 / 3) and forgetting["passed"]
+    assert "leaves out mc (at chance)" in forgetting["note"]
+    kept = gate.check(several, gate.load_policy(_policy(tmp_path, at_chance="keep", **policy)))
+    assert kept["checks"][-1]["value"] == pytest.approx((0.05 + 0.2) / 4) and kept["verdict"] == "fail"
+
+
+def test_general_forgetting_fails_when_no_probe_is_above_chance(tmp_path, fake_run, capsys):
+    nothing = {f"i{k}": 0.0 for k in range(50)}  # no item right at the base: nothing to forget
+    root = fake_run(tmp_path / "blank", {0: nothing, 10: nothing}).root
+    assert cli.main(["gate", str(root), "--policy", _policy(tmp_path, max_general_forgetting=0.05)]) == 1
+    result = json.loads((root / "gate.json").read_text())["checks"][-1]
+    assert result["value"] is None and result["note"].startswith("no general probe is above chance")
+    assert "general forgetting  mean relative drop  –" in capsys.readouterr().out
 
 
 def test_relative_limits_defaults_new_task_minimum_and_mean_forgetting(tmp_path, runs):
@@ -75,6 +152,8 @@ def test_relative_limits_defaults_new_task_minimum_and_mean_forgetting(tmp_path,
     ({"new": {"new": {"max_drop": 0.5}}}, "give exactly one of min"),
     ({"confidence": 1.5, "general": {"facts": {"max_drop": 0.1}}}, "confidence: 1.5 must be in [0.5, 1)"),
     ({"decide_on": "vibes", "general": {"facts": {"max_drop": 0.1}}}, "decide_on: expected"),
+    ({"correction": "bonferroni", "general": {"facts": {"max_drop": 0.1}}}, "correction: expected"),
+    ({"power": 0.3, "general": {"facts": {"max_drop": 0.1}}}, "power: 0.3 must be in [0.5, 1)"),
     ({}, "the policy sets no limit"),
     ({"general": ["facts"]}, "general: expected"),
 ])

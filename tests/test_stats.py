@@ -1,0 +1,132 @@
+"""The statistics behind verdicts (docs/METRICS.md), against hand-computed values and scipy's closed forms:
+chance levels and chance-adjusted flips, the above-chance test, bootstrap p-values, Holm and
+Benjamini-Hochberg, non-inferiority bounds, power and the items an inconclusive test needs."""
+
+import json
+import math
+from statistics import NormalDist
+
+import numpy as np
+import pytest
+
+from forgetscope import stats
+
+scipy_stats = pytest.importorskip("scipy.stats")
+
+
+def test_binomial_tail_is_exact():
+    assert stats.binom_sf(3, 5, 0.5) == pytest.approx((10 + 5 + 1) / 32)
+    by_hand = 45 * 0.25**8 * 0.75**2 + 10 * 0.25**9 * 0.75 + 0.25**10  # P[X >= 8], X ~ Bin(10, 1/4)
+    assert stats.binom_sf(8, 10, 0.25) == pytest.approx(by_hand, rel=1e-12)
+    assert stats.binom_sf(0, 10, 0.3) == 1.0 and stats.binom_sf(11, 10, 0.3) == 0.0
+    for k, n, p in [(22, 100, 0.25), (700, 2000, 0.33), (5, 40, 0.02)]:
+        assert stats.binom_sf(k, n, p) == pytest.approx(scipy_stats.binom.sf(k - 1, n, p), rel=1e-9)
+
+
+def test_a_base_score_against_chance():
+    # mmlu_shipped in the demo: 22 of 100 right with 4 choices is what guessing gives
+    assert stats.above_chance_p(0.22, 100, 0.25) == pytest.approx(scipy_stats.binom.sf(21, 100, 0.25))
+    assert stats.above_chance_p(0.22, 100, 0.25) > 0.7
+    assert stats.above_chance_p(0.81, 100, 0.25) < 1e-25  # world_capitals
+    assert stats.above_chance_p(0.0, 50, 0.0) == 1.0  # nothing right and nothing to guess: no evidence of skill
+    assert stats.above_chance_p(0.1, 50, 0.0) == 0.0
+
+
+def test_chance_level_comes_from_the_number_of_choices(tmp_path, fake_run, fake_probe):
+    layout = fake_run(tmp_path / "r", {0: {"i0": 1.0, "i1": 0.0}})
+    fake_probe(layout, "four", {0: {"a": 1.0, "b": 0.0}}, choices=4)
+    fake_probe(layout, "two", {0: {"a": 1.0}}, choices=2)
+    assert stats.chance_level(layout, "four", "acc") == pytest.approx(0.25)
+    assert stats.chance_level(layout, "two", "acc") == pytest.approx(0.5)
+    assert stats.chance_level(layout, "facts", "acc") == 0.0  # one answer per item: guessing gets nothing
+    (layout.eval_dir(0) / "samples_mixed.jsonl").write_text("".join(  # items with 4, 4, 2 and 1 choices
+        json.dumps({"item_id": i, "acc": 1, "arguments": [["Q", f" {c}"] for c in range(k)]}) + "\n"
+        for i, k in enumerate([4, 4, 2, 1])))
+    assert stats.chance_level(layout, "mixed", "acc") == pytest.approx((0.25 + 0.25 + 0.5 + 0.0) / 4)
+    prose = fake_run(tmp_path / "p", {0: {"a": [-10.0, 20.0]}}, task="prose", metric="bits_per_byte")
+    assert stats.chance_level(prose, "prose", "bits_per_byte") is None  # not a 0/1 metric
+
+
+def test_chance_adjusted_flips_follow_harmon_et_al():
+    # 100 items, accuracy 0.4 -> 0.3, 4 choices: guessed shares 0.8 and 0.933; flips by chance 0.8 * 0.933 * 1/4 * 3/4 * 100
+    assert stats.chance_flips(100, 0.4, 0.3, 0.25) == pytest.approx(100 * 0.6 * 0.7 / 3)
+    g0, g1 = 0.6 / 0.75, 0.7 / 0.75
+    assert stats.chance_flips(100, 0.4, 0.3, 0.25) == pytest.approx(100 * g0 * g1 * 0.25 * 0.75)
+    assert stats.chance_flips(100, 0.4, 0.3, 0.0) == 0.0  # no choices: no flips by luck
+
+
+def test_flips_report_chance_adjusted_counts(tmp_path, fake_run, fake_probe):
+    base = {f"i{k}": float(k < 4) for k in range(10)}  # 4 right
+    later = {f"i{k}": float(k in (0, 5, 6)) for k in range(10)}  # 3 forgotten (i1-i3), 2 learned (i5, i6)
+    layout = fake_run(tmp_path / "r", {0: base, 5: base})
+    fake_probe(layout, "mc", {0: base, 5: later}, choices=4)
+    flip = stats.flips(layout, "mc", "acc", 5)
+    expected = 10 * 0.6 * 0.7 * 0.25 / 0.75  # = 1.4 flips each way by chance alone
+    assert flip["by_chance"] == pytest.approx(expected)
+    assert flip["forgotten_adj"] == pytest.approx(3 - expected) and flip["learned_adj"] == pytest.approx(2 - expected)
+
+
+def test_holm_and_benjamini_hochberg_by_hand():
+    p = [0.01, 0.04, 0.03, 0.005]
+    # Holm: sorted 0.005, 0.01, 0.03, 0.04 -> 4*0.005=0.02, max(0.02, 3*0.01)=0.03, 2*0.03=0.06, max(0.06, 0.04)=0.06
+    assert stats.adjust(p, "holm") == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    # BH: m p / rank = 0.02, 0.02, 0.04, 0.04, then running minima from the top
+    assert stats.adjust(p, "bh") == pytest.approx([0.02, 0.04, 0.04, 0.02])
+    assert stats.adjust(p, "bh") == pytest.approx(list(scipy_stats.false_discovery_control(p, method="bh")))
+    assert stats.adjust(p, "none") == p
+    assert stats.adjust([0.6, 0.9], "holm") == [1.0, 1.0]
+
+
+def test_the_bound_level_matches_each_procedure():
+    assert stats.adjusted_alpha(0.05, 4, 2, "holm") == pytest.approx(0.025)  # alpha / (m - R)
+    assert stats.adjusted_alpha(0.05, 4, 4, "holm") == pytest.approx(0.05)
+    assert stats.adjusted_alpha(0.05, 4, 0, "bh") == pytest.approx(0.0125)  # alpha * max(R, 1) / m
+    assert stats.adjusted_alpha(0.05, 4, 3, "bh") == pytest.approx(0.0375)
+    assert stats.adjusted_alpha(0.05, 4, 1, "none") == 0.05
+    # a raw p-value is within that level exactly when the procedure rejects its test
+    rng = np.random.default_rng(0)
+    for method in ("holm", "bh"):
+        for _ in range(500):
+            p = list(rng.uniform(0, 0.08, size=5))
+            rejected = [a <= 0.05 for a in stats.adjust(p, method)]
+            level = stats.adjusted_alpha(0.05, 5, sum(rejected), method)
+            assert [q <= level for q in p] == rejected
+
+
+def test_bootstrap_p_values_by_hand():
+    boot = np.array([0.0, 0.01, 0.02, 0.03, 0.06])
+    assert stats.p_noninferior(boot, 0.03) == pytest.approx((1 + 2) / 6)  # two replicates at or above the margin
+    assert stats.p_noninferior(boot, 0.10) == pytest.approx(1 / 6)
+    assert stats.p_two_sided(np.array([-1.0, 1.0, 2.0, 3.0])) == pytest.approx(2 * (1 + 1) / 5)
+    assert stats.p_two_sided(np.zeros(10)) == 1.0
+
+
+def test_power_and_items_to_decide_by_hand():
+    z = NormalDist().inv_cdf(0.95) + NormalDist().inv_cdf(0.8)  # 1.6449 + 0.8416
+    assert stats.detectable(0.04, 0.05, 0.8) == pytest.approx(z * 0.04) == pytest.approx(0.09946, abs=1e-5)
+    # drop 0.02, margin 0.05, se 0.04 on 100 items: n' = 100 * (0.09946 / 0.03)^2 = 1099.2 -> 1100
+    assert stats.items_to_decide(0.02, 0.04, 100, 0.05, 0.05, 0.8) == math.ceil(100 * (z * 0.04 / 0.03) ** 2) == 1100
+    assert stats.items_to_decide(0.06, 0.04, 100, 0.05, 0.05, 0.8) is None  # beyond the margin: more items won't help
+    # at n' items the test passes with the asked power, under the normal approximation
+    n_new = stats.items_to_decide(0.02, 0.04, 100, 0.05, 0.05, 0.8)
+    se_new = 0.04 * math.sqrt(100 / n_new)
+    power = 1 - NormalDist().cdf(NormalDist().inv_cdf(0.95) - (0.05 - 0.02) / se_new)
+    assert power == pytest.approx(0.8, abs=0.002)
+
+
+def test_bootstrap_tests_match_the_normal_closed_form(tmp_path, fake_run):
+    rng = np.random.default_rng(3)
+    n = 600
+    base = rng.random(n) < 0.7
+    later = np.where(rng.random(n) < 0.1, False, base)  # ~7% of items forgotten, none learned
+    layout = fake_run(tmp_path / "r", {0: {f"i{k}": float(v) for k, v in enumerate(base)},
+                                        10: {f"i{k}": float(v) for k, v in enumerate(later)}})
+    delta, boot, items = stats.paired_bootstrap(layout, "facts", "acc", 10, iters=8000)
+    d = base.astype(float) - later.astype(float)  # the drop per item
+    se = d.std(ddof=0) / math.sqrt(n)
+    assert items == n and -delta == pytest.approx(d.mean()) and (-boot).std() == pytest.approx(se, rel=0.05)
+    margin = d.mean() + 1.2 * se
+    assert stats.p_noninferior(-boot, margin) == pytest.approx(1 - NormalDist().cdf(1.2), abs=0.02)
+    assert stats.p_two_sided(boot) == pytest.approx(2 * (1 - NormalDist().cdf(d.mean() / se)), abs=0.002)
+    ci = stats.paired_delta(layout, "facts", "acc", 10)
+    assert ci["se"] == pytest.approx(se, rel=0.08) and ci["p"] < 0.001
