@@ -85,3 +85,20 @@ def add_fake_probe(layout: RunLayout, task: str, steps_items: dict[int, dict[str
 def fake_probe():
     """Adds a probe to a fake run (:func:`add_fake_probe`)."""
     return add_fake_probe
+
+
+@pytest.fixture
+def bf16_accelerator():
+    """A fresh accelerate ``Accelerator`` with bf16 mixed precision, as a Trainer makes one (its
+    process-wide state is reset before and after: earlier tests set it up without mixed precision)."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from forgetscope import seams
+
+    if not torch.cuda.is_available() and not seams.cpu_has_bf16():
+        pytest.skip("this CPU has no native bf16 for accelerate's mixed precision")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield Accelerator(mixed_precision="bf16", cpu=not torch.cuda.is_available())
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -132,15 +132,9 @@ def test_merged_adapters_score_like_the_adapter_and_restore_the_base_exactly(tin
     assert not any(getattr(layer, "merged", False) for layer in peft.modules())
 
 
-def test_scoring_precision_ignores_the_training_autocast_and_bf16_is_opt_in():
-    from accelerate import Accelerator
-
-    from forgetscope import seams
-
-    if not torch.cuda.is_available() and not seams.cpu_has_bf16():
-        pytest.skip("this CPU has no native bf16 for accelerate's mixed precision")
+def test_scoring_precision_ignores_the_training_autocast_and_bf16_is_opt_in(bf16_accelerator):
     model, _ = models.load(models.resolve("tiny-random"))
-    model = Accelerator(mixed_precision="bf16", cpu=not torch.cuda.is_available()).prepare(model)  # as the Trainer does
+    model = bf16_accelerator.prepare(model)  # as the Trainer does
     autocast = []
     model.model.register_forward_hook(lambda *args: autocast.append(torch.is_autocast_enabled(model.device.type)))
     x = torch.arange(5, device=model.device)[None]

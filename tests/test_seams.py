@@ -60,13 +60,9 @@ def test_loglikelihood_requests_are_rewritten_as_they_are_built():
         f"Task.construct_requests no longer builds the requests {UPGRADE}"
 
 
-def test_accelerate_mixed_precision_keeps_the_plain_forward(tiny):
-    from accelerate import Accelerator
-
-    if not torch.cuda.is_available() and not seams.cpu_has_bf16():
-        pytest.skip("this CPU has no native bf16 for accelerate's mixed precision")
+def test_accelerate_mixed_precision_keeps_the_plain_forward(bf16_accelerator):
     model, _ = models.load(models.resolve("tiny-random"))
-    prepared = Accelerator(mixed_precision="bf16", cpu=not torch.cuda.is_available()).prepare(model)
+    prepared = bf16_accelerator.prepare(model)
     x = torch.arange(6, device=prepared.device)[None]
     autocast = []
     prepared.model.register_forward_hook(lambda *args: autocast.append(torch.is_autocast_enabled(prepared.device.type)))
