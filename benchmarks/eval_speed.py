@@ -68,7 +68,7 @@ def main() -> None:
 
     from forgetscope import models
     from forgetscope.audit import audit
-    from forgetscope.evaluate import evals_dir
+    from forgetscope.registry import evals_dir
     from forgetscope.recipe import EvalConfig
 
     base_path = models.resolve(args.base)  # conversion (if any) happens before the clocks start

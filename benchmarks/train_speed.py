@@ -56,7 +56,7 @@ def settings(args) -> dict:
 
 def run_forgetscope(args, path: str, data: list[dict]) -> list[float]:
     from forgetscope import models, train
-    from forgetscope.recipe import recipe_from_dict
+    from forgetscope.load import recipe_from_dict
 
     recipe = recipe_from_dict(settings(args))
     model, tokenizer = models.load(path)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from forgetscope import data, evaluate, models
+from forgetscope import data, evaluate, models, registry
 from forgetscope.errors import UserError
 from forgetscope.recipe import EvalConfig, TaskConfig
 from forgetscope.session import RunSession
@@ -113,7 +113,7 @@ def audit(base: str, checkpoints: list[str], evals: EvalConfig, name: str = "aud
           chat_template: str = "auto", trust_remote_code: bool = False, allow_pickle: bool = False) -> Path:
     """Score ``base`` (step 0) and every checkpoint; write ``<runs_dir>/<name>`` like a run."""
     problems = models.check_reference(base, Path.cwd())
-    problems += evaluate.check_eval_names([*evals.new, *evals.general], evaluate.include_paths(evals, Path.cwd()))
+    problems += registry.check_eval_names([*evals.new, *evals.general], registry.include_paths(evals, Path.cwd()))
     if problems:
         raise AuditError("\n".join(problems))
     found = find_checkpoints(checkpoints, allow_pickle)

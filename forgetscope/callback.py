@@ -26,9 +26,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from forgetscope import data, distributed, evaluate, snapshots
+from forgetscope import data, distributed, evaluate, snapshots, validate
 from forgetscope.errors import UserError
-from forgetscope.recipe import EvalConfig, SnapshotConfig, TaskConfig, check_evals, check_snapshots
+from forgetscope.recipe import EvalConfig, SnapshotConfig, TaskConfig
 from forgetscope.schema import build
 from forgetscope.session import RunSession
 from forgetscope.train import SnapshotCallback
@@ -59,7 +59,7 @@ class ForgettingCallback(SnapshotCallback):
         if chat_template not in ("auto", "on", "off"):
             problems.append(f"chat_template: expected 'auto' | 'on' | 'off', got {chat_template!r}")
         if not problems:
-            problems += check_evals(self.evals, Path.cwd()) + check_snapshots(self.schedule, None)
+            problems += validate.check_evals(self.evals, Path.cwd()) + validate.check_snapshots(self.schedule, None)
         tokenizer = trainer.processing_class
         if tokenizer is None:
             problems.append("the Trainer has no tokenizer; hand it over: Trainer(..., processing_class=tokenizer)")
@@ -98,7 +98,7 @@ class ForgettingCallback(SnapshotCallback):
         self.session.fail(error if isinstance(error, BaseException) else "the training script ended before training did")
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        problems = check_snapshots(self.schedule, state.max_steps)
+        problems = validate.check_snapshots(self.schedule, state.max_steps)
         if problems:
             raise CallbackError("\n".join(f"ForgettingCallback: {p}" for p in problems))
         steps = snapshots.schedule(self.schedule, state.max_steps)

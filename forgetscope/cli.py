@@ -11,7 +11,7 @@ from forgetscope.errors import UserError
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
-    from forgetscope.recipe import load_recipe
+    from forgetscope.load import load_recipe
     from forgetscope.runner import run
 
     root = run(load_recipe(args.recipe, args.set))
@@ -28,7 +28,8 @@ def _report_paths(what: str, root: Path) -> None:
 
 def _cmd_audit(args: argparse.Namespace) -> None:
     from forgetscope.audit import audit
-    from forgetscope.recipe import EvalConfig, recipe_from_dict
+    from forgetscope.load import recipe_from_dict
+    from forgetscope.recipe import EvalConfig
 
     defaults = EvalConfig()
     evals = {"new": args.new or [],
@@ -65,7 +66,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
-    from forgetscope.recipe import load_recipe
+    from forgetscope.load import load_recipe
     from forgetscope.runner import run
 
     recipes = [load_recipe(path, args.set) for path in args.recipes]  # every recipe is checked before any training
@@ -97,7 +98,7 @@ def _cmd_gate(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> None:
-    from forgetscope.recipe import load_recipe
+    from forgetscope.load import load_recipe
 
     print(load_recipe(args.recipe, args.set).to_yaml(), end="")
 
@@ -109,17 +110,17 @@ def _cmd_fields(args: argparse.Namespace) -> None:
 
 
 def _cmd_tasks(args: argparse.Namespace) -> None:
-    from forgetscope import evaluate, tasks
+    from forgetscope import registry, tasks
 
     print("Embedded new tasks (task.name):")
     for name in tasks.EMBEDDED_TASKS:
         print(f"  {name:16s} {tasks.describe(name)}")
-    for folder in [evaluate.evals_dir(), *map(Path, args.include)]:
+    for folder in [registry.evals_dir(), *map(Path, args.include)]:
         print(f"\nEval tasks in {folder} (evals.new / evals.general):")
-        for name, first_line in evaluate.folder_evals(folder).items():
+        for name, first_line in registry.folder_evals(folder).items():
             print(f"  {name:16s} {first_line}")
     if args.all:
-        names = evaluate.task_manager((str(evaluate.evals_dir()), *map(str, args.include))).all_tasks
+        names = registry.task_manager((str(registry.evals_dir()), *map(str, args.include))).all_tasks
         print(f"\nAll {len(names)} lm-eval tasks, groups and tags (standard ones need their data: online, or in the HF datasets cache):")
         print("\n".join(f"  {n}" for n in names))
     else:

@@ -1,7 +1,7 @@
 """The lm-eval bridge: score a model that is already in memory, keep per-item results, cache them.
 
 Tasks come from lm-eval's registry plus ``evals/`` (shipped with forgetscope) and a recipe's
-``evals.include`` folders. lm-eval's request cache is never used: it ignores model identity and
+``evals.include`` folders (:mod:`forgetscope.registry`). lm-eval's request cache is never used: it ignores model identity and
 would silently return the first snapshot's scores for every later one. forgetscope's own result
 cache is keyed by what determines a score: the model's weights, the task's config and items,
 the lm-eval version, the limit, the seed and the prompt format.
@@ -10,9 +10,7 @@ the lm-eval version, the limit, the seed and the prompt format.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
-import importlib.resources
 import json
 import logging
 from dataclasses import dataclass, field
@@ -23,62 +21,15 @@ from typing import Any, Iterator
 import torch
 
 from forgetscope import data, distributed, io, seams
+from forgetscope.registry import evals_dir, include_paths, manager_for
 from forgetscope.errors import UserError
 from forgetscope.models import cache_dir
 from forgetscope.recipe import EvalConfig
-from forgetscope.schema import did_you_mean
 
 MAX_LENGTH = 2048  # context cap for scoring; also bounds lm-eval's batch-size search on CUDA
 BOOTSTRAP_ITERS = 1000  # stderr of perplexity-style metrics; lm-eval's default 100000 takes minutes
 SEED = 0
 DRIFT_TASK = "base_samples_ppl"  # needs samples from the base model, drawn once per base
-
-
-def evals_dir() -> Path:
-    """The ``evals/`` folder shipped with forgetscope (works from a checkout and from a wheel)."""
-    return Path(str(importlib.resources.files("forgetscope.evals")))
-
-
-def include_paths(config: EvalConfig, base_dir: Path) -> list[str]:
-    """Folders of task YAMLs: forgetscope's evals/ plus the ones ``evals.include`` names."""
-    return [str(evals_dir()), *(str((base_dir / p).resolve()) for p in config.include)]
-
-
-@functools.lru_cache(maxsize=8)
-def task_manager(paths: tuple[str, ...], defaults: bool = True):
-    """lm-eval's task index over ``paths`` and, with ``defaults``, its own tasks (scanning those
-    thousands of YAMLs takes ~10 s; each index is built once per process)."""
-    from lm_eval.tasks import TaskManager
-
-    return TaskManager(include_path=list(paths), include_defaults=defaults, verbosity="ERROR")
-
-
-def manager_for(names: list[str], paths: list[str]):
-    """The smallest task index that knows ``names``: the folders in ``paths`` alone when they
-    define every name as a plain task (the embedded suite, a user's own YAMLs), else the full one."""
-    local = task_manager(tuple(paths), defaults=False)
-    return local if set(names) <= set(local.all_subtasks) else task_manager(tuple(paths))
-
-
-def check_eval_names(names: list[str], paths: list[str]) -> list[str]:
-    """Recipe-validation lines for eval names that no registry knows, with a did-you-mean."""
-    known = set(manager_for(names, paths).all_tasks)
-    problems = []
-    for name in names:
-        if name not in known:
-            problems.append(f"evals: unknown eval task {name!r}{did_you_mean(name, known)} (see `forgetscope tasks`)")
-    return problems
-
-
-def folder_evals(folder: Path) -> dict[str, str]:
-    """Eval tasks defined by the YAMLs in ``folder``, with the first comment line of each."""
-    out = {}
-    for path in sorted(Path(folder).glob("*.yaml")):
-        lines = path.read_text().splitlines()
-        name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("task:")), None)
-        if name:
-            out[name] = next((line.lstrip("# ") for line in lines if line.startswith("#")), "")
-    return out
 
 
 # ---------------------------------------------------------------- fingerprints and the cache

@@ -1,32 +1,22 @@
 """The recipe: one YAML file that says what to fine-tune, how, and what to measure.
 
-The dataclasses below *are* the schema. Every field carries its documentation in
-``metadata["help"]``; ``forgetscope fields`` prints it. Loading collects every problem
-(unknown keys with a did-you-mean, wrong types, impossible combinations, missing files,
-unknown model aliases) and raises one :class:`RecipeError` listing them all.
+The dataclasses below *are* the schema: one section a dataclass, every field documented where
+it is defined (``metadata["help"]``, printed by ``forgetscope fields``). They hold data only:
+:mod:`forgetscope.load` reads a recipe file into them and :mod:`forgetscope.validate` checks the
+result against files and registries. Importing this module imports neither torch nor
+transformers, so every module can take its section's type from here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from forgetscope.errors import UserError
-from forgetscope.schema import build, did_you_mean, hints, option, reference, section_class
-
-
-class RecipeError(UserError):
-    """A recipe (or its overrides) is invalid. ``problems`` holds one line per problem."""
-
-    def __init__(self, problems: list[str], source: str = "recipe"):
-        self.problems = problems
-        self.source = source
-        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+from forgetscope.schema import hints, option, reference, section_class
 
 
 @dataclass
@@ -195,7 +185,7 @@ class SnapshotConfig:
 class EvalConfig:
     """What every snapshot is scored on (lm-eval task names)."""
 
-    new: list[str] = option(["numerals"], "Evals of the new task (learning).")
+    new: list[str] = option(["numerals"], "Evals of the new task (learning). With `stages`: each stage lists its own (stages[i].evals).")
     general: list[str] = option(
         ["prose_ppl", "world_capitals", "mmlu_shipped", "base_samples_ppl"],
         "Held-out general-capability evals (forgetting): embedded probes, tasks in evals/ or "
@@ -252,6 +242,11 @@ class StageConfig:
         if self.task is None:
             self.task = TaskConfig()
 
+    @property
+    def eval_names(self) -> list[str]:
+        """The evals of this stage's task: ``evals``, else the eval named like its embedded task."""
+        return self.evals or ([self.task.name] if self.task.name else [])
+
 
 @dataclass
 class Recipe:
@@ -271,10 +266,10 @@ class Recipe:
     snapshots: SnapshotConfig = option(None, "Snapshot schedule (with `stages`: the schedule of each stage).")
     evals: EvalConfig = option(None, "Evaluation suite.")
     cascade: CascadeConfig | None = option(None, "Evaluation cascade (null: the full battery at every snapshot).")
-    stages: list[dict[str, Any]] = option(
+    stages: list[StageConfig] = option(
         [],
-        "A sequence of new tasks trained one after another (each: task, steps, lr, evals, replay; see "
-        "StageConfig). Replaces `task` and `train.steps`; every snapshot is scored on every stage's "
+        "A sequence of new tasks trained one after another (each: task, steps, lr, evals, replay; the "
+        "stages[i] fields). Replaces `task` and `train.steps`; every snapshot is scored on every stage's "
         "evals and the general suite. Empty: a single new task.",
     )
     runs_dir: str = option("runs", "Folder that holds runs (relative to the working directory).")
@@ -301,21 +296,28 @@ class Recipe:
         return Path(self.source).resolve().parent if self.source else Path.cwd()
 
     @property
-    def sequence(self) -> list[StageConfig]:
-        """The stages, as typed sections (validated when the recipe was loaded)."""
-        return [build(StageConfig, entry, f"stages[{i}].", []) for i, entry in enumerate(self.stages)]
+    def scored_evals(self) -> EvalConfig:
+        """What every snapshot is scored on: ``evals``, where a recipe with ``stages`` has as new-task
+        evals every stage's evals, in stage order."""
+        if not self.stages:
+            return self.evals
+        new: list[str] = []
+        for stage in self.stages:
+            new += [name for name in stage.eval_names if name not in new]
+        return dataclasses.replace(self.evals, new=new)
 
-    def stage_recipe(self, index: int) -> "Recipe":
+    def stage_recipe(self, index: int) -> Recipe:
         """The recipe that trains stage ``index``: its task, steps and learning rate; replay from
         the second stage on (where the stage allows it)."""
-        stage = self.sequence[index]
+        stage = self.stages[index]
         train = dataclasses.replace(self.train, steps=stage.steps, lr=stage.lr if stage.lr is not None else self.train.lr)
         replay = self.replay if index > 0 and stage.replay else None
-        return dataclasses.replace(self, task=stage.task, train=train, replay=replay, stages=[])
+        return dataclasses.replace(self, task=stage.task, train=train, replay=replay, evals=self.scored_evals, stages=[])
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved recipe as plain data (every default filled in)."""
-        data = dataclasses.asdict(self)
+        """The resolved recipe as plain data (every default filled in; with ``stages``, ``evals.new``
+        lists every stage's evals)."""
+        data = dataclasses.asdict(dataclasses.replace(self, evals=self.scored_evals))
         data.pop("source")
         return data
 
@@ -323,291 +325,6 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# ---------------------------------------------------------------- loading
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """Turn ``["train.lr=1e-4", "method=full"]`` into a nested mapping (values parsed as YAML)."""
-    nested: dict[str, Any] = {}
-    problems = []
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            problems.append(f"--set {pair!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
-            continue
-        node = nested
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
-    if problems:
-        raise RecipeError(problems, "overrides")
-    return nested
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``extra`` merged in, key by key; a list is entered by index (``stages.1.lr``)."""
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        elif isinstance(value, dict) and isinstance(out.get(key), list) and all(k.isdigit() for k in value):
-            items = list(out[key])
-            for index, item in value.items():
-                if int(index) >= len(items):
-                    raise RecipeError([f"--set {key}.{index}: there is no item {index} (items 0..{len(items) - 1})"], "overrides")
-                items[int(index)] = _merge(items[int(index)], item) if isinstance(item, dict) and isinstance(items[int(index)], dict) else item
-            out[key] = items
-        else:
-            out[key] = value
-    return out
-
-
-def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
-    """Build and validate a recipe from plain data; raises :class:`RecipeError` with every problem."""
-    problems: list[str] = []
-    recipe = build(Recipe, data if data is not None else {}, "", problems)
-    recipe.source = source
-    if not problems:
-        problems += _check(recipe, data)
-    if problems:
-        raise RecipeError(problems, source or "recipe")
-    return recipe
-
-
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Load a recipe YAML file, apply ``--set`` style overrides and validate it."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(["no such recipe file; see recipes/ for examples"], str(path))
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise RecipeError([f"not UTF-8 text ({err.reason} at byte {err.start}); save the recipe as UTF-8"], str(path)) from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark else ""
-        raise RecipeError([f"{where}not valid YAML ({getattr(err, 'problem', err)})"], str(path)) from None
-    if data is not None and not isinstance(data, dict):
-        raise RecipeError([f"expected a mapping of keys at the top level, got {type(data).__name__}"], str(path))
-    data = _merge(data or {}, parse_overrides(overrides or []))
-    return recipe_from_dict(data, str(path))
-
-
-# ---------------------------------------------------------------- semantic checks
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def _check_task(task: TaskConfig, prefix: str, base_dir: Path) -> list[str]:
-    from forgetscope import tasks
-
-    problems = []
-    sources = [k for k in ("name", "path", "hf_dataset") if getattr(task, k)]
-    if len(sources) != 1:
-        problems.append(
-            f"{prefix}: give exactly one of `name` (embedded task), `path` (your file) or `hf_dataset`"
-            f"; got {', '.join(sources) or 'none'}"
-        )
-    if task.name and task.name not in tasks.EMBEDDED_TASKS:
-        problems.append(
-            f"{prefix}.name: unknown embedded task {task.name!r}{did_you_mean(task.name, tasks.EMBEDDED_TASKS)}"
-            f" (embedded: {', '.join(tasks.EMBEDDED_TASKS)}; use {prefix}.path for your own data)"
-        )
-    if task.path:
-        file = base_dir / task.path
-        if not file.is_file():
-            problems.append(f"{prefix}.path: no such file {str(file)!r}; give a .jsonl or .csv file")
-        elif file.suffix not in (".jsonl", ".json", ".csv"):
-            problems.append(f"{prefix}.path: {file.name!r} is not .jsonl or .csv")
-    if task.max_examples is not None and task.max_examples <= 0:
-        problems.append(f"{prefix}.max_examples: must be positive or null, got {task.max_examples}")
-    return problems
-
-
-def _check_stages(recipe: Recipe, data: dict[str, Any]) -> list[str]:
-    """Each stage is a section of its own; its evals default to its embedded task's eval. With
-    stages, ``evals.new`` becomes every stage's evals, in order."""
-    from forgetscope import evaluate
-
-    problems: list[str] = []
-    if isinstance(data.get("evals"), dict) and "new" in data["evals"]:
-        problems.append("evals.new: with stages, each stage lists its own evals (stages[i].evals); remove evals.new")
-    if isinstance(data.get("task"), dict) or (isinstance(data.get("train"), dict) and "steps" in data["train"]):
-        problems.append("task / train.steps: with stages, each stage gives its task and steps; remove them")
-    known = set(evaluate.folder_evals(evaluate.evals_dir()))
-    new: list[str] = []
-    for i, entry in enumerate(recipe.stages):
-        prefix = f"stages[{i}]"
-        stage = build(StageConfig, entry, f"{prefix}.", problems)
-        problems += _check_task(stage.task, f"{prefix}.task", recipe.base_dir)
-        if stage.steps <= 0 or (stage.lr is not None and stage.lr <= 0):
-            problems.append(f"{prefix}: steps and lr must be positive")
-        evals = stage.evals or ([stage.task.name] if stage.task.name in known else [])
-        if not evals:
-            problems.append(f"{prefix}.evals: list the evals of this stage's task (e.g. a task YAML in evals.include)")
-        new += [e for e in evals if e not in new]
-    if len(recipe.stages) < 2:
-        problems.append("stages: a sequence needs at least 2 stages (one new task: use `task:`)")
-    if recipe.replay and recipe.replay.loss == "kl" and recipe.method == "lora":
-        problems.append("replay.loss: kl with method: lora compares with the base, not with the model before each "
-                        "stage; use loss: ntp or method: full for sequences")
-    if recipe.replay and recipe.replay.refresh_every is not None and recipe.method == "lora":
-        problems.append("replay.refresh_every: with method: lora the adapter-disabled model is the base, not the model "
-                        "before each stage; use method: full for sequences")
-    recipe.evals.new = new
-    return problems
-
-
-def _check(recipe: Recipe, data: dict[str, Any]) -> list[str]:
-    """Checks that need more than one field, files, or the registries of models and tasks."""
-    from forgetscope import models  # local: keep `import forgetscope.recipe` light
-
-    problems = []
-    if not _NAME_RE.match(recipe.name) or recipe.name in (".", ".."):
-        problems.append(
-            f"name: {recipe.name!r} must be letters, digits, '_', '-' or '.', not starting with "
-            "'.' (it names a folder under runs_dir)"
-        )
-    problems += models.check_reference(recipe.base, recipe.base_dir)
-
-    if recipe.method == "full" and data.get("lora") is not None:
-        problems.append("lora: LoRA settings on a full fine-tuning run; remove the `lora:` section or set method: lora")
-    t = recipe.train
-    for key in ("lr", "steps", "batch_size", "grad_accum", "seq_len"):
-        if getattr(t, key) <= 0:
-            problems.append(f"train.{key}: must be positive, got {getattr(t, key)}")
-    if t.warmup_steps < 0:
-        problems.append(f"train.warmup_steps: must be 0 or more, got {t.warmup_steps}")
-    problems += _check_report_to(t.report_to)
-    if t.batch_size > 0 and t.grad_accum > 0 and t.batch_size % t.grad_accum:
-        problems.append(
-            f"train.batch_size: {t.batch_size} is not divisible by train.grad_accum={t.grad_accum}"
-        )
-    if recipe.lora is not None and (recipe.lora.r <= 0 or recipe.lora.alpha <= 0):
-        problems.append("lora.r and lora.alpha: must be positive")
-    if recipe.lora is not None and not 0 <= recipe.lora.dropout < 1:
-        problems.append(f"lora.dropout: must be in [0, 1), got {recipe.lora.dropout}")
-
-    problems += _check_replay(recipe)
-    if recipe.replay and t.packing:
-        problems.append("train.packing: not with replay (each batch is split between new-task and replay examples); "
-                        "set train.packing: false")
-    problems += _check_cascade(recipe)
-    if recipe.stages:
-        problems += _check_stages(recipe, data)
-    else:
-        problems += _check_task(recipe.task, "task", recipe.base_dir)
-
-    problems += check_snapshots(recipe.snapshots, t.steps)
-    problems += check_evals(recipe.evals, recipe.base_dir)
-    return problems
-
-
-def check_snapshots(s: SnapshotConfig, steps: int | None) -> list[str]:
-    """Problems with a snapshot schedule (``steps``: the training length, when known)."""
-    problems = []
-    if s.schedule == "log" and s.count < 2:
-        problems.append(f"snapshots.count: needs at least 2 (step 0 and the last step), got {s.count}")
-    if s.schedule == "every" and (s.every is None or s.every <= 0):
-        problems.append("snapshots.every: set a positive interval for schedule: every (e.g. every: 10)")
-    if s.schedule == "at":
-        if not s.at:
-            problems.append("snapshots.at: list the steps for schedule: at (e.g. at: [0, 5, 10, 20])")
-        elif steps is not None and steps > 0:
-            bad = [x for x in s.at if x < 0 or x > steps]
-            if bad:
-                problems.append(f"snapshots.at: steps {bad} fall outside 0..train.steps={steps}")
-    for key in ("every", "at"):
-        if getattr(s, key) is not None and s.schedule != key:
-            problems.append(f"snapshots.{key}: only used with schedule: {key} (schedule is {s.schedule!r})")
-    return problems
-
-
-def check_evals(e: EvalConfig, base_dir: Path) -> list[str]:
-    """Problems with an eval suite: values, folders, and names no task registry knows."""
-    from forgetscope import evaluate
-
-    problems = []
-    if not e.new and not e.general:
-        problems.append("evals: list at least one eval under `new` or `general`")
-    if e.limit is not None and e.limit <= 0:
-        problems.append(f"evals.limit: must be positive or null, got {e.limit}")
-    if isinstance(e.batch_size, int) and e.batch_size <= 0:
-        problems.append(f"evals.batch_size: must be positive or 'auto', got {e.batch_size}")
-    for folder in e.include:
-        if not (base_dir / folder).is_dir():
-            problems.append(f"evals.include: no such folder {str(base_dir / folder)!r}")
-    if not problems:
-        problems += evaluate.check_eval_names([*e.new, *e.general], evaluate.include_paths(e, base_dir))
-    return problems
-
-
-def _check_report_to(names: list[str]) -> list[str]:
-    """Names transformers knows as logging integrations, installed."""
-    from transformers.integrations import get_available_reporting_integrations
-    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
-
-    problems = []
-    for name in names:
-        if name not in INTEGRATION_TO_CALLBACK:
-            problems.append(f"train.report_to: unknown integration {name!r}{did_you_mean(name, INTEGRATION_TO_CALLBACK)} "
-                            f"(transformers knows: {', '.join(sorted(INTEGRATION_TO_CALLBACK))})")
-        elif name not in get_available_reporting_integrations():
-            problems.append(f"train.report_to: {name!r} is not installed; pip install {name.replace('_', '-')}, or remove it")
-    return problems
-
-
-def _check_cascade(recipe: Recipe) -> list[str]:
-    c = recipe.cascade
-    if c is None:
-        return []
-    problems = [f"cascade.cheap: {name!r} is not in evals.general; add it there or drop it from cascade.cheap "
-                "(cascade.cheap: [] keeps the KL probe alone)" for name in c.cheap if name not in recipe.evals.general]
-    if c.every is not None and c.every <= 0:
-        problems.append(f"cascade.every: must be positive or null, got {c.every}")
-    if c.cheap_threshold < 0 or c.kl_threshold < 0:
-        problems.append("cascade.cheap_threshold and cascade.kl_threshold: must be 0 or more")
-    if min(c.kl_prompts, c.kl_tokens, c.kl_topk) <= 0:
-        problems.append("cascade.kl_prompts, kl_tokens and kl_topk: must be positive")
-    if recipe.stages:
-        problems.append("cascade: not available with stages yet; remove the cascade section")
-    return problems
-
-
-def _check_replay(recipe: Recipe) -> list[str]:
-    r = recipe.replay
-    if r is None:
-        return []
-    problems = []
-    if not 0 < r.ratio < 1:
-        problems.append(f"replay.ratio: must be between 0 and 1 (the share of each batch), got {r.ratio}")
-    for key in ("samples", "max_new_tokens", "topk"):
-        if getattr(r, key) <= 0:
-            problems.append(f"replay.{key}: must be positive, got {getattr(r, key)}")
-    if r.temperature <= 0 or not 0 < r.top_p <= 1:
-        problems.append("replay.temperature must be > 0 and replay.top_p in (0, 1]")
-    if r.coeff is not None and r.coeff < 0:
-        problems.append(f"replay.coeff: must be 0 or more, got {r.coeff}")
-    if r.prompts == "tasks" and not recipe.stages:
-        problems.append("replay.prompts: `tasks` prompts with the earlier stages' tasks; it needs `stages`")
-    needs_path = r.source == "data" or r.prompts == "file"
-    if needs_path and not r.path:
-        problems.append("replay.path: give the file (old data for source: data, prompts for prompts: file)")
-    if r.path and not needs_path:
-        problems.append("replay.path: only used with source: data or prompts: file")
-    if r.path and not (recipe.base_dir / r.path).is_file():
-        problems.append(f"replay.path: no such file {str(recipe.base_dir / r.path)!r}")
-    if r.refresh_every is not None and (r.source != "self" or r.refresh_every <= 0):
-        problems.append("replay.refresh_every: a positive number of steps, with source: self")
-    t = recipe.train
-    if t.batch_size > 0 and 0 < r.ratio < 1 and round(t.batch_size * r.ratio) in (0, t.batch_size):
-        problems.append(f"replay.ratio: {r.ratio} of train.batch_size={t.batch_size} leaves no room for "
-                        "replay or for new-task examples; change one of them")
-    return problems
-
-
 def field_reference() -> str:
     """Every recipe field with its type, default and documentation, as printed by ``forgetscope fields``."""
-    stage = reference(StageConfig, "stages[i].")
-    return f"{reference(Recipe)}\n\nstages[i]:  One stage of `stages` (a sequence of new tasks).\n{stage.lstrip()}"
+    return reference(Recipe)

@@ -57,7 +57,7 @@ def _run(recipe: Recipe, session: RunSession, run_hash: str) -> Path:
     steps = sequence.schedule(recipe)
     base_fp = evaluate.fingerprint(model)  # hashed once: keys the drift probe's samples and the replay buffer
     with distributed.main_first():  # rank 0 samples the drift probe's text (cached), the others read it
-        suite = evaluate.prepare_suite(recipe.evals, recipe.base_dir, chat, model, tokenizer, base_fp)
+        suite = evaluate.prepare_suite(recipe.scored_evals, recipe.base_dir, chat, model, tokenizer, base_fp)
     session.start(suite, tokenizer, {"recipe.yaml": recipe.to_yaml()}, base=recipe.base, base_path=model_path,
                   method=recipe.method, seed=recipe.train.seed, snapshot_steps=steps, chat_template=chat,
                   bf16=train.use_bf16(recipe.train.precision), processes=distributed.launched(),

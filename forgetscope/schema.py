@@ -2,7 +2,8 @@
 collected, and print their documentation.
 
 Fields carry their documentation in ``metadata["help"]`` (see :func:`option`). Nested sections
-are dataclass-typed fields. Used by :mod:`forgetscope.recipe`.
+are dataclass-typed fields; a list of sections (``list[StageConfig]``) is built item by item.
+Used by :mod:`forgetscope.recipe` and :mod:`forgetscope.load`.
 """
 
 from __future__ import annotations
@@ -29,10 +30,18 @@ def hints(cls: type) -> dict[str, Any]:
 
 
 def section_class(hint: Any) -> type | None:
-    """The dataclass inside a hint like ``TaskConfig`` or ``LoraSettings | None``."""
-    for arg in (hint, *typing.get_args(hint)):
+    """The dataclass of a hint like ``TaskConfig`` or ``LoraSettings | None``."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else ()
+    for arg in (hint, *args):
         if dataclasses.is_dataclass(arg):
             return arg
+    return None
+
+
+def item_class(hint: Any) -> type | None:
+    """The dataclass of the items of a hint like ``list[StageConfig]``."""
+    if typing.get_origin(hint) is list and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+        return typing.get_args(hint)[0]
     return None
 
 
@@ -49,7 +58,7 @@ def type_name(hint: Any) -> str:
     if hint is type(None):
         return "null"
     if dataclasses.is_dataclass(hint):
-        return "section"
+        return "mapping"
     return {int: "integer", float: "number", str: "string", bool: "true/false"}.get(hint, str(hint))
 
 
@@ -125,6 +134,10 @@ def build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
             else:
                 kwargs[key] = build(section, value, f"{prefix}{key}.", problems)
             continue
+        item = item_class(hint)
+        if item is not None and isinstance(value, list):
+            kwargs[key] = [build(item, entry, f"{prefix}{key}[{i}].", problems) for i, entry in enumerate(value)]
+            continue
         ok, converted = _coerce(value, hint)
         if ok:
             kwargs[key] = converted
@@ -133,9 +146,9 @@ def build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
     return cls(**kwargs)
 
 
-def reference(root: type, prefix: str = "") -> str:
-    """Every field of ``root`` and its sections with type, default and documentation (names
-    prefixed by ``prefix``)."""
+def reference(root: type) -> str:
+    """Every field of ``root`` and its sections with type, default and documentation; the fields
+    of a list's items under ``<name>[i].``."""
     lines: list[str] = []
 
     def walk(cls: type, prefix: str) -> None:
@@ -151,6 +164,10 @@ def reference(root: type, prefix: str = "") -> str:
                 continue
             lines.append(f"  {prefix}{f.name} ({type_name(types_[f.name])}, default {getattr(defaults, f.name)!r})")
             lines.append(f"      {f.metadata['help']}")
+            item = item_class(types_[f.name])
+            if item is not None:
+                lines.append(f"\n{prefix}{f.name}[i]:  {item.__doc__}")
+                walk(item, f"{prefix}{f.name}[i].")
 
-    walk(root, prefix)
+    walk(root, "")
     return "\n".join(lines).lstrip("\n") + "\n"

@@ -51,9 +51,9 @@ def schedule(recipe: Recipe) -> list[int]:
 
 def manifest_entry(recipe: Recipe) -> list[dict]:
     """What the manifest records per stage of a recipe with ``stages`` (the matrix is read from it)."""
-    return [{"task": stage.task.name or stage.task.path, "evals": stage.evals or [stage.task.name], "start": start,
+    return [{"task": stage.task.name or stage.task.path, "evals": stage.eval_names, "start": start,
              "end": end, "lr": stage.lr if stage.lr is not None else recipe.train.lr, "replay": bool(recipe.stage_recipe(i).replay)}
-            for i, ((start, end), stage) in enumerate(zip(bounds(recipe), recipe.sequence))]
+            for i, ((start, end), stage) in enumerate(zip(bounds(recipe), recipe.stages))]
 
 
 def stage_data(recipe: Recipe, tokenizer) -> list[tuple[list[str], list[dict]]]:

@@ -115,29 +115,6 @@ def format_summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def at_learning(layout: RunLayout, table, target: float) -> dict | None:
-    """Forgetting at matched learning, at snapshot resolution: the first snapshot where the new
-    task's primary metric reaches ``target``, and every general probe's paired change from the
-    base there. ``None`` when the run never reaches ``target``."""
-    from forgetscope.curves import primary_metric
-
-    new = table[table["role"] == "new"]
-    if new.empty:
-        return None
-    task = new["task"].iloc[0]
-    metric = primary_metric(list(new[new["task"] == task]["metric"].unique()))
-    line = new[(new["task"] == task) & (new["metric"] == metric)].sort_values("step")
-    reached = line[line["value"] >= target]
-    if reached.empty:
-        return None
-    step = int(reached["step"].iloc[0])
-    general = []
-    for probe, group in table[table["role"] == "general"].groupby("task", sort=True):
-        probe_metric = primary_metric(list(group["metric"].unique()))
-        general.append({"task": probe, "metric": probe_metric, **paired_delta(layout, probe, probe_metric, step)})
-    return {"step": step, "new_task": task, "new_metric": metric, "new_value": float(reached["value"].iloc[0]), "general": general}
-
-
 def binom_sf(k: int, n: int, p: float) -> float:
     """``P[X >= k]`` for ``X ~ Binomial(n, p)``, summed exactly (in log space, so large ``n`` is fine)."""
     if k <= 0 or p >= 1:

@@ -37,7 +37,7 @@ import pandas as pd
 from forgetscope import figures, io, metrics
 from forgetscope.curves import primary_metric
 from forgetscope.errors import UserError
-from forgetscope.recipe import load_recipe
+from forgetscope.load import load_recipe
 from forgetscope.snapshots import RunLayout
 
 

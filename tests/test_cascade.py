@@ -11,7 +11,7 @@ import yaml
 
 from forgetscope import cascade, cli, gate, models, report
 from forgetscope.errors import UserError
-from forgetscope.recipe import RecipeError, load_recipe, recipe_from_dict
+from forgetscope.load import RecipeError, load_recipe, recipe_from_dict
 from forgetscope.replay import collate, kl_full
 from forgetscope.runner import run
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from forgetscope import cli, evaluate, models
+from forgetscope import cli, evaluate, models, registry
 from forgetscope.recipe import EvalConfig
 
 TASKS = ["numerals", "world_capitals", "mmlu_shipped", "prose_ppl"]
@@ -65,7 +65,7 @@ def test_task_hash_changes_with_the_task_config(tmp_path):
                                      .replace("!function builders.", "!function forgetscope.evals.builders."))
     a = evaluate.prepare_suite(EvalConfig(new=[], general=["mine"], include=[str(tmp_path)]), tmp_path, False)
     (tmp_path / "mine.yaml").write_text((tmp_path / "mine.yaml").read_text().replace("Answer:", "A:"))
-    evaluate.task_manager.cache_clear()
+    registry.task_manager.cache_clear()
     b = evaluate.prepare_suite(EvalConfig(new=[], general=["mine"], include=[str(tmp_path)]), tmp_path, False)
     assert a.hashes["mine"] != b.hashes["mine"]
 
@@ -182,8 +182,8 @@ def test_a_group_of_tasks_is_scored_cached_and_kept_per_item(tiny, tmp_path):
 
 
 def test_embedded_tasks_skip_lm_evals_full_index_and_standard_names_use_it():
-    paths = [str(evaluate.evals_dir())]
-    assert evaluate.manager_for(["numerals", "prose_ppl"], paths) is evaluate.task_manager(tuple(paths), defaults=False)
-    full = evaluate.manager_for(["numerals", "arc_easy"], paths)
-    assert full is evaluate.task_manager(tuple(paths)) and "arc_easy" in full.all_subtasks
-    assert evaluate.check_eval_names(["numerals", "arc_easy"], paths) == []
+    paths = [str(registry.evals_dir())]
+    assert registry.manager_for(["numerals", "prose_ppl"], paths) is registry.task_manager(tuple(paths), defaults=False)
+    full = registry.manager_for(["numerals", "arc_easy"], paths)
+    assert full is registry.task_manager(tuple(paths)) and "arc_easy" in full.all_subtasks
+    assert registry.check_eval_names(["numerals", "arc_easy"], paths) == []

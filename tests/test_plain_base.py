@@ -7,8 +7,9 @@ import json
 import pandas as pd
 import yaml
 
-from forgetscope import data, evaluate, models
-from forgetscope.recipe import EvalConfig, TaskConfig, load_recipe
+from forgetscope import data, evaluate, models, registry
+from forgetscope.load import load_recipe
+from forgetscope.recipe import EvalConfig, TaskConfig
 from forgetscope.runner import run
 
 CODES = [("apple", "AP7"), ("pear", "PR2"), ("plum", "PL9"), ("fig", "FG4"), ("kiwi", "KW1"), ("lime", "LM5"),
@@ -59,7 +60,7 @@ def test_the_embedded_numerals_eval_joins_as_training_does_on_a_plain_base(tmp_p
     from lm_eval.api.instance import Instance
 
     suite = evaluate.prepare_suite(EvalConfig(new=["numerals"], general=[], limit=3), tmp_path, chat=False)
-    task = evaluate.manager_for(["numerals"], suite.paths).load(["numerals"])["tasks"]["numerals"]
+    task = registry.manager_for(["numerals"], suite.paths).load(["numerals"])["tasks"]["numerals"]
     evaluate._join_like_training(task)
     doc = next(iter(task.eval_docs))
     request = task.construct_requests(doc, task.doc_to_text(doc), metadata=("numerals", 0, 1))

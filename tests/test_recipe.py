@@ -8,7 +8,8 @@ import yaml
 
 from conftest import RECIPES
 from forgetscope import cli
-from forgetscope.recipe import RecipeError, field_reference, load_recipe, parse_overrides, recipe_from_dict
+from forgetscope.load import RecipeError, load_recipe, parse_overrides, recipe_from_dict
+from forgetscope.recipe import field_reference
 
 
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
@@ -108,8 +109,8 @@ def test_bad_yaml_and_bad_override(tmp_path, capsys):
 
 def test_overrides_enter_lists_by_index():
     recipe = load_recipe(RECIPES / "sequence_paper.yaml", ["stages.1.steps=7", "stages.3.task.name=digits_rotate"])
-    assert [s.steps for s in recipe.sequence] == [2000, 7, 2000, 2000] and recipe.sequence[3].task.name == "digits_rotate"
-    assert recipe.sequence[3].task.max_examples is None  # the rest of the stage stays
+    assert [s.steps for s in recipe.stages] == [2000, 7, 2000, 2000] and recipe.stages[3].task.name == "digits_rotate"
+    assert recipe.stages[3].task.max_examples is None  # the rest of the stage stays
     with pytest.raises(RecipeError, match=r"--set stages.4: there is no item 4 \(items 0..3\)"):
         load_recipe(RECIPES / "sequence_paper.yaml", ["stages.4.steps=7"])
 

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from forgetscope import cli, io, models, train
-from forgetscope.recipe import load_recipe
+from forgetscope.load import load_recipe
 from forgetscope.runner import run
 
 

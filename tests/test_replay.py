@@ -9,7 +9,7 @@ import yaml
 
 from forgetscope import evaluate, models, replay, train
 from forgetscope import data as fdata
-from forgetscope.recipe import recipe_from_dict
+from forgetscope.load import recipe_from_dict
 from forgetscope.runner import run
 
 
@@ -130,7 +130,7 @@ def test_kl_replay_keeps_the_model_closer_to_the_base(tmp_path, replay_data):
 def test_replay_run_logs_both_losses(tmp_path, replay_data):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({**replay_data, "name": "rep", "runs_dir": str(tmp_path / "runs")}))
-    from forgetscope.recipe import load_recipe
+    from forgetscope.load import load_recipe
 
     root = run(load_recipe(path))
     log = pd.read_csv(root / "train_log.csv")
@@ -143,7 +143,7 @@ def test_rehearsal_from_old_data(tmp_path, replay_data):
     (tmp_path / "old.jsonl").write_text("".join(json.dumps({"text": f"old fact number {i}."}) + "\n" for i in range(6)))
     data = {**replay_data, "replay": {"source": "data", "path": "old.jsonl", "loss": "ntp", "ratio": 0.5}}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
-    from forgetscope.recipe import load_recipe
+    from forgetscope.load import load_recipe
 
     recipe = load_recipe(tmp_path / "r.yaml")
     model, tokenizer = _base()

@@ -2,14 +2,14 @@
 
 import json
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 import yaml
 
 from forgetscope import models, snapshots, train
-from forgetscope.recipe import SnapshotConfig, load_recipe, recipe_from_dict
+from forgetscope.load import load_recipe, recipe_from_dict
+from forgetscope.recipe import SnapshotConfig
 from forgetscope.runner import run
 from forgetscope.session import RunError
 
@@ -145,28 +145,6 @@ def test_paired_deltas_agree_with_the_curves(tmp_path, tiny_recipe_data):
     assert manifest["final_vs_base"][0]["task"] == "numerals"
 
 
-def test_forgetting_at_matched_learning_picks_the_first_snapshot_reaching_the_target(tmp_path):
-    from forgetscope import stats
-
-    layout = snapshots.RunLayout(tmp_path)
-    for step, acc, ll in ((0, [0, 0], [-9.0, -9.0]), (5, [1, 0], [-10.0, -11.0]), (9, [1, 1], [-12.0, -12.0])):
-        evals = layout.eval_dir(step)
-        evals.mkdir(parents=True)
-        (evals / "samples_new.jsonl").write_text("".join(json.dumps({"item_id": i, "acc": a}) + "\n" for i, a in enumerate(acc)))
-        (evals / "samples_gen.jsonl").write_text("".join(json.dumps({"item_id": i, "bits_per_byte": [v, 10]}) + "\n" for i, v in enumerate(ll)))
-    rows = [{"step": s, "task": "new", "role": "new", "metric": "acc", "value": v, "higher_is_better": True}
-            for s, v in ((0, 0.0), (5, 0.5), (9, 1.0))]
-    rows += [{"step": s, "task": "gen", "role": "general", "metric": "bits_per_byte", "value": 0.0, "higher_is_better": False}
-             for s in (0, 5, 9)]
-    table = pd.DataFrame(rows)
-    matched = stats.at_learning(layout, table, 0.5)
-    assert matched["step"] == 5 and matched["new_value"] == 0.5
-    [gen] = matched["general"]
-    # bits/byte = -sum(ll) / sum(bytes) / ln 2: base 18/20/ln2, step 5 21/20/ln2
-    assert gen["delta"] == pytest.approx((21 - 18) / 20 / np.log(2))
-    assert stats.at_learning(layout, table, 1.5) is None
-
-
 def test_report_to_tensorboard_gets_every_snapshots_scores_and_the_loss(tmp_path, tiny_recipe_data):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -183,7 +161,7 @@ def test_report_to_tensorboard_gets_every_snapshots_scores_and_the_loss(tmp_path
 
 
 def test_report_to_names_are_checked(tiny_recipe_data):
-    from forgetscope.recipe import RecipeError
+    from forgetscope.load import RecipeError
 
     with pytest.raises(RecipeError, match="train.report_to: unknown integration 'tensorbord'; did you mean 'tensorboard'"):
         recipe_from_dict({**tiny_recipe_data, "train": {**tiny_recipe_data["train"], "report_to": ["tensorbord"]}})

@@ -7,7 +7,7 @@ import pytest
 import torch
 from lm_eval.models.huggingface import HFLM
 
-from forgetscope import evaluate, models, seams
+from forgetscope import models, registry, seams
 
 UPGRADE = f"(checked with {seams.CHECKED}); update forgetscope/seams.py"
 
@@ -19,7 +19,7 @@ def tiny():
 
 
 def test_lm_eval_reads_task_yamls_with_its_private_loader():
-    spec = seams.load_task_yaml(evaluate.evals_dir() / "base_samples_ppl.yaml")
+    spec = seams.load_task_yaml(registry.evals_dir() / "base_samples_ppl.yaml")
     assert spec.get("task") == "base_samples_ppl", f"lm_eval.tasks._yaml_loader.load_yaml changed {UPGRADE}"
 
 
@@ -52,7 +52,7 @@ def test_hflm_re_ties_weights_unless_skipped(tiny):
 
 
 def test_loglikelihood_requests_are_rewritten_as_they_are_built():
-    manager = evaluate.task_manager((str(evaluate.evals_dir()),), defaults=False)
+    manager = registry.task_manager((str(registry.evals_dir()),), defaults=False)
     task = manager.load("numerals")["tasks"]["numerals"]
     seams.rewrite_loglikelihood_requests(task, lambda context, target: (context + "|", target))
     task.build_all_requests(limit=2, rank=0, world_size=1)

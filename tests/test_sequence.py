@@ -1,6 +1,7 @@
 """Sequences of new tasks: the accuracy-matrix metrics on hand-computed fixtures, recipe checks,
 models from scratch, and a 3-stage run on a tiny model."""
 
+import copy
 import json
 
 import numpy as np
@@ -9,8 +10,9 @@ import pytest
 import yaml
 
 from conftest import RECIPES
-from forgetscope import cli, continual, models, replay
-from forgetscope.recipe import RecipeError, recipe_from_dict
+from forgetscope import cli, continual, models, replay, schema, validate
+from forgetscope.load import RecipeError, recipe_from_dict
+from forgetscope.recipe import Recipe, StageConfig
 
 R = np.array([
     [0.0, 0.0, 0.0],  # the base
@@ -77,9 +79,23 @@ def test_stage_recipes_are_checked(changes, message):
 
 def test_stage_recipes_resolve_evals_steps_and_replay():
     recipe = recipe_from_dict(_stages_recipe())
-    assert recipe.evals.new == ["sym_reverse", "sym_sort", "sym_shift"]
+    assert recipe.scored_evals.new == ["sym_reverse", "sym_sort", "sym_shift"]
+    assert recipe.stage_recipe(1).evals.new == ["sym_reverse", "sym_sort", "sym_shift"]
+    assert yaml.safe_load(recipe.to_yaml())["evals"]["new"] == ["sym_reverse", "sym_sort", "sym_shift"]
     assert recipe.stage_recipe(0).replay is None and recipe.stage_recipe(1).replay is not None
     assert recipe.stage_recipe(2).task.name == "sym_shift" and recipe.stage_recipe(2).train.steps == 3
+
+
+def test_stages_are_typed_and_validation_leaves_the_recipe_as_built():
+    data = _stages_recipe()
+    data["stages"][1]["lr"] = "3e-3"  # YAML 1.1 reads it as a string; the schema makes it a number
+    problems = []
+    built = schema.build(Recipe, data, "", problems)
+    assert problems == [] and all(isinstance(stage, StageConfig) for stage in built.stages)
+    assert built.stages[1].lr == 3e-3 and built.stages[0].task.max_examples == 64 and built.stages[0].replay is True
+    before = copy.deepcopy(built)
+    assert validate.check(built, data) == []
+    assert built == before
 
 
 def test_models_from_scratch_are_built_once_with_the_asked_sizes():
@@ -132,7 +148,7 @@ def test_a_stage_can_train_on_the_users_file(tmp_path):
         recipe_from_dict(data, str(tmp_path / "r.yaml"))
     data["stages"][2]["evals"] = ["sym_rotate"]  # any eval task: evals/, evals.include or lm-eval's
     recipe = recipe_from_dict(data, str(tmp_path / "r.yaml"))
-    assert recipe.stage_recipe(2).task.path == "mine.jsonl" and recipe.evals.new[-1] == "sym_rotate"
+    assert recipe.stage_recipe(2).task.path == "mine.jsonl" and recipe.scored_evals.new[-1] == "sym_rotate"
 
 
 def test_a_sequence_stopped_inside_a_stage_resumes_there_to_the_same_curves(tmp_path, monkeypatch):

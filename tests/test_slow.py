@@ -13,7 +13,7 @@ import yaml
 
 from conftest import RECIPES
 from forgetscope import models, seams
-from forgetscope.recipe import load_recipe
+from forgetscope.load import load_recipe
 from forgetscope.runner import run
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ import datasets
 import pandas as pd
 import pytest
 
-from forgetscope import cli, evaluate, models
+from forgetscope import cli, evaluate, models, registry
 from forgetscope.recipe import EvalConfig
 
 LIMIT = 4
@@ -82,7 +82,7 @@ def test_standard_tasks_score_as_lm_eval_scores_them(fixtures, tmp_path):
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, max_length=evaluate.max_length(model))
     theirs = simple_evaluate(model=lm, tasks=["arc_easy", "hellaswag", "mmlu", "gsm8k"], limit=LIMIT,
-                             task_manager=evaluate.task_manager((str(evaluate.evals_dir()),)), bootstrap_iters=0,
+                             task_manager=registry.task_manager((str(registry.evals_dir()),)), bootstrap_iters=0,
                              random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
     compared = 0
     for task, result in ours["results"].items():

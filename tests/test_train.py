@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from forgetscope import data, models, train
-from forgetscope.recipe import TaskConfig, recipe_from_dict
+from forgetscope.load import recipe_from_dict
+from forgetscope.recipe import TaskConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

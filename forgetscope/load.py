@@ -1,0 +1,95 @@
+"""A recipe file to a checked :class:`~forgetscope.recipe.Recipe`: read the YAML, apply ``--set``
+overrides, build the sections (:func:`forgetscope.schema.build`: unknown keys with a did-you-mean,
+wrong types) and check the result (:func:`forgetscope.validate.check`: impossible combinations,
+missing files, unknown models and tasks). Every problem is collected and raised once, as one
+:class:`RecipeError`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from forgetscope import validate
+from forgetscope.errors import UserError
+from forgetscope.recipe import Recipe
+from forgetscope.schema import build
+
+
+class RecipeError(UserError):
+    """A recipe (or its overrides) is invalid. ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str], source: str = "recipe"):
+        self.problems = problems
+        self.source = source
+        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Turn ``["train.lr=1e-4", "method=full"]`` into a nested mapping (values parsed as YAML)."""
+    nested: dict[str, Any] = {}
+    problems = []
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            problems.append(f"--set {pair!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
+            continue
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    if problems:
+        raise RecipeError(problems, "overrides")
+    return nested
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` merged in, key by key; a list is entered by index (``stages.1.lr``)."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        elif isinstance(value, dict) and isinstance(out.get(key), list) and all(k.isdigit() for k in value):
+            items = list(out[key])
+            for index, item in value.items():
+                if int(index) >= len(items):
+                    raise RecipeError([f"--set {key}.{index}: there is no item {index} (items 0..{len(items) - 1})"], "overrides")
+                items[int(index)] = _merge(items[int(index)], item) if isinstance(item, dict) and isinstance(items[int(index)], dict) else item
+            out[key] = items
+        else:
+            out[key] = value
+    return out
+
+
+def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
+    """Build and validate a recipe from plain data; raises :class:`RecipeError` with every problem."""
+    problems: list[str] = []
+    recipe = build(Recipe, data if data is not None else {}, "", problems)
+    recipe.source = source
+    if not problems:
+        problems += validate.check(recipe, data)
+    if problems:
+        raise RecipeError(problems, source or "recipe")
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe YAML file, apply ``--set`` style overrides and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(["no such recipe file; see recipes/ for examples"], str(path))
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise RecipeError([f"not UTF-8 text ({err.reason} at byte {err.start}); save the recipe as UTF-8"], str(path)) from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise RecipeError([f"{where}not valid YAML ({getattr(err, 'problem', err)})"], str(path)) from None
+    if data is not None and not isinstance(data, dict):
+        raise RecipeError([f"expected a mapping of keys at the top level, got {type(data).__name__}"], str(path))
+    data = _merge(data or {}, parse_overrides(overrides or []))
+    return recipe_from_dict(data, str(path))

@@ -1,0 +1,225 @@
+"""Checks of a built recipe: across its fields, against files on disk, and against the registries
+(model references, embedded tasks, lm-eval task names, installed ``report_to`` integrations).
+
+:mod:`forgetscope.schema` has already checked keys and types; these checks return one line per
+problem, naming the key and the fix, and never change the recipe. The ``check_*`` functions for
+a single section also serve :class:`forgetscope.ForgettingCallback`, which takes those sections
+without a recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+from forgetscope import models, registry, tasks
+from forgetscope.recipe import EvalConfig, Recipe, SnapshotConfig, TaskConfig
+from forgetscope.schema import did_you_mean
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _check_task(task: TaskConfig, prefix: str, base_dir: Path) -> list[str]:
+    problems = []
+    sources = [k for k in ("name", "path", "hf_dataset") if getattr(task, k)]
+    if len(sources) != 1:
+        problems.append(
+            f"{prefix}: give exactly one of `name` (embedded task), `path` (your file) or `hf_dataset`"
+            f"; got {', '.join(sources) or 'none'}"
+        )
+    if task.name and task.name not in tasks.EMBEDDED_TASKS:
+        problems.append(
+            f"{prefix}.name: unknown embedded task {task.name!r}{did_you_mean(task.name, tasks.EMBEDDED_TASKS)}"
+            f" (embedded: {', '.join(tasks.EMBEDDED_TASKS)}; use {prefix}.path for your own data)"
+        )
+    if task.path:
+        file = base_dir / task.path
+        if not file.is_file():
+            problems.append(f"{prefix}.path: no such file {str(file)!r}; give a .jsonl or .csv file")
+        elif file.suffix not in (".jsonl", ".json", ".csv"):
+            problems.append(f"{prefix}.path: {file.name!r} is not .jsonl or .csv")
+    if task.max_examples is not None and task.max_examples <= 0:
+        problems.append(f"{prefix}.max_examples: must be positive or null, got {task.max_examples}")
+    return problems
+
+
+def _check_stages(recipe: Recipe, data: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Problems of a recipe's stages, and the new-task evals of its valid stages in order (a stage's
+    evals default to its embedded task's eval; those are checked with the general evals)."""
+    problems: list[str] = []
+    if isinstance(data.get("evals"), dict) and "new" in data["evals"]:
+        problems.append("evals.new: with stages, each stage lists its own evals (stages[i].evals); remove evals.new")
+    if isinstance(data.get("task"), dict) or (isinstance(data.get("train"), dict) and "steps" in data["train"]):
+        problems.append("task / train.steps: with stages, each stage gives its task and steps; remove them")
+    known = set(registry.folder_evals(registry.evals_dir()))
+    new: list[str] = []
+    for i, stage in enumerate(recipe.stages):
+        prefix = f"stages[{i}]"
+        problems += _check_task(stage.task, f"{prefix}.task", recipe.base_dir)
+        if stage.steps <= 0 or (stage.lr is not None and stage.lr <= 0):
+            problems.append(f"{prefix}: steps and lr must be positive")
+        evals = stage.evals or ([stage.task.name] if stage.task.name in known else [])
+        if not evals:
+            problems.append(f"{prefix}.evals: list the evals of this stage's task (e.g. a task YAML in evals.include)")
+        new += [e for e in evals if e not in new]
+    if len(recipe.stages) < 2:
+        problems.append("stages: a sequence needs at least 2 stages (one new task: use `task:`)")
+    if recipe.replay and recipe.replay.loss == "kl" and recipe.method == "lora":
+        problems.append("replay.loss: kl with method: lora compares with the base, not with the model before each "
+                        "stage; use loss: ntp or method: full for sequences")
+    if recipe.replay and recipe.replay.refresh_every is not None and recipe.method == "lora":
+        problems.append("replay.refresh_every: with method: lora the adapter-disabled model is the base, not the model "
+                        "before each stage; use method: full for sequences")
+    return problems, new
+
+
+def check(recipe: Recipe, data: dict[str, Any]) -> list[str]:
+    """Problems of a recipe built from ``data`` (the mapping it was built from: some keys must not be
+    given at all) that need more than one field, files, or the registries of models and tasks."""
+    problems = []
+    if not _NAME_RE.match(recipe.name) or recipe.name in (".", ".."):
+        problems.append(
+            f"name: {recipe.name!r} must be letters, digits, '_', '-' or '.', not starting with "
+            "'.' (it names a folder under runs_dir)"
+        )
+    problems += models.check_reference(recipe.base, recipe.base_dir)
+
+    if recipe.method == "full" and recipe.lora is not None:
+        problems.append("lora: LoRA settings on a full fine-tuning run; remove the `lora:` section or set method: lora")
+    t = recipe.train
+    for key in ("lr", "steps", "batch_size", "grad_accum", "seq_len"):
+        if getattr(t, key) <= 0:
+            problems.append(f"train.{key}: must be positive, got {getattr(t, key)}")
+    if t.warmup_steps < 0:
+        problems.append(f"train.warmup_steps: must be 0 or more, got {t.warmup_steps}")
+    problems += _check_report_to(t.report_to)
+    if t.batch_size > 0 and t.grad_accum > 0 and t.batch_size % t.grad_accum:
+        problems.append(
+            f"train.batch_size: {t.batch_size} is not divisible by train.grad_accum={t.grad_accum}"
+        )
+    if recipe.lora is not None and (recipe.lora.r <= 0 or recipe.lora.alpha <= 0):
+        problems.append("lora.r and lora.alpha: must be positive")
+    if recipe.lora is not None and not 0 <= recipe.lora.dropout < 1:
+        problems.append(f"lora.dropout: must be in [0, 1), got {recipe.lora.dropout}")
+
+    problems += _check_replay(recipe)
+    if recipe.replay and t.packing:
+        problems.append("train.packing: not with replay (each batch is split between new-task and replay examples); "
+                        "set train.packing: false")
+    problems += _check_cascade(recipe)
+    evals = recipe.evals
+    if recipe.stages:
+        stage_problems, new = _check_stages(recipe, data)
+        problems += stage_problems
+        evals = dataclasses.replace(evals, new=new)
+    else:
+        problems += _check_task(recipe.task, "task", recipe.base_dir)
+
+    problems += check_snapshots(recipe.snapshots, t.steps)
+    problems += check_evals(evals, recipe.base_dir)
+    return problems
+
+
+def check_snapshots(s: SnapshotConfig, steps: int | None) -> list[str]:
+    """Problems with a snapshot schedule (``steps``: the training length, when known)."""
+    problems = []
+    if s.schedule == "log" and s.count < 2:
+        problems.append(f"snapshots.count: needs at least 2 (step 0 and the last step), got {s.count}")
+    if s.schedule == "every" and (s.every is None or s.every <= 0):
+        problems.append("snapshots.every: set a positive interval for schedule: every (e.g. every: 10)")
+    if s.schedule == "at":
+        if not s.at:
+            problems.append("snapshots.at: list the steps for schedule: at (e.g. at: [0, 5, 10, 20])")
+        elif steps is not None and steps > 0:
+            bad = [x for x in s.at if x < 0 or x > steps]
+            if bad:
+                problems.append(f"snapshots.at: steps {bad} fall outside 0..train.steps={steps}")
+    for key in ("every", "at"):
+        if getattr(s, key) is not None and s.schedule != key:
+            problems.append(f"snapshots.{key}: only used with schedule: {key} (schedule is {s.schedule!r})")
+    return problems
+
+
+def check_evals(e: EvalConfig, base_dir: Path) -> list[str]:
+    """Problems with an eval suite: values, folders, and names no task registry knows."""
+    problems = []
+    if not e.new and not e.general:
+        problems.append("evals: list at least one eval under `new` or `general`")
+    if e.limit is not None and e.limit <= 0:
+        problems.append(f"evals.limit: must be positive or null, got {e.limit}")
+    if isinstance(e.batch_size, int) and e.batch_size <= 0:
+        problems.append(f"evals.batch_size: must be positive or 'auto', got {e.batch_size}")
+    for folder in e.include:
+        if not (base_dir / folder).is_dir():
+            problems.append(f"evals.include: no such folder {str(base_dir / folder)!r}")
+    if not problems:
+        problems += registry.check_eval_names([*e.new, *e.general], registry.include_paths(e, base_dir))
+    return problems
+
+
+def _check_report_to(names: list[str]) -> list[str]:
+    """Names transformers knows as logging integrations, installed."""
+    if not names:
+        return []  # transformers takes seconds to import: only when there is something to check
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    problems = []
+    for name in names:
+        if name not in INTEGRATION_TO_CALLBACK:
+            problems.append(f"train.report_to: unknown integration {name!r}{did_you_mean(name, INTEGRATION_TO_CALLBACK)} "
+                            f"(transformers knows: {', '.join(sorted(INTEGRATION_TO_CALLBACK))})")
+        elif name not in get_available_reporting_integrations():
+            problems.append(f"train.report_to: {name!r} is not installed; pip install {name.replace('_', '-')}, or remove it")
+    return problems
+
+
+def _check_cascade(recipe: Recipe) -> list[str]:
+    c = recipe.cascade
+    if c is None:
+        return []
+    problems = [f"cascade.cheap: {name!r} is not in evals.general; add it there or drop it from cascade.cheap "
+                "(cascade.cheap: [] keeps the KL probe alone)" for name in c.cheap if name not in recipe.evals.general]
+    if c.every is not None and c.every <= 0:
+        problems.append(f"cascade.every: must be positive or null, got {c.every}")
+    if c.cheap_threshold < 0 or c.kl_threshold < 0:
+        problems.append("cascade.cheap_threshold and cascade.kl_threshold: must be 0 or more")
+    if min(c.kl_prompts, c.kl_tokens, c.kl_topk) <= 0:
+        problems.append("cascade.kl_prompts, kl_tokens and kl_topk: must be positive")
+    if recipe.stages:
+        problems.append("cascade: not available with stages yet; remove the cascade section")
+    return problems
+
+
+def _check_replay(recipe: Recipe) -> list[str]:
+    r = recipe.replay
+    if r is None:
+        return []
+    problems = []
+    if not 0 < r.ratio < 1:
+        problems.append(f"replay.ratio: must be between 0 and 1 (the share of each batch), got {r.ratio}")
+    for key in ("samples", "max_new_tokens", "topk"):
+        if getattr(r, key) <= 0:
+            problems.append(f"replay.{key}: must be positive, got {getattr(r, key)}")
+    if r.temperature <= 0 or not 0 < r.top_p <= 1:
+        problems.append("replay.temperature must be > 0 and replay.top_p in (0, 1]")
+    if r.coeff is not None and r.coeff < 0:
+        problems.append(f"replay.coeff: must be 0 or more, got {r.coeff}")
+    if r.prompts == "tasks" and not recipe.stages:
+        problems.append("replay.prompts: `tasks` prompts with the earlier stages' tasks; it needs `stages`")
+    needs_path = r.source == "data" or r.prompts == "file"
+    if needs_path and not r.path:
+        problems.append("replay.path: give the file (old data for source: data, prompts for prompts: file)")
+    if r.path and not needs_path:
+        problems.append("replay.path: only used with source: data or prompts: file")
+    if r.path and not (recipe.base_dir / r.path).is_file():
+        problems.append(f"replay.path: no such file {str(recipe.base_dir / r.path)!r}")
+    if r.refresh_every is not None and (r.source != "self" or r.refresh_every <= 0):
+        problems.append("replay.refresh_every: a positive number of steps, with source: self")
+    t = recipe.train
+    if t.batch_size > 0 and 0 < r.ratio < 1 and round(t.batch_size * r.ratio) in (0, t.batch_size):
+        problems.append(f"replay.ratio: {r.ratio} of train.batch_size={t.batch_size} leaves no room for "
+                        "replay or for new-task examples; change one of them")
+    return problems
