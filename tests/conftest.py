@@ -1,6 +1,7 @@
 """Shared fixtures. Tests never touch the network: the Hugging Face offline switches are set."""
 
 import json
+import math
 import os
 import tempfile
 
@@ -15,7 +16,6 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from forgetscope import stats  # noqa: E402
 from forgetscope.snapshots import RunLayout  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,8 +46,10 @@ def make_fake_run(root: Path, steps_items: dict[int, dict[str, object]], task="f
         folder = layout.eval_dir(step)
         folder.mkdir(parents=True)
         values = list(items.values())
-        value = stats.aggregate(metric, np.array([v[0] if isinstance(v, list) else v for v in values], float),
-                                np.array([v[1] if isinstance(v, list) else 1.0 for v in values], float))
+        if metric == "bits_per_byte":  # items hold [log-likelihood, bytes]; lm-eval's corpus value
+            value = -sum(v[0] for v in values) / sum(v[1] for v in values) / math.log(2)
+        else:
+            value = sum(values) / len(values)
         (folder / f"samples_{task}.jsonl").write_text("".join(
             json.dumps({"item_id": k, metric: v, "metrics": [metric], "target": 0,
                         "arguments": [[f"Question {k}?", f" answer {k}"]]}) + "\n" for k, v in items.items()))

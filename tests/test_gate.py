@@ -1,13 +1,14 @@
 """The release gate: non-inferiority verdicts, Holm/BH across probes, chance, advice on items, exit codes 0/1/2."""
 
 import json
+from statistics import NormalDist
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from forgetscope import cli, gate, stats
+from forgetscope import cli, gate
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -59,7 +60,8 @@ def test_a_one_sided_non_inferiority_test_decides(tmp_path, runs):
     assert facts["se"] == pytest.approx((0.04 * 0.96 / 200) ** 0.5, rel=0.08)
     assert upper["verdict"] == "fail" and facts["note"].startswith("inconclusive")
     # how many items would decide it: n' = n ((z_.95 + z_.8) se / (margin - drop))^2, about 2,400
-    assert facts["items_needed"] == stats.items_to_decide(0.04, facts["se"], 200, 0.05, 0.05, 0.8)
+    z = NormalDist().inv_cdf(0.95) + NormalDist().inv_cdf(0.8)
+    assert facts["items_needed"] == pytest.approx(200 * (z * facts["se"] / (0.05 - facts["drop"])) ** 2, abs=1)
     assert facts["items_needed"] == pytest.approx(200 * (2.4865 * 0.013856 / 0.01) ** 2, rel=0.16)
     assert f"about {facts['items_needed']} items (now 200)" in facts["note"] and "80% power" in facts["note"]
     lenient = gate.load_policy(_policy(tmp_path, decide_on="estimate", general={"facts": {"max_drop": 0.05}}))
@@ -98,9 +100,16 @@ def test_holm_and_bh_adjust_across_the_general_probes(tmp_path, several):
                for method in ("none", "holm", "bh")}
     raw = {c["name"]: c["p"] for c in results["none"]["checks"]}
     assert raw["a"] == raw["b"] == pytest.approx(scipy_stats.binom.sf(9, 200, 0.025), abs=0.012)
+    p, facts = raw["a"], raw["facts"]
+    assert facts < p
+    # by hand, m = 3 with p_(1) = facts, p_(2) = p_(3) = p. Holm: 3 facts, then max(3 facts, 2 p) for both a and b.
+    # BH: ranks give 3 facts, 3p/2, p; the running minimum from the top leaves p for a and b, min(3 facts, p) for facts
+    expected = {"none": [facts, p, p], "holm": [min(1.0, 3 * facts)] + [min(1.0, max(3 * facts, 2 * p))] * 2,
+                "bh": [min(3 * facts, p), p, p]}
+    assert expected["bh"] == pytest.approx(list(scipy_stats.false_discovery_control([facts, p, p])))
     for method, result in results.items():
         checks = {c["name"]: c for c in result["checks"]}
-        assert [checks[t]["p_adj"] for t in ("facts", "a", "b")] == pytest.approx(stats.adjust([raw[t] for t in ("facts", "a", "b")], method))
+        assert [checks[t]["p_adj"] for t in ("facts", "a", "b")] == pytest.approx(expected[method])
         for c in checks.values():  # a bound within the limit exactly when the probe passes
             assert (c["bound"] < c["allowed"]) == c["passed"]
     assert results["none"]["verdict"] == "pass" and results["bh"]["verdict"] == "pass"  # BH: 3/2 x 0.03 <= 0.05

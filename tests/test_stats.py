@@ -47,6 +47,15 @@ def test_chance_level_comes_from_the_number_of_choices(tmp_path, fake_run, fake_
     assert stats.chance_level(prose, "prose", "bits_per_byte") is None  # not a 0/1 metric
 
 
+def test_a_paired_delta_of_bits_per_byte_is_taken_on_the_corpus_value(tmp_path, fake_run):
+    # items are [log-likelihood, bytes]; bits/byte = -sum(ll) / sum(bytes) / ln 2, not a mean of per-item ratios
+    layout = fake_run(tmp_path / "r", {0: {"a": [-9.0, 10], "b": [-9.0, 10]}, 5: {"a": [-10.0, 10], "b": [-11.0, 30]}},
+                      task="prose", metric="bits_per_byte")
+    ci = stats.paired_delta(layout, "prose", "bits_per_byte", 5)
+    assert ci["delta"] == pytest.approx(21 / 40 / math.log(2) - 18 / 20 / math.log(2))
+    assert ci["n"] == 2
+
+
 def test_chance_adjusted_flips_follow_harmon_et_al():
     # 100 items, accuracy 0.4 -> 0.3, 4 choices: guessed shares 0.8 and 0.933; flips by chance 0.8 * 0.933 * 1/4 * 3/4 * 100
     assert stats.chance_flips(100, 0.4, 0.3, 0.25) == pytest.approx(100 * 0.6 * 0.7 / 3)
