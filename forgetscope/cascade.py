@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io as bytes_io
 import json
 import math
 import time
@@ -118,9 +117,7 @@ def build_kl_probe(model, tokenizer, recipe: Recipe, chat: bool, base_fingerprin
         vocab = model.get_output_embeddings().weight.shape[0]
         with evaluate.scoring_precision(model, probe.precision):
             probe.topk_values, probe.topk_indices = base_topk(model, tokenizer, examples, min(config.kl_topk, vocab))
-    buffer = bytes_io.BytesIO()
-    torch.save(asdict(probe), buffer)
-    io.write_bytes(path, buffer.getvalue())
+    io.write_torch(path, asdict(probe))
     return probe
 
 

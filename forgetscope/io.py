@@ -40,6 +40,18 @@ def write_json(path: Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
+def write_torch(path: Path, data: Any) -> None:
+    """Write ``data`` (tensors in plain containers) with ``torch.save``, atomically; read it back with
+    ``torch.load(path, weights_only=True)``."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
+    write_bytes(path, buffer.getvalue())
+
+
 def sweep(folder: Path) -> None:
     """Remove the ``*.tmp-*`` debris that killed writers left in ``folder`` (call it while holding
     the folder's lock, so that no live writer's temporary is touched)."""

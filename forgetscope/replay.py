@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -63,7 +62,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from forgetscope import data, evaluate, sampling, seams
-from forgetscope import io as fileio
+from forgetscope import io
 from forgetscope.errors import UserError
 from forgetscope.models import cache_dir
 from forgetscope.recipe import Recipe, ReplayConfig, TaskConfig
@@ -179,9 +178,7 @@ def build_buffer(model, tokenizer, recipe: Recipe, base_fingerprint: str, task_p
     buffer = ReplayBuffer(examples, task_prompts)
     if with_topk:
         buffer.topk_values, buffer.topk_indices = base_topk(model, tokenizer, examples, config.topk)
-    serialized = io.BytesIO()
-    torch.save(asdict(buffer), serialized)
-    fileio.write_bytes(path, serialized.getvalue())
+    io.write_torch(path, asdict(buffer))
     return buffer
 
 
