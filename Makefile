@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install browser demo sequence sequence-paper capacity lr-tradeoff test test-fast tiny bench clean
+.PHONY: install browser lint format demo sequence sequence-paper capacity lr-tradeoff test test-fast tiny bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,8 +64,17 @@ browser:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| echo "forgetscope: could not install chromium; the browser test will be skipped"
 
-test: $(STAMP) browser
+test: $(STAMP) browser lint
 	$(BIN)/pytest -ra --durations=15
+
+# ruff's checks and formatting (pyproject.toml's [tool.ruff]); `make format` applies both fixes.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -ra -m "not slow"

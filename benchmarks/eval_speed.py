@@ -56,9 +56,13 @@ def main() -> None:
     parser.add_argument("--base", default="smollm2-135m")
     parser.add_argument("--limit", type=int, default=20, help="items per task; 0: all")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="both sides (forgetscope: lines of 128 tokens; lm_eval: requests) per forward pass; "
-                             "default 16 on the CPU, 64 on CUDA")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="both sides (forgetscope: lines of 128 tokens; lm_eval: requests) per forward pass; "
+        "default 16 on the CPU, 64 on CUDA",
+    )
     parser.add_argument("--snapshots", type=int, default=5, help="LoRA snapshots to score")
     parser.add_argument("--out", default=None, help="default bench/eval_speed_<device>_limit<limit>.json")
     args = parser.parse_args()
@@ -68,8 +72,8 @@ def main() -> None:
 
     from forgetscope import models
     from forgetscope.audit import audit
-    from forgetscope.registry import evals_dir
     from forgetscope.recipe import EvalConfig
+    from forgetscope.registry import evals_dir
 
     base_path = models.resolve(args.base)  # conversion (if any) happens before the clocks start
     work = Path(tempfile.mkdtemp(prefix="forgetscope-bench-"))
@@ -79,7 +83,9 @@ def main() -> None:
 
     evals = EvalConfig(new=TASKS[:1], general=TASKS[1:], limit=limit, batch_size=args.batch_size)
     tick = time.perf_counter()
-    root = audit(base_path, [str(work / "adapters")], evals, name="bench", runs_dir=str(work / "runs"), chat_template="off")
+    root = audit(
+        base_path, [str(work / "adapters")], evals, name="bench", runs_dir=str(work / "runs"), chat_template="off"
+    )
     ours_s = time.perf_counter() - tick
     ours_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -90,10 +96,27 @@ def main() -> None:
     cli_s, diffs, accuracies_equal = [], [], []
     for step, adapter in zip(range(10, 10 * len(adapters) + 1, 10), adapters):
         out = work / f"cli-{step}"
-        cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "hf",
-               "--model_args", f"pretrained={base_path},peft={adapter},dtype=float32",
-               "--tasks", ",".join(TASKS), "--include_path", str(evals_dir()), *(["--limit", str(limit)] if limit else []),
-               "--batch_size", str(args.batch_size), "--device", args.device, "--output_path", str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "lm_eval",
+            "run",
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={base_path},peft={adapter},dtype=float32",
+            "--tasks",
+            ",".join(TASKS),
+            "--include_path",
+            str(evals_dir()),
+            *(["--limit", str(limit)] if limit else []),
+            "--batch_size",
+            str(args.batch_size),
+            "--device",
+            args.device,
+            "--output_path",
+            str(out),
+        ]
         tick = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True)
         cli_s.append(time.perf_counter() - tick)
@@ -108,7 +131,11 @@ def main() -> None:
 
     result = {
         "benchmark": f"score {len(adapters)} LoRA snapshots: forgetscope (base loaded once, adapters swapped) vs lm_eval CLI once per snapshot",
-        "base": args.base, "tasks": TASKS, "limit": limit, "batch_size": args.batch_size, "dtype": "float32",
+        "base": args.base,
+        "tasks": TASKS,
+        "limit": limit,
+        "batch_size": args.batch_size,
+        "dtype": "float32",
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "forgetscope_total_s": round(ours_s, 1),
@@ -126,7 +153,7 @@ def main() -> None:
         "max_relative_difference_of_other_scores": max(diffs),
         "scores_identical": all(accuracies_equal) and max(diffs) < 1e-6,
         "scores_identical_means": "every accuracy equal; log-likelihoods and perplexities equal to float32 rounding "
-                                  "(relative 1e-6: forgetscope sums the same terms in a different order)",
+        "(relative 1e-6: forgetscope sums the same terms in a different order)",
         "peak_rss_mb": {"forgetscope": round(ours_rss), "lm_eval_cli_largest_process": round(cli_rss)},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

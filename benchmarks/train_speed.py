@@ -47,11 +47,24 @@ def examples(vocab: int, batch: int, seq: int, steps: int) -> list[dict[str, lis
 
 
 def settings(args) -> dict:
-    return {"base": args.base, "method": "full", "task": {"name": "numerals"},
-            "train": {"lr": 1e-4, "steps": args.steps, "batch_size": args.batch, "seq_len": args.seq, "warmup_steps": 2,
-                      "precision": "bf16", "compile": args.compile, "max_grad_norm": 1.0},
-            "snapshots": {"schedule": "at", "at": [args.steps], "resumable": False, "keep_weights": False},
-            "evals": {"new": [], "general": ["prose_ppl"]}, "runs_dir": tempfile.mkdtemp()}
+    return {
+        "base": args.base,
+        "method": "full",
+        "task": {"name": "numerals"},
+        "train": {
+            "lr": 1e-4,
+            "steps": args.steps,
+            "batch_size": args.batch,
+            "seq_len": args.seq,
+            "warmup_steps": 2,
+            "precision": "bf16",
+            "compile": args.compile,
+            "max_grad_norm": 1.0,
+        },
+        "snapshots": {"schedule": "at", "at": [args.steps], "resumable": False, "keep_weights": False},
+        "evals": {"new": [], "general": ["prose_ppl"]},
+        "runs_dir": tempfile.mkdtemp(),
+    }
 
 
 def run_forgetscope(args, path: str, data: list[dict]) -> list[float]:
@@ -80,12 +93,28 @@ def run_trainer(args, path: str, data: list[dict], liger: bool = False) -> list[
     if args.compile:
         train.compile_blocks(model)
     timer = StepTimer()
-    targs = TrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=args.steps, per_device_train_batch_size=args.batch,
-                              learning_rate=1e-4, warmup_steps=2, max_grad_norm=1.0, bf16=True, optim="adamw_torch_fused",
-                              save_strategy="no", report_to=[], logging_steps=max(1, args.steps // 20), dataloader_drop_last=True,
-                              use_liger_kernel=liger)
-    Trainer(model=model, args=targs, train_dataset=datasets.Dataset.from_list(data), callbacks=[timer],
-            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True)).train()
+    targs = TrainingArguments(
+        output_dir=tempfile.mkdtemp(),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch,
+        learning_rate=1e-4,
+        warmup_steps=2,
+        max_grad_norm=1.0,
+        bf16=True,
+        optim="adamw_torch_fused",
+        save_strategy="no",
+        report_to=[],
+        logging_steps=max(1, args.steps // 20),
+        dataloader_drop_last=True,
+        use_liger_kernel=liger,
+    )
+    Trainer(
+        model=model,
+        args=targs,
+        train_dataset=datasets.Dataset.from_list(data),
+        callbacks=[timer],
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
+    ).train()
     return timer.ends
 
 
@@ -110,13 +139,13 @@ def run_loop(args, path: str, data: list[dict]) -> list[float]:
 
     ends = []
     for index in range(args.steps):
-        step(data[index * args.batch:(index + 1) * args.batch])
+        step(data[index * args.batch : (index + 1) * args.batch])
         torch.cuda.synchronize()
         ends.append(time.perf_counter())
     if args.profile:  # 3 more steps under the profiler, outside the timing
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
             for index in range(3):
-                step(data[index * args.batch:(index + 1) * args.batch])
+                step(data[index * args.batch : (index + 1) * args.batch])
             torch.cuda.synchronize()
         print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=30), flush=True)
     return ends
@@ -130,7 +159,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=6, help="steps left out of the timing (compilation, allocator)")
     parser.add_argument("--compile", action="store_true", help="train.compile: regional torch.compile")
-    parser.add_argument("--variants", default="forgetscope,trainer,loop", help="also: trainer_liger (pip install liger-kernel)")
+    parser.add_argument(
+        "--variants", default="forgetscope,trainer,loop", help="also: trainer_liger (pip install liger-kernel)"
+    )
     parser.add_argument("--profile", action="store_true", help="print the plain loop's top CUDA kernels")
     parser.add_argument("--out", default=None, help="default bench/train_speed_cuda[_compile].json")
     args = parser.parse_args()
@@ -147,12 +178,25 @@ def main() -> None:
     data = examples(vocab, args.batch, args.seq, args.steps)
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    result = {"benchmark": "full fine-tuning steps at the GPU shape; bf16 autocast, fp32 weights, fused AdamW",
-              "base": args.base, "parameters": params, "batch": args.batch, "seq_len": args.seq, "compile": args.compile,
-              "steps_timed": args.steps - args.warmup - 1, "device": name, "peak_bf16_flops": peak,
-              "versions": {"torch": torch.__version__, "python": platform.python_version()}, "variants": {}}
-    runners = {"forgetscope": run_forgetscope, "trainer": run_trainer, "loop": run_loop,
-               "trainer_liger": lambda *a: run_trainer(*a, liger=True)}
+    result = {
+        "benchmark": "full fine-tuning steps at the GPU shape; bf16 autocast, fp32 weights, fused AdamW",
+        "base": args.base,
+        "parameters": params,
+        "batch": args.batch,
+        "seq_len": args.seq,
+        "compile": args.compile,
+        "steps_timed": args.steps - args.warmup - 1,
+        "device": name,
+        "peak_bf16_flops": peak,
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "variants": {},
+    }
+    runners = {
+        "forgetscope": run_forgetscope,
+        "trainer": run_trainer,
+        "loop": run_loop,
+        "trainer_liger": lambda *a: run_trainer(*a, liger=True),
+    }
     for variant in args.variants.split(","):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -161,10 +205,12 @@ def main() -> None:
         ms = steady_ms(ends, args.warmup)
         tokens_per_s = args.batch * args.seq / (ms / 1000)
         result["variants"][variant] = {
-            "ms_per_step": round(ms, 1), "tokens_per_s": round(tokens_per_s),
+            "ms_per_step": round(ms, 1),
+            "tokens_per_s": round(tokens_per_s),
             "mfu": round(6 * params * tokens_per_s / peak, 3) if peak else None,
             "first_steps_s": round(ends[args.warmup] - tick, 1),
-            "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 1)}
+            "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 1),
+        }
         print(variant, result["variants"][variant], flush=True)
     if {"forgetscope", "trainer"} <= set(result["variants"]):
         ours, bare = result["variants"]["forgetscope"]["ms_per_step"], result["variants"]["trainer"]["ms_per_step"]

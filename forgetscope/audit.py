@@ -80,14 +80,18 @@ def find_checkpoints(refs: list[str], allow_pickle: bool = False) -> list[Checkp
         folder = Path(ref)
         if not folder.is_dir():
             if not models.is_hub_id(ref):
-                raise AuditError(f"--checkpoints: no such folder {ref!r} (give a checkpoint folder, a folder of them "
-                                 "such as a Trainer output_dir, or a Hugging Face id org/name)")
+                raise AuditError(
+                    f"--checkpoints: no such folder {ref!r} (give a checkpoint folder, a folder of them "
+                    "such as a Trainer output_dir, or a Hugging Face id org/name)"
+                )
             try:
                 found.append((models.hub_folder(ref, allow_pickle), ref, None))
             except models.ModelError as err:
                 raise AuditError(f"--checkpoints: {err}") from None
             continue
-        inside = sorted((p for p in folder.iterdir() if p.is_dir() and _is_checkpoint(p)), key=lambda p: (_step_of(p) or 0, p.name))
+        inside = sorted(
+            (p for p in folder.iterdir() if p.is_dir() and _is_checkpoint(p)), key=lambda p: (_step_of(p) or 0, p.name)
+        )
         if not inside and not _is_checkpoint(folder):
             raise AuditError(
                 f"--checkpoints: {ref!r} holds no checkpoint (a folder with config.json or "
@@ -99,28 +103,45 @@ def find_checkpoints(refs: list[str], allow_pickle: bool = False) -> list[Checkp
         elif _is_checkpoint(folder):  # the final model, saved beside the checkpoints
             final = _final_step(folder, inside)
             if final is None:
-                print(f"forgetscope: {ref} also holds a model, left out: its step is unknown (no trainer_state.json); "
-                      "give it alone to score it")
+                print(
+                    f"forgetscope: {ref} also holds a model, left out: its step is unknown (no trainer_state.json); "
+                    "give it alone to score it"
+                )
             elif final not in {_step_of(p) for p in inside}:
                 found.append((folder, ref, final))
     steps = [step for _, _, step in found]
     if None in steps or len(set(steps)) != len(steps) or 0 in steps:
         steps = list(range(1, len(found) + 1))  # no usable step numbers: order as given
-    return sorted((Checkpoint(step, folder, source) for step, (folder, source, _) in zip(steps, found)), key=lambda c: c.step)
+    return sorted(
+        (Checkpoint(step, folder, source) for step, (folder, source, _) in zip(steps, found)), key=lambda c: c.step
+    )
 
 
-def audit(base: str, checkpoints: list[str], evals: EvalConfig, name: str = "audit", runs_dir: str = "runs",
-          chat_template: str = "auto", trust_remote_code: bool = False, allow_pickle: bool = False) -> Path:
+def audit(
+    base: str,
+    checkpoints: list[str],
+    evals: EvalConfig,
+    name: str = "audit",
+    runs_dir: str = "runs",
+    chat_template: str = "auto",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> Path:
     """Score ``base`` (step 0) and every checkpoint; write ``<runs_dir>/<name>`` like a run."""
     problems = models.check_reference(base, Path.cwd())
     problems += registry.check_eval_names([*evals.new, *evals.general], registry.include_paths(evals, Path.cwd()))
     if problems:
         raise AuditError("\n".join(problems))
     found = find_checkpoints(checkpoints, allow_pickle)
-    settings = {"base": base, "checkpoints": [str(c.folder.resolve()) if Path(c.source).is_dir() else c.source for c in found],
-                "evals": asdict(evals), "chat_template": chat_template}
-    session = RunSession(Path(runs_dir) / name, {"audit": settings},
-                         "a different run; choose another --name or remove that folder")
+    settings = {
+        "base": base,
+        "checkpoints": [str(c.folder.resolve()) if Path(c.source).is_dir() else c.source for c in found],
+        "evals": asdict(evals),
+        "chat_template": chat_template,
+    }
+    session = RunSession(
+        Path(runs_dir) / name, {"audit": settings}, "a different run; choose another --name or remove that folder"
+    )
     with session.locked():
         if session.finished():
             return session.root
@@ -131,9 +152,19 @@ def audit(base: str, checkpoints: list[str], evals: EvalConfig, name: str = "aud
         suite = evaluate.prepare_suite(evals, Path.cwd(), chat, model, tokenizer)
         kinds = {"lora" if c.adapter else "full" for c in found}
         method = kinds.pop() if len(kinds) == 1 else "mixed"
-        session.start(suite, tokenizer, {"audit.yaml": yaml.safe_dump(settings, sort_keys=False)}, kind="audit",
-                      base=base, base_path=base_path, method=method, snapshot_steps=[0, *(c.step for c in found)],
-                      chat_template=chat, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        session.start(
+            suite,
+            tokenizer,
+            {"audit.yaml": yaml.safe_dump(settings, sort_keys=False)},
+            kind="audit",
+            base=base,
+            base_path=base_path,
+            method=method,
+            snapshot_steps=[0, *(c.step for c in found)],
+            chat_template=chat,
+            trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle,
+        )
         with session.failing():
             session.score(model, 0, meta={"source": base}, label=f" ({base})")
             _score_checkpoints(session, model, tokenizer, found, trust_remote_code, allow_pickle)
@@ -141,8 +172,9 @@ def audit(base: str, checkpoints: list[str], evals: EvalConfig, name: str = "aud
     return session.root
 
 
-def _score_checkpoints(session: RunSession, model, tokenizer, found: list[Checkpoint], trust_remote_code: bool,
-                       allow_pickle: bool) -> None:
+def _score_checkpoints(
+    session: RunSession, model, tokenizer, found: list[Checkpoint], trust_remote_code: bool, allow_pickle: bool
+) -> None:
     """Score every checkpoint: adapters in the base loaded once (its embeddings resized first when
     the adapters saved resized ones), full models one at a time."""
     from peft import PeftModel
@@ -185,12 +217,16 @@ def _check_vocabularies(found: list[Checkpoint], tokenizer, trust_remote_code: b
     for checkpoint in found:
         if checkpoint.adapter or models.has_tokenizer(checkpoint.folder):
             continue
-        config = AutoConfig.from_pretrained(str(checkpoint.folder), trust_remote_code=trust_remote_code).get_text_config()
+        config = AutoConfig.from_pretrained(
+            str(checkpoint.folder), trust_remote_code=trust_remote_code
+        ).get_text_config()
         if getattr(config, "vocab_size", None) and config.vocab_size < len(tokenizer):
-            problems.append(f"--checkpoints: {checkpoint.source}: has no tokenizer files, and its vocabulary ({config.vocab_size} "
-                            f"tokens) is smaller than its base's tokenizer ({len(tokenizer)}); save the tokenizer it was trained "
-                            "with into the folder (tokenizer.save_pretrained, or pass processing_class to the Trainer) or give "
-                            "the --base it was trained from")
+            problems.append(
+                f"--checkpoints: {checkpoint.source}: has no tokenizer files, and its vocabulary ({config.vocab_size} "
+                f"tokens) is smaller than its base's tokenizer ({len(tokenizer)}); save the tokenizer it was trained "
+                "with into the folder (tokenizer.save_pretrained, or pass processing_class to the Trainer) or give "
+                "the --base it was trained from"
+            )
     if problems:
         raise AuditError("\n".join(problems))
 
@@ -202,8 +238,11 @@ def _fit_vocabulary(session: RunSession, model, folder: Path, wrapped: bool) -> 
     from peft.utils import load_peft_weights
 
     embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
-    rows = {t.shape[0] for k, t in load_peft_weights(str(folder)).items()
-            if f"{embedding}." in k and "lora_" not in k and t.ndim == 2}
+    rows = {
+        t.shape[0]
+        for k, t in load_peft_weights(str(folder)).items()
+        if f"{embedding}." in k and "lora_" not in k and t.ndim == 2
+    }
     if not rows:
         return
     session.suite.base_fingerprint = None  # the adapter replaces base weights (embeddings): hash whole models
@@ -211,8 +250,10 @@ def _fit_vocabulary(session: RunSession, model, folder: Path, wrapped: bool) -> 
     if rows == {current}:
         return
     if wrapped or len(rows) > 1:
-        raise AuditError(f"--checkpoints: {folder} has embeddings of {sorted(rows)} tokens, unlike the adapters before it "
-                         f"({current}); audit adapters of different vocabularies separately")
+        raise AuditError(
+            f"--checkpoints: {folder} has embeddings of {sorted(rows)} tokens, unlike the adapters before it "
+            f"({current}); audit adapters of different vocabularies separately"
+        )
     model.resize_token_embeddings(rows.pop())
 
 
@@ -222,4 +263,6 @@ def _same_shape(config, folder: Path) -> bool:
 
     ignore = {"base_model_name_or_path", "revision", "inference_mode", "task_type"}
     theirs = PeftConfig.from_pretrained(str(folder)).to_dict()
-    return {k: v for k, v in config.to_dict().items() if k not in ignore} == {k: v for k, v in theirs.items() if k not in ignore}
+    return {k: v for k, v in config.to_dict().items() if k not in ignore} == {
+        k: v for k, v in theirs.items() if k not in ignore
+    }

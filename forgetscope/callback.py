@@ -51,8 +51,15 @@ class ForgettingCallback(SnapshotCallback):
     with the tokenizer's chat template (``auto``: when it has one), as the training data was.
     """
 
-    def __init__(self, trainer, evals: dict[str, Any] | None = None, snapshots: dict[str, Any] | None = None,
-                 name: str = "forgetting", runs_dir: str = "runs", chat_template: str = "auto"):
+    def __init__(
+        self,
+        trainer,
+        evals: dict[str, Any] | None = None,
+        snapshots: dict[str, Any] | None = None,
+        name: str = "forgetting",
+        runs_dir: str = "runs",
+        chat_template: str = "auto",
+    ):
         problems: list[str] = []
         self.evals = build(EvalConfig, {"new": [], **(evals or {})}, "evals.", problems)
         self.schedule = build(SnapshotConfig, snapshots or {}, "snapshots.", problems)
@@ -71,15 +78,24 @@ class ForgettingCallback(SnapshotCallback):
         self.method = "lora" if hasattr(model, "peft_config") else "full"
         self.base = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
         self.chat = data.uses_chat_template(TaskConfig(chat_template=chat_template), tokenizer)
-        settings = {"base": self.base, "evals": asdict(self.evals), "snapshots": asdict(self.schedule),
-                    "chat_template": chat_template}
-        self.session = RunSession(Path(runs_dir) / name, {"callback": settings},
-                                  "a different run; give ForgettingCallback another name= or remove that folder",
-                                  main_process=trainer.is_world_process_zero())
+        settings = {
+            "base": self.base,
+            "evals": asdict(self.evals),
+            "snapshots": asdict(self.schedule),
+            "chat_template": chat_template,
+        }
+        self.session = RunSession(
+            Path(runs_dir) / name,
+            {"callback": settings},
+            "a different run; give ForgettingCallback another name= or remove that folder",
+            main_process=trainer.is_world_process_zero(),
+        )
         self.session.acquire()  # before training: a folder in use, or holding another run, is refused now
         try:
             if self.session.main and self.session.layout.read_manifest().get("status") == "finished":
-                raise CallbackError(f"ForgettingCallback: {self.session.root} holds a finished run; give another name= or remove it")
+                raise CallbackError(
+                    f"ForgettingCallback: {self.session.root} holds a finished run; give another name= or remove it"
+                )
             # the evals' data and the base's fingerprint (and drift samples), before the first update
             with distributed.main_first():  # rank 0 samples the drift probe's text (cached), the others read it
                 self.suite = evaluate.prepare_suite(self.evals, Path.cwd(), self.chat, model, tokenizer)
@@ -95,7 +111,9 @@ class ForgettingCallback(SnapshotCallback):
     def _interrupted(self) -> None:
         """At the exit of a script whose training did not end: mark the run failed."""
         error = getattr(sys, "last_value", None)
-        self.session.fail(error if isinstance(error, BaseException) else "the training script ended before training did")
+        self.session.fail(
+            error if isinstance(error, BaseException) else "the training script ended before training did"
+        )
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         problems = validate.check_snapshots(self.schedule, state.max_steps)
@@ -103,8 +121,16 @@ class ForgettingCallback(SnapshotCallback):
             raise CallbackError("\n".join(f"ForgettingCallback: {p}" for p in problems))
         steps = snapshots.schedule(self.schedule, state.max_steps)
         self.steps = {s for s in steps if s > 0 or state.global_step == 0}  # resumed: the base is no longer in memory
-        self.session.start(self.suite, self.tokenizer, kind="callback", base=self.base, method=self.method,
-                           snapshot_steps=steps, chat_template=self.chat, processes=args.world_size)
+        self.session.start(
+            self.suite,
+            self.tokenizer,
+            kind="callback",
+            base=self.base,
+            method=self.method,
+            snapshot_steps=steps,
+            chat_template=self.chat,
+            processes=args.world_size,
+        )
         if self.session.main:
             atexit.register(self._interrupted)
         super().on_train_begin(args, state, control, model=model, **kwargs)
@@ -113,7 +139,11 @@ class ForgettingCallback(SnapshotCallback):
         if self.session.main:
             atexit.unregister(self._interrupted)
         self.session.write_train_log(state.log_history, title=f"{self.session.root.name}: training losses")
-        self.session.finish(self.session.root.name, "callback", self.method,
-                            title=f"{self.session.root.name}: {self.method} fine-tune of {self.base}",
-                            train_log=state.log_history)
+        self.session.finish(
+            self.session.root.name,
+            "callback",
+            self.method,
+            title=f"{self.session.root.name}: {self.method} fine-tune of {self.base}",
+            train_log=state.log_history,
+        )
         self.session.release()

@@ -61,8 +61,9 @@ def thresholds(config: CascadeConfig) -> dict[str, float]:
     return out
 
 
-def decide(step: int, values: dict[str, float], reference: dict[str, float], limits: dict[str, float],
-           scheduled: set[int]) -> tuple[bool, str]:
+def decide(
+    step: int, values: dict[str, float], reference: dict[str, float], limits: dict[str, float], scheduled: set[int]
+) -> tuple[bool, str]:
     """Whether to score the full battery at ``step``, and why: at a scheduled snapshot, or where a
     cheap probe's value has moved by at least its limit (``|v_t - v_ref| >= limit``) since the
     last full battery (``reference``: the cheap values there)."""
@@ -103,15 +104,34 @@ def build_kl_probe(model, tokenizer, recipe: Recipe, chat: bool, base_fingerprin
     the base's weights, the prompts and the settings, so recipes sharing a base sample once."""
     config, lora = recipe.cascade, recipe.method == "lora"
     prompts = kl_prompts(recipe.task, recipe.base_dir, config.kl_prompts)
-    key_data = [base_fingerprint, prompts, chat, config.kl_tokens, recipe.train.seed, recipe.train.seq_len,
-                recipe.evals.precision, None if lora else config.kl_topk]
+    key_data = [
+        base_fingerprint,
+        prompts,
+        chat,
+        config.kl_tokens,
+        recipe.train.seed,
+        recipe.train.seq_len,
+        recipe.evals.precision,
+        None if lora else config.kl_topk,
+    ]
     path = cache_dir() / "kl_probe" / f"{hashlib.sha256(json.dumps(key_data).encode()).hexdigest()[:20]}.pt"
     if path.is_file():
         return KLProbe(**torch.load(path, weights_only=True))
-    rows = sampling.generate(model, tokenizer, prompts, chat, config.kl_tokens, temperature=1.0, top_p=1.0,
-                             seed=recipe.train.seed, desc="sampling the KL probe from the base")
+    rows = sampling.generate(
+        model,
+        tokenizer,
+        prompts,
+        chat,
+        config.kl_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        seed=recipe.train.seed,
+        desc="sampling the KL probe from the base",
+    )
     records = [{"prompt": r["prompt"], "completion": r["text"]} for r in rows if r["text"]]
-    examples = data.tokenize(records, tokenizer, TaskConfig(name=None, chat_template="on" if chat else "off"), recipe.train.seq_len)
+    examples = data.tokenize(
+        records, tokenizer, TaskConfig(name=None, chat_template="on" if chat else "off"), recipe.train.seq_len
+    )
     probe = KLProbe(examples, [(r["prompt"], r["completion"]) for r in records], lora, recipe.evals.precision)
     if not lora:
         vocab = model.get_output_embeddings().weight.shape[0]
@@ -152,11 +172,21 @@ def measure_kl(probe: KLProbe, model, tokenizer, batch_size: int = 16) -> dict:
     model.train(was_training)
     means = np.array([num / den for num, den in per_item])
     value = sum(num for num, _ in per_item) / sum(den for _, den in per_item)
-    samples = [{"item_id": f"kl-{i:03d}", "kl": [num, den], "metrics": ["kl"], "arguments": [[prompt, " " + text]]}
-               for i, ((num, den), (prompt, text)) in enumerate(zip(per_item, probe.texts))]
-    result = {"role": "drift", "n": len(per_item), "metrics": {"kl": {
-        "value": value, "stderr": float(means.std(ddof=1) / math.sqrt(len(means))) if len(means) > 1 else None,
-        "higher_is_better": False}}}
+    samples = [
+        {"item_id": f"kl-{i:03d}", "kl": [num, den], "metrics": ["kl"], "arguments": [[prompt, " " + text]]}
+        for i, ((num, den), (prompt, text)) in enumerate(zip(per_item, probe.texts))
+    ]
+    result = {
+        "role": "drift",
+        "n": len(per_item),
+        "metrics": {
+            "kl": {
+                "value": value,
+                "stderr": float(means.std(ddof=1) / math.sqrt(len(means))) if len(means) > 1 else None,
+                "higher_is_better": False,
+            }
+        },
+    }
     return {"results": {KL_TASK: result}, "samples": {KL_TASK: samples}, "cached": []}
 
 
@@ -168,14 +198,23 @@ class Cascade:
     :func:`decide` says so. State (the cheap values at the last full battery) lives in the
     manifest, so a resumed run decides as an uninterrupted one would."""
 
-    def __init__(self, recipe: Recipe, suite: evaluate.EvalSuite, scheduled: list[int], layout: RunLayout,
-                 kl_probe: KLProbe | None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        suite: evaluate.EvalSuite,
+        scheduled: list[int],
+        layout: RunLayout,
+        kl_probe: KLProbe | None,
+    ):
         self.config, self.suite, self.layout, self.kl_probe = recipe.cascade, suite, layout, kl_probe
         self.scheduled = set(scheduled)
         self.limits = thresholds(recipe.cascade)
         self.record = layout.read_manifest().get("cascade") or {
-            "scheduled": sorted(scheduled), "probe_steps": probe_steps(recipe.cascade, scheduled, recipe.train.steps),
-            "thresholds": self.limits, "steps": {}}
+            "scheduled": sorted(scheduled),
+            "probe_steps": probe_steps(recipe.cascade, scheduled, recipe.train.steps),
+            "thresholds": self.limits,
+            "steps": {},
+        }
 
     def _suite(self, cheap: bool) -> evaluate.EvalSuite:
         roles = {t: r for t, r in self.suite.roles.items() if (t in self.config.cheap) == cheap}
@@ -200,8 +239,10 @@ class Cascade:
                 kl = measure_kl(self.kl_probe, model, tokenizer)
                 out["results"].update(kl["results"])
                 out["samples"].update(kl["samples"])
-            values = {task: entry["metrics"][primary_metric(list(entry["metrics"]))]["value"]
-                      for task, entry in out["results"].items()}
+            values = {
+                task: entry["metrics"][primary_metric(list(entry["metrics"]))]["value"]
+                for task, entry in out["results"].items()
+            }
             full, reason = decide(step, values, self._reference(step), self.limits, self.scheduled)
         kl_s = time.time() - tick - cheap_s
         full = distributed.broadcast(full)
@@ -214,14 +255,28 @@ class Cascade:
                 out["cached"] += rest["cached"]
         if not distributed.is_main():
             return None
-        self.record["steps"][str(step)] = {"values": values, "full": full, "reason": reason, "cheap_s": round(cheap_s, 2),
-                                           "kl_s": round(kl_s, 2), "full_s": round(time.time() - tick, 2)}
+        self.record["steps"][str(step)] = {
+            "values": values,
+            "full": full,
+            "reason": reason,
+            "cheap_s": round(cheap_s, 2),
+            "kl_s": round(kl_s, 2),
+            "full_s": round(time.time() - tick, 2),
+        }
         self.layout.update_manifest(cascade=self.record)
         return out
 
 
-def start(recipe: Recipe, suite: evaluate.EvalSuite, scheduled: list[int], layout: RunLayout, model, tokenizer,
-          chat: bool, base_fingerprint: str) -> Cascade:
+def start(
+    recipe: Recipe,
+    suite: evaluate.EvalSuite,
+    scheduled: list[int],
+    layout: RunLayout,
+    model,
+    tokenizer,
+    chat: bool,
+    base_fingerprint: str,
+) -> Cascade:
     """The cascade of a run; ``model`` must still be the base (the KL probe's reference)."""
     probe = build_kl_probe(model, tokenizer, recipe, chat, base_fingerprint) if recipe.cascade.kl else None
     return Cascade(recipe, suite, scheduled, layout, probe)
@@ -243,8 +298,10 @@ def simulate(run: str | Path, limits: dict[str, float], level: float = 0.02) -> 
     record = layout.read_manifest().get("cascade") or {}
     steps = {int(s): entry for s, entry in record.get("steps", {}).items()}
     if not steps or not all(entry["full"] for entry in steps.values()):
-        raise UserError(f"{run}: needs a run whose cascade scored the full battery at every probe step; run the recipe "
-                        "with --set cascade.cheap_threshold=0 --set cascade.kl_threshold=0")
+        raise UserError(
+            f"{run}: needs a run whose cascade scored the full battery at every probe step; run the recipe "
+            "with --set cascade.cheap_threshold=0 --set cascade.kl_threshold=0"
+        )
     scheduled, full, reference = set(record["scheduled"]), [], {}
     for step in sorted(steps):
         chosen, _ = decide(step, steps[step]["values"], reference, limits, scheduled)
@@ -262,9 +319,20 @@ def simulate(run: str | Path, limits: dict[str, float], level: float = 0.02) -> 
         hits = series[series >= level]
         return int(hits.index[0]) if len(hits) else None
 
-    return {"probe_steps": sorted(steps), "full_steps": full, "step_s": {"cheap": cheap, "kl": kl, "rest": rest},
-            "eval_s_everywhere": round(everywhere, 1), "eval_s_cascade": round(cascade, 1),
-            "saved": round(1 - cascade / everywhere, 3) if everywhere else 0.0,
-            "peak": float(forgetting.max()), "peak_step": int(forgetting.idxmax()), "peak_seen": float(seen.max()),
-            "peak_seen_step": int(seen.idxmax()), "level": level, "first_at_level": first(forgetting),
-            "first_at_level_seen": first(seen), "curve_error": float(strays.max()), "curve_error_step": int(strays.idxmax())}
+    return {
+        "probe_steps": sorted(steps),
+        "full_steps": full,
+        "step_s": {"cheap": cheap, "kl": kl, "rest": rest},
+        "eval_s_everywhere": round(everywhere, 1),
+        "eval_s_cascade": round(cascade, 1),
+        "saved": round(1 - cascade / everywhere, 3) if everywhere else 0.0,
+        "peak": float(forgetting.max()),
+        "peak_step": int(forgetting.idxmax()),
+        "peak_seen": float(seen.max()),
+        "peak_seen_step": int(seen.idxmax()),
+        "level": level,
+        "first_at_level": first(forgetting),
+        "first_at_level_seen": first(seen),
+        "curve_error": float(strays.max()),
+        "curve_error_step": int(strays.idxmax()),
+    }

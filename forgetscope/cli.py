@@ -32,12 +32,23 @@ def _cmd_audit(args: argparse.Namespace) -> None:
     from forgetscope.recipe import EvalConfig
 
     defaults = EvalConfig()
-    evals = {"new": args.new or [],
-             "general": args.general if args.general is not None else defaults.general,
-             "limit": args.limit if args.limit else None, "include": args.include}
+    evals = {
+        "new": args.new or [],
+        "general": args.general if args.general is not None else defaults.general,
+        "limit": args.limit if args.limit else None,
+        "include": args.include,
+    }
     config = recipe_from_dict({"evals": evals, "base": args.base}).evals  # same type checks as a recipe
-    root = audit(args.base, args.checkpoints, config, name=args.name, runs_dir=args.runs_dir,
-                 chat_template=args.chat_template, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+    root = audit(
+        args.base,
+        args.checkpoints,
+        config,
+        name=args.name,
+        runs_dir=args.runs_dir,
+        chat_template=args.chat_template,
+        trust_remote_code=args.trust_remote_code,
+        allow_pickle=args.allow_pickle,
+    )
     _report_paths("audit", root)
 
 
@@ -56,8 +67,15 @@ def _weights(pairs: list[str]) -> dict[str, float]:
 def _write_report(runs: list[Path | str], args: argparse.Namespace) -> None:
     from forgetscope import report
 
-    html, md = report.write(runs, args.out, target=args.target, weights=_weights(args.weight), title=args.title,
-                            correction=args.correction, keep_at_chance=args.keep_at_chance)
+    html, md = report.write(
+        runs,
+        args.out,
+        target=args.target,
+        weights=_weights(args.weight),
+        title=args.title,
+        correction=args.correction,
+        keep_at_chance=args.keep_at_chance,
+    )
     print(f"\nforgetscope: report written\n  HTML    : {html}\n  Markdown: {md}")
 
 
@@ -121,11 +139,15 @@ def _cmd_tasks(args: argparse.Namespace) -> None:
             print(f"  {name:16s} {first_line}")
     if args.all:
         names = registry.task_manager((str(registry.evals_dir()), *map(str, args.include))).all_tasks
-        print(f"\nAll {len(names)} lm-eval tasks, groups and tags (standard ones need their data: online, or in the HF datasets cache):")
+        print(
+            f"\nAll {len(names)} lm-eval tasks, groups and tags (standard ones need their data: online, or in the HF datasets cache):"
+        )
         print("\n".join(f"  {n}" for n in names))
     else:
-        print("\nlm-eval's standard tasks (hellaswag, arc_easy, mmlu, gsm8k, ...) work too, online or from the HF datasets "
-              "cache: `forgetscope tasks --all`.")
+        print(
+            "\nlm-eval's standard tasks (hellaswag, arc_easy, mmlu, gsm8k, ...) work too, online or from the HF datasets "
+            "cache: `forgetscope tasks --all`."
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,83 +161,151 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help, description=help)
         cmd.add_argument("recipe", help="recipe YAML file, e.g. recipes/lora.yaml")
         cmd.add_argument(
-            "--set", action="append", default=[], metavar="KEY=VALUE",
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
             help="override a recipe field, e.g. --set train.lr=1e-4 --set snapshots.count=4 (repeatable)",
         )
         cmd.set_defaults(func=func)
         return cmd
 
-    recipe_command("run", "fine-tune by a recipe, snapshot on its schedule, score every snapshot, write curves", _cmd_run)
+    recipe_command(
+        "run", "fine-tune by a recipe, snapshot on its schedule, score every snapshot, write curves", _cmd_run
+    )
     recipe_command("show", "print the resolved recipe (every default filled in) after validating it", _cmd_show)
     audit_cmd = sub.add_parser(
-        "audit", help="score checkpoints trained elsewhere (full models or peft adapters) against their base",
+        "audit",
+        help="score checkpoints trained elsewhere (full models or peft adapters) against their base",
         description="Score checkpoints trained elsewhere against their base (step 0) and write curves like `run` does.",
     )
     audit_cmd.add_argument("--base", required=True, help="the base model: alias, local folder, .gguf file or HF id")
-    audit_cmd.add_argument("--checkpoints", required=True, nargs="+", metavar="DIR",
-                           help="checkpoint folders (a full model or a peft adapter), folders of them such as the output_dir "
-                                "of HF Trainer, TRL or axolotl (checkpoint-*/ inside), or Hugging Face ids")
-    audit_cmd.add_argument("--new", nargs="*", metavar="TASK", help="new-task evals: what the fine-tune was meant to learn (default: none)")
-    audit_cmd.add_argument("--general", nargs="*", metavar="TASK", help="general-capability evals (default: the embedded suite)")
+    audit_cmd.add_argument(
+        "--checkpoints",
+        required=True,
+        nargs="+",
+        metavar="DIR",
+        help="checkpoint folders (a full model or a peft adapter), folders of them such as the output_dir "
+        "of HF Trainer, TRL or axolotl (checkpoint-*/ inside), or Hugging Face ids",
+    )
+    audit_cmd.add_argument(
+        "--new", nargs="*", metavar="TASK", help="new-task evals: what the fine-tune was meant to learn (default: none)"
+    )
+    audit_cmd.add_argument(
+        "--general", nargs="*", metavar="TASK", help="general-capability evals (default: the embedded suite)"
+    )
     audit_cmd.add_argument("--limit", type=int, default=200, help="items per eval, 0 for all (default 200)")
-    audit_cmd.add_argument("--include", nargs="*", default=[], metavar="DIR", help="folders of your own lm-eval task YAMLs")
+    audit_cmd.add_argument(
+        "--include", nargs="*", default=[], metavar="DIR", help="folders of your own lm-eval task YAMLs"
+    )
     audit_cmd.add_argument("--name", default="audit", help="run name: results go to RUNS_DIR/NAME (default audit)")
     audit_cmd.add_argument("--runs-dir", default="runs", help="folder that holds runs (default runs)")
-    audit_cmd.add_argument("--chat-template", default="auto", choices=["auto", "on", "off"],
-                           help="render new-task prompts with the base's chat template (default auto: when it has one)")
-    audit_cmd.add_argument("--trust-remote-code", action="store_true", help="run Python code shipped with the model (only if you trust it)")
-    audit_cmd.add_argument("--allow-pickle", action="store_true", help="load pickle-based weights (pytorch_model.bin); default: safetensors only")
+    audit_cmd.add_argument(
+        "--chat-template",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="render new-task prompts with the base's chat template (default auto: when it has one)",
+    )
+    audit_cmd.add_argument(
+        "--trust-remote-code", action="store_true", help="run Python code shipped with the model (only if you trust it)"
+    )
+    audit_cmd.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load pickle-based weights (pytorch_model.bin); default: safetensors only",
+    )
     audit_cmd.set_defaults(func=_cmd_audit)
-    def report_options(cmd: argparse.ArgumentParser) -> None:
-        cmd.add_argument("-o", "--out", required=True, metavar="DIR", help="folder for report.html, report.md and the figures")
-        cmd.add_argument("--target", type=float, metavar="SCORE",
-                         help="new-task score for steps-to-target and forgetting at matched learning, e.g. 0.9")
-        cmd.add_argument("--weight", action="append", default=[], metavar="PROBE=W",
-                         help="weight of a general probe in general forgetting (default 1 each; 0 leaves it out; repeatable)")
-        cmd.add_argument("--title", default="forgetscope report", help="the report's title")
-        cmd.add_argument("--correction", default="holm", choices=["holm", "bh", "none"],
-                         help="adjust each run's general probes' p-values: holm (family-wise, default), bh (false discovery rate), none")
-        cmd.add_argument("--keep-at-chance", action="store_true",
-                         help="keep probes whose base score is not clearly above chance in general forgetting (default: left out)")
 
-    report_cmd = sub.add_parser("report", help="write an HTML + Markdown report comparing finished runs",
-                                description="Write a self-contained HTML report and a Markdown summary of one or more runs.")
+    def report_options(cmd: argparse.ArgumentParser) -> None:
+        cmd.add_argument(
+            "-o", "--out", required=True, metavar="DIR", help="folder for report.html, report.md and the figures"
+        )
+        cmd.add_argument(
+            "--target",
+            type=float,
+            metavar="SCORE",
+            help="new-task score for steps-to-target and forgetting at matched learning, e.g. 0.9",
+        )
+        cmd.add_argument(
+            "--weight",
+            action="append",
+            default=[],
+            metavar="PROBE=W",
+            help="weight of a general probe in general forgetting (default 1 each; 0 leaves it out; repeatable)",
+        )
+        cmd.add_argument("--title", default="forgetscope report", help="the report's title")
+        cmd.add_argument(
+            "--correction",
+            default="holm",
+            choices=["holm", "bh", "none"],
+            help="adjust each run's general probes' p-values: holm (family-wise, default), bh (false discovery rate), none",
+        )
+        cmd.add_argument(
+            "--keep-at-chance",
+            action="store_true",
+            help="keep probes whose base score is not clearly above chance in general forgetting (default: left out)",
+        )
+
+    report_cmd = sub.add_parser(
+        "report",
+        help="write an HTML + Markdown report comparing finished runs",
+        description="Write a self-contained HTML report and a Markdown summary of one or more runs.",
+    )
     report_cmd.add_argument("runs", nargs="+", metavar="RUN", help="run folders, or folders of runs (e.g. runs/)")
     report_options(report_cmd)
     report_cmd.set_defaults(func=_cmd_report)
-    compare_cmd = sub.add_parser("compare", help="run several recipes (sharing the base's evaluation) and write one report",
-                                 description="Run several recipes one after another and write one comparison report. "
-                                             "The base (step 0) is scored once: later recipes with the same base and evals "
-                                             "reuse its cached results; finished runs are not run again.")
+    compare_cmd = sub.add_parser(
+        "compare",
+        help="run several recipes (sharing the base's evaluation) and write one report",
+        description="Run several recipes one after another and write one comparison report. "
+        "The base (step 0) is scored once: later recipes with the same base and evals "
+        "reuse its cached results; finished runs are not run again.",
+    )
     compare_cmd.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe YAML files")
-    compare_cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field in every recipe (repeatable)")
+    compare_cmd.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a field in every recipe (repeatable)"
+    )
     report_options(compare_cmd)
     compare_cmd.set_defaults(func=_cmd_compare)
-    sweep_cmd = sub.add_parser("sweep", help="run recipes of stages at several values of one field; plot forgetting against it",
-                               description="Run each recipe (a sequence: what the model knew, then the fine-tune) at every "
-                                           "value of one field, measure the forgetting of the earlier stages (at the end, and "
-                                           "at matched learning with --target) and the steps to the target, and write "
-                                           "sweep.csv and sweep.png (with the rows of earlier sweeps into the same folder).")
+    sweep_cmd = sub.add_parser(
+        "sweep",
+        help="run recipes of stages at several values of one field; plot forgetting against it",
+        description="Run each recipe (a sequence: what the model knew, then the fine-tune) at every "
+        "value of one field, measure the forgetting of the earlier stages (at the end, and "
+        "at matched learning with --target) and the steps to the target, and write "
+        "sweep.csv and sweep.png (with the rows of earlier sweeps into the same folder).",
+    )
     sweep_cmd.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe YAML files with stages")
     sweep_cmd.add_argument("--key", required=True, help="the field to sweep, as for --set: train.lr, base, ...")
     sweep_cmd.add_argument("--values", required=True, nargs="+", metavar="VALUE", help="its values (parsed as YAML)")
-    sweep_cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field in every run (repeatable)")
+    sweep_cmd.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a field in every run (repeatable)"
+    )
     sweep_cmd.add_argument("-o", "--out", required=True, metavar="DIR", help="folder for sweep.csv and sweep.png")
-    sweep_cmd.add_argument("--target", type=float, metavar="SCORE", help="new-task score for steps to target and matched learning")
+    sweep_cmd.add_argument(
+        "--target", type=float, metavar="SCORE", help="new-task score for steps to target and matched learning"
+    )
     sweep_cmd.add_argument("--title", default="", help="the figure's title")
     sweep_cmd.set_defaults(func=_cmd_sweep)
-    gate_cmd = sub.add_parser("gate", help="check a run against a release policy: exit 0 pass, 1 fail, 2 unusable input",
-                              description="Check a finished run against a release policy (allowed drops per probe, minimum "
-                                          "new-task scores). Prints a verdict table, writes gate.json and gate.md, and exits "
-                                          "0 (pass), 1 (fail) or 2 (unusable input). See examples/release_policy.yaml.")
+    gate_cmd = sub.add_parser(
+        "gate",
+        help="check a run against a release policy: exit 0 pass, 1 fail, 2 unusable input",
+        description="Check a finished run against a release policy (allowed drops per probe, minimum "
+        "new-task scores). Prints a verdict table, writes gate.json and gate.md, and exits "
+        "0 (pass), 1 (fail) or 2 (unusable input). See examples/release_policy.yaml.",
+    )
     gate_cmd.add_argument("run", metavar="RUN", help="a run folder")
     gate_cmd.add_argument("--policy", required=True, help="policy YAML, e.g. examples/release_policy.yaml")
     gate_cmd.add_argument("--step", type=int, help="the step to check (default: the last evaluated one)")
     gate_cmd.add_argument("--out", metavar="DIR", help="where gate.json and gate.md go (default: the run folder)")
     gate_cmd.set_defaults(func=_cmd_gate)
-    sub.add_parser("fields", help="print every recipe field with its type, default and meaning").set_defaults(func=_cmd_fields)
+    sub.add_parser("fields", help="print every recipe field with its type, default and meaning").set_defaults(
+        func=_cmd_fields
+    )
     tasks_cmd = sub.add_parser("tasks", help="list the embedded new tasks and the eval tasks a recipe can use")
-    tasks_cmd.add_argument("--include", nargs="*", default=[], metavar="DIR", help="also list the task YAMLs in these folders")
+    tasks_cmd.add_argument(
+        "--include", nargs="*", default=[], metavar="DIR", help="also list the task YAMLs in these folders"
+    )
     tasks_cmd.add_argument("--all", action="store_true", help="also list every lm-eval task name")
     tasks_cmd.set_defaults(func=_cmd_tasks)
     return parser

@@ -18,7 +18,20 @@ import pandas as pd
 from forgetscope import io
 from forgetscope.snapshots import RunLayout
 
-COLUMNS = ["run", "recipe", "method", "step", "tokens", "task", "role", "metric", "value", "stderr", "n", "higher_is_better"]
+COLUMNS = [
+    "run",
+    "recipe",
+    "method",
+    "step",
+    "tokens",
+    "task",
+    "role",
+    "metric",
+    "value",
+    "stderr",
+    "n",
+    "higher_is_better",
+]
 
 
 def build_table(layout: RunLayout, run: str, recipe: str, method: str) -> pd.DataFrame:

@@ -23,7 +23,6 @@ from forgetscope import tasks
 from forgetscope.errors import UserError
 from forgetscope.recipe import TaskConfig
 
-
 IGNORE_INDEX = -100  # the label of a token that is not trained on
 
 
@@ -66,9 +65,11 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: not valid JSON ({err.msg}); each line must be one JSON object") from None
+                raise DataError(
+                    f"{path}:{number}: not valid JSON ({err.msg}); each line must be one JSON object"
+                ) from None
             if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object like {{\"prompt\": ..., \"completion\": ...}}")
+                raise DataError(f'{path}:{number}: expected a JSON object like {{"prompt": ..., "completion": ...}}')
             records.append(record)
     return records
 
@@ -77,7 +78,9 @@ def uses_chat_template(task: TaskConfig, tokenizer) -> bool:
     """Whether prompts are wrapped in the tokenizer's chat template."""
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if task.chat_template == "on" and not has_template:
-        raise DataError("task.chat_template: 'on' but the base model's tokenizer has no chat template; use 'auto' or 'off'")
+        raise DataError(
+            "task.chat_template: 'on' but the base model's tokenizer has no chat template; use 'auto' or 'off'"
+        )
     return has_template and task.chat_template != "off"
 
 
@@ -85,7 +88,9 @@ def render_prompt(prompt: str, tokenizer, chat: bool) -> str:
     """The text that precedes the completion (chat-wrapped when ``chat``)."""
     if not chat:
         return prompt
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def completion_delimiter(prompt: str, completion: str) -> str:
@@ -105,7 +110,7 @@ def split_pair(prompt: str, completion: str, chat: bool) -> tuple[str, str]:
         return prompt, completion
     completion = completion_delimiter(prompt, completion) + completion
     context = prompt.rstrip()
-    return context, prompt[len(context):] + completion
+    return context, prompt[len(context) :] + completion
 
 
 def tokenize(records: list[dict[str, Any]], tokenizer, task: TaskConfig, seq_len: int) -> list[dict[str, list[int]]]:
@@ -129,8 +134,9 @@ def tokenize(records: list[dict[str, Any]], tokenizer, task: TaskConfig, seq_len
     examples, too_long = [], 0
     for record in records:
         if has_prompt:
-            prefix, answer = split_pair(render_prompt(str(record[task.prompt_field]), tokenizer, chat),
-                                        str(record[task.completion_field]), chat)
+            prefix, answer = split_pair(
+                render_prompt(str(record[task.prompt_field]), tokenizer, chat), str(record[task.completion_field]), chat
+            )
             answer += end
             prompt_ids = tokenizer(prefix, add_special_tokens=not chat).input_ids
             answer_ids = tokenizer(answer, add_special_tokens=False).input_ids
@@ -142,8 +148,10 @@ def tokenize(records: list[dict[str, Any]], tokenizer, task: TaskConfig, seq_len
         too_long += len(full) > seq_len
         examples.append({"input_ids": input_ids, "labels": labels, "attention_mask": [1] * len(input_ids)})
     if too_long:
-        message = (f"{too_long} of {len(records)} examples are longer than train.seq_len={seq_len} and are truncated; "
-                   "raise train.seq_len, shorten them, or set task.too_long")
+        message = (
+            f"{too_long} of {len(records)} examples are longer than train.seq_len={seq_len} and are truncated; "
+            "raise train.seq_len, shorten them, or set task.too_long"
+        )
         if task.too_long == "error":
             raise DataError(f"task: {message}")
         print(f"forgetscope: warning: {message}", file=sys.stderr)

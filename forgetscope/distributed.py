@@ -31,8 +31,10 @@ def init() -> None:
     with several processes, so that the steps before training can wait for each other. FSDP is
     refused: snapshots are scored from whole weights in each process, which sharded ones are not."""
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-        raise UserError("FSDP is not supported yet (snapshots are scored from whole weights in every process); "
-                        "launch with --multi_gpu (DDP) and a model that fits one GPU, or use method: lora")
+        raise UserError(
+            "FSDP is not supported yet (snapshots are scored from whole weights in every process); "
+            "launch with --multi_gpu (DDP) and a model that fits one GPU, or use method: lora"
+        )
     if launched() > 1:
         from accelerate import PartialState
 
@@ -41,7 +43,11 @@ def init() -> None:
 
 def active() -> bool:
     """Whether several processes take part in a process group."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
 
 
 def rank() -> int:

@@ -13,18 +13,19 @@ import contextlib
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from forgetscope import data, distributed, io, seams
-from forgetscope.registry import evals_dir, include_paths, manager_for
 from forgetscope.errors import UserError
 from forgetscope.models import cache_dir
 from forgetscope.recipe import EvalConfig
+from forgetscope.registry import evals_dir, include_paths, manager_for
 
 MAX_LENGTH = 2048  # context cap for scoring; also bounds lm-eval's batch-size search on CUDA
 BOOTSTRAP_ITERS = 1000  # stderr of perplexity-style metrics; lm-eval's default 100000 takes minutes
@@ -82,15 +83,18 @@ class EvalSuite:
     chat: bool
     roles: dict[str, str] = field(default_factory=dict)  # eval -> "new" | "general"
     sources: dict[str, str] = field(default_factory=dict)  # eval -> the name the recipe lists it under
-    specs: dict[str, Any] = field(default_factory=dict)  # listed name -> lm-eval spec: name, or config dict (drift probe)
+    specs: dict[str, Any] = field(
+        default_factory=dict
+    )  # listed name -> lm-eval spec: name, or config dict (drift probe)
     hashes: dict[str, str] = field(default_factory=dict)  # eval -> hash of its config and items
     members: dict[str, list[str]] = field(default_factory=dict)  # eval -> its leaf tasks
     base_fingerprint: str | None = None  # of the frozen base under LoRA snapshots (None: hash them whole)
     lines_per_pass: int | None = None  # `batch_size: auto`: found when the first snapshot is scored, then kept
 
 
-def prepare_suite(config: EvalConfig, base_dir: Path, chat: bool, base_model=None, tokenizer=None,
-                  base_fingerprint: str | None = None) -> EvalSuite:
+def prepare_suite(
+    config: EvalConfig, base_dir: Path, chat: bool, base_model=None, tokenizer=None, base_fingerprint: str | None = None
+) -> EvalSuite:
     """Resolve the evals once per run, loading every task's data: a standard lm-eval task whose
     dataset is neither cached nor downloadable is one :class:`EvalError` line, raised before
     anything trains or is written. ``base_model`` is the untouched base: its fingerprint
@@ -169,9 +173,11 @@ def _unavailable(name: str, err: Exception) -> str:
     repo = re.search(r"reach '([^']+)'", str(err))
     dataset = f" (Hugging Face dataset {repo[1]!r})" if repo else ""
     why = "HF_DATASETS_OFFLINE is set" if datasets_config.HF_HUB_OFFLINE else "the Hugging Face Hub cannot be reached"
-    return (f"evals: {name!r}: its data{dataset} is not in the Hugging Face datasets cache and {why}; cache it once "
-            f"where the network is reachable (HF_DATASETS_OFFLINE unset): python -c \"from lm_eval.tasks import "
-            f"TaskManager; TaskManager().load('{name}')\", or set HF_DATASETS_CACHE to a cache that holds it")
+    return (
+        f"evals: {name!r}: its data{dataset} is not in the Hugging Face datasets cache and {why}; cache it once "
+        f'where the network is reachable (HF_DATASETS_OFFLINE unset): python -c "from lm_eval.tasks import '
+        f"TaskManager; TaskManager().load('{name}')\", or set HF_DATASETS_CACHE to a cache that holds it"
+    )
 
 
 def _quiet_lm_eval() -> None:
@@ -192,8 +198,19 @@ def _cache_path(suite: EvalSuite, task: str, model_fp: str, device: str) -> Path
     moves a score (the scorer's version and the device kind too: CUDA and CPU kernels round differently)."""
     from forgetscope.scoring import SCORER_VERSION
 
-    key = json.dumps([model_fp, suite.hashes.get(task, task), version("lm_eval"), suite.config.limit, SEED,
-                      prompt_format(suite, task), suite.config.precision, SCORER_VERSION, device])
+    key = json.dumps(
+        [
+            model_fp,
+            suite.hashes.get(task, task),
+            version("lm_eval"),
+            suite.config.limit,
+            SEED,
+            prompt_format(suite, task),
+            suite.config.precision,
+            SCORER_VERSION,
+            device,
+        ]
+    )
     return cache_dir() / "results" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
 
 
@@ -228,7 +245,7 @@ def evaluate_model(model, tokenizer, suite: EvalSuite, base_only: bool = False) 
     and returns them (the other ranks get None).
     """
     lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
-    base_only = base_only or bool(lora_b) and all(not p.any() for p in lora_b)  # adapters that change nothing yet
+    base_only = base_only or (bool(lora_b) and all(not p.any() for p in lora_b))  # adapters that change nothing yet
     device = model.device.type
     out: dict[str, Any] = {"results": {}, "samples": {}, "cached": []}
     todo: dict[bool, list[str]] = {True: [], False: []}
@@ -250,12 +267,19 @@ def evaluate_model(model, tokenizer, suite: EvalSuite, base_only: bool = False) 
         was_training = model.training
         model.eval()
         with seams.tie_weights_skipped(model):
-            lm = PackedLM(pretrained=model, tokenizer=tokenizer, batch_size=_lines_per_pass(suite, model),
-                          max_length=max_length(model))
+            lm = PackedLM(
+                pretrained=model,
+                tokenizer=tokenizer,
+                batch_size=_lines_per_pass(suite, model),
+                max_length=max_length(model),
+            )
         try:
             # compiled blocks (train.compile) run eagerly: scoring shapes would each cost a compilation
-            with (scoring_precision(model, suite.config.precision), merged_adapters(model, enabled=not base_only),
-                  torch.compiler.set_stance("force_eager")):
+            with (
+                scoring_precision(model, suite.config.precision),
+                merged_adapters(model, enabled=not base_only),
+                torch.compiler.set_stance("force_eager"),
+            ):
                 for use_chat, names in todo.items():
                     if not names:
                         continue
@@ -266,8 +290,15 @@ def evaluate_model(model, tokenizer, suite: EvalSuite, base_only: bool = False) 
                     for task in names:
                         leaves = suite.members[task]  # a group's items are its subtasks' items
                         result = _summarise(task, raw, suite.roles[task], leaves)
-                        samples = [row for leaf in leaves for row in _item_rows(raw["samples"][leaf], leaf if len(leaves) > 1 else None)]
-                        io.write_text(_cache_path(suite, task, model_fp, device), json.dumps({"result": result, "samples": samples}, default=str))
+                        samples = [
+                            row
+                            for leaf in leaves
+                            for row in _item_rows(raw["samples"][leaf], leaf if len(leaves) > 1 else None)
+                        ]
+                        io.write_text(
+                            _cache_path(suite, task, model_fp, device),
+                            json.dumps({"result": result, "samples": samples}, default=str),
+                        )
                         out["results"][task], out["samples"][task] = result, samples
         finally:
             model.train(was_training)
@@ -287,15 +318,25 @@ def _lm_eval(lm, specs: list, suite: EvalSuite, use_chat: bool) -> dict[str, Any
     np.random.seed(SEED)
     torch.manual_seed(SEED)
     loaded = manager_for(list(suite.specs), suite.paths).load(specs)
-    joined = {leaf for name, leaves in suite.members.items() if prompt_format(suite, name) == "joined" for leaf in leaves}
+    joined = {
+        leaf for name, leaves in suite.members.items() if prompt_format(suite, name) == "joined" for leaf in leaves
+    }
     for name, task in loaded["tasks"].items():
         if task.get_config("num_fewshot") is None:
             task.set_config(key="num_fewshot", value=0)
         task.set_fewshot_seed(seed=SEED)
         if name in joined:
             _join_like_training(task)
-    return evaluate(lm=lm, task_dict=loaded, limit=suite.config.limit, cache_requests=False, bootstrap_iters=BOOTSTRAP_ITERS,
-                    log_samples=True, apply_chat_template=use_chat, verbosity="ERROR")
+    return evaluate(
+        lm=lm,
+        task_dict=loaded,
+        limit=suite.config.limit,
+        cache_requests=False,
+        bootstrap_iters=BOOTSTRAP_ITERS,
+        log_samples=True,
+        apply_chat_template=use_chat,
+        verbosity="ERROR",
+    )
 
 
 @contextlib.contextmanager
@@ -303,8 +344,10 @@ def scoring_precision(model, precision: str) -> Iterator[None]:
     """Score in ``precision`` whatever the training precision: the model's own forward (not the
     autocast wrapper of accelerate's mixed precision), under bf16 autocast only when ``precision``
     is ``bf16``."""
-    with seams.plain_forward(model), torch.autocast(device_type=model.device.type, dtype=torch.bfloat16,
-                                                     enabled=precision == "bf16"):
+    with (
+        seams.plain_forward(model),
+        torch.autocast(device_type=model.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"),
+    ):
         yield
 
 
@@ -333,13 +376,17 @@ def merged_adapters(model, enabled: bool = True) -> Iterator[None]:
         with torch.no_grad():
             for w, copy in zip(weights, saved):
                 w.copy_(copy)
+
+
 def _join_like_training(task) -> None:
     """Make a ``loglikelihood`` task join its context and target as training joins a plain-text
     prompt and completion (:func:`forgetscope.data.completion_delimiter`: a space, unless one side
     has whitespace there). lm-eval puts nothing between them, so a task written like
     ``doc_to_text: "{{prompt}}"``, ``doc_to_target: "{{completion}}"`` would score text that
     training never showed."""
-    seams.rewrite_loglikelihood_requests(task, lambda context, target: (context, data.completion_delimiter(context, target) + target))
+    seams.rewrite_loglikelihood_requests(
+        task, lambda context, target: (context, data.completion_delimiter(context, target) + target)
+    )
 
 
 def _metric_name(metric: str, filter_name: str) -> str:

@@ -17,7 +17,9 @@ from forgetscope.curves import primary_metric
 def primary_metrics(table: pd.DataFrame) -> list[tuple[str, str]]:
     """(task, metric) pairs to plot: each task's primary metric, new tasks first."""
     ordered = table.assign(_new=table["role"] != "new").sort_values(["_new"], kind="stable")
-    return [(task, primary_metric(list(group["metric"].unique()))) for task, group in ordered.groupby("task", sort=False)]
+    return [
+        (task, primary_metric(list(group["metric"].unique()))) for task, group in ordered.groupby("task", sort=False)
+    ]
 
 
 def _panels(n: int, per_row: int, size: tuple[float, float]) -> tuple[Figure, list]:
@@ -155,13 +157,31 @@ def plot_frontier(summary: pd.DataFrame) -> Figure:
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.subplots()
     front = summary[summary["pareto"]].sort_values("forgetting_final")
-    ax.plot(front["forgetting_final"] * 100, front["gain_final"], color="grey", linewidth=1.5, linestyle="--",
-            label="Pareto frontier", zorder=1)
+    ax.plot(
+        front["forgetting_final"] * 100,
+        front["gain_final"],
+        color="grey",
+        linewidth=1.5,
+        linestyle="--",
+        label="Pareto frontier",
+        zorder=1,
+    )
     for row in summary.itertuples():
-        ax.scatter(row.forgetting_final * 100, row.gain_final, s=70, color=colors[row.run], zorder=2,
-                   edgecolor="black" if row.pareto else "none")
-        ax.annotate(f"{row.rank}. {row.run}", (row.forgetting_final * 100, row.gain_final), xytext=(6, 4),
-                    textcoords="offset points", fontsize=9)
+        ax.scatter(
+            row.forgetting_final * 100,
+            row.gain_final,
+            s=70,
+            color=colors[row.run],
+            zorder=2,
+            edgecolor="black" if row.pareto else "none",
+        )
+        ax.annotate(
+            f"{row.rank}. {row.run}",
+            (row.forgetting_final * 100, row.gain_final),
+            xytext=(6, 4),
+            textcoords="offset points",
+            fontsize=9,
+        )
     ax.axvline(0, color="grey", linewidth=0.8)
     ax.set_xlabel("general forgetting at the end (% mean relative drop; right = worse)")
     ax.set_ylabel("new-task gain at the end (up = better)")
@@ -180,8 +200,15 @@ def plot_sequence(table: pd.DataFrame, stages: list[dict], matrix: pd.DataFrame,
     values = matrix.to_numpy(float)
     image = heat.imshow(values, cmap="viridis", vmin=0, vmax=max(1.0, float(np.nanmax(values))), aspect="auto")
     for (i, j), v in np.ndenumerate(values):
-        heat.text(j, i, "–" if np.isnan(v) else f"{v:.2f}", ha="center", va="center",
-                  color="white" if not np.isnan(v) and v < 0.5 else "black", fontsize=9)
+        heat.text(
+            j,
+            i,
+            "–" if np.isnan(v) else f"{v:.2f}",
+            ha="center",
+            va="center",
+            color="white" if not np.isnan(v) and v < 0.5 else "black",
+            fontsize=9,
+        )
     heat.set_xticks(range(values.shape[1]), matrix.columns, rotation=20, fontsize=8)
     heat.set_yticks(range(values.shape[0]), matrix.index, fontsize=8)
     heat.set_xlabel("scored on task")
@@ -221,8 +248,16 @@ def plot_replay(logs: dict[str, pd.DataFrame]) -> Figure:
         ax.plot(losses["step"], losses["replay_loss"], marker=".", color="tab:orange", label="replay loss")
         ax.set_yscale("log")
         draws = log["step"][log["replay_refresh"].notna()] if "replay_refresh" in log else pd.Series(dtype=float)
-        ax.plot(draws, [0.0] * len(draws), "|", color="black", markersize=12, clip_on=False,
-                transform=ax.get_xaxis_transform(), label=f"buffer drawn ({len(draws)}x)")
+        ax.plot(
+            draws,
+            [0.0] * len(draws),
+            "|",
+            color="black",
+            markersize=12,
+            clip_on=False,
+            transform=ax.get_xaxis_transform(),
+            label=f"buffer drawn ({len(draws)}x)",
+        )
         ax.set_title(run)
         ax.set_xlabel("training step")
         ax.set_ylabel("loss (log scale)")
@@ -241,10 +276,15 @@ def plot_sweep(table: pd.DataFrame, target: float | None = None, title: str = ""
     numeric = bool(pd.to_numeric(table["value"], errors="coerce").notna().all())
     x = pd.to_numeric(table["value"]) if numeric else table["params"]
     table = table.assign(x=x.astype(float))
-    panels = [("forgetting", "forgetting of the earlier tasks at the end"), ("new_final", "new task at the end (learning)")]
+    panels = [
+        ("forgetting", "forgetting of the earlier tasks at the end"),
+        ("new_final", "new task at the end (learning)"),
+    ]
     if target is not None:
-        panels += [("forgetting_at_target", f"forgetting when the new task reaches {target:g}"),
-                   ("steps_to_target", f"steps until the new task reaches {target:g}")]
+        panels += [
+            ("forgetting_at_target", f"forgetting when the new task reaches {target:g}"),
+            ("steps_to_target", f"steps until the new task reaches {target:g}"),
+        ]
     fig, axes = _panels(len(panels), 2, (5.0, 3.6))
     colors = _run_colors(table["recipe"])
     for ax, (column, label) in zip(axes, panels):
@@ -258,8 +298,15 @@ def plot_sweep(table: pd.DataFrame, target: float | None = None, title: str = ""
         ax.minorticks_off()
         ax.set_xlabel(str(table["key"].iloc[0]) if numeric else "parameters (model width)")
         drop = f"{table['metric'].iloc[0]} forgotten since R[j][j]\n(up = worse)"
-        ax.set_ylabel({"forgetting": drop, "forgetting_at_target": drop, "new_final": "score",
-                       "steps_to_target": "steps into the fine-tune"}[column], fontsize=8)
+        ax.set_ylabel(
+            {
+                "forgetting": drop,
+                "forgetting_at_target": drop,
+                "new_final": "score",
+                "steps_to_target": "steps into the fine-tune",
+            }[column],
+            fontsize=8,
+        )
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
@@ -279,11 +326,26 @@ def plot_drift_forgetting(points: pd.DataFrame, r2: float, probe: str) -> Figure
     ax = fig.subplots()
     for run, line in points.groupby("run", sort=False):
         line = line.sort_values("step")
-        ax.plot(line["drift"], line["forgetting"] * 100, marker="o", markersize=4, linewidth=0.8, color=colors[run], label=run)
+        ax.plot(
+            line["drift"],
+            line["forgetting"] * 100,
+            marker="o",
+            markersize=4,
+            linewidth=0.8,
+            color=colors[run],
+            label=run,
+        )
     if len(points) >= 2 and points["drift"].nunique() > 1:
         slope, intercept = np.polyfit(points["drift"], points["forgetting"] * 100, 1)
         xs = np.linspace(points["drift"].min(), points["drift"].max(), 50)
-        ax.plot(xs, intercept + slope * xs, color="black", linestyle="--", linewidth=1, label=f"least squares, R² = {r2:.2f}")
+        ax.plot(
+            xs,
+            intercept + slope * xs,
+            color="black",
+            linestyle="--",
+            linewidth=1,
+            label=f"least squares, R² = {r2:.2f}",
+        )
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.set_xlabel(f"{probe} (label-free, at the snapshot)")
     ax.set_ylabel("general forgetting (% mean relative drop)")

@@ -69,11 +69,19 @@ class Limit:
 class Policy:
     """A release policy (see the module documentation)."""
 
-    confidence: float = option(0.95, "one-sided confidence of each probe's non-inferiority test (and of the above-chance test)")
-    decide_on: Literal["upper", "estimate"] = option("upper", "upper: the (adjusted) non-inferiority test decides; estimate: the point estimate")
-    correction: Literal["holm", "bh", "none"] = option("holm", "adjustment across the general probes: holm (family-wise), bh (false discovery rate), none")
+    confidence: float = option(
+        0.95, "one-sided confidence of each probe's non-inferiority test (and of the above-chance test)"
+    )
+    decide_on: Literal["upper", "estimate"] = option(
+        "upper", "upper: the (adjusted) non-inferiority test decides; estimate: the point estimate"
+    )
+    correction: Literal["holm", "bh", "none"] = option(
+        "holm", "adjustment across the general probes: holm (family-wise), bh (false discovery rate), none"
+    )
     power: float = option(0.8, "power at which the gate says how many items would decide an inconclusive probe")
-    at_chance: Literal["exclude", "keep"] = option("exclude", "probes at chance at the base: left out of max_general_forgetting, or kept")
+    at_chance: Literal["exclude", "keep"] = option(
+        "exclude", "probes at chance at the base: left out of max_general_forgetting, or kept"
+    )
     new: dict[str, Any] = option({}, "new task -> {min: score}")
     general: dict[str, Any] = option({}, "general probe (or 'default') -> {max_drop | max_relative_drop}")
     max_general_forgetting: float | None = option(None, "largest allowed mean relative drop over the general probes")
@@ -117,7 +125,9 @@ def check(run: str | Path, policy: Policy, step: int | None = None) -> dict:
     ``{"run", "step", "verdict": "pass"|"fail", "checks": [...]}`` (see :func:`render_markdown`)."""
     root = Path(run)
     if not (root / "manifest.json").is_file():
-        raise GateError(f"{root}: not a forgetscope run (no manifest.json); pass a folder made by `forgetscope run` or `audit`")
+        raise GateError(
+            f"{root}: not a forgetscope run (no manifest.json); pass a folder made by `forgetscope run` or `audit`"
+        )
     layout = RunLayout(root)
     table = results.load_results([root])
     if table.empty:
@@ -132,18 +142,33 @@ def check(run: str | Path, policy: Policy, step: int | None = None) -> dict:
         if name != "default" and (name not in at.index or at.loc[name, "role"] != role):
             if name not in at.index and name in set(table["task"]):
                 full = sorted(set(table[table["task"] == name]["step"]))
-                raise GateError(f"policy {role}.{name}: step {step} was scored on the cheap probes only (a cascade step); "
-                                f"pass --step with a full-battery step: {full}")
-            raise GateError(f"policy {role}.{name}: the run has no {role} eval {name!r}; it has {', '.join(sorted(at.index))}")
+                raise GateError(
+                    f"policy {role}.{name}: step {step} was scored on the cheap probes only (a cascade step); "
+                    f"pass --step with a full-battery step: {full}"
+                )
+            raise GateError(
+                f"policy {role}.{name}: the run has no {role} eval {name!r}; it has {', '.join(sorted(at.index))}"
+            )
     checks, tests = [], []
     for task, row in at.sort_values("role", key=lambda r: r != "new", kind="stable").iterrows():
-        limit = policy.limits.get((row["role"], task)) or (policy.limits.get(("general", "default")) if row["role"] == "general" else None)
+        limit = policy.limits.get((row["role"], task)) or (
+            policy.limits.get(("general", "default")) if row["role"] == "general" else None
+        )
         if limit is None:
             continue
         if row["role"] == "new":
             ok = row["value"] >= limit.min
-            checks.append({"name": task, "role": "new", "metric": row["metric"], "value": float(row["value"]),
-                           "limit": f">= {limit.min:g}", "passed": bool(ok), "note": "" if ok else "below the minimum score"})
+            checks.append(
+                {
+                    "name": task,
+                    "role": "new",
+                    "metric": row["metric"],
+                    "value": float(row["value"]),
+                    "limit": f">= {limit.min:g}",
+                    "passed": bool(ok),
+                    "note": "" if ok else "below the minimum score",
+                }
+            )
             continue
         checks.append(_probe_check(layout, task, row, limit, step))
         tests.append(checks[-1])
@@ -152,16 +177,39 @@ def check(run: str | Path, policy: Policy, step: int | None = None) -> dict:
         forgetting = metrics.general_forgetting(rows, keep_at_chance=policy.at_chance == "keep")
         value = forgetting[forgetting["step"] == step]["forgetting"]
         ok = len(value) and float(value.iloc[0]) <= policy.max_general_forgetting
-        note = "" if ok else ("mean relative drop exceeds the limit" if len(value) else
-                              "no general probe is above chance at the base: nothing can show forgetting")
+        note = (
+            ""
+            if ok
+            else (
+                "mean relative drop exceeds the limit"
+                if len(value)
+                else "no general probe is above chance at the base: nothing can show forgetting"
+            )
+        )
         left = metrics.left_out(rows).get(str(at["run"].iloc[0]), []) if policy.at_chance == "exclude" else []
         note = "; ".join(filter(None, [note, f"leaves out {', '.join(left)} (at chance)" if left else ""]))
-        checks.append({"name": "general forgetting", "role": "general", "metric": "mean relative drop",
-                       "value": float(value.iloc[0]) if len(value) else None,
-                       "limit": f"<= {policy.max_general_forgetting:g}", "passed": bool(ok), "note": note})
-    return {"run": root.name, "path": str(root), "step": step, "confidence": policy.confidence,
-            "decide_on": policy.decide_on, "correction": policy.correction, "probes_tested": len(tests),
-            "verdict": "pass" if all(c["passed"] for c in checks) else "fail", "checks": checks}
+        checks.append(
+            {
+                "name": "general forgetting",
+                "role": "general",
+                "metric": "mean relative drop",
+                "value": float(value.iloc[0]) if len(value) else None,
+                "limit": f"<= {policy.max_general_forgetting:g}",
+                "passed": bool(ok),
+                "note": note,
+            }
+        )
+    return {
+        "run": root.name,
+        "path": str(root),
+        "step": step,
+        "confidence": policy.confidence,
+        "decide_on": policy.decide_on,
+        "correction": policy.correction,
+        "probes_tested": len(tests),
+        "verdict": "pass" if all(c["passed"] for c in checks) else "fail",
+        "checks": checks,
+    }
 
 
 def _probe_check(layout: RunLayout, task: str, row, limit: Limit, step: int) -> dict:
@@ -174,10 +222,23 @@ def _probe_check(layout: RunLayout, task: str, row, limit: Limit, step: int) -> 
     drop, boot_drop = sign * delta / scale, sign * boot / scale
     allowed = limit.max_relative_drop if relative else limit.max_drop
     chance = None if pd.isna(row["chance"]) else float(row["chance"])
-    return {"name": task, "role": "general", "metric": row["metric"], "base": float(row["v0"]), "value": float(row["value"]),
-            "drop": drop, "se": float(boot_drop.std(ddof=1)), "n": n, "relative": relative, "allowed": allowed,
-            "p": stats.p_noninferior(boot_drop, allowed), "chance": chance, "at_chance": bool(row["at_chance"]),
-            "limit": f"<= {allowed:g}{' relative' if relative else ''}", "_boot": boot_drop}
+    return {
+        "name": task,
+        "role": "general",
+        "metric": row["metric"],
+        "base": float(row["v0"]),
+        "value": float(row["value"]),
+        "drop": drop,
+        "se": float(boot_drop.std(ddof=1)),
+        "n": n,
+        "relative": relative,
+        "allowed": allowed,
+        "p": stats.p_noninferior(boot_drop, allowed),
+        "chance": chance,
+        "at_chance": bool(row["at_chance"]),
+        "limit": f"<= {allowed:g}{' relative' if relative else ''}",
+        "_boot": boot_drop,
+    }
 
 
 def _decide(tests: list[dict], policy: Policy) -> None:
@@ -196,13 +257,19 @@ def _decide(tests: list[dict], policy: Policy) -> None:
         if not ok and t["drop"] >= t["allowed"]:
             notes.append("drop exceeds the limit")
         elif not ok:
-            t["items_needed"] = stats.items_to_decide(t["drop"], t["se"], t["n"], t["allowed"], family_alpha, policy.power)
+            t["items_needed"] = stats.items_to_decide(
+                t["drop"], t["se"], t["n"], t["allowed"], family_alpha, policy.power
+            )
             t["mde"] = stats.detectable(t["se"], family_alpha, policy.power)
-            notes.append(f"inconclusive: within the limit but not shown to be; about {t['items_needed']} items (now {t['n']}) "
-                         f"would decide it at {policy.power:.0%} power if the drop stays {t['drop']:+.4f} (raise evals.limit); "
-                         f"at {t['n']} items only drops {t['mde']:.4f} or more below the limit pass reliably")
+            notes.append(
+                f"inconclusive: within the limit but not shown to be; about {t['items_needed']} items (now {t['n']}) "
+                f"would decide it at {policy.power:.0%} power if the drop stays {t['drop']:+.4f} (raise evals.limit); "
+                f"at {t['n']} items only drops {t['mde']:.4f} or more below the limit pass reliably"
+            )
         if t["at_chance"]:
-            notes.append(f"base at chance ({t['base']:.3g}; guessing {t['chance']:.3g}): this probe cannot show forgetting")
+            notes.append(
+                f"base at chance ({t['base']:.3g}; guessing {t['chance']:.3g}): this probe cannot show forgetting"
+            )
         t["passed"], t["note"] = bool(ok), "; ".join(notes)
 
 
@@ -225,9 +292,13 @@ def _head(result: dict) -> list[str]:
 
 
 def _method(result: dict) -> str:
-    adjusted = {"holm": "Holm-adjusted", "bh": "Benjamini-Hochberg-adjusted", "none": "unadjusted"}[result["correction"]]
-    return (f"non-inferiority at {result['confidence']:.0%}, one-sided, {adjusted} across {result['probes_tested']} "
-            f"probes; decided on the {'test' if result['decide_on'] == 'upper' else 'estimate'}")
+    adjusted = {"holm": "Holm-adjusted", "bh": "Benjamini-Hochberg-adjusted", "none": "unadjusted"}[
+        result["correction"]
+    ]
+    return (
+        f"non-inferiority at {result['confidence']:.0%}, one-sided, {adjusted} across {result['probes_tested']} "
+        f"probes; decided on the {'test' if result['decide_on'] == 'upper' else 'estimate'}"
+    )
 
 
 def render_text(result: dict) -> str:
@@ -236,17 +307,28 @@ def render_text(result: dict) -> str:
     rows = [head, *map(_row, result["checks"])]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
-    return "\n".join([*lines, "", f"verdict: {result['verdict'].upper()} ({result['run']}, step {result['step']}, {_method(result)})"])
+    return "\n".join(
+        [
+            *lines,
+            "",
+            f"verdict: {result['verdict'].upper()} ({result['run']}, step {result['step']}, {_method(result)})",
+        ]
+    )
 
 
 def render_markdown(result: dict) -> str:
     """The verdict as Markdown, fit for a CI comment."""
     icon = "✅" if result["verdict"] == "pass" else "❌"
     head = _head(result)
-    lines = [f"### {icon} forgetscope release gate: **{result['verdict'].upper()}**", "",
-             f"Run `{result['run']}` at step {result['step']}; drops are positive when worse, paired over items; "
-             f"{_method(result)}. A bound within the limit is a pass.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        f"### {icon} forgetscope release gate: **{result['verdict'].upper()}**",
+        "",
+        f"Run `{result['run']}` at step {result['step']}; drops are positive when worse, paired over items; "
+        f"{_method(result)}. A bound within the limit is a pass.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in _row(c)) + " |" for c in result["checks"]]
     return "\n".join(lines) + "\n"
 
@@ -257,4 +339,3 @@ def write(result: dict, out_dir: Path) -> tuple[Path, Path]:
     io.write_json(json_path, result)
     io.write_text(md_path, render_markdown(result))
     return json_path, md_path
-

@@ -56,8 +56,14 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
             items = list(out[key])
             for index, item in value.items():
                 if int(index) >= len(items):
-                    raise RecipeError([f"--set {key}.{index}: there is no item {index} (items 0..{len(items) - 1})"], "overrides")
-                items[int(index)] = _merge(items[int(index)], item) if isinstance(item, dict) and isinstance(items[int(index)], dict) else item
+                    raise RecipeError(
+                        [f"--set {key}.{index}: there is no item {index} (items 0..{len(items) - 1})"], "overrides"
+                    )
+                items[int(index)] = (
+                    _merge(items[int(index)], item)
+                    if isinstance(item, dict) and isinstance(items[int(index)], dict)
+                    else item
+                )
             out[key] = items
         else:
             out[key] = value
@@ -84,7 +90,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
-        raise RecipeError([f"not UTF-8 text ({err.reason} at byte {err.start}); save the recipe as UTF-8"], str(path)) from None
+        raise RecipeError(
+            [f"not UTF-8 text ({err.reason} at byte {err.start}); save the recipe as UTF-8"], str(path)
+        ) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""

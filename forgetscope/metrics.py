@@ -60,7 +60,9 @@ def primary_rows(table: pd.DataFrame, alpha: float = CHANCE_ALPHA) -> pd.DataFra
     return out
 
 
-def general_forgetting(rows: pd.DataFrame, weights: dict[str, float] | None = None, keep_at_chance: bool = False) -> pd.DataFrame:
+def general_forgetting(
+    rows: pd.DataFrame, weights: dict[str, float] | None = None, keep_at_chance: bool = False
+) -> pd.DataFrame:
     """Per run and step: ``F_t``, the weighted mean relative drop over the general probes.
 
     ``rows`` comes from :func:`primary_rows`; ``weights`` maps probe -> weight (missing: 1; a
@@ -85,13 +87,16 @@ def left_out(rows: pd.DataFrame) -> dict[str, list[str]]:
     return {run: sorted(group["task"].unique()) for run, group in at.groupby("run", sort=False)}
 
 
-def drift_vs_forgetting(table: pd.DataFrame, probe: str, weights: dict[str, float] | None = None,
-                        keep_at_chance: bool = False) -> pd.DataFrame:
+def drift_vs_forgetting(
+    table: pd.DataFrame, probe: str, weights: dict[str, float] | None = None, keep_at_chance: bool = False
+) -> pd.DataFrame:
     """Per run and step where both exist: a label-free drift probe's value (e.g. ``new_task_kl``)
     and the general forgetting ``F_t``. Columns run, step, drift, forgetting."""
     rows = primary_rows(table)
     drift = rows[rows["task"] == probe][["run", "step", "value"]].rename(columns={"value": "drift"})
-    return drift.merge(general_forgetting(rows, weights, keep_at_chance)[["run", "step", "forgetting"]], on=["run", "step"])
+    return drift.merge(
+        general_forgetting(rows, weights, keep_at_chance)[["run", "step", "forgetting"]], on=["run", "step"]
+    )
 
 
 def r_squared(x: np.ndarray, y: np.ndarray) -> float:
@@ -126,8 +131,12 @@ def trapezoid_mean(steps: np.ndarray, values: np.ndarray) -> float:
     return area / float(steps[-1] - steps[0])
 
 
-def run_summary(table: pd.DataFrame, target: float | None = None, weights: dict[str, float] | None = None,
-                keep_at_chance: bool = False) -> pd.DataFrame:
+def run_summary(
+    table: pd.DataFrame,
+    target: float | None = None,
+    weights: dict[str, float] | None = None,
+    keep_at_chance: bool = False,
+) -> pd.DataFrame:
     """One row per run (general forgetting as in :func:`general_forgetting`):
 
     * ``gain_final`` / ``gain_best``: the new task's ``v_T - v_0`` / ``max_t (v_t - v_0)``
@@ -145,24 +154,33 @@ def run_summary(table: pd.DataFrame, target: float | None = None, weights: dict[
         new = group[group["role"] == "new"]
         new = new[new["task"] == new["task"].iloc[0]] if len(new) else new
         f = forgetting[forgetting["run"] == run]
-        entry = {"run": run, "recipe": group["recipe"].iloc[0], "method": group["method"].iloc[0],
-                 "steps": int(group["step"].max()), "new_task": new["task"].iloc[0] if len(new) else None,
-                 "new_metric": new["metric"].iloc[0] if len(new) else None,
-                 "new_base": float(new["v0"].iloc[0]) if len(new) else math.nan,
-                 "new_final": float(new["value"].iloc[-1]) if len(new) else math.nan,
-                 "gain_final": float(-new["drop"].iloc[-1]) if len(new) else math.nan,
-                 "gain_best": float((-new["drop"]).max()) if len(new) else math.nan,
-                 "forgetting_final": float(f["forgetting"].iloc[-1]) if len(f) else math.nan,
-                 "forgetting_max": float(f["forgetting"].max()) if len(f) else math.nan,
-                 "forgetting_auc": trapezoid_mean(f["step"].to_numpy(float), f["forgetting"].to_numpy(float)) if len(f) else math.nan}
+        entry = {
+            "run": run,
+            "recipe": group["recipe"].iloc[0],
+            "method": group["method"].iloc[0],
+            "steps": int(group["step"].max()),
+            "new_task": new["task"].iloc[0] if len(new) else None,
+            "new_metric": new["metric"].iloc[0] if len(new) else None,
+            "new_base": float(new["v0"].iloc[0]) if len(new) else math.nan,
+            "new_final": float(new["value"].iloc[-1]) if len(new) else math.nan,
+            "gain_final": float(-new["drop"].iloc[-1]) if len(new) else math.nan,
+            "gain_best": float((-new["drop"]).max()) if len(new) else math.nan,
+            "forgetting_final": float(f["forgetting"].iloc[-1]) if len(f) else math.nan,
+            "forgetting_max": float(f["forgetting"].max()) if len(f) else math.nan,
+            "forgetting_auc": trapezoid_mean(f["step"].to_numpy(float), f["forgetting"].to_numpy(float))
+            if len(f)
+            else math.nan,
+        }
         if target is not None and len(new):
             higher = bool(new["higher_is_better"].iloc[0])
             sign = 1.0 if higher else -1.0  # cross "at least target" for scores, "at most" for losses
             at = crossing(new["step"].to_numpy(float), sign * new["value"].to_numpy(float), sign * target)
             entry["target"] = target
             entry["steps_to_target"] = at
-            entry["tokens_to_target"] = (float(np.interp(at, new["step"], new["tokens"])) if at is not None else None)
-            entry["forgetting_at_target"] = (float(np.interp(at, f["step"], f["forgetting"])) if at is not None and len(f) else None)
+            entry["tokens_to_target"] = float(np.interp(at, new["step"], new["tokens"])) if at is not None else None
+            entry["forgetting_at_target"] = (
+                float(np.interp(at, f["step"], f["forgetting"])) if at is not None and len(f) else None
+            )
         out.append(entry)
     return pd.DataFrame(out)
 

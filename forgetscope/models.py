@@ -49,7 +49,9 @@ def cache_dir() -> Path:
 
 def hf_offline() -> bool:
     """True when the Hugging Face offline switches are set."""
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def _smollm2_gguf() -> Path | None:
@@ -123,7 +125,9 @@ def resolve(ref: str, base_dir: Path | None = None) -> str:
             f"{ref!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it on "
             f"a connected machine (huggingface-cli download {ref}) or use a local folder"
         )
-    raise ModelError(f"unknown model {ref!r}; use one of {', '.join(ALIASES)}, a local folder, a .gguf file or an HF id")
+    raise ModelError(
+        f"unknown model {ref!r}; use one of {', '.join(ALIASES)}, a local folder, a .gguf file or an HF id"
+    )
 
 
 def _cached(target: Path, build) -> Path:
@@ -195,21 +199,35 @@ def parse_scratch(ref: str) -> tuple[dict[str, int], list[str]]:
         key, _, value = part.partition("=")
         key = key.strip()
         if key not in SCRATCH_KEYS:
-            problems.append(f"base: scratch key {key!r} unknown{did_you_mean(key, SCRATCH_KEYS)} "
-                            f"(keys: {', '.join(SCRATCH_KEYS)})")
+            problems.append(
+                f"base: scratch key {key!r} unknown{did_you_mean(key, SCRATCH_KEYS)} (keys: {', '.join(SCRATCH_KEYS)})"
+            )
         elif not value.strip().isdigit():
             problems.append(f"base: scratch {key}={value!r} must be a whole number, e.g. scratch:layers=2,hidden=128")
         else:
             sizes[key] = int(value)
     if not problems:
         sizes["intermediate"] = sizes["intermediate"] or 4 * sizes["hidden"]
-        if min(sizes["layers"], sizes["hidden"], sizes["heads"], sizes["max_len"]) < 1 or sizes["hidden"] % sizes["heads"]:
-            problems.append(f"base: scratch sizes {sizes} need positive layers/hidden/heads/max_len and hidden divisible by heads")
+        if (
+            min(sizes["layers"], sizes["hidden"], sizes["heads"], sizes["max_len"]) < 1
+            or sizes["hidden"] % sizes["heads"]
+        ):
+            problems.append(
+                f"base: scratch sizes {sizes} need positive layers/hidden/heads/max_len and hidden divisible by heads"
+            )
     return sizes, problems
 
 
-def build_scratch(out: Path, layers: int, hidden: int, heads: int, intermediate: int, seed: int, max_len: int = 512,
-                  kv_heads: int | None = None) -> None:
+def build_scratch(
+    out: Path,
+    layers: int,
+    hidden: int,
+    heads: int,
+    intermediate: int,
+    seed: int,
+    max_len: int = 512,
+    kv_heads: int | None = None,
+) -> None:
     """Write a Llama initialised from scratch (seeded) over the byte-level tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -315,6 +333,12 @@ def hub_folder(ref: str, allow_pickle: bool = False) -> Path:
     try:
         return Path(snapshot_download(ref, allow_patterns=patterns))
     except (LocalEntryNotFoundError, RepositoryNotFoundError, OSError):
-        where = "in the local Hugging Face cache and HF_HUB_OFFLINE is set" if hf_offline() else "reachable on the Hugging Face Hub"
-        raise ModelError(f"{ref!r} is not a folder, nor {where}; download it where the network is reachable "
-                         f"(huggingface-cli download {ref}) or give a local folder") from None
+        where = (
+            "in the local Hugging Face cache and HF_HUB_OFFLINE is set"
+            if hf_offline()
+            else "reachable on the Hugging Face Hub"
+        )
+        raise ModelError(
+            f"{ref!r} is not a folder, nor {where}; download it where the network is reachable "
+            f"(huggingface-cli download {ref}) or give a local folder"
+        ) from None

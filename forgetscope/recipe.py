@@ -33,9 +33,7 @@ class TaskConfig:
         "Your own data: a .jsonl or .csv file with `prompt`/`completion` columns (loss on the "
         "completion only) or a `text` column (loss on every token). Relative to the recipe file.",
     )
-    hf_dataset: str | None = option(
-        None, "A Hugging Face dataset name, for online users (e.g. `tatsu-lab/alpaca`)."
-    )
+    hf_dataset: str | None = option(None, "A Hugging Face dataset name, for online users (e.g. `tatsu-lab/alpaca`).")
     hf_config: str | None = option(None, "The dataset's config name, if it has several.")
     split: str = option("train", "The dataset split to train on (`hf_dataset` only).")
     prompt_field: str = option("prompt", "Column holding the prompt.")
@@ -43,8 +41,7 @@ class TaskConfig:
     text_field: str = option("text", "Column holding plain text (used when there is no prompt column).")
     chat_template: Literal["auto", "on", "off"] = option(
         "auto",
-        "Wrap prompt/completion pairs in the base model's chat template: `auto` uses it when the "
-        "tokenizer has one.",
+        "Wrap prompt/completion pairs in the base model's chat template: `auto` uses it when the tokenizer has one.",
     )
     max_examples: int | None = option(2000, "Use at most this many training examples (null: all).")
     too_long: Literal["warn", "error"] = option(
@@ -100,7 +97,9 @@ class ReplayConfig:
         "`ntp`: next-token loss on the replay samples; `kl`: KL(base || current) on them "
         "(LoRA: the base is the adapter-disabled model; full: the base's top-k log-probs, kept with the buffer).",
     )
-    coeff: float | None = option(None, "Weight of the replay loss (null: 10 for `kl`, as in Marek et al. 2026; 1 for `ntp`).")
+    coeff: float | None = option(
+        None, "Weight of the replay loss (null: 10 for `kl`, as in Marek et al. 2026; 1 for `ntp`)."
+    )
     topk: int = option(64, "`loss: kl` with full fine-tuning: how many of the base's log-probs per token to keep.")
     refresh_every: int | None = option(
         None,
@@ -185,7 +184,9 @@ class SnapshotConfig:
 class EvalConfig:
     """What every snapshot is scored on (lm-eval task names)."""
 
-    new: list[str] = option(["numerals"], "Evals of the new task (learning). With `stages`: each stage lists its own (stages[i].evals).")
+    new: list[str] = option(
+        ["numerals"], "Evals of the new task (learning). With `stages`: each stage lists its own (stages[i].evals)."
+    )
     general: list[str] = option(
         ["prose_ppl", "world_capitals", "mmlu_shipped", "base_samples_ppl"],
         "Held-out general-capability evals (forgetting): embedded probes, tasks in evals/ or "
@@ -194,8 +195,9 @@ class EvalConfig:
     )
     limit: int | None = option(200, "Score at most this many items per task (null: all).")
     batch_size: int | Literal["auto"] = option(
-        "auto", "Evaluation batch size: about this many lines of 128 tokens per forward pass (a line packs several "
-        "requests); `auto`: on CUDA as many as fit in a quarter of the free memory (found once per run), 16 on CPU."
+        "auto",
+        "Evaluation batch size: about this many lines of 128 tokens per forward pass (a line packs several "
+        "requests); `auto`: on CUDA as many as fit in a quarter of the free memory (found once per run), 16 on CPU.",
     )
     include: list[str] = option([], "Extra folders of lm-eval task YAMLs (relative to the recipe).")
     precision: Literal["fp32", "bf16"] = option(
@@ -210,22 +212,35 @@ class CascadeConfig:
     """Cheap label-free probes at every probe step; the full battery at the snapshots and where a cheap probe moves."""
 
     every: int | None = option(
-        None, "Probe every N training steps between the snapshots (cheap probes only, unless a threshold is crossed; "
-        "no weights are kept there). null: probe at the snapshots only."
+        None,
+        "Probe every N training steps between the snapshots (cheap probes only, unless a threshold is crossed; "
+        "no weights are kept there). null: probe at the snapshots only.",
     )
-    cheap: list[str] = option(["base_samples_ppl"], "Label-free probes (evals of evals.general) scored at every probe step.")
+    cheap: list[str] = option(
+        ["base_samples_ppl"], "Label-free probes (evals of evals.general) scored at every probe step."
+    )
     cheap_threshold: float = option(
-        0.05, "Score the full battery where a cheap probe's primary metric (base_samples_ppl: bits per byte) has moved "
-        "this much since the last full battery. 0: the full battery at every probe step (to calibrate, see README)."
+        0.05,
+        "Score the full battery where a cheap probe's primary metric (base_samples_ppl: bits per byte) has moved "
+        "this much since the last full battery. 0: the full battery at every probe step (to calibrate, see README).",
     )
-    kl: bool = option(True, "Also measure new_task_kl, KL(base || current) on new-task prompts (Shenfeld et al. 2025), at every probe step.")
+    kl: bool = option(
+        True,
+        "Also measure new_task_kl, KL(base || current) on new-task prompts (Shenfeld et al. 2025), at every probe step.",
+    )
     kl_threshold: float = option(
-        1.0, "Score the full battery where new_task_kl (nats per token) has moved this much since the last full battery "
-        "(on SmolLM2-135M about 2-3 points of general forgetting)."
+        1.0,
+        "Score the full battery where new_task_kl (nats per token) has moved this much since the last full battery "
+        "(on SmolLM2-135M about 2-3 points of general forgetting).",
     )
-    kl_prompts: int = option(32, "New-task prompts (from the training data; no labels used) the KL probe samples the base's answers to.")
+    kl_prompts: int = option(
+        32, "New-task prompts (from the training data; no labels used) the KL probe samples the base's answers to."
+    )
     kl_tokens: int = option(32, "Length of each sampled answer, in tokens.")
-    kl_topk: int = option(64, "Full fine-tuning: the base's log-probs kept per position (LoRA: the adapter-disabled model gives the exact KL).")
+    kl_topk: int = option(
+        64,
+        "Full fine-tuning: the base's log-probs kept per position (LoRA: the adapter-disabled model gives the exact KL).",
+    )
 
 
 @dataclass
@@ -236,7 +251,9 @@ class StageConfig:
     steps: int = option(100, "Optimizer steps of this stage.")
     lr: float | None = option(None, "Peak learning rate of this stage (null: train.lr).")
     evals: list[str] = option([], "Evals of this stage's task (empty: the eval named like its embedded task).")
-    replay: bool = option(True, "Replay the earlier stages in this stage (when the recipe has `replay`; never in stage 1).")
+    replay: bool = option(
+        True, "Replay the earlier stages in this stage (when the recipe has `replay`; never in stage 1)."
+    )
 
     def __post_init__(self) -> None:
         if self.task is None:
@@ -274,10 +291,12 @@ class Recipe:
     )
     runs_dir: str = option("runs", "Folder that holds runs (relative to the working directory).")
     trust_remote_code: bool = option(
-        False, "Run Python code that ships with a Hugging Face model (only for models you trust; recorded in the manifest)."
+        False,
+        "Run Python code that ships with a Hugging Face model (only for models you trust; recorded in the manifest).",
     )
     allow_pickle: bool = option(
-        False, "Load pickle-based weights (pytorch_model.bin), which can run code when loaded; default: safetensors only."
+        False,
+        "Load pickle-based weights (pytorch_model.bin), which can run code when loaded; default: safetensors only.",
     )
     source: str | None = field(default=None, metadata={"help": "", "internal": True})
 
@@ -310,9 +329,13 @@ class Recipe:
         """The recipe that trains stage ``index``: its task, steps and learning rate; replay from
         the second stage on (where the stage allows it)."""
         stage = self.stages[index]
-        train = dataclasses.replace(self.train, steps=stage.steps, lr=stage.lr if stage.lr is not None else self.train.lr)
+        train = dataclasses.replace(
+            self.train, steps=stage.steps, lr=stage.lr if stage.lr is not None else self.train.lr
+        )
         replay = self.replay if index > 0 and stage.replay else None
-        return dataclasses.replace(self, task=stage.task, train=train, replay=replay, evals=self.scored_evals, stages=[])
+        return dataclasses.replace(
+            self, task=stage.task, train=train, replay=replay, evals=self.scored_evals, stages=[]
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain data (every default filled in; with ``stages``, ``evals.new``

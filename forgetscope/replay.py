@@ -61,8 +61,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from forgetscope import data, evaluate, sampling, seams
-from forgetscope import io
+from forgetscope import data, evaluate, io, sampling, seams
 from forgetscope.errors import UserError
 from forgetscope.models import cache_dir
 from forgetscope.recipe import Recipe, ReplayConfig, TaskConfig
@@ -112,8 +111,11 @@ def draw_prompts(recipe: Recipe, tokenizer, task_prompts: list[str] | None, draw
     if mode in ("tasks", "file"):
         pool = task_prompts if mode == "tasks" else _read_prompts(recipe.base_dir / config.path)
         if not pool:
-            raise UserError("replay.prompts: `tasks` has no earlier stage to take prompts from" if mode == "tasks"
-                            else f"replay.path: {config.path} holds no prompts")
+            raise UserError(
+                "replay.prompts: `tasks` has no earlier stage to take prompts from"
+                if mode == "tasks"
+                else f"replay.path: {config.path} holds no prompts"
+            )
         offset = draw * config.samples
         return [pool[(offset + i) % len(pool)] for i in range(config.samples)]
     if mode == "chat":
@@ -133,17 +135,33 @@ def as_examples(rows: list[dict], seq_len: int) -> list[dict[str, list[int]]]:
     return examples
 
 
-def sample_examples(model, tokenizer, recipe: Recipe, task_prompts: list[str] | None, draw: int) -> list[dict[str, list[int]]]:
+def sample_examples(
+    model, tokenizer, recipe: Recipe, task_prompts: list[str] | None, draw: int
+) -> list[dict[str, list[int]]]:
     """Sample draw ``draw`` of the buffer from ``model`` (the reference) and return it as examples.
     Prompts of tasks are rendered as their stage's training rendered them (chat template or not)."""
     config = recipe.replay
     mode = _prompt_mode(config, tokenizer)
-    chat = mode != "bos" and (data.uses_chat_template(recipe.task, tokenizer) if mode == "tasks"
-                              else bool(getattr(tokenizer, "chat_template", None)))
+    chat = mode != "bos" and (
+        data.uses_chat_template(recipe.task, tokenizer)
+        if mode == "tasks"
+        else bool(getattr(tokenizer, "chat_template", None))
+    )
     desc = "answering the earlier stages' prompts" if mode == "tasks" else "sampling replay from the reference"
-    with evaluate.scoring_precision(model, "fp32"):  # a model trained before (a later stage) samples outside its autocast
-        rows = sampling.generate(model, tokenizer, draw_prompts(recipe, tokenizer, task_prompts, draw), chat,
-                                 config.max_new_tokens, config.temperature, config.top_p, config.seed + draw, desc=desc)
+    with evaluate.scoring_precision(
+        model, "fp32"
+    ):  # a model trained before (a later stage) samples outside its autocast
+        rows = sampling.generate(
+            model,
+            tokenizer,
+            draw_prompts(recipe, tokenizer, task_prompts, draw),
+            chat,
+            config.max_new_tokens,
+            config.temperature,
+            config.top_p,
+            config.seed + draw,
+            desc=desc,
+        )
     return as_examples(rows, recipe.train.seq_len)
 
 
@@ -153,7 +171,9 @@ def keeps_reference_copy(recipe: Recipe) -> bool:
     return recipe.replay is not None and bool(recipe.replay.refresh_every) and recipe.method == "full"
 
 
-def build_buffer(model, tokenizer, recipe: Recipe, base_fingerprint: str, task_prompts: list[str] | None = None) -> ReplayBuffer:
+def build_buffer(
+    model, tokenizer, recipe: Recipe, base_fingerprint: str, task_prompts: list[str] | None = None
+) -> ReplayBuffer:
     """Fill (or load from the cache) the replay buffer from ``model``: the untouched base, or in a
     sequence the model before the stage (``task_prompts``: the earlier stages' prompts)."""
     config, seq_len = recipe.replay, recipe.train.seq_len
@@ -161,8 +181,16 @@ def build_buffer(model, tokenizer, recipe: Recipe, base_fingerprint: str, task_p
     settings = {k: v for k, v in asdict(config).items() if k not in ("ratio", "loss", "coeff", "refresh_every")}
     if config.path:
         settings["file_sha"] = hashlib.sha256((recipe.base_dir / config.path).read_bytes()).hexdigest()
-    key_data = [BUFFER_FORMAT, base_fingerprint, settings, seq_len, with_topk, bool(getattr(tokenizer, "chat_template", None)),
-                recipe.task.chat_template, *([task_prompts] if task_prompts else [])]
+    key_data = [
+        BUFFER_FORMAT,
+        base_fingerprint,
+        settings,
+        seq_len,
+        with_topk,
+        bool(getattr(tokenizer, "chat_template", None)),
+        recipe.task.chat_template,
+        *([task_prompts] if task_prompts else []),
+    ]
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:20]
     path = cache_dir() / "replay" / f"{key}.pt"
     if path.is_file():
@@ -204,7 +232,9 @@ def base_topk(model, tokenizer, examples, k: int, batch_size: int = 16) -> tuple
     indices = torch.zeros(len(examples), length - 1, k, dtype=torch.long)
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start : start + batch_size], tokenizer.pad_token_id, length)
-        logits = model(input_ids=batch["input_ids"].to(model.device), attention_mask=batch["attention_mask"].to(model.device)).logits
+        logits = model(
+            input_ids=batch["input_ids"].to(model.device), attention_mask=batch["attention_mask"].to(model.device)
+        ).logits
         top = torch.log_softmax(logits[:, :-1].float(), dim=-1).topk(k, dim=-1)
         values[start : start + batch_size] = top.values.cpu()
         indices[start : start + batch_size] = top.indices.cpu()
@@ -270,7 +300,9 @@ class ReplayTrainer(Trainer):
         seams.average_loss_over_accumulation(self)  # our loss is a per-micro-batch mean
         self.buffer, self.recipe, self.config, self.replay_batch = buffer, recipe, recipe.replay, replay_batch
         self.lora = recipe.method == "lora"
-        self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if keeps_reference_copy(recipe) else None
+        self.reference = (
+            copy.deepcopy(self.model).eval().requires_grad_(False) if keeps_reference_copy(recipe) else None
+        )
         self.micro = (-1, 0)  # (global step, micro-batch within it): seeds the replay draw
         self.coeff = coeff(self.config)
         self.sums = {"new_loss": 0.0, "replay_loss": 0.0, "count": 0}
@@ -286,8 +318,10 @@ class ReplayTrainer(Trainer):
         idx = rng.choice(len(self.buffer.examples), size=self.replay_batch, replace=False)
         replay = collate([self.buffer.examples[i] for i in idx], pad_id)
         n_new, length = inputs["input_ids"].shape[0], max(inputs["input_ids"].shape[1], replay["input_ids"].shape[1])
-        merged = {k: torch.cat([_pad_to(inputs[k], length, pad), _pad_to(replay[k].to(inputs[k].device), length, pad)])
-                  for k, pad in (("input_ids", pad_id), ("attention_mask", 0), ("labels", data.IGNORE_INDEX))}
+        merged = {
+            k: torch.cat([_pad_to(inputs[k], length, pad), _pad_to(replay[k].to(inputs[k].device), length, pad)])
+            for k, pad in (("input_ids", pad_id), ("attention_mask", 0), ("labels", data.IGNORE_INDEX))
+        }
         logits = model(input_ids=merged["input_ids"], attention_mask=merged["attention_mask"]).logits
         new_loss = next_token_loss(logits[:n_new], merged["labels"][:n_new])
         replay_logits, replay_labels = logits[n_new:], merged["labels"][n_new:]
@@ -295,7 +329,9 @@ class ReplayTrainer(Trainer):
             replay_loss = next_token_loss(replay_logits, replay_labels)
         elif self.lora or self.reference is not None:
             with torch.no_grad(), self._reference() as reference:
-                base_logits = reference(input_ids=merged["input_ids"][n_new:], attention_mask=merged["attention_mask"][n_new:]).logits
+                base_logits = reference(
+                    input_ids=merged["input_ids"][n_new:], attention_mask=merged["attention_mask"][n_new:]
+                ).logits
             replay_loss = kl_full(base_logits, replay_logits, replay_labels)
         else:
             width = replay["input_ids"].shape[1] - 1

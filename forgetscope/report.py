@@ -25,7 +25,9 @@ class Analysis:
     table: pd.DataFrame  # tidy curves of all runs
     summary: pd.DataFrame  # one row per run, ranked (metrics.run_summary + rank_runs)
     drops: pd.DataFrame  # run, task, metric, step, drop, low, high: general probes, paired 95% CI
-    finals: pd.DataFrame  # run, task, role, metric, base, final, drop, low, high, p, p_adj, chance, adj_drop, at_chance, flips
+    finals: (
+        pd.DataFrame
+    )  # run, task, role, metric, base, final, drop, low, high, p, p_adj, chance, adj_drop, at_chance, flips
     items: pd.DataFrame  # probe, item_id, text, runs, first_step, change: the most-forgotten items
     sequences: list[dict]  # runs with stages: run, figure (sequence.png), matrix metrics
     correction: str  # holm | bh | none: adjustment of each run's general probes' p-values
@@ -35,8 +37,13 @@ class Analysis:
     replay: dict[str, pd.DataFrame] = field(default_factory=dict)  # runs with replay: their training log (replay_logs)
 
 
-def analyse(paths: list[str | Path], target: float | None = None, weights: dict[str, float] | None = None,
-            correction: str = "holm", keep_at_chance: bool = False) -> Analysis:
+def analyse(
+    paths: list[str | Path],
+    target: float | None = None,
+    weights: dict[str, float] | None = None,
+    correction: str = "holm",
+    keep_at_chance: bool = False,
+) -> Analysis:
     """Load the runs in ``paths`` and compute the report's tables (see docs/METRICS.md).
 
     ``correction`` (holm | bh | none) adjusts the p-values of each run's general probes at its last
@@ -45,7 +52,9 @@ def analyse(paths: list[str | Path], target: float | None = None, weights: dict[
     runs = results.load_runs(paths)
     table = pd.concat([t for _, t in runs], ignore_index=True)
     rows = metrics.primary_rows(table)
-    summary = metrics.rank_runs(metrics.run_summary(table, target=target, weights=weights, keep_at_chance=keep_at_chance))
+    summary = metrics.rank_runs(
+        metrics.run_summary(table, target=target, weights=weights, keep_at_chance=keep_at_chance)
+    )
     drops, finals, forgotten, sequences, cascades = [], [], [], [], []
     for root, run_table in runs:
         layout = RunLayout(root)
@@ -57,34 +66,77 @@ def analyse(paths: list[str | Path], target: float | None = None, weights: dict[
             sequences.append({"run": run, "figure": root / "sequence.png", **sequence})
         mine = rows[rows["run"] == run]
         last = int(mine["step"].max())
-        for (task, metric, role, higher), line in mine.groupby(["task", "metric", "role", "higher_is_better"], sort=False):
+        for (task, metric, role, higher), line in mine.groupby(
+            ["task", "metric", "role", "higher_is_better"], sort=False
+        ):
             for step in sorted(line["step"]):
                 if role != "general" and step != last:
                     continue
-                ci = stats.paired_delta(layout, task, metric, step) if step else {"delta": 0.0, "low": 0.0, "high": 0.0, "n": 0, "p": 1.0}
+                ci = (
+                    stats.paired_delta(layout, task, metric, step)
+                    if step
+                    else {"delta": 0.0, "low": 0.0, "high": 0.0, "n": 0, "p": 1.0}
+                )
                 drop, low, high = stats.as_drop(ci, bool(higher))
                 if role == "general":
-                    drops.append({"run": run, "task": task, "metric": metric, "step": step, "drop": drop, "low": low, "high": high})
+                    drops.append(
+                        {
+                            "run": run,
+                            "task": task,
+                            "metric": metric,
+                            "step": step,
+                            "drop": drop,
+                            "low": low,
+                            "high": high,
+                        }
+                    )
                 if step == last:
                     flip = stats.flips(layout, task, metric, step) or {}
                     end = line.set_index("step").loc[step]
-                    finals.append({"run": run, "task": task, "role": role, "metric": metric, "higher_is_better": bool(higher),
-                                   "base": float(end["v0"]), "final": float(end["value"]), "drop": drop, "low": low,
-                                   "high": high, "n": ci["n"], "p": ci["p"], "p_adj": ci["p"], "chance": end["chance"],
-                                   "adj_drop": end["adj_drop"], "at_chance": bool(end["at_chance"]) and role == "general",
-                                   "p_mcnemar": flip.get("p_mcnemar"),
-                                   "forgotten": len(flip["forgotten"]) if flip else None,
-                                   "learned": len(flip["learned"]) if flip else None,
-                                   "forgotten_adj": flip.get("forgotten_adj"), "learned_adj": flip.get("learned_adj")})
+                    finals.append(
+                        {
+                            "run": run,
+                            "task": task,
+                            "role": role,
+                            "metric": metric,
+                            "higher_is_better": bool(higher),
+                            "base": float(end["v0"]),
+                            "final": float(end["value"]),
+                            "drop": drop,
+                            "low": low,
+                            "high": high,
+                            "n": ci["n"],
+                            "p": ci["p"],
+                            "p_adj": ci["p"],
+                            "chance": end["chance"],
+                            "adj_drop": end["adj_drop"],
+                            "at_chance": bool(end["at_chance"]) and role == "general",
+                            "p_mcnemar": flip.get("p_mcnemar"),
+                            "forgotten": len(flip["forgotten"]) if flip else None,
+                            "learned": len(flip["learned"]) if flip else None,
+                            "forgotten_adj": flip.get("forgotten_adj"),
+                            "learned_adj": flip.get("learned_adj"),
+                        }
+                    )
             if role == "general":
                 forgotten.extend(_forgotten_items(layout, run, task, metric, bool(higher), sorted(line["step"])))
         family = [f for f in finals if f["run"] == run and f["role"] == "general"]
         for entry, p_adj in zip(family, stats.adjust([f["p"] for f in family], correction)):
             entry["p_adj"] = p_adj
     drift = metrics.drift_vs_forgetting(table, metrics.KL_PROBE, weights, keep_at_chance)
-    return Analysis(table, summary, pd.DataFrame(drops), pd.DataFrame(finals), _top_items(pd.DataFrame(forgotten)), sequences,
-                    correction, {} if keep_at_chance else metrics.left_out(rows), drift, cascades,
-                    replay_logs([root for root, _ in runs]))
+    return Analysis(
+        table,
+        summary,
+        pd.DataFrame(drops),
+        pd.DataFrame(finals),
+        _top_items(pd.DataFrame(forgotten)),
+        sequences,
+        correction,
+        {} if keep_at_chance else metrics.left_out(rows),
+        drift,
+        cascades,
+        replay_logs([root for root, _ in runs]),
+    )
 
 
 def _cascade_entry(run: str, record: dict) -> dict:
@@ -97,9 +149,14 @@ def _cascade_entry(run: str, record: dict) -> dict:
     rest = [steps[s]["full_s"] for s in full if s > 0] or [steps[s]["full_s"] for s in full]
     spent = sum(e["cheap_s"] + e["kl_s"] + e["full_s"] for e in steps.values())
     everywhere = sum(e["cheap_s"] for e in steps.values()) + (sum(rest) / len(rest)) * len(steps)
-    return {"run": run, "probe_steps": len(steps), "full_steps": full,
-            "triggered": [f"{s}: {steps[s]['reason']}" for s in full if steps[s]["reason"] != "scheduled"],
-            "eval_s": spent, "eval_s_everywhere": everywhere}
+    return {
+        "run": run,
+        "probe_steps": len(steps),
+        "full_steps": full,
+        "triggered": [f"{s}: {steps[s]['reason']}" for s in full if steps[s]["reason"] != "scheduled"],
+        "eval_s": spent,
+        "eval_s_everywhere": everywhere,
+    }
 
 
 def replay_logs(roots: list[Path]) -> dict[str, pd.DataFrame]:
@@ -123,8 +180,17 @@ def _forgotten_items(layout: RunLayout, run: str, task: str, metric: str, higher
     flip = stats.flips(layout, task, metric, last)
     if flip is not None:
         first = stats.first_forgotten(layout, task, metric, steps)
-        return [{"probe": task, "item_id": i, "text": texts.get(i, ""), "run": run, "first_step": first.get(i, last),
-                 "change": 1.0} for i in flip["forgotten"]]
+        return [
+            {
+                "probe": task,
+                "item_id": i,
+                "text": texts.get(i, ""),
+                "run": run,
+                "first_step": first.get(i, last),
+                "change": 1.0,
+            }
+            for i in flip["forgotten"]
+        ]
     base, final = stats.item_values(layout, 0, task, metric), stats.item_values(layout, last, task, metric)
     out = []
     for item in set(base) & set(final):
@@ -133,7 +199,16 @@ def _forgotten_items(layout: RunLayout, run: str, task: str, metric: str, higher
             change = (-f_num / f_den + b_num / b_den) / (math.log(2) if metric == "bits_per_byte" else 1.0)
         else:
             change = (f_num / f_den - b_num / b_den) * (-1 if higher else 1)
-        out.append({"probe": task, "item_id": item, "text": texts.get(item, ""), "run": run, "first_step": None, "change": change})
+        out.append(
+            {
+                "probe": task,
+                "item_id": item,
+                "text": texts.get(item, ""),
+                "run": run,
+                "first_step": None,
+                "change": change,
+            }
+        )
     return out
 
 
@@ -145,8 +220,17 @@ def _top_items(items: pd.DataFrame) -> pd.DataFrame:
     out = []
     for (probe, item), group in items.groupby(["probe", "item_id"], sort=False):
         steps = [f"{r} (step {int(s)})" if pd.notna(s) else r for r, s in zip(group["run"], group["first_step"])]
-        out.append({"probe": probe, "item_id": item, "text": group["text"].iloc[0], "runs": ", ".join(steps),
-                    "n_runs": len(group), "first_step": group["first_step"].min(), "change": group["change"].mean()})
+        out.append(
+            {
+                "probe": probe,
+                "item_id": item,
+                "text": group["text"].iloc[0],
+                "runs": ", ".join(steps),
+                "n_runs": len(group),
+                "first_step": group["first_step"].min(),
+                "change": group["change"].mean(),
+            }
+        )
     table = pd.DataFrame(out).sort_values(["probe", "n_runs", "change"], ascending=[True, False, False])
     table = table[table["change"] > 0]
     return table.groupby("probe", sort=False).head(TOP_ITEMS).reset_index(drop=True)
@@ -155,9 +239,15 @@ def _top_items(items: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------- writing
 
 
-def write(paths: list[str | Path], out_dir: str | Path, target: float | None = None,
-          weights: dict[str, float] | None = None, title: str = "forgetscope report", correction: str = "holm",
-          keep_at_chance: bool = False) -> tuple[Path, Path]:
+def write(
+    paths: list[str | Path],
+    out_dir: str | Path,
+    target: float | None = None,
+    weights: dict[str, float] | None = None,
+    title: str = "forgetscope report",
+    correction: str = "holm",
+    keep_at_chance: bool = False,
+) -> tuple[Path, Path]:
     """Write ``report.html`` (self-contained) and ``report.md`` (+ its PNG figures) into ``out_dir``."""
     analysis = analyse(paths, target, weights, correction, keep_at_chance)
     out = Path(out_dir)
@@ -165,7 +255,9 @@ def write(paths: list[str | Path], out_dir: str | Path, target: float | None = N
     rows = metrics.primary_rows(analysis.table)
     pngs = {}
     if (rows["role"] == "new").any():  # audits score a new task only when asked
-        pngs["learning"] = figures.save(figures.plot_learning(rows[rows["role"] == "new"], target), out / "learning.png")
+        pngs["learning"] = figures.save(
+            figures.plot_learning(rows[rows["role"] == "new"], target), out / "learning.png"
+        )
         pngs["frontier"] = figures.save(figures.plot_frontier(analysis.summary), out / "frontier.png")
     if not analysis.drops.empty:
         pngs["forgetting"] = figures.save(figures.plot_forgetting(analysis.drops), out / "forgetting.png")
@@ -173,7 +265,9 @@ def write(paths: list[str | Path], out_dir: str | Path, target: float | None = N
         pngs["replay"] = figures.save(figures.plot_replay(analysis.replay), out / "replay.png")
     if len(analysis.drift):
         r2 = metrics.r_squared(analysis.drift["drift"], analysis.drift["forgetting"])
-        pngs["drift"] = figures.save(figures.plot_drift_forgetting(analysis.drift, r2, metrics.KL_PROBE), out / "drift.png")
+        pngs["drift"] = figures.save(
+            figures.plot_drift_forgetting(analysis.drift, r2, metrics.KL_PROBE), out / "drift.png"
+        )
     for entry in analysis.sequences:  # copied beside the report, for the Markdown
         copy = out / f"sequence-{entry['run']}.png"
         io.write_bytes(copy, entry["figure"].read_bytes())
@@ -206,13 +300,22 @@ def _summary_rows(analysis: Analysis, target: float | None) -> tuple[list[str], 
     head += ["Pareto"]
     body = []
     for r in analysis.summary.to_dict("records"):
-        line = [str(r["rank"]), r["run"], r["method"], str(r["steps"]),
-                f"{r['new_task']} {r['new_metric']}: {_fmt(r['new_base'])} → {_fmt(r['new_final'])}",
-                _pct(r["forgetting_final"]), _pct(r["forgetting_max"]), _pct(r["forgetting_auc"])]
+        line = [
+            str(r["rank"]),
+            r["run"],
+            r["method"],
+            str(r["steps"]),
+            f"{r['new_task']} {r['new_metric']}: {_fmt(r['new_base'])} → {_fmt(r['new_final'])}",
+            _pct(r["forgetting_final"]),
+            _pct(r["forgetting_max"]),
+            _pct(r["forgetting_auc"]),
+        ]
         if target is not None:
             reached = r.get("steps_to_target") is not None and not pd.isna(r.get("steps_to_target"))
-            line += [_fmt(r.get("steps_to_target"), 1) if reached else "not reached",
-                     _pct(r.get("forgetting_at_target")) if reached else "–"]
+            line += [
+                _fmt(r.get("steps_to_target"), 1) if reached else "not reached",
+                _pct(r.get("forgetting_at_target")) if reached else "–",
+            ]
         line += ["✓" if r["pareto"] else ""]
         body.append(line)
     return head, body
@@ -222,8 +325,19 @@ CORRECTIONS = {"holm": "Holm", "bh": "BH", "none": "unadjusted"}
 
 
 def _final_rows(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
-    head = ["run", "task", "metric", "base", "final", "change [95% CI]", "above-chance skill lost",
-            f"p ({CORRECTIONS[analysis.correction]})", "McNemar p", "right→wrong / wrong→right (chance-adjusted)", "verdict"]
+    head = [
+        "run",
+        "task",
+        "metric",
+        "base",
+        "final",
+        "change [95% CI]",
+        "above-chance skill lost",
+        f"p ({CORRECTIONS[analysis.correction]})",
+        "McNemar p",
+        "right→wrong / wrong→right (chance-adjusted)",
+        "verdict",
+    ]
     body = []
     for r in analysis.finals.sort_values(["role", "task", "run"], ascending=[False, True, True]).to_dict("records"):
         sign = -1 if r["higher_is_better"] else 1  # drop -> raw change of the metric
@@ -232,11 +346,26 @@ def _final_rows(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
         verdict = ("worse" if r["drop"] > 0 else "better") if significant else ""
         verdict = "; ".join(filter(None, [verdict, "base at chance" if r["at_chance"] else ""]))
         arrow = "↑" if r["higher_is_better"] else "↓"
-        flips = "–" if pd.isna(r["forgotten"]) else (f"{int(r['forgotten'])} / {int(r['learned'])} "
-                                                     f"({r['forgotten_adj']:.1f} / {r['learned_adj']:.1f})")
-        body.append([r["run"], f"{r['task']} ({r['role']})", f"{r['metric']} {arrow}", _fmt(r["base"], 4), _fmt(r["final"], 4),
-                     f"{sign * r['drop']:+.4f} [{low:+.4f}, {high:+.4f}]", _pct(r["adj_drop"]) if pd.notna(r["chance"]) else "–",
-                     _p(r["p_adj"]), _p(r["p_mcnemar"]), flips, verdict])
+        flips = (
+            "–"
+            if pd.isna(r["forgotten"])
+            else (f"{int(r['forgotten'])} / {int(r['learned'])} ({r['forgotten_adj']:.1f} / {r['learned_adj']:.1f})")
+        )
+        body.append(
+            [
+                r["run"],
+                f"{r['task']} ({r['role']})",
+                f"{r['metric']} {arrow}",
+                _fmt(r["base"], 4),
+                _fmt(r["final"], 4),
+                f"{sign * r['drop']:+.4f} [{low:+.4f}, {high:+.4f}]",
+                _pct(r["adj_drop"]) if pd.notna(r["chance"]) else "–",
+                _p(r["p_adj"]),
+                _p(r["p_mcnemar"]),
+                flips,
+                verdict,
+            ]
+        )
     return head, body
 
 
@@ -249,22 +378,41 @@ def _left_out_note(analysis: Analysis) -> str:
     if not analysis.left_out:
         return ""
     runs = "; ".join(f"{run}: {', '.join(probes)}" for run, probes in analysis.left_out.items())
-    return (f"Left out of general forgetting, their base score not clearly above chance (one-sided binomial p ≥ "
-            f"{metrics.CHANCE_ALPHA:g}), so they cannot show a drop: {runs}.")
+    return (
+        f"Left out of general forgetting, their base score not clearly above chance (one-sided binomial p ≥ "
+        f"{metrics.CHANCE_ALPHA:g}), so they cannot show a drop: {runs}."
+    )
 
 
 def _cascade_rows(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
-    head = ["run", "probe steps", "full battery at", "triggered (cheap probe moved since the last full battery)",
-            "evaluation time", "full battery everywhere (est.)"]
-    return head, [[e["run"], str(e["probe_steps"]), ", ".join(map(str, e["full_steps"])), "; ".join(e["triggered"]) or "–",
-                   f"{e['eval_s']:.0f} s", f"{e['eval_s_everywhere']:.0f} s"] for e in analysis.cascades]
+    head = [
+        "run",
+        "probe steps",
+        "full battery at",
+        "triggered (cheap probe moved since the last full battery)",
+        "evaluation time",
+        "full battery everywhere (est.)",
+    ]
+    return head, [
+        [
+            e["run"],
+            str(e["probe_steps"]),
+            ", ".join(map(str, e["full_steps"])),
+            "; ".join(e["triggered"]) or "–",
+            f"{e['eval_s']:.0f} s",
+            f"{e['eval_s_everywhere']:.0f} s",
+        ]
+        for e in analysis.cascades
+    ]
 
 
 def _drift_note(analysis: Analysis) -> str:
     r2 = metrics.r_squared(analysis.drift["drift"], analysis.drift["forgetting"])
-    return (f"{metrics.KL_PROBE} = KL(base || snapshot) per token on new-task prompts, along the base's own answers "
-            f"(no labels); R² = {r2:.2f} over {len(analysis.drift)} snapshots of {analysis.drift['run'].nunique()} runs "
-            "(least squares of general forgetting on the KL). Shenfeld et al. 2025 report R² 0.96 (toy) and 0.71 (LLMs).")
+    return (
+        f"{metrics.KL_PROBE} = KL(base || snapshot) per token on new-task prompts, along the base's own answers "
+        f"(no labels); R² = {r2:.2f} over {len(analysis.drift)} snapshots of {analysis.drift['run'].nunique()} runs "
+        "(least squares of general forgetting on the KL). Shenfeld et al. 2025 report R² 0.96 (toy) and 0.71 (LLMs)."
+    )
 
 
 SEQUENCE_KEYS = ["average_accuracy", "backward_transfer", "forward_transfer", "mean_forgetting", "learning_accuracy"]
@@ -281,9 +429,14 @@ def _replay_rows(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
     for run, log in analysis.replay.items():
         losses = log.dropna(subset=["new_loss"]).sort_values("step")
         draws = [str(int(s)) for s in log["step"][log["replay_refresh"].notna()]] if "replay_refresh" in log else []
-        body.append([run, f"{losses['new_loss'].iloc[0]:.4g} → {losses['new_loss'].iloc[-1]:.4g}",
-                     f"{losses['replay_loss'].iloc[0]:.4g} → {losses['replay_loss'].iloc[-1]:.4g}",
-                     ", ".join(draws[:12]) + (f", … ({len(draws)} draws)" if len(draws) > 12 else "") or "–"])
+        body.append(
+            [
+                run,
+                f"{losses['new_loss'].iloc[0]:.4g} → {losses['new_loss'].iloc[-1]:.4g}",
+                f"{losses['replay_loss'].iloc[0]:.4g} → {losses['replay_loss'].iloc[-1]:.4g}",
+                ", ".join(draws[:12]) + (f", … ({len(draws)} draws)" if len(draws) > 12 else "") or "–",
+            ]
+        )
     return head, body
 
 
@@ -313,47 +466,90 @@ def _md_table(head: list[str], body: list[list[str]]) -> str:
 
 
 ALPHA = 0.05  # level of the report's "worse / better beyond noise" verdicts, after adjustment
-METHOD_NOTE = ("General forgetting = mean relative drop of the general probes' primary metrics from the base "
-               "(positive = worse), probes at chance left out; AUC = its average over training; drops carry paired 95% "
-               "bootstrap CIs over items; verdicts use bootstrap p-values adjusted across each run's general probes "
-               "(at 5%); McNemar's exact test and flips for accuracies, with the flips guessing alone explains taken out "
-               "(chance-adjusted); above-chance skill lost = drop / (base - chance). Formulas: docs/METRICS.md.")
+METHOD_NOTE = (
+    "General forgetting = mean relative drop of the general probes' primary metrics from the base "
+    "(positive = worse), probes at chance left out; AUC = its average over training; drops carry paired 95% "
+    "bootstrap CIs over items; verdicts use bootstrap p-values adjusted across each run's general probes "
+    "(at 5%); McNemar's exact test and flips for accuracies, with the flips guessing alone explains taken out "
+    "(chance-adjusted); above-chance skill lost = drop / (base - chance). Formulas: docs/METRICS.md."
+)
 
 
 def render_html(analysis: Analysis, pngs: dict[str, Path], title: str, target: float | None) -> str:
     """The report as one HTML page: figures inlined as data URIs, no scripts, no external files."""
+
     def img(name: str, alt: str) -> str:
         data = base64.b64encode(pngs[name].read_bytes()).decode()
         return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"></figure>'
 
     runs = ", ".join(analysis.summary["run"])
-    style = ("body{font-family:system-ui,sans-serif;max-width:1180px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;margin:.6em 0 1.6em;font-size:.88em}"
-             "th,td{border:1px solid #ccc;padding:.3em .55em;text-align:left;vertical-align:top}"
-             "th{background:#f2f2f2}tr:nth-child(even) td{background:#fafafa}"
-             "img{max-width:100%}figure{margin:.5em 0 1.5em}.note{color:#555;font-size:.9em}"
-             "table.items td:last-child{max-width:520px}")
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1180px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:.6em 0 1.6em;font-size:.88em}"
+        "th,td{border:1px solid #ccc;padding:.3em .55em;text-align:left;vertical-align:top}"
+        "th{background:#f2f2f2}tr:nth-child(even) td{background:#fafafa}"
+        "img{max-width:100%}figure{margin:.5em 0 1.5em}.note{color:#555;font-size:.9em}"
+        "table.items td:last-child{max-width:520px}"
+    )
     parts = [
         f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
         f"<style>{style}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         f"<p class='note'>Runs: {html.escape(runs)}. Generated {datetime.now():%Y-%m-%d %H:%M} by forgetscope.</p>",
-        "<h2>Summary</h2>", _html_table(*_summary_rows(analysis, target)), f"<p class='note'>{html.escape(METHOD_NOTE)}</p>",
+        "<h2>Summary</h2>",
+        _html_table(*_summary_rows(analysis, target)),
+        f"<p class='note'>{html.escape(METHOD_NOTE)}</p>",
         *([f"<p class='note'>{html.escape(_left_out_note(analysis))}</p>"] if analysis.left_out else []),
-        *(["<h2>Learning vs forgetting</h2>", img("frontier", "learning vs forgetting scatter with the Pareto frontier"),
-           "<h2>New task</h2>", img("learning", "new-task learning curves")] if "learning" in pngs else []),
-        *(["<h2>Forgetting curves</h2>", img("forgetting", "forgetting curve per general probe with 95% CI bands")]
-          if "forgetting" in pngs else []),
-        *(["<h2>Cheap probes: KL from the base against forgetting</h2>", img("drift", "KL against general forgetting"),
-           f"<p class='note'>{html.escape(_drift_note(analysis))}</p>"] if "drift" in pngs else []),
+        *(
+            [
+                "<h2>Learning vs forgetting</h2>",
+                img("frontier", "learning vs forgetting scatter with the Pareto frontier"),
+                "<h2>New task</h2>",
+                img("learning", "new-task learning curves"),
+            ]
+            if "learning" in pngs
+            else []
+        ),
+        *(
+            ["<h2>Forgetting curves</h2>", img("forgetting", "forgetting curve per general probe with 95% CI bands")]
+            if "forgetting" in pngs
+            else []
+        ),
+        *(
+            [
+                "<h2>Cheap probes: KL from the base against forgetting</h2>",
+                img("drift", "KL against general forgetting"),
+                f"<p class='note'>{html.escape(_drift_note(analysis))}</p>",
+            ]
+            if "drift" in pngs
+            else []
+        ),
         *(["<h2>Evaluation cascade</h2>", _html_table(*_cascade_rows(analysis))] if analysis.cascades else []),
-        *(["<h2>Sequences of new tasks</h2>", _html_table(*_sequence_rows(analysis)),
-           *(img(f"sequence-{e['run']}", f"accuracy matrix and task curves of {e['run']}") for e in analysis.sequences)]
-          if analysis.sequences else []),
-        *(["<h2>Replay</h2>", _html_table(*_replay_rows(analysis)), img("replay", "new-task and replay losses with buffer draws")]
-          if analysis.replay else []),
-        "<h2>Per task at the last step</h2>", _html_table(*_final_rows(analysis)),
-        "<h2>Most-forgotten items</h2>", _html_table(*_item_rows(analysis), cls="items"),
+        *(
+            [
+                "<h2>Sequences of new tasks</h2>",
+                _html_table(*_sequence_rows(analysis)),
+                *(
+                    img(f"sequence-{e['run']}", f"accuracy matrix and task curves of {e['run']}")
+                    for e in analysis.sequences
+                ),
+            ]
+            if analysis.sequences
+            else []
+        ),
+        *(
+            [
+                "<h2>Replay</h2>",
+                _html_table(*_replay_rows(analysis)),
+                img("replay", "new-task and replay losses with buffer draws"),
+            ]
+            if analysis.replay
+            else []
+        ),
+        "<h2>Per task at the last step</h2>",
+        _html_table(*_final_rows(analysis)),
+        "<h2>Most-forgotten items</h2>",
+        _html_table(*_item_rows(analysis), cls="items"),
         "</body></html>",
     ]
     return "\n".join(parts)
@@ -361,22 +557,48 @@ def render_html(analysis: Analysis, pngs: dict[str, Path], title: str, target: f
 
 def render_markdown(analysis: Analysis, title: str, target: float | None) -> str:
     """The report as Markdown (tables, and the figures as PNG files beside it)."""
-    return "\n\n".join([
-        f"# {title}",
-        _md_table(*_summary_rows(analysis, target)),
-        f"_{METHOD_NOTE}_",
-        *([f"_{_left_out_note(analysis)}_"] if analysis.left_out else []),
-        *(["![learning vs forgetting](frontier.png)", "![new task](learning.png)"]
-          if (analysis.table["role"] == "new").any() else []),
-        *(["![forgetting curves](forgetting.png)"] if not analysis.drops.empty else []),
-        *(["## Cheap probes: KL from the base against forgetting", "![KL against forgetting](drift.png)",
-           f"_{_drift_note(analysis)}_"] if len(analysis.drift) else []),
-        *(["## Evaluation cascade", _md_table(*_cascade_rows(analysis))] if analysis.cascades else []),
-        *(["## Sequences of new tasks", _md_table(*_sequence_rows(analysis)),
-           *(f"![{e['run']}](sequence-{e['run']}.png)" for e in analysis.sequences)] if analysis.sequences else []),
-        *(["## Replay", _md_table(*_replay_rows(analysis)), "![replay](replay.png)"] if analysis.replay else []),
-        "## Per task at the last step",
-        _md_table(*_final_rows(analysis)),
-        "## Most-forgotten items",
-        _md_table(*_item_rows(analysis)),
-    ]) + "\n"
+    return (
+        "\n\n".join(
+            [
+                f"# {title}",
+                _md_table(*_summary_rows(analysis, target)),
+                f"_{METHOD_NOTE}_",
+                *([f"_{_left_out_note(analysis)}_"] if analysis.left_out else []),
+                *(
+                    ["![learning vs forgetting](frontier.png)", "![new task](learning.png)"]
+                    if (analysis.table["role"] == "new").any()
+                    else []
+                ),
+                *(["![forgetting curves](forgetting.png)"] if not analysis.drops.empty else []),
+                *(
+                    [
+                        "## Cheap probes: KL from the base against forgetting",
+                        "![KL against forgetting](drift.png)",
+                        f"_{_drift_note(analysis)}_",
+                    ]
+                    if len(analysis.drift)
+                    else []
+                ),
+                *(["## Evaluation cascade", _md_table(*_cascade_rows(analysis))] if analysis.cascades else []),
+                *(
+                    [
+                        "## Sequences of new tasks",
+                        _md_table(*_sequence_rows(analysis)),
+                        *(f"![{e['run']}](sequence-{e['run']}.png)" for e in analysis.sequences),
+                    ]
+                    if analysis.sequences
+                    else []
+                ),
+                *(
+                    ["## Replay", _md_table(*_replay_rows(analysis)), "![replay](replay.png)"]
+                    if analysis.replay
+                    else []
+                ),
+                "## Per task at the last step",
+                _md_table(*_final_rows(analysis)),
+                "## Most-forgotten items",
+                _md_table(*_item_rows(analysis)),
+            ]
+        )
+        + "\n"
+    )

@@ -1,8 +1,8 @@
 """Finished runs -> tidy tables, for reports and notebooks.
 
-    import forgetscope
-    curves = forgetscope.load_results(["runs/full_ft", "runs/lora"])   # or ["runs"]: every run inside
-    items = forgetscope.load_items(["runs/full_ft"], tasks=["world_capitals"])
+import forgetscope
+curves = forgetscope.load_results(["runs/full_ft", "runs/lora"])   # or ["runs"]: every run inside
+items = forgetscope.load_items(["runs/full_ft"], tasks=["world_capitals"])
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ def run_folders(paths: list[str | Path]) -> list[Path]:
             continue
         inside = sorted(p for p in path.glob("*") if (p / "manifest.json").is_file()) if path.is_dir() else []
         if not inside:
-            raise ResultsError(f"{path}: not a forgetscope run (no manifest.json) and no runs inside; "
-                               "pass a folder made by `forgetscope run` or `forgetscope audit`")
+            raise ResultsError(
+                f"{path}: not a forgetscope run (no manifest.json) and no runs inside; "
+                "pass a folder made by `forgetscope run` or `forgetscope audit`"
+            )
         found.extend(inside)
     return found
 
@@ -51,10 +53,19 @@ def load_runs(paths: list[str | Path]) -> list[tuple[Path, pd.DataFrame]]:
             method = str(layout.read_manifest().get("method", ""))
             table = curves.build_table(layout, run=root.name, recipe=root.name, method=method)
         chance = {pair: stats.chance_level(layout, *pair) for pair in set(zip(table["task"], table["metric"]))}
-        runs.append((root, table.assign(chance=[chance[pair] for pair in zip(table["task"], table["metric"])]).astype({"chance": float})))
+        runs.append(
+            (
+                root,
+                table.assign(chance=[chance[pair] for pair in zip(table["task"], table["metric"])]).astype(
+                    {"chance": float}
+                ),
+            )
+        )
     names = [t["run"].iloc[0] for _, t in runs if len(t)]
     if len(names) != len(set(names)):
-        raise ResultsError(f"two runs share the name {max(names, key=names.count)!r}; give them distinct names (`name:` in the recipe)")
+        raise ResultsError(
+            f"two runs share the name {max(names, key=names.count)!r}; give them distinct names (`name:` in the recipe)"
+        )
     return runs
 
 
@@ -83,8 +94,18 @@ def load_items(paths: list[str | Path], tasks: list[str] | None = None) -> pd.Da
                     for metric in sample.get("metrics", []):
                         value = sample.get(metric)
                         num, den = (value[0], value[1]) if isinstance(value, list) else (value, 1.0)
-                        rows.append({"run": root.name, "step": step, "task": task, "item_id": str(sample["item_id"]),
-                                     "metric": metric, "value": float(num), "weight": float(den), "text": item_text(sample)})
+                        rows.append(
+                            {
+                                "run": root.name,
+                                "step": step,
+                                "task": task,
+                                "item_id": str(sample["item_id"]),
+                                "metric": metric,
+                                "value": float(num),
+                                "weight": float(den),
+                                "text": item_text(sample),
+                            }
+                        )
     return pd.DataFrame(rows, columns=["run", "step", "task", "item_id", "metric", "value", "weight", "text"])
 
 
@@ -103,5 +124,3 @@ def item_text(sample: dict) -> str:
     context = str(first[0]) if first else ""
     answer = str(first[1]) if len(first) > 1 and isinstance(first[1], str) else ""
     return f"{context}{answer}" if not answer else f"{context} → {answer.strip()}"
-
-

@@ -38,9 +38,12 @@ def run(recipe: Recipe) -> Path:
     """
     run_hash = recipe_hash(recipe)
     distributed.init()
-    session = RunSession(Path(recipe.runs_dir) / recipe.name, {"recipe_hash": run_hash},
-                         "a run of a different recipe; choose another name (--set name=...) or remove that folder",
-                         main_process=distributed.is_main())
+    session = RunSession(
+        Path(recipe.runs_dir) / recipe.name,
+        {"recipe_hash": run_hash},
+        "a run of a different recipe; choose another name (--set name=...) or remove that folder",
+        main_process=distributed.is_main(),
+    )
     with session.locked():
         if session.finished():
             return session.root
@@ -58,11 +61,22 @@ def _run(recipe: Recipe, session: RunSession, run_hash: str) -> Path:
     base_fp = evaluate.fingerprint(model)  # hashed once: keys the drift probe's samples and the replay buffer
     with distributed.main_first():  # rank 0 samples the drift probe's text (cached), the others read it
         suite = evaluate.prepare_suite(recipe.scored_evals, recipe.base_dir, chat, model, tokenizer, base_fp)
-    session.start(suite, tokenizer, {"recipe.yaml": recipe.to_yaml()}, base=recipe.base, base_path=model_path,
-                  method=recipe.method, seed=recipe.train.seed, snapshot_steps=steps, chat_template=chat,
-                  bf16=train.use_bf16(recipe.train.precision), processes=distributed.launched(),
-                  trust_remote_code=recipe.trust_remote_code, allow_pickle=recipe.allow_pickle,
-                  stages=sequence.manifest_entry(recipe) if recipe.stages else None)
+    session.start(
+        suite,
+        tokenizer,
+        {"recipe.yaml": recipe.to_yaml()},
+        base=recipe.base,
+        base_path=model_path,
+        method=recipe.method,
+        seed=recipe.train.seed,
+        snapshot_steps=steps,
+        chat_template=chat,
+        bf16=train.use_bf16(recipe.train.precision),
+        processes=distributed.launched(),
+        trust_remote_code=recipe.trust_remote_code,
+        allow_pickle=recipe.allow_pickle,
+        stages=sequence.manifest_entry(recipe) if recipe.stages else None,
+    )
     probes = cascade.probe_steps(recipe.cascade, steps, recipe.train.steps) if recipe.cascade else []
     if recipe.cascade:  # cheap probes at every probe step, the full battery where the cascade decides
         with distributed.main_first():  # it needs the untouched base: before prepare_model
@@ -81,13 +95,25 @@ def _run(recipe: Recipe, session: RunSession, run_hash: str) -> Path:
 
     tick = time.time()
     with session.failing():
-        log_history = sequence.train_stages(recipe, model, tokenizer, stage_data, steps, take, session.root / "trainer",
-                                            base_fp, on_resume, probes)
+        log_history = sequence.train_stages(
+            recipe, model, tokenizer, stage_data, steps, take, session.root / "trainer", base_fp, on_resume, probes
+        )
         train_seconds = time.time() - tick - sum(session.eval_s.values())
-        method = f"{recipe.method} + {recipe.replay.source} replay ({recipe.replay.loss})" if recipe.replay else recipe.method
+        method = (
+            f"{recipe.method} + {recipe.replay.source} replay ({recipe.replay.loss})"
+            if recipe.replay
+            else recipe.method
+        )
         session.write_train_log(log_history, title=f"{recipe.name}: training losses")
-        session.finish(recipe.name, Path(recipe.source).stem if recipe.source else recipe.name, recipe.method,
-                       title=f"{recipe.name}: {method} on {recipe.base}", timings={"train_s": round(train_seconds, 1)},
-                       train_log=log_history,
-                       replay={**dataclasses.asdict(recipe.replay), "coeff": replay.coeff(recipe.replay)} if recipe.replay else None)
+        session.finish(
+            recipe.name,
+            Path(recipe.source).stem if recipe.source else recipe.name,
+            recipe.method,
+            title=f"{recipe.name}: {method} on {recipe.base}",
+            timings={"train_s": round(train_seconds, 1)},
+            train_log=log_history,
+            replay={**dataclasses.asdict(recipe.replay), "coeff": replay.coeff(recipe.replay)}
+            if recipe.replay
+            else None,
+        )
     return session.root

@@ -29,13 +29,33 @@ from forgetscope import data, io, seams
 from forgetscope.models import cache_dir
 
 _SUBJECTS = (
-    "the history of bread", "how rainbows form", "why cats purr", "the water cycle", "a day at the beach",
-    "how to plant tomatoes", "the rules of chess", "what makes a good friend", "the moon landing",
-    "how bicycles stay upright", "the life of bees", "why the sky is blue", "how to make tea",
-    "the invention of paper", "volcanoes", "a rainy afternoon", "how computers store numbers",
-    "the Roman empire", "learning a new language", "the ocean's tides",
+    "the history of bread",
+    "how rainbows form",
+    "why cats purr",
+    "the water cycle",
+    "a day at the beach",
+    "how to plant tomatoes",
+    "the rules of chess",
+    "what makes a good friend",
+    "the moon landing",
+    "how bicycles stay upright",
+    "the life of bees",
+    "why the sky is blue",
+    "how to make tea",
+    "the invention of paper",
+    "volcanoes",
+    "a rainy afternoon",
+    "how computers store numbers",
+    "the Roman empire",
+    "learning a new language",
+    "the ocean's tides",
 )
-_REQUESTS = ("Tell me about {}.", "Write a short paragraph about {}.", "Explain {} to a child.", "What is interesting about {}?")
+_REQUESTS = (
+    "Tell me about {}.",
+    "Write a short paragraph about {}.",
+    "Explain {} to a child.",
+    "What is interesting about {}?",
+)
 CPU_BATCH = 16  # sequences decoded together on the CPU
 MAX_GPU_BATCH = 1024  # on CUDA: as many as fit in a quarter of the free memory, at most this many
 CHECK_EVERY = 8  # decoding steps between checks whether every sequence has ended (each check waits for the GPU)
@@ -66,8 +86,11 @@ def batch_size(model, prompt_len: int, max_new_tokens: int, n: int) -> int:
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     element = next(model.parameters()).element_size()
-    per_sequence = ((prompt_len + max_new_tokens) * config.num_hidden_layers * 2 * heads * head_dim * element
-                    + prompt_len * config.hidden_size * 4 * element + 6 * config.vocab_size * 4)
+    per_sequence = (
+        (prompt_len + max_new_tokens) * config.num_hidden_layers * 2 * heads * head_dim * element
+        + prompt_len * config.hidden_size * 4 * element
+        + 6 * config.vocab_size * 4
+    )
     fits = int(torch.cuda.mem_get_info(model.device)[0] // 4 // per_sequence)
     return max(1, min(n, MAX_GPU_BATCH, fits))
 
@@ -80,7 +103,9 @@ class _Decoder:
         self.model, self.prompt_len = model, prompt_len
         device = model.device
         self.cache = seams.static_cache(model, prompt_len + new)
-        self.keys = torch.zeros(rows, 1, 1, prompt_len + new, dtype=torch.bool, device=device)  # which keys each row sees
+        self.keys = torch.zeros(
+            rows, 1, 1, prompt_len + new, dtype=torch.bool, device=device
+        )  # which keys each row sees
         self.ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # where the step writes into the cache
@@ -90,8 +115,14 @@ class _Decoder:
 
     def _step(self) -> torch.Tensor:
         # the static cache writes at `cache_position` (or, in some versions, at its own running position: the same)
-        out = self.model(input_ids=self.ids, position_ids=self.positions, cache_position=self.slot,
-                         attention_mask=seams.attention_mask(self.model, self.keys), past_key_values=self.cache, use_cache=True)
+        out = self.model(
+            input_ids=self.ids,
+            position_ids=self.positions,
+            cache_position=self.slot,
+            attention_mask=seams.attention_mask(self.model, self.keys),
+            past_key_values=self.cache,
+            use_cache=True,
+        )
         return out.logits[:, -1]
 
     def prefill(self, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -100,14 +131,24 @@ class _Decoder:
         self.cache.reset()
         rows, length = ids.shape
         causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
-        allowed = torch.zeros(rows, 1, length, self.keys.shape[-1], dtype=torch.bool, device=ids.device)  # keys: the whole cache
-        allowed[:, 0, :, :length] = (causal & real[:, None, :]) | torch.eye(length, dtype=torch.bool, device=ids.device)  # padding sees itself
+        allowed = torch.zeros(
+            rows, 1, length, self.keys.shape[-1], dtype=torch.bool, device=ids.device
+        )  # keys: the whole cache
+        allowed[:, 0, :, :length] = (causal & real[:, None, :]) | torch.eye(
+            length, dtype=torch.bool, device=ids.device
+        )  # padding sees itself
         self.keys.zero_()
         self.keys[:, 0, 0, :length] = real
         self.positions.copy_(real.sum(1, keepdim=True) - 1)
-        out = self.model(input_ids=ids, position_ids=(real.cumsum(1) - 1).clamp(min=0), attention_mask=seams.attention_mask(self.model, allowed),
-                         cache_position=torch.arange(length, device=ids.device), past_key_values=self.cache, use_cache=True,
-                         logits_to_keep=1)
+        out = self.model(
+            input_ids=ids,
+            position_ids=(real.cumsum(1) - 1).clamp(min=0),
+            attention_mask=seams.attention_mask(self.model, allowed),
+            cache_position=torch.arange(length, device=ids.device),
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         return out.logits[:, -1]
 
     def step(self, tokens: torch.Tensor, index: int) -> torch.Tensor:
@@ -175,8 +216,17 @@ def pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torc
 
 @torch.no_grad()
 @torch.compiler.set_stance("force_eager")  # compiled blocks (train.compile) run eagerly here
-def generate(model, tokenizer, prompts: list[str], chat: bool, max_new_tokens: int, temperature: float, top_p: float,
-             seed: int, desc: str = "sampling from the base") -> list[dict]:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    chat: bool,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    desc: str = "sampling from the base",
+) -> list[dict]:
     """Sample one continuation per prompt. Returns per prompt ``{"id", "prompt", "text",
     "prompt_ids", "completion_ids"}``: ``prompt_ids`` are the tokens sampled from (see
     :func:`prompt_ids`), ``completion_ids`` the tokens the model produced, up to and including its
@@ -201,7 +251,7 @@ def generate(model, tokenizer, prompts: list[str], chat: bool, max_new_tokens: i
     out, produced, started = [], 0, time.time()
     bar = tqdm(total=len(prompts), desc=desc, unit="seq")
     for start in range(0, len(prompts), rows):
-        chunk = encoded[start:start + rows]
+        chunk = encoded[start : start + rows]
         chunk += [chunk[0]] * (rows - len(chunk))  # a full batch: the captured step has one shape
         ids = torch.tensor([[pad] * (length - len(c)) + c for c in chunk], device=device)
         real = torch.tensor([[False] * (length - len(c)) + [True] * len(c) for c in chunk], device=device)
@@ -220,8 +270,15 @@ def generate(model, tokenizer, prompts: list[str], chat: bool, max_new_tokens: i
             ended = next((k + 1 for k, t in enumerate(row) if t in ends), None)
             completion = row[:ended] if ended else row
             produced += len(completion)
-            out.append({"id": f"sample-{i:04d}", "prompt": prompts[i], "text": tokenizer.decode(completion, skip_special_tokens=True).strip(),
-                        "prompt_ids": encoded[i], "completion_ids": completion})
+            out.append(
+                {
+                    "id": f"sample-{i:04d}",
+                    "prompt": prompts[i],
+                    "text": tokenizer.decode(completion, skip_special_tokens=True).strip(),
+                    "prompt_ids": encoded[i],
+                    "completion_ids": completion,
+                }
+            )
         bar.update(min(rows, len(prompts) - start))
         bar.set_postfix(tokens_per_s=f"{produced / max(time.time() - started, 1e-9):.0f}")
     bar.close()
@@ -235,8 +292,16 @@ def _eos_ids(model) -> list[int]:
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
-def base_samples(model, tokenizer, base_id: str, n: int = 64, max_new_tokens: int = 96, temperature: float = 1.0,
-                 top_p: float = 0.95, seed: int = 0) -> Path:
+def base_samples(
+    model,
+    tokenizer,
+    base_id: str,
+    n: int = 64,
+    max_new_tokens: int = 96,
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    seed: int = 0,
+) -> Path:
     """Samples from the base for the drift probe, cached on disk keyed by (base, settings, seed)."""
     key = hashlib.sha256(json.dumps([base_id, n, max_new_tokens, temperature, top_p, seed]).encode()).hexdigest()[:16]
     path = cache_dir() / "samples" / f"{key}.jsonl"
@@ -244,5 +309,7 @@ def base_samples(model, tokenizer, base_id: str, n: int = 64, max_new_tokens: in
         chat = bool(getattr(tokenizer, "chat_template", None))
         prompts = generic_prompts(n, seed) if chat else ["" for _ in range(n)]
         rows = generate(model, tokenizer, prompts, chat, max_new_tokens, temperature, top_p, seed)
-        io.write_text(path, "".join(json.dumps({k: r[k] for k in ("id", "prompt", "text")}) + "\n" for r in rows if r["text"]))
+        io.write_text(
+            path, "".join(json.dumps({k: r[k] for k in ("id", "prompt", "text")}) + "\n" for r in rows if r["text"])
+        )
     return path

@@ -48,7 +48,9 @@ SCORER_VERSION = 2  # part of the result cache's key: raise it whenever a change
 
 Request = tuple[tuple[str, str], list[int], list[int]]
 Pair = tuple[list[int], list[int]]  # a request's context and continuation tokens
-Line = tuple[list[int], list[int], list[int], list[list[int]]]  # tokens, position ids, subtree ends, scored nodes per request
+Line = tuple[
+    list[int], list[int], list[int], list[list[int]]
+]  # tokens, position ids, subtree ends, scored nodes per request
 
 
 class PackedLM(HFLM):
@@ -73,21 +75,32 @@ class PackedLM(HFLM):
 
     def _packable(self) -> bool:
         config = self.model.config
-        return (self.backend == "causal" and isinstance(self.lines_per_pass, int)
-                and config.model_type in PLAIN_HEAD_TYPES
-                and getattr(config, "final_logit_softcapping", None) is None)
+        return (
+            self.backend == "causal"
+            and isinstance(self.lines_per_pass, int)
+            and config.model_type in PLAIN_HEAD_TYPES
+            and getattr(config, "final_logit_softcapping", None) is None
+        )
 
-    def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False,
-                              override_bs: int | None = None) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, requests: list[Request], disable_tqdm: bool = False, override_bs: int | None = None
+    ) -> list[tuple[float, bool]]:
         if not self._packable():
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
-        fits = [i for i, (_, ctx, cont) in enumerate(requests) if ctx and cont and len(ctx) + len(cont) <= self.max_length + 1]
+        fits = [
+            i
+            for i, (_, ctx, cont) in enumerate(requests)
+            if ctx and cont and len(ctx) + len(cont) <= self.max_length + 1
+        ]
         rest = sorted(set(range(len(requests))) - set(fits))
         out: dict[int, tuple[float, bool]] = {}
         if rest:  # lm-eval truncates these from the left (and never sends empty ones); let it
             with seams.hflm_batch_size(self, self.lines_per_pass):
                 out.update(zip(rest, super()._loglikelihood_tokens([requests[i] for i in rest], disable_tqdm)))
-        lines = [[fits[j] for j in line] for line in plan_lines([requests[i][1:] for i in fits], LINE_TOKENS, self.max_length)]
+        lines = [
+            [fits[j] for j in line]
+            for line in plan_lines([requests[i][1:] for i in fits], LINE_TOKENS, self.max_length)
+        ]
         layouts = [layout_line([requests[i][1:] for i in line]) for line in lines]
         longest_first = sorted(range(len(lines)), key=lambda k: -len(layouts[k][0]))
         budget = self.lines_per_pass * LINE_TOKENS
@@ -95,7 +108,9 @@ class PackedLM(HFLM):
         for batch in batch_lines([len(layouts[k][0]) for k in longest_first], budget, SLACK_TOKENS):
             chosen = [longest_first[b] for b in batch]
             members = [i for k in chosen for i in lines[k]]
-            for index, answer in zip(members, self._score_within_memory([layouts[k] for k in chosen], [requests[i][2] for i in members])):
+            for index, answer in zip(
+                members, self._score_within_memory([layouts[k] for k in chosen], [requests[i][2] for i in members])
+            ):
                 out[index] = answer
                 if requests[index][0] is not None:  # rolling windows carry no request string
                     self.cache_hook.add_partial("loglikelihood", requests[index][0], answer)
@@ -127,8 +142,9 @@ class PackedLM(HFLM):
         half = len(lines) // 2
         self.lines_per_pass = max(1, min(self.lines_per_pass, half))
         split = sum(len(line[3]) for line in lines[:half])  # requests in the first half
-        return (self._score_within_memory(lines[:half], targets[:split])
-                + self._score_within_memory(lines[half:], targets[split:]))
+        return self._score_within_memory(lines[:half], targets[:split]) + self._score_within_memory(
+            lines[half:], targets[split:]
+        )
 
     @torch.no_grad()
     def _score_lines(self, lines: list[Line], targets: list[list[int]]) -> list[tuple[float, bool]]:
@@ -144,18 +160,30 @@ class PackedLM(HFLM):
             ids[b, :n], positions[b, :n] = torch.tensor(tokens), torch.tensor(depths)
             allowed[b, :n, :n] = ancestry_mask(ends)
         # answers that differ only in their last token are predicted from the same nodes: one row each
-        token_rows = torch.tensor([rows.setdefault((b, node), len(rows))
-                                   for b, line in enumerate(lines) for nodes in line[3] for node in nodes])
+        token_rows = torch.tensor(
+            [
+                rows.setdefault((b, node), len(rows))
+                for b, line in enumerate(lines)
+                for nodes in line[3]
+                for node in nodes
+            ]
+        )
         attention = seams.attention_mask(self.model, allowed[:, None].to(self.device))
-        hidden = self.model.get_decoder()(input_ids=ids.to(self.device), attention_mask=attention,
-                                          position_ids=positions.to(self.device)).last_hidden_state
+        hidden = self.model.get_decoder()(
+            input_ids=ids.to(self.device), attention_mask=attention, position_ids=positions.to(self.device)
+        ).last_hidden_state
         device = hidden.device
         lines_t, nodes_t = torch.tensor(list(rows), device=device).T
         picked, token_rows = hidden[lines_t, nodes_t], token_rows.to(device)
         target = torch.tensor([t for cont in targets for t in cont], device=device)
-        token_lp, hit = torch.empty(len(target), device=device), torch.zeros(len(target), dtype=torch.bool, device=device)
+        token_lp, hit = (
+            torch.empty(len(target), device=device),
+            torch.zeros(len(target), dtype=torch.bool, device=device),
+        )
         for start in range(0, len(rows), HEAD_ROWS):  # in chunks: all the logits at once can be gigabytes
-            logprobs = F.log_softmax(self.model.get_output_embeddings()(picked[start:start + HEAD_ROWS]), dim=-1, dtype=self.softmax_dtype)
+            logprobs = F.log_softmax(
+                self.model.get_output_embeddings()(picked[start : start + HEAD_ROWS]), dim=-1, dtype=self.softmax_dtype
+            )
             here = (token_rows >= start) & (token_rows < start + HEAD_ROWS)
             local = token_rows[here] - start
             token_lp[here] = logprobs[local, target[here]].to(token_lp.dtype)
@@ -179,7 +207,9 @@ def auto_lines(model, precision: str) -> int:
     config = model.config
     element = 2 if precision == "bf16" else next(model.parameters()).element_size()
     heads = config.num_attention_heads
-    per_line = LINE_TOKENS * element * (8 * config.hidden_size + 4 * config.intermediate_size) + heads * LINE_TOKENS**2 * 8
+    per_line = (
+        LINE_TOKENS * element * (8 * config.hidden_size + 4 * config.intermediate_size) + heads * LINE_TOKENS**2 * 8
+    )
     free = torch.cuda.mem_get_info(model.device)[0] - HEAD_ROWS * config.vocab_size * 8
     return max(1, min(MAX_AUTO_LINES, int(free // 4 // per_line)))
 
@@ -194,7 +224,12 @@ def plan_lines(pairs: list[Pair], capacity: int, max_length: int) -> list[list[i
     sizes: list[int] = []  # each unit's tokens laid out alone (at most; answers may share prefixes too)
     for i in sorted(range(len(pairs)), key=lambda i: pairs[i]):
         context, cont = pairs[i]
-        if units and len(context) >= 2 and pairs[units[-1][0]][0] == context and sizes[-1] + len(cont) - 1 <= max_length:
+        if (
+            units
+            and len(context) >= 2
+            and pairs[units[-1][0]][0] == context
+            and sizes[-1] + len(cont) - 1 <= max_length
+        ):
             units[-1].append(i)
             sizes[-1] += len(cont) - 1
         else:
@@ -239,7 +274,7 @@ def layout_line(pairs: list[Pair]) -> Line:
         for node in nodes[i]:  # ids grow along a path and from path to path: the latest path ends every subtree on it
             ends[node] = nodes[i][-1] + 1
         previous_path, previous_nodes = paths[i], nodes[i]
-    scored = [nodes[i][len(context) - 1:] for i, (context, _) in enumerate(pairs)]
+    scored = [nodes[i][len(context) - 1 :] for i, (context, _) in enumerate(pairs)]
     return tokens, depths, ends, scored
 
 

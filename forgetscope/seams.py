@@ -19,8 +19,13 @@ from pathlib import Path
 
 import torch
 
-CHECKED = {"lm_eval": "0.4.13", "transformers": "5.17.0 (CUDA), 5.23.0 (CPU)", "accelerate": "1.15.0",
-           "torch": "2.11.0 (CUDA), 2.13.0 (CPU)", "peft": "0.21.0, 0.21.2"}
+CHECKED = {
+    "lm_eval": "0.4.13",
+    "transformers": "5.17.0 (CUDA), 5.23.0 (CPU)",
+    "accelerate": "1.15.0",
+    "torch": "2.11.0 (CUDA), 2.13.0 (CPU)",
+    "peft": "0.21.0, 0.21.2",
+}
 
 
 # ---------------------------------------------------------------- lm-eval
@@ -88,7 +93,9 @@ def lm_eval_mmlu_exemplars() -> str:
     package, not an API): five worked questions for each MMLU subject."""
     import importlib.resources
 
-    return (importlib.resources.files("lm_eval") / "tasks" / "mmlu" / "flan_cot_fewshot" / "_cot_prompts.json").read_text()
+    return (
+        importlib.resources.files("lm_eval") / "tasks" / "mmlu" / "flan_cot_fewshot" / "_cot_prompts.json"
+    ).read_text()
 
 
 # ---------------------------------------------------------------- accelerate, torch
@@ -130,7 +137,9 @@ def attention_mask(model, allowed: torch.Tensor) -> torch.Tensor:
     dtype's minimum) for the eager implementation (``config._attn_implementation``)."""
     if model.config._attn_implementation == "sdpa":
         return allowed
-    return torch.zeros(allowed.shape, dtype=model.dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(model.dtype).min)
+    return torch.zeros(allowed.shape, dtype=model.dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(model.dtype).min
+    )
 
 
 def static_cache(model, length: int):

@@ -44,16 +44,24 @@ def bounds(recipe: Recipe) -> list[tuple[int, int]]:
 def schedule(recipe: Recipe) -> list[int]:
     """Snapshot steps of the whole sequence: each stage's schedule, shifted to where it starts."""
     steps = {0}
-    for (start, end), stage in zip(bounds(recipe), stage_recipes(recipe)):
+    for start, end in bounds(recipe):
         steps |= {start + s for s in snapshots.schedule(recipe.snapshots, end - start)}
     return sorted(steps)
 
 
 def manifest_entry(recipe: Recipe) -> list[dict]:
     """What the manifest records per stage of a recipe with ``stages`` (the matrix is read from it)."""
-    return [{"task": stage.task.name or stage.task.path, "evals": stage.eval_names, "start": start,
-             "end": end, "lr": stage.lr if stage.lr is not None else recipe.train.lr, "replay": bool(recipe.stage_recipe(i).replay)}
-            for i, ((start, end), stage) in enumerate(zip(bounds(recipe), recipe.stages))]
+    return [
+        {
+            "task": stage.task.name or stage.task.path,
+            "evals": stage.eval_names,
+            "start": start,
+            "end": end,
+            "lr": stage.lr if stage.lr is not None else recipe.train.lr,
+            "replay": bool(recipe.stage_recipe(i).replay),
+        }
+        for i, ((start, end), stage) in enumerate(zip(bounds(recipe), recipe.stages))
+    ]
 
 
 def stage_data(recipe: Recipe, tokenizer) -> list[tuple[list[str], list[dict]]]:
@@ -84,9 +92,18 @@ def load_weights(model, checkpoint: str) -> None:
     model.load_state_dict(state, strict=False)  # tied weights are saved once
 
 
-def train_stages(recipe: Recipe, model, tokenizer, stages: list[tuple[list[str], list[dict]]], steps: list[int],
-                 take: Callable[[object, int, int], dict[str, float] | None], out_dir: Path, base_fingerprint: str,
-                 on_resume: Callable[[str], None], probes: list[int] = ()) -> list[dict]:
+def train_stages(
+    recipe: Recipe,
+    model,
+    tokenizer,
+    stages: list[tuple[list[str], list[dict]]],
+    steps: list[int],
+    take: Callable[[object, int, int], dict[str, float] | None],
+    out_dir: Path,
+    base_fingerprint: str,
+    on_resume: Callable[[str], None],
+    probes: list[int] = (),
+) -> list[dict]:
     """Train every stage in turn on the same model; ``take(model, step, tokens)`` at each snapshot
     (global steps), whose scores go to the Trainer's log when the recipe sets ``train.report_to``. Before a stage with replay, the buffer is sampled from the model as it is then
     (the base for the first stage, ``base_fingerprint``), prompted (``replay.prompts: tasks``) with
@@ -112,12 +129,16 @@ def train_stages(recipe: Recipe, model, tokenizer, stages: list[tuple[list[str],
                 buffer = replay.build_buffer(model, tokenizer, stage, fingerprint, prompts or None)
         local = [s - start for s in steps if start < s <= end or (index == 0 and s == 0)]
 
-        def take_global(current, step: int, seen: int, start: int = start, tokens: int = tokens) -> dict[str, float] | None:
+        def take_global(
+            current, step: int, seen: int, start: int = start, tokens: int = tokens
+        ) -> dict[str, float] | None:
             return take(current, start + step, tokens + seen)
 
         last = index == len(recipes) - 1
         callbacks = [train.SnapshotCallback(local, take_global, resumable=resumable, save_at_end=not last)]
-        callbacks += [train.SnapshotCallback([s - start for s in probes if start < s <= end], take_global)] if probes else []
+        callbacks += (
+            [train.SnapshotCallback([s - start for s in probes if start < s <= end], take_global)] if probes else []
+        )
         folder = out_dir / f"stage-{index + 1}"
         trainer = train.make_trainer(model, tokenizer, stages[index][1], stage, str(folder), callbacks, buffer)
         if stage.train.report_to:
@@ -127,12 +148,16 @@ def train_stages(recipe: Recipe, model, tokenizer, stages: list[tuple[list[str],
         if checkpoint:
             on_resume(str(Path(checkpoint).relative_to(out_dir)))
         if len(recipes) > 1:
-            print(f"forgetscope: stage {index + 1}/{len(recipes)}: {stage.task.name or stage.task.path}, "
-                  f"steps {start + 1}..{end}" + (" with replay" if buffer is not None else ""))
+            print(
+                f"forgetscope: stage {index + 1}/{len(recipes)}: {stage.task.name or stage.task.path}, "
+                f"steps {start + 1}..{end}" + (" with replay" if buffer is not None else "")
+            )
         trainer.train(resume_from_checkpoint=checkpoint)
         seen = int(trainer.state.num_input_tokens_seen)
-        stage_log = [{**entry, "step": start + entry.get("step", 0), **({"stage": index + 1} if len(recipes) > 1 else {})}
-                     for entry in trainer.state.log_history]
+        stage_log = [
+            {**entry, "step": start + entry.get("step", 0), **({"stage": index + 1} if len(recipes) > 1 else {})}
+            for entry in trainer.state.log_history
+        ]
         log += stage_log
         tokens += seen
         if resumable and not last and trainer.is_world_process_zero():
@@ -152,6 +177,9 @@ def write_summary(layout: snapshots.RunLayout, table: pd.DataFrame, title: str =
     figures.save(figures.plot_sequence(table, stages, matrix, title), layout.root / "sequence.png")
     higher = [bool(table[table["task"] == column]["higher_is_better"].iloc[0]) for column in matrix.columns]
     result = continual.sequence_metrics(matrix.to_numpy(float), higher)
-    print("\nforgetscope: accuracy matrix R[i][j] (rows: after each stage; columns: tasks):\n" + matrix.round(3).to_string())
+    print(
+        "\nforgetscope: accuracy matrix R[i][j] (rows: after each stage; columns: tasks):\n"
+        + matrix.round(3).to_string()
+    )
     print("  " + ", ".join(f"{k} {v:+.3f}" for k, v in result.items() if not isinstance(v, list)))
     return {"matrix": matrix.reset_index(names="after").to_dict("records"), **result}

@@ -53,12 +53,18 @@ def resource_advice(err: BaseException) -> str | None:
     """What to change when a run dies of memory or disk, else None."""
     import torch
 
-    if isinstance(err, torch.OutOfMemoryError) or (isinstance(err, RuntimeError) and "out of memory" in str(err).lower()):
-        return ("out of memory; lower train.batch_size (raise train.grad_accum to keep the batch), train.seq_len "
-                "or evals.batch_size, or use method: lora")
+    if isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+    ):
+        return (
+            "out of memory; lower train.batch_size (raise train.grad_accum to keep the batch), train.seq_len "
+            "or evals.batch_size, or use method: lora"
+        )
     if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        return ("the disk is full; free space, set snapshots.keep_weights: false or snapshots.resumable: false, "
-                "or point runs_dir / FORGETSCOPE_CACHE at a larger disk")
+        return (
+            "the disk is full; free space, set snapshots.keep_weights: false or snapshots.resumable: false, "
+            "or point runs_dir / FORGETSCOPE_CACHE at a larger disk"
+        )
     return None
 
 
@@ -128,7 +134,9 @@ class RunSession:
 
     # ------------------------------------------------------------ writing the run
 
-    def start(self, suite: evaluate.EvalSuite | None, tokenizer, files: dict[str, str] | None = None, **manifest: Any) -> None:
+    def start(
+        self, suite: evaluate.EvalSuite | None, tokenizer, files: dict[str, str] | None = None, **manifest: Any
+    ) -> None:
         """Begin (or resume) writing: remove the debris of a killed attempt, write ``files`` (name ->
         text: the resolved recipe, the audit's settings), mark the manifest ``running`` with the
         run's identity and ``manifest`` fields. ``suite``: the evals every snapshot is scored on
@@ -141,16 +149,29 @@ class RunSession:
         self.root.mkdir(parents=True, exist_ok=True)
         for name, text in (files or {}).items():
             io.write_text(self.root / name, text)
-        self.layout.update_manifest(status="running", **self.identity, **manifest, versions=versions(),
-                                    started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        self.layout.update_manifest(
+            status="running",
+            **self.identity,
+            **manifest,
+            versions=versions(),
+            started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        )
 
     def update(self, **fields: Any) -> None:
         """Add ``fields`` to the manifest (main process)."""
         if self.main:
             self.layout.update_manifest(**fields)
 
-    def score(self, model, step: int, tokens: int = 0, meta: dict[str, Any] | None = None, weights: bool = False,
-              tokenizer=None, label: str = "") -> dict[str, Any] | None:
+    def score(
+        self,
+        model,
+        step: int,
+        tokens: int = 0,
+        meta: dict[str, Any] | None = None,
+        weights: bool = False,
+        tokenizer=None,
+        label: str = "",
+    ) -> dict[str, Any] | None:
         """Record ``model`` as the snapshot at ``step`` and score it, unless that step's evaluation
         is already on disk (a resumed run). ``weights``: also save the weights (adapter files or
         safetensors). ``tokenizer``: this snapshot's own, when it differs from the run's.
@@ -158,7 +179,9 @@ class RunSession:
         Returns the evaluation on the main process, or None when it was already there."""
         tokenizer = tokenizer or self.tokenizer
         if self.main:
-            snapshots.save_snapshot(self.layout, step, model, tokenizer, {"step": step, "tokens": tokens, **(meta or {})}, weights)
+            snapshots.save_snapshot(
+                self.layout, step, model, tokenizer, {"step": step, "tokens": tokens, **(meta or {})}, weights
+            )
         if distributed.broadcast(step in self.layout.eval_steps()):
             return None
         tick = time.time()
@@ -179,8 +202,11 @@ class RunSession:
         """An evaluation as flat scalars for a Trainer's log: ``eval_forgetscope/<eval>/<metric>`` (the
         ``eval_`` prefix files them under evaluation in TensorBoard, W&B and MLflow)."""
         results = (evaluation or {}).get("results", {})
-        return {f"eval_forgetscope/{task}/{metric}": entry["value"] for task, result in results.items()
-                for metric, entry in result["metrics"].items()}
+        return {
+            f"eval_forgetscope/{task}/{metric}": entry["value"]
+            for task, result in results.items()
+            for metric, entry in result["metrics"].items()
+        }
 
     @contextlib.contextmanager
     def failing(self) -> Iterator[None]:
@@ -192,8 +218,9 @@ class RunSession:
             self.fail(err)
             advice = resource_advice(err)
             if advice:
-                raise RunError(f"{self.root}: {advice}; finished snapshots and results are kept, "
-                               "run the same command to resume") from err
+                raise RunError(
+                    f"{self.root}: {advice}; finished snapshots and results are kept, run the same command to resume"
+                ) from err
             raise
 
     def fail(self, err: BaseException | str) -> None:
@@ -219,18 +246,31 @@ class RunSession:
             return None
         from forgetscope import sequence
 
-        for events in sorted((self.root / "trainer").glob("stage-*/runs")):  # TensorBoard's, when train.report_to has it
+        for events in sorted(
+            (self.root / "trainer").glob("stage-*/runs")
+        ):  # TensorBoard's, when train.report_to has it
             (self.root / "tensorboard").mkdir(exist_ok=True)
             events.rename(self.root / "tensorboard" / events.parent.name)
         shutil.rmtree(self.root / "trainer", ignore_errors=True)  # the training state kept for resuming
         table = curves.write_curves(self.layout, run, recipe, method)
         figures.save(figures.plot_curves(table, title=title), self.layout.figure)
         summary = stats.final_vs_base(self.layout, table)
-        print(f"\nforgetscope: step {summary[0]['step']} vs the base (step 0), paired over items:\n"
-              + stats.format_summary(summary))
+        print(
+            f"\nforgetscope: step {summary[0]['step']} vs the base (step 0), paired over items:\n"
+            + stats.format_summary(summary)
+        )
         if self.layout.read_manifest().get("stages"):
             manifest["sequence"] = sequence.write_summary(self.layout, table, title=title)
-        timings = {"total_s": round(time.time() - self.started, 1), "eval_s": self.eval_s, **manifest.pop("timings", {})}
-        self.layout.update_manifest(**manifest, final_vs_base=summary, status="finished",
-                                    finished=time.strftime("%Y-%m-%dT%H:%M:%S"), timings=timings)
+        timings = {
+            "total_s": round(time.time() - self.started, 1),
+            "eval_s": self.eval_s,
+            **manifest.pop("timings", {}),
+        }
+        self.layout.update_manifest(
+            **manifest,
+            final_vs_base=summary,
+            status="finished",
+            finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            timings=timings,
+        )
         return table

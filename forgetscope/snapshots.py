@@ -101,4 +101,3 @@ def save_eval(layout: RunLayout, step: int, tokens: int, evaluation: dict[str, A
             (tmp / f"samples_{task}.jsonl").write_text("\n".join(lines) + "\n")
         io.write_json(tmp / "results.json", {"step": step, "tokens": tokens, "tasks": evaluation["results"]})
     return target
-

@@ -36,7 +36,9 @@ def item_values(layout: RunLayout, step: int, task: str, metric: str) -> dict[st
     for line in Path(path).read_text().splitlines():
         sample = json.loads(line)
         value = sample[metric]
-        out[str(sample["item_id"])] = (float(value[0]), float(value[1])) if isinstance(value, list) else (float(value), 1.0)
+        out[str(sample["item_id"])] = (
+            (float(value[0]), float(value[1])) if isinstance(value, list) else (float(value), 1.0)
+        )
     return out
 
 
@@ -50,8 +52,9 @@ def aggregate(metric: str, num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return ratio
 
 
-def paired_bootstrap(layout: RunLayout, task: str, metric: str, step: int, base_step: int = 0,
-                     iters: int = 2000, seed: int = 0) -> tuple[float, np.ndarray, int]:
+def paired_bootstrap(
+    layout: RunLayout, task: str, metric: str, step: int, base_step: int = 0, iters: int = 2000, seed: int = 0
+) -> tuple[float, np.ndarray, int]:
     """``value(step) - value(base_step)`` on the items both scored, its ``iters`` paired bootstrap
     replicates (the same resample of items at both steps), and the number of items."""
     base = item_values(layout, base_step, task, metric)
@@ -65,16 +68,30 @@ def paired_bootstrap(layout: RunLayout, task: str, metric: str, step: int, base_
     return delta, boot, len(items)
 
 
-def paired_delta(layout: RunLayout, task: str, metric: str, step: int, base_step: int = 0,
-                 iters: int = 2000, seed: int = 0, confidence: float = 0.95) -> dict[str, float]:
+def paired_delta(
+    layout: RunLayout,
+    task: str,
+    metric: str,
+    step: int,
+    base_step: int = 0,
+    iters: int = 2000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict[str, float]:
     """``value(step) - value(base_step)`` on the items both scored, with a paired bootstrap CI
     (two-sided, at ``confidence``), the bootstrap standard error ``se`` and the two-sided
     bootstrap p-value ``p`` of "no change" (:func:`p_two_sided`)."""
     delta, boot, n = paired_bootstrap(layout, task, metric, step, base_step, iters, seed)
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(boot, [tail, 100 - tail])
-    return {"delta": delta, "low": float(low), "high": float(high), "n": n, "se": float(boot.std(ddof=1)),
-            "p": p_two_sided(boot)}
+    return {
+        "delta": delta,
+        "low": float(low),
+        "high": float(high),
+        "n": n,
+        "se": float(boot.std(ddof=1)),
+        "p": p_two_sided(boot),
+    }
 
 
 def as_drop(ci: dict, higher_is_better: bool) -> tuple[float, float, float]:
@@ -98,9 +115,19 @@ def final_vs_base(layout: RunLayout, table) -> list[dict]:
         higher = bool(line["higher_is_better"].iloc[0])
         ci = paired_delta(layout, task, metric, last)
         worse = bool(ci["high"] < 0 if higher else ci["low"] > 0)
-        rows.append({"task": task, "role": line["role"].iloc[0], "metric": metric, "higher_is_better": higher,
-                     "base": float(line.loc[0, "value"]), "final": float(line.loc[last, "value"]), "step": last, **ci,
-                     "worse": worse})
+        rows.append(
+            {
+                "task": task,
+                "role": line["role"].iloc[0],
+                "metric": metric,
+                "higher_is_better": higher,
+                "base": float(line.loc[0, "value"]),
+                "final": float(line.loc[last, "value"]),
+                "step": last,
+                **ci,
+                "worse": worse,
+            }
+        )
     return sorted(rows, key=lambda r: r["role"] != "new")
 
 
@@ -111,7 +138,9 @@ def format_summary(rows: list[dict]) -> str:
         arrow = "↑" if r["higher_is_better"] else "↓"
         flag = "  worse" if r["worse"] else ""
         ci = f"{r['delta']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]"
-        lines.append(f"{r['task']:18s} {r['role']:8s} {r['metric'] + arrow:15s} {r['base']:9.4f} {r['final']:9.4f} {ci:>30s}{flag}")
+        lines.append(
+            f"{r['task']:18s} {r['role']:8s} {r['metric'] + arrow:15s} {r['base']:9.4f} {r['final']:9.4f} {ci:>30s}{flag}"
+        )
     return "\n".join(lines)
 
 
@@ -121,8 +150,10 @@ def binom_sf(k: int, n: int, p: float) -> float:
         return 1.0
     if k > n or p <= 0:
         return 0.0
-    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
-            for i in range(k, n + 1)]
+    logs = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
+        for i in range(k, n + 1)
+    ]
     top = max(logs)
     return min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs))
 
@@ -155,11 +186,25 @@ def flips(layout: RunLayout, task: str, metric: str, step: int, base_step: int =
     forgotten = [i for i in items if base[i] and not later[i]]
     learned = [i for i in items if not base[i] and later[i]]
     n = len(items)
-    by_chance = chance_flips(n, sum(base[i] for i in items) / n, sum(later[i] for i in items) / n,
-                             chance_level(layout, task, metric, base_step) or 0.0) if n else 0.0
-    return {"forgotten": forgotten, "learned": learned, "n": n, "p_mcnemar": mcnemar(len(forgotten), len(learned)),
-            "by_chance": by_chance, "forgotten_adj": max(0.0, len(forgotten) - by_chance),
-            "learned_adj": max(0.0, len(learned) - by_chance)}
+    by_chance = (
+        chance_flips(
+            n,
+            sum(base[i] for i in items) / n,
+            sum(later[i] for i in items) / n,
+            chance_level(layout, task, metric, base_step) or 0.0,
+        )
+        if n
+        else 0.0
+    )
+    return {
+        "forgotten": forgotten,
+        "learned": learned,
+        "n": n,
+        "p_mcnemar": mcnemar(len(forgotten), len(learned)),
+        "by_chance": by_chance,
+        "forgotten_adj": max(0.0, len(forgotten) - by_chance),
+        "learned_adj": max(0.0, len(learned) - by_chance),
+    }
 
 
 def first_forgotten(layout: RunLayout, task: str, metric: str, steps: list[int]) -> dict[str, int]:

@@ -47,7 +47,9 @@ def measure(root: Path, target: float | None) -> dict:
     manifest = RunLayout(root).read_manifest()
     stages = manifest.get("stages")
     if not stages or len(stages) < 2:
-        raise UserError(f"{root}: a sweep measures runs with at least 2 stages (what the model knew, then the fine-tune)")
+        raise UserError(
+            f"{root}: a sweep measures runs with at least 2 stages (what the model knew, then the fine-tune)"
+        )
     table = pd.read_csv(RunLayout(root).curves)
 
     def series(stage: dict) -> pd.DataFrame:
@@ -59,18 +61,36 @@ def measure(root: Path, target: float | None) -> dict:
     signs = [1.0 if bool(series(s)["higher_is_better"].iloc[0]) else -1.0 for s in earlier]  # drops: positive = worse
 
     def drop_at(step: float) -> float:
-        return float(np.mean([sign * (have - np.interp(step, series(s)["step"], series(s)["value"]))
-                              for s, have, sign in zip(earlier, learned, signs)]))
+        return float(
+            np.mean(
+                [
+                    sign * (have - np.interp(step, series(s)["step"], series(s)["value"]))
+                    for s, have, sign in zip(earlier, learned, signs)
+                ]
+            )
+        )
 
     new = series(last)
     new = new[(new["step"] >= last["start"]) & (new["step"] <= last["end"])]
-    sign = 1.0 if bool(new["higher_is_better"].iloc[0]) else -1.0  # cross "at least target" for scores, "at most" for losses
-    at = metrics.crossing(new["step"].to_numpy(float), sign * new["value"].to_numpy(float), sign * target) if target is not None else None
+    sign = (
+        1.0 if bool(new["higher_is_better"].iloc[0]) else -1.0
+    )  # cross "at least target" for scores, "at most" for losses
+    at = (
+        metrics.crossing(new["step"].to_numpy(float), sign * new["value"].to_numpy(float), sign * target)
+        if target is not None
+        else None
+    )
     metric = "/".join(dict.fromkeys(series(s)["metric"].iloc[0] for s in earlier))
-    return {"run": root.name, "params": _parameters(manifest["base_path"]), "metric": metric, "new_final": float(new["value"].iloc[-1]),
-            "learned": float(np.mean(learned)), "forgetting": drop_at(last["end"]),
-            "steps_to_target": at - last["start"] if at is not None else math.nan,
-            "forgetting_at_target": drop_at(at) if at is not None else math.nan}
+    return {
+        "run": root.name,
+        "params": _parameters(manifest["base_path"]),
+        "metric": metric,
+        "new_final": float(new["value"].iloc[-1]),
+        "learned": float(np.mean(learned)),
+        "forgetting": drop_at(last["end"]),
+        "steps_to_target": at - last["start"] if at is not None else math.nan,
+        "forgetting_at_target": drop_at(at) if at is not None else math.nan,
+    }
 
 
 def _parameters(model_path: str) -> int:
@@ -80,12 +100,19 @@ def _parameters(model_path: str) -> int:
     total = 0
     for file in Path(model_path).glob("*.safetensors"):
         with safe_open(str(file), "pt") as weights:
-            total += sum(int(np.prod(weights.get_slice(name).get_shape())) for name in weights.keys())
+            total += sum(int(np.prod(weights.get_slice(name).get_shape())) for name in weights.keys())  # noqa: SIM118 (safe_open is not iterable)
     return total
 
 
-def run_sweep(recipes: list[str], key: str, values: list[str], out_dir: str | Path, overrides: list[str] | None = None,
-              target: float | None = None, title: str = "") -> pd.DataFrame:
+def run_sweep(
+    recipes: list[str],
+    key: str,
+    values: list[str],
+    out_dir: str | Path,
+    overrides: list[str] | None = None,
+    target: float | None = None,
+    title: str = "",
+) -> pd.DataFrame:
     """Run every recipe at every value of ``key`` (a ``--set`` key, e.g. ``train.lr`` or ``base``;
     values parsed as YAML), named ``<recipe name>-<value>``; measure each run; write ``sweep.csv`` and
     ``sweep.png`` into ``out_dir`` (with the rows of earlier sweeps there). Every recipe and value
@@ -99,7 +126,9 @@ def run_sweep(recipes: list[str], key: str, values: list[str], out_dir: str | Pa
         for value in values:
             recipe = load_recipe(path, [*(overrides or []), f"{key}={value}"])
             if not recipe.stages:
-                raise UserError(f"{path}: a sweep runs recipes of stages (what the model knows, then the fine-tune); add `stages`")
+                raise UserError(
+                    f"{path}: a sweep runs recipes of stages (what the model knows, then the fine-tune); add `stages`"
+                )
             slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(value)).strip("_.")
             planned.append((Path(path).stem, value, dataclasses.replace(recipe, name=f"{recipe.name}-{slug}")))
     rows = []
@@ -110,9 +139,10 @@ def run_sweep(recipes: list[str], key: str, values: list[str], out_dir: str | Pa
     path = out / "sweep.csv"
     table = pd.DataFrame(rows)
     if path.is_file():
-        table = pd.concat([pd.read_csv(path, dtype={"value": str}).query("run not in @table.run"), table], ignore_index=True)
+        table = pd.concat(
+            [pd.read_csv(path, dtype={"value": str}).query("run not in @table.run"), table], ignore_index=True
+        )
     io.write_text(path, table.to_csv(index=False))
     figures.save(figures.plot_sweep(table, target, title), out / "sweep.png")
     print(f"\nforgetscope: sweep written: {path}, {out / 'sweep.png'}\n" + table.round(3).to_string(index=False))
     return table
-

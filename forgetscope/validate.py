@@ -67,11 +67,15 @@ def _check_stages(recipe: Recipe, data: dict[str, Any]) -> tuple[list[str], list
     if len(recipe.stages) < 2:
         problems.append("stages: a sequence needs at least 2 stages (one new task: use `task:`)")
     if recipe.replay and recipe.replay.loss == "kl" and recipe.method == "lora":
-        problems.append("replay.loss: kl with method: lora compares with the base, not with the model before each "
-                        "stage; use loss: ntp or method: full for sequences")
+        problems.append(
+            "replay.loss: kl with method: lora compares with the base, not with the model before each "
+            "stage; use loss: ntp or method: full for sequences"
+        )
     if recipe.replay and recipe.replay.refresh_every is not None and recipe.method == "lora":
-        problems.append("replay.refresh_every: with method: lora the adapter-disabled model is the base, not the model "
-                        "before each stage; use method: full for sequences")
+        problems.append(
+            "replay.refresh_every: with method: lora the adapter-disabled model is the base, not the model "
+            "before each stage; use method: full for sequences"
+        )
     return problems, new
 
 
@@ -96,9 +100,7 @@ def check(recipe: Recipe, data: dict[str, Any]) -> list[str]:
         problems.append(f"train.warmup_steps: must be 0 or more, got {t.warmup_steps}")
     problems += _check_report_to(t.report_to)
     if t.batch_size > 0 and t.grad_accum > 0 and t.batch_size % t.grad_accum:
-        problems.append(
-            f"train.batch_size: {t.batch_size} is not divisible by train.grad_accum={t.grad_accum}"
-        )
+        problems.append(f"train.batch_size: {t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
     if recipe.lora is not None and (recipe.lora.r <= 0 or recipe.lora.alpha <= 0):
         problems.append("lora.r and lora.alpha: must be positive")
     if recipe.lora is not None and not 0 <= recipe.lora.dropout < 1:
@@ -106,8 +108,10 @@ def check(recipe: Recipe, data: dict[str, Any]) -> list[str]:
 
     problems += _check_replay(recipe)
     if recipe.replay and t.packing:
-        problems.append("train.packing: not with replay (each batch is split between new-task and replay examples); "
-                        "set train.packing: false")
+        problems.append(
+            "train.packing: not with replay (each batch is split between new-task and replay examples); "
+            "set train.packing: false"
+        )
     problems += _check_cascade(recipe)
     evals = recipe.evals
     if recipe.stages:
@@ -169,10 +173,14 @@ def _check_report_to(names: list[str]) -> list[str]:
     problems = []
     for name in names:
         if name not in INTEGRATION_TO_CALLBACK:
-            problems.append(f"train.report_to: unknown integration {name!r}{did_you_mean(name, INTEGRATION_TO_CALLBACK)} "
-                            f"(transformers knows: {', '.join(sorted(INTEGRATION_TO_CALLBACK))})")
+            problems.append(
+                f"train.report_to: unknown integration {name!r}{did_you_mean(name, INTEGRATION_TO_CALLBACK)} "
+                f"(transformers knows: {', '.join(sorted(INTEGRATION_TO_CALLBACK))})"
+            )
         elif name not in get_available_reporting_integrations():
-            problems.append(f"train.report_to: {name!r} is not installed; pip install {name.replace('_', '-')}, or remove it")
+            problems.append(
+                f"train.report_to: {name!r} is not installed; pip install {name.replace('_', '-')}, or remove it"
+            )
     return problems
 
 
@@ -180,8 +188,12 @@ def _check_cascade(recipe: Recipe) -> list[str]:
     c = recipe.cascade
     if c is None:
         return []
-    problems = [f"cascade.cheap: {name!r} is not in evals.general; add it there or drop it from cascade.cheap "
-                "(cascade.cheap: [] keeps the KL probe alone)" for name in c.cheap if name not in recipe.evals.general]
+    problems = [
+        f"cascade.cheap: {name!r} is not in evals.general; add it there or drop it from cascade.cheap "
+        "(cascade.cheap: [] keeps the KL probe alone)"
+        for name in c.cheap
+        if name not in recipe.evals.general
+    ]
     if c.every is not None and c.every <= 0:
         problems.append(f"cascade.every: must be positive or null, got {c.every}")
     if c.cheap_threshold < 0 or c.kl_threshold < 0:
@@ -220,6 +232,8 @@ def _check_replay(recipe: Recipe) -> list[str]:
         problems.append("replay.refresh_every: a positive number of steps, with source: self")
     t = recipe.train
     if t.batch_size > 0 and 0 < r.ratio < 1 and round(t.batch_size * r.ratio) in (0, t.batch_size):
-        problems.append(f"replay.ratio: {r.ratio} of train.batch_size={t.batch_size} leaves no room for "
-                        "replay or for new-task examples; change one of them")
+        problems.append(
+            f"replay.ratio: {r.ratio} of train.batch_size={t.batch_size} leaves no room for "
+            "replay or for new-task examples; change one of them"
+        )
     return problems

@@ -11,12 +11,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # A fresh cache per test session: converted models, base samples and cached results start empty.
 os.environ["FORGETSCOPE_CACHE"] = tempfile.mkdtemp(prefix="forgetscope-test-cache-")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pytest
 
-from forgetscope.snapshots import RunLayout  # noqa: E402
+from forgetscope.snapshots import RunLayout
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
@@ -37,7 +37,9 @@ def tiny_recipe_data() -> dict:
     }
 
 
-def make_fake_run(root: Path, steps_items: dict[int, dict[str, object]], task="facts", metric="acc", method="full") -> RunLayout:
+def make_fake_run(
+    root: Path, steps_items: dict[int, dict[str, object]], task="facts", metric="acc", method="full"
+) -> RunLayout:
     """A run folder with per-item samples of one general task (and a new task) at given steps."""
     layout = RunLayout(root)
     root.mkdir(parents=True)
@@ -50,14 +52,46 @@ def make_fake_run(root: Path, steps_items: dict[int, dict[str, object]], task="f
             value = -sum(v[0] for v in values) / sum(v[1] for v in values) / math.log(2)
         else:
             value = sum(values) / len(values)
-        (folder / f"samples_{task}.jsonl").write_text("".join(
-            json.dumps({"item_id": k, metric: v, "metrics": [metric], "target": 0,
-                        "arguments": [[f"Question {k}?", f" answer {k}"]]}) + "\n" for k, v in items.items()))
-        (folder / "samples_new.jsonl").write_text(json.dumps({"item_id": "n0", "acc": float(i > 0), "metrics": ["acc"]}) + "\n")
-        (folder / "results.json").write_text(json.dumps({"step": step, "tokens": step * 10, "tasks": {
-            "new": {"role": "new", "n": 1, "metrics": {"acc": {"value": float(i > 0), "stderr": None, "higher_is_better": True}}},
-            task: {"role": "general", "n": len(items), "metrics": {
-                metric: {"value": float(value), "stderr": None, "higher_is_better": metric == "acc"}}}}}))
+        (folder / f"samples_{task}.jsonl").write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "item_id": k,
+                        metric: v,
+                        "metrics": [metric],
+                        "target": 0,
+                        "arguments": [[f"Question {k}?", f" answer {k}"]],
+                    }
+                )
+                + "\n"
+                for k, v in items.items()
+            )
+        )
+        (folder / "samples_new.jsonl").write_text(
+            json.dumps({"item_id": "n0", "acc": float(i > 0), "metrics": ["acc"]}) + "\n"
+        )
+        (folder / "results.json").write_text(
+            json.dumps(
+                {
+                    "step": step,
+                    "tokens": step * 10,
+                    "tasks": {
+                        "new": {
+                            "role": "new",
+                            "n": 1,
+                            "metrics": {"acc": {"value": float(i > 0), "stderr": None, "higher_is_better": True}},
+                        },
+                        task: {
+                            "role": "general",
+                            "n": len(items),
+                            "metrics": {
+                                metric: {"value": float(value), "stderr": None, "higher_is_better": metric == "acc"}
+                            },
+                        },
+                    },
+                }
+            )
+        )
     return layout
 
 
@@ -67,19 +101,28 @@ def fake_run():
     return make_fake_run
 
 
-def add_fake_probe(layout: RunLayout, task: str, steps_items: dict[int, dict[str, float]], choices: int = 1,
-                   role: str = "general") -> None:
+def add_fake_probe(
+    layout: RunLayout, task: str, steps_items: dict[int, dict[str, float]], choices: int = 1, role: str = "general"
+) -> None:
     """Add a 0/1 probe with ``choices`` answers per item to every step of a fake run (see
     :func:`make_fake_run`); a step missing from ``steps_items`` leaves the probe unscored there."""
     for step, items in steps_items.items():
         folder = layout.eval_dir(step)
         args = [[f"Q {task}?", f" choice {c}"] for c in range(choices)]
-        (folder / f"samples_{task}.jsonl").write_text("".join(
-            json.dumps({"item_id": k, "acc": v, "metrics": ["acc"], "target": 0, "arguments": args}) + "\n"
-            for k, v in items.items()))
+        (folder / f"samples_{task}.jsonl").write_text(
+            "".join(
+                json.dumps({"item_id": k, "acc": v, "metrics": ["acc"], "target": 0, "arguments": args}) + "\n"
+                for k, v in items.items()
+            )
+        )
         result = json.loads((folder / "results.json").read_text())
-        result["tasks"][task] = {"role": role, "n": len(items), "metrics": {
-            "acc": {"value": float(np.mean(list(items.values()))), "stderr": None, "higher_is_better": True}}}
+        result["tasks"][task] = {
+            "role": role,
+            "n": len(items),
+            "metrics": {
+                "acc": {"value": float(np.mean(list(items.values()))), "stderr": None, "higher_is_better": True}
+            },
+        }
         (folder / "results.json").write_text(json.dumps(result))
 
 

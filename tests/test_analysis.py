@@ -19,10 +19,27 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def _table(run="a", new=(0.0, 0.5, 1.0), acc=(0.8, 0.6, 0.4), bpb=(1.0, 1.1, 1.5), steps=(0, 10, 20)) -> pd.DataFrame:
     rows = []
     for i, step in enumerate(steps):
-        for task, role, metric, values, higher in (("new", "new", "acc", new, True), ("facts", "general", "acc", acc, True),
-                                                    ("prose", "general", "bits_per_byte", bpb, False)):
-            rows.append({"run": run, "recipe": run, "method": "full", "step": step, "tokens": step * 100, "task": task,
-                         "role": role, "metric": metric, "value": values[i], "stderr": None, "n": 10, "higher_is_better": higher})
+        for task, role, metric, values, higher in (
+            ("new", "new", "acc", new, True),
+            ("facts", "general", "acc", acc, True),
+            ("prose", "general", "bits_per_byte", bpb, False),
+        ):
+            rows.append(
+                {
+                    "run": run,
+                    "recipe": run,
+                    "method": "full",
+                    "step": step,
+                    "tokens": step * 100,
+                    "task": task,
+                    "role": role,
+                    "metric": metric,
+                    "value": values[i],
+                    "stderr": None,
+                    "n": 10,
+                    "higher_is_better": higher,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -106,7 +123,9 @@ def test_matched_learning_is_interpolated_between_snapshots():
 
 def test_pareto_front_and_ranking():
     assert metrics.pareto_front([1.0, 0.9, 0.8, 1.0], [0.3, 0.1, 0.2, 0.3]).tolist() == [True, True, False, True]
-    table = pd.concat([_table("a"), _table("b", acc=(0.8, 0.8, 0.8), bpb=(1.0, 1.0, 1.1)), _table("c", new=(0, 0.1, 0.2))])
+    table = pd.concat(
+        [_table("a"), _table("b", acc=(0.8, 0.8, 0.8), bpb=(1.0, 1.0, 1.1)), _table("c", new=(0, 0.1, 0.2))]
+    )
     ranked = metrics.rank_runs(metrics.run_summary(table, target=0.75))
     assert ranked["run"].tolist() == ["b", "a", "c"]  # b forgets least at the target; c never reaches it
     assert ranked.set_index("run")["pareto"].to_dict() == {"a": False, "b": True, "c": False}
@@ -126,8 +145,10 @@ def test_flips_and_first_forgotten_step(tmp_path, fake_run):
     base = [1, 1, 1, 0, 0, 1]
     at5 = [0, 1, 1, 1, 0, 1]
     at10 = [0, 0, 1, 1, 0, 1]
-    layout = fake_run(tmp_path / "r", {s: {f"i{k}": float(v) for k, v in enumerate(vals)}
-                                        for s, vals in ((0, base), (5, at5), (10, at10))})
+    layout = fake_run(
+        tmp_path / "r",
+        {s: {f"i{k}": float(v) for k, v in enumerate(vals)} for s, vals in ((0, base), (5, at5), (10, at10))},
+    )
     flip = stats.flips(layout, "facts", "acc", 10)
     assert flip["forgotten"] == ["i0", "i1"] and flip["learned"] == ["i3"]
     assert flip["p_mcnemar"] == 1.0  # 2 forgotten, 1 learned: min(1, 2 P[X <= 1]) with X ~ Bin(3, 1/2)
@@ -139,8 +160,10 @@ def test_paired_bootstrap_matches_the_closed_form(tmp_path, fake_run):
     n = 400
     base = rng.random(n) < 0.7
     later = np.where(rng.random(n) < 0.15, ~base, base)  # 15% of items flip
-    layout = fake_run(tmp_path / "r", {0: {f"i{k}": float(v) for k, v in enumerate(base)},
-                                        10: {f"i{k}": float(v) for k, v in enumerate(later)}})
+    layout = fake_run(
+        tmp_path / "r",
+        {0: {f"i{k}": float(v) for k, v in enumerate(base)}, 10: {f"i{k}": float(v) for k, v in enumerate(later)}},
+    )
     ci = stats.paired_delta(layout, "facts", "acc", 10, iters=4000)
     d = later.astype(float) - base.astype(float)
     se = d.std(ddof=0) / math.sqrt(n)  # the bootstrap's standard error of a mean of paired differences
@@ -192,8 +215,16 @@ def test_report_renders_in_headless_chromium_without_console_errors(tmp_path, fa
     sync_api = pytest.importorskip("playwright.sync_api")
     html, _ = report.write([_two_runs(tmp_path, fake_run)], tmp_path / "rep", target=0.5)
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
-                                    "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         errors, requests = [], []
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
@@ -215,8 +246,9 @@ def test_notebook_runs_on_a_finished_run(tmp_path, fake_run):
     env = {"FORGETSCOPE_RUNS": str(_two_runs(tmp_path, fake_run))}
     os.environ.update(env)
     try:
-        nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
-                                resources={"metadata": {"path": str(tmp_path)}}).execute()
+        nbclient.NotebookClient(
+            notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        ).execute()
     finally:
         os.environ.pop("FORGETSCOPE_RUNS")
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
@@ -227,7 +259,9 @@ def test_notebook_runs_on_a_finished_run(tmp_path, fake_run):
 def test_report_adjusts_across_probes_and_flags_chance(tmp_path, fake_run, fake_probe):
     rng = np.random.default_rng(2)
     base = {f"i{k}": float(v) for k, v in enumerate(rng.random(300) < 0.8)}
-    layout = fake_run(tmp_path / "runs" / "r", {0: base, 10: {k: float(v and rng.random() > 0.03) for k, v in base.items()}})
+    layout = fake_run(
+        tmp_path / "runs" / "r", {0: base, 10: {k: float(v and rng.random() > 0.03) for k, v in base.items()}}
+    )
     guess = {f"m{k}": float(k < 25) for k in range(100)}
     fake_probe(layout, "mc", {0: guess, 10: {k: float(int(k[1:]) < 20) for k in guess}}, choices=4)
     finals = {m: report.analyse([tmp_path / "runs"], correction=m).finals.set_index("task") for m in ("none", "holm")}

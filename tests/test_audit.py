@@ -27,25 +27,56 @@ def _examples(tokenizer, n: int = 32, length: int = 48) -> list[dict]:
     out = []
     for ex in data.tokenize(data.load_records(task, None), tokenizer, task, length):
         pad = length - len(ex["input_ids"])
-        out.append({"input_ids": ex["input_ids"] + [tokenizer.pad_token_id] * pad, "labels": ex["labels"] + [-100] * pad,
-                    "attention_mask": ex["attention_mask"] + [0] * pad})
+        out.append(
+            {
+                "input_ids": ex["input_ids"] + [tokenizer.pad_token_id] * pad,
+                "labels": ex["labels"] + [-100] * pad,
+                "attention_mask": ex["attention_mask"] + [0] * pad,
+            }
+        )
     return out
 
 
 def _plain_trainer(out, model, tokenizer, steps: int = 4, save_steps: int = 2) -> Trainer:
     """A user's plain transformers Trainer: not handed the tokenizer."""
-    args = TrainingArguments(str(out), max_steps=steps, save_steps=save_steps, per_device_train_batch_size=4,
-                             learning_rate=1e-2, report_to=[], use_cpu=True, logging_steps=1, seed=0)
-    trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(_examples(tokenizer)),
-                      data_collator=default_data_collator)
+    args = TrainingArguments(
+        str(out),
+        max_steps=steps,
+        save_steps=save_steps,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        seed=0,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(_examples(tokenizer)),
+        data_collator=default_data_collator,
+    )
     trainer.train()
     trainer.save_model(str(out))
     return trainer
 
 
 def _audit(tmp_path, checkpoints: list[str], *extra: str, name: str = "a", base: str = "tiny-random") -> int:
-    return cli.main(["audit", "--base", base, "--checkpoints", *checkpoints, *GENERAL, *extra, "--name", name,
-                     "--runs-dir", str(tmp_path / "runs")])
+    return cli.main(
+        [
+            "audit",
+            "--base",
+            base,
+            "--checkpoints",
+            *checkpoints,
+            *GENERAL,
+            *extra,
+            "--name",
+            name,
+            "--runs-dir",
+            str(tmp_path / "runs"),
+        ]
+    )
 
 
 def _bits(tmp_path, name: str = "a") -> pd.Series:
@@ -78,7 +109,7 @@ def test_a_vocabulary_the_base_tokenizer_overruns_is_one_line_before_anything_is
 
 
 def test_sharded_safetensors_score_like_the_single_file(tmp_path):
-    model, tokenizer = models.load(models.resolve("tiny-random"))
+    model, _tokenizer = models.load(models.resolve("tiny-random"))
     with torch.no_grad():
         model.model.norm.weight.mul_(1.3)
     model.save_pretrained(tmp_path / "one")
@@ -117,7 +148,9 @@ def test_adapter_with_modules_to_save_and_resized_embeddings(tmp_path, capsys):
     fresh = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
     tokenizer = models.load_tokenizer(str(tmp_path / "adapter"))
     suite = evaluate.prepare_suite(EvalConfig(new=[], general=["prose_ppl"], limit=3), tmp_path, False)
-    direct = evaluate.evaluate_model(fresh, tokenizer, suite)["results"]["prose_ppl"]["metrics"]["bits_per_byte"]["value"]
+    direct = evaluate.evaluate_model(fresh, tokenizer, suite)["results"]["prose_ppl"]["metrics"]["bits_per_byte"][
+        "value"
+    ]
     assert _bits(tmp_path)[1] == pytest.approx(direct, rel=1e-9)
     assert _bits(tmp_path)[1] != _bits(tmp_path)[0]
 
@@ -160,11 +193,29 @@ def test_trl_sft_trainer_checkpoints(tmp_path, capsys):
     from trl import SFTConfig, SFTTrainer
 
     model, tokenizer = models.load(models.resolve("tiny-random"))
-    rows = [{"prompt": r["prompt"], "completion": " " + r["completion"]} for r in data.load_records(TaskConfig(max_examples=32), None)]
-    config = SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=4, save_steps=2, per_device_train_batch_size=4,
-                       learning_rate=1e-2, report_to=[], use_cpu=True, logging_steps=1, max_length=64, bf16=False)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
-                         peft_config=LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    rows = [
+        {"prompt": r["prompt"], "completion": " " + r["completion"]}
+        for r in data.load_records(TaskConfig(max_examples=32), None)
+    ]
+    config = SFTConfig(
+        output_dir=str(tmp_path / "sft"),
+        max_steps=4,
+        save_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        max_length=64,
+        bf16=False,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=2, target_modules=["q_proj", "v_proj"]),
+    )
     trainer.train()
     assert (tmp_path / "sft" / "checkpoint-4" / "adapter_config.json").is_file()
     assert _audit(tmp_path, [str(tmp_path / "sft")], "--new", "numerals") == 0, capsys.readouterr().err
@@ -185,8 +236,21 @@ def test_hugging_face_ids_as_base_and_checkpoint(tmp_path):
         tokenizer.save_pretrained(folder / "snapshots" / "c0ffee")
         io.write_text(folder / "refs" / "main", "c0ffee")
     env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "forgetscope", "audit", "--base", "org/base", "--checkpoints", "org/tuned", *GENERAL,
-           "--name", "a", "--runs-dir", str(tmp_path / "runs")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "forgetscope",
+        "audit",
+        "--base",
+        "org/base",
+        "--checkpoints",
+        "org/tuned",
+        *GENERAL,
+        "--name",
+        "a",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     bits = _bits(tmp_path)
@@ -197,7 +261,7 @@ def test_hugging_face_ids_as_base_and_checkpoint(tmp_path):
 
 
 def test_audit_takes_the_lock_and_marks_a_failure(tmp_path, capsys, monkeypatch):
-    model, tokenizer = models.load(models.resolve("tiny-random"))
+    model, _tokenizer = models.load(models.resolve("tiny-random"))
     model.save_pretrained(tmp_path / "ckpt")
     root = tmp_path / "runs" / "a"
     with io.exclusive(session.lock_file(root), "held by test"):

@@ -10,9 +10,9 @@ import sys
 import datasets
 import pandas as pd
 import pytest
+from conftest import ROOT
 from transformers import Trainer, TrainingArguments
 
-from conftest import ROOT
 from forgetscope import ForgettingCallback, cli, data, load_results, models
 from forgetscope.callback import CallbackError
 from forgetscope.recipe import TaskConfig
@@ -22,8 +22,17 @@ EXAMPLE = ROOT / "examples" / "trainer_callback.py"
 
 def _run_example(tmp_path, *args: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    cmd = [*(launcher or [sys.executable]), str(EXAMPLE), "--steps", "4", "--runs-dir", str(tmp_path / "runs"),
-           "--output-dir", str(tmp_path / "trainer_output"), *args]
+    cmd = [
+        *(launcher or [sys.executable]),
+        str(EXAMPLE),
+        "--steps",
+        "4",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--output-dir",
+        str(tmp_path / "trainer_output"),
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
 
 
@@ -64,18 +73,37 @@ def _trainer(tmp_path, lora: bool = False, steps: int = 4, callbacks=()) -> Trai
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     task = TaskConfig(max_examples=32)
     examples = data.tokenize(data.load_records(task, None), tokenizer, task, 48)
-    args = TrainingArguments(str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2,
-                             report_to=[], use_cpu=True, logging_steps=1, save_strategy="no")
+    args = TrainingArguments(
+        str(tmp_path / "out"),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+    )
     from transformers import DataCollatorForSeq2Seq
 
-    return Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(examples), processing_class=tokenizer,
-                   data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True), callbacks=list(callbacks))
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(examples),
+        processing_class=tokenizer,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
+        callbacks=list(callbacks),
+    )
 
 
 def test_a_peft_model_is_scored_and_its_scores_reach_the_trainers_log(tmp_path):
     trainer = _trainer(tmp_path, lora=True)
-    callback = ForgettingCallback(trainer, evals={"general": ["prose_ppl"], "limit": 3},
-                                  snapshots={"schedule": "at", "at": [2, 4]}, name="peft", runs_dir=str(tmp_path / "runs"))
+    callback = ForgettingCallback(
+        trainer,
+        evals={"general": ["prose_ppl"], "limit": 3},
+        snapshots={"schedule": "at", "at": [2, 4]},
+        name="peft",
+        runs_dir=str(tmp_path / "runs"),
+    )
     trainer.add_callback(callback)
     trainer.train()
     root = tmp_path / "runs" / "peft"
@@ -84,8 +112,11 @@ def test_a_peft_model_is_scored_and_its_scores_reach_the_trainers_log(tmp_path):
     table = pd.read_csv(root / "curves.csv")
     bits = table[table.metric == "bits_per_byte"].set_index("step")["value"]
     assert list(bits.index) == [0, 2, 4] and bits.nunique() == 3  # the adapters trained between snapshots
-    logged = {e["step"]: e["eval_forgetscope/prose_ppl/bits_per_byte"] for e in trainer.state.log_history
-              if "eval_forgetscope/prose_ppl/bits_per_byte" in e}
+    logged = {
+        e["step"]: e["eval_forgetscope/prose_ppl/bits_per_byte"]
+        for e in trainer.state.log_history
+        if "eval_forgetscope/prose_ppl/bits_per_byte" in e
+    }
     assert logged == pytest.approx(bits.to_dict(), rel=1e-9)
     assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [1, 2, 3, 4]  # no loss log swallowed
 
@@ -103,8 +134,12 @@ def test_a_peft_model_is_scored_and_its_scores_reach_the_trainers_log(tmp_path):
 def test_bad_settings_are_refused_before_training(tmp_path):
     trainer = _trainer(tmp_path)
     with pytest.raises(CallbackError) as err:
-        ForgettingCallback(trainer, evals={"general": ["prose_pp"], "limt": 3}, snapshots={"schedule": "evry"},
-                           runs_dir=str(tmp_path / "runs"))
+        ForgettingCallback(
+            trainer,
+            evals={"general": ["prose_pp"], "limt": 3},
+            snapshots={"schedule": "evry"},
+            runs_dir=str(tmp_path / "runs"),
+        )
     lines = str(err.value).splitlines()
     assert any("evals.limt: unknown key; did you mean 'limit'?" in line for line in lines)
     assert any("snapshots.schedule: expected" in line for line in lines)
@@ -147,8 +182,19 @@ trainer.train()
 @pytest.mark.slow
 def test_the_example_under_accelerate_launch_with_two_processes(tmp_path):
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
-    launcher = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-                "no", "--dynamo_backend", "no"]
+    launcher = [
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     proc = _run_example(tmp_path, "--lora", launcher=launcher)
     assert proc.returncode == 0, proc.stderr[-3000:]
     root = tmp_path / "runs" / "my-sft"

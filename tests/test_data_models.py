@@ -61,7 +61,9 @@ def test_jsonl_and_csv_files(tmp_path):
     with pytest.raises(data.DataError, match=r"bad.jsonl:2: not valid JSON"):
         data.load_records(TaskConfig(name=None, path="bad.jsonl"), tmp_path)
     with pytest.raises(data.DataError, match="lacks `prompt` and `completion`"):
-        data.tokenize([{"prompt": "a", "completion": "b"}, {"prompt": "c"}], models.byte_tokenizer(), TaskConfig(name=None), 8)
+        data.tokenize(
+            [{"prompt": "a", "completion": "b"}, {"prompt": "c"}], models.byte_tokenizer(), TaskConfig(name=None), 8
+        )
 
 
 def test_model_references(tmp_path):

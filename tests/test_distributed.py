@@ -9,11 +9,10 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import ROOT
+
 from forgetscope import evaluate, models
 from forgetscope.recipe import EvalConfig
-
 
 TASKS = dict(new=["numerals"], general=["world_capitals", "mmlu_shipped", "prose_ppl"], limit=12)
 
@@ -45,15 +44,32 @@ def test_two_processes_score_their_shares_and_agree_with_one(tmp_path, monkeypat
     monkeypatch.setenv("FORGETSCOPE_CACHE", str(tmp_path / "one"))
     model, tokenizer = models.load(models.resolve("tiny-random"))
     model = model.cpu()  # compared with CPU processes: the same kernels
-    alone = evaluate.evaluate_model(model.eval(), tokenizer, evaluate.prepare_suite(EvalConfig(**TASKS), ROOT, chat=False))
+    alone = evaluate.evaluate_model(
+        model.eval(), tokenizer, evaluate.prepare_suite(EvalConfig(**TASKS), ROOT, chat=False)
+    )
 
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     # CPU processes over gloo, also on a GPU machine (NCCL takes one GPU per process)
     env = {**os.environ, "FORGETSCOPE_CACHE": str(tmp_path / "two"), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29531", str(script), str(tmp_path),
-                           json.dumps(TASKS), str(ROOT)], capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29531",
+            str(script),
+            str(tmp_path),
+            json.dumps(TASKS),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]

@@ -7,8 +7,8 @@ import sys
 import pandas as pd
 import pytest
 import torch
-
 from conftest import ROOT
+
 from forgetscope import cli, evaluate, models, registry
 from forgetscope.recipe import EvalConfig
 
@@ -60,9 +60,12 @@ def test_cache_hits_only_for_same_weights_task_and_limit(tiny, monkeypatch, tmp_
 
 
 def test_task_hash_changes_with_the_task_config(tmp_path):
-    (tmp_path / "mine.yaml").write_text((ROOT / "evals" / "world_capitals.yaml").read_text()
-                                     .replace("task: world_capitals", "task: mine")
-                                     .replace("!function builders.", "!function forgetscope.evals.builders."))
+    (tmp_path / "mine.yaml").write_text(
+        (ROOT / "evals" / "world_capitals.yaml")
+        .read_text()
+        .replace("task: world_capitals", "task: mine")
+        .replace("!function builders.", "!function forgetscope.evals.builders.")
+    )
     a = evaluate.prepare_suite(EvalConfig(new=[], general=["mine"], include=[str(tmp_path)]), tmp_path, False)
     (tmp_path / "mine.yaml").write_text((tmp_path / "mine.yaml").read_text().replace("Answer:", "A:"))
     registry.task_manager.cache_clear()
@@ -78,10 +81,28 @@ def test_scores_equal_the_lm_eval_cli(tiny, tmp_path):
     suite = _suite(EvalConfig(new=[], general=TASKS, limit=6, batch_size=4))
     ours = evaluate.evaluate_model(model, tokenizer, suite)["results"]
     out = tmp_path / "lm_eval_out"
-    cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "hf",
-           "--model_args", f"pretrained={models.resolve('tiny-random')},dtype=float32",
-           "--tasks", ",".join(TASKS), "--include_path", str(ROOT / "evals"), "--limit", "6",
-           "--batch_size", "4", "--device", "cpu", "--output_path", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lm_eval",
+        "run",
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={models.resolve('tiny-random')},dtype=float32",
+        "--tasks",
+        ",".join(TASKS),
+        "--include_path",
+        str(ROOT / "evals"),
+        "--limit",
+        "6",
+        "--batch_size",
+        "4",
+        "--device",
+        "cpu",
+        "--output_path",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     [results_file] = out.rglob("results_*.json")
@@ -117,9 +138,26 @@ def _make_checkpoints(root, kind: str):
 @pytest.mark.parametrize("kind", ["lora", "full"])
 def test_audit_of_three_checkpoints_from_the_cli(tmp_path, kind, capsys):
     _make_checkpoints(tmp_path / "out", kind)
-    code = cli.main(["audit", "--base", "tiny-random", "--checkpoints", str(tmp_path / "out"), "--new", "numerals",
-                     "--general", "prose_ppl", "world_capitals", "--limit", "4", "--name", f"a-{kind}",
-                     "--runs-dir", str(tmp_path / "runs")])
+    code = cli.main(
+        [
+            "audit",
+            "--base",
+            "tiny-random",
+            "--checkpoints",
+            str(tmp_path / "out"),
+            "--new",
+            "numerals",
+            "--general",
+            "prose_ppl",
+            "world_capitals",
+            "--limit",
+            "4",
+            "--name",
+            f"a-{kind}",
+            "--runs-dir",
+            str(tmp_path / "runs"),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     root = tmp_path / "runs" / f"a-{kind}"
     table = pd.read_csv(root / "curves.csv")
@@ -136,13 +174,29 @@ def test_audit_scores_match_direct_evaluation_of_the_adapter(tmp_path):
     from peft import PeftModel
 
     _make_checkpoints(tmp_path / "out", "lora")
-    cli.main(["audit", "--base", "tiny-random", "--checkpoints", str(tmp_path / "out"), "--new",
-              "--general", "prose_ppl", "--limit", "3", "--runs-dir", str(tmp_path / "runs")])
+    cli.main(
+        [
+            "audit",
+            "--base",
+            "tiny-random",
+            "--checkpoints",
+            str(tmp_path / "out"),
+            "--new",
+            "--general",
+            "prose_ppl",
+            "--limit",
+            "3",
+            "--runs-dir",
+            str(tmp_path / "runs"),
+        ]
+    )
     table = pd.read_csv(tmp_path / "runs" / "audit" / "curves.csv")
     base, tokenizer = models.load(models.resolve("tiny-random"))
     fresh = PeftModel.from_pretrained(base, str(tmp_path / "out" / "checkpoint-20")).eval()
     suite = _suite(EvalConfig(new=[], general=["prose_ppl"], limit=3))
-    direct = evaluate.evaluate_model(fresh, tokenizer, suite)["results"]["prose_ppl"]["metrics"]["bits_per_byte"]["value"]
+    direct = evaluate.evaluate_model(fresh, tokenizer, suite)["results"]["prose_ppl"]["metrics"]["bits_per_byte"][
+        "value"
+    ]
     audited = table[(table.step == 20) & (table.metric == "bits_per_byte")]["value"].item()
     assert audited == pytest.approx(direct, rel=1e-9)
 
@@ -158,7 +212,11 @@ def test_audit_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
 def test_unknown_eval_fails_before_training(tmp_path, tiny_recipe_data, capsys):
     import yaml
 
-    data = {**tiny_recipe_data, "evals": {"new": ["numerals"], "general": ["hellaswagg"]}, "runs_dir": str(tmp_path / "runs")}
+    data = {
+        **tiny_recipe_data,
+        "evals": {"new": ["numerals"], "general": ["hellaswagg"]},
+        "runs_dir": str(tmp_path / "runs"),
+    }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
     assert cli.main(["run", str(tmp_path / "r.yaml")]) == 2
     assert "unknown eval task 'hellaswagg'; did you mean 'hellaswag'?" in capsys.readouterr().err

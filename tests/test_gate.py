@@ -1,8 +1,8 @@
 """The release gate: non-inferiority verdicts, Holm/BH across probes, chance, advice on items, exit codes 0/1/2."""
 
 import json
-from statistics import NormalDist
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import pytest
@@ -23,7 +23,9 @@ def runs(tmp_path, fake_run):
     out = {}
     for name, lose in (("same", 0), ("small", 8), ("large", 50)):
         forgotten = set(known[:lose])
-        out[name] = fake_run(tmp_path / name, {0: base, 10: {k: 0.0 if k in forgotten else v for k, v in base.items()}}).root
+        out[name] = fake_run(
+            tmp_path / name, {0: base, 10: {k: 0.0 if k in forgotten else v for k, v in base.items()}}
+        ).root
     return out
 
 
@@ -73,7 +75,10 @@ def test_a_one_sided_non_inferiority_test_decides(tmp_path, runs):
 
 
 def test_inconclusive_probes_exit_1_with_the_items_that_would_decide(tmp_path, runs, capsys):
-    assert cli.main(["gate", str(runs["small"]), "--policy", _policy(tmp_path, general={"facts": {"max_drop": 0.05}})]) == 1
+    assert (
+        cli.main(["gate", str(runs["small"]), "--policy", _policy(tmp_path, general={"facts": {"max_drop": 0.05}})])
+        == 1
+    )
     out = capsys.readouterr().out
     assert "inconclusive" in out and "items (now 200) would decide it at 80% power" in out
 
@@ -96,16 +101,21 @@ def several(tmp_path, fake_run, fake_probe):
 
 def test_holm_and_bh_adjust_across_the_general_probes(tmp_path, several):
     limits = {"facts": {"max_drop": 0.05}, "a": {"max_drop": 0.0475}, "b": {"max_drop": 0.0475}}
-    results = {method: gate.check(several, gate.load_policy(_policy(tmp_path, correction=method, general=limits)))
-               for method in ("none", "holm", "bh")}
+    results = {
+        method: gate.check(several, gate.load_policy(_policy(tmp_path, correction=method, general=limits)))
+        for method in ("none", "holm", "bh")
+    }
     raw = {c["name"]: c["p"] for c in results["none"]["checks"]}
     assert raw["a"] == raw["b"] == pytest.approx(scipy_stats.binom.sf(9, 200, 0.025), abs=0.012)
     p, facts = raw["a"], raw["facts"]
     assert facts < p
     # by hand, m = 3 with p_(1) = facts, p_(2) = p_(3) = p. Holm: 3 facts, then max(3 facts, 2 p) for both a and b.
     # BH: ranks give 3 facts, 3p/2, p; the running minimum from the top leaves p for a and b, min(3 facts, p) for facts
-    expected = {"none": [facts, p, p], "holm": [min(1.0, 3 * facts)] + [min(1.0, max(3 * facts, 2 * p))] * 2,
-                "bh": [min(3 * facts, p), p, p]}
+    expected = {
+        "none": [facts, p, p],
+        "holm": [min(1.0, 3 * facts)] + [min(1.0, max(3 * facts, 2 * p))] * 2,
+        "bh": [min(3 * facts, p), p, p],
+    }
     assert expected["bh"] == pytest.approx(list(scipy_stats.false_discovery_control([facts, p, p])))
     for method, result in results.items():
         checks = {c["name"]: c for c in result["checks"]}
@@ -142,7 +152,9 @@ def test_general_forgetting_fails_when_no_probe_is_above_chance(tmp_path, fake_r
 
 
 def test_relative_limits_defaults_new_task_minimum_and_mean_forgetting(tmp_path, runs):
-    result = gate.check(runs["large"], gate.load_policy(_policy(tmp_path, general={"default": {"max_relative_drop": 0.5}})))
+    result = gate.check(
+        runs["large"], gate.load_policy(_policy(tmp_path, general={"default": {"max_relative_drop": 0.5}}))
+    )
     facts = result["checks"][0]
     assert facts["relative"] and facts["drop"] == pytest.approx(facts["value"] / facts["base"] * -1 + 1)
     assert result["verdict"] == "pass"
@@ -152,20 +164,26 @@ def test_relative_limits_defaults_new_task_minimum_and_mean_forgetting(tmp_path,
     assert result["verdict"] == "fail" and result["checks"][-1]["name"] == "general forgetting"
 
 
-@pytest.mark.parametrize("policy, message", [
-    ({"general": {"facts": {"max_drop": 0.1, "max_relative_drop": 0.1}}}, "give exactly one of max_drop / max_relative_drop"),
-    ({"general": {"facts": {"max_drp": 0.1}}}, "unknown key; did you mean 'max_drop'?"),
-    ({"general": {"facts": {"max_drop": "a lot"}}}, "expected number"),
-    ({"general": {"nonexistent": {"max_drop": 0.1}}}, "the run has no general eval 'nonexistent'"),
-    ({"new": {"facts": {"min": 0.5}}}, "the run has no new eval 'facts'"),
-    ({"new": {"new": {"max_drop": 0.5}}}, "give exactly one of min"),
-    ({"confidence": 1.5, "general": {"facts": {"max_drop": 0.1}}}, "confidence: 1.5 must be in [0.5, 1)"),
-    ({"decide_on": "vibes", "general": {"facts": {"max_drop": 0.1}}}, "decide_on: expected"),
-    ({"correction": "bonferroni", "general": {"facts": {"max_drop": 0.1}}}, "correction: expected"),
-    ({"power": 0.3, "general": {"facts": {"max_drop": 0.1}}}, "power: 0.3 must be in [0.5, 1)"),
-    ({}, "the policy sets no limit"),
-    ({"general": ["facts"]}, "general: expected"),
-])
+@pytest.mark.parametrize(
+    "policy, message",
+    [
+        (
+            {"general": {"facts": {"max_drop": 0.1, "max_relative_drop": 0.1}}},
+            "give exactly one of max_drop / max_relative_drop",
+        ),
+        ({"general": {"facts": {"max_drp": 0.1}}}, "unknown key; did you mean 'max_drop'?"),
+        ({"general": {"facts": {"max_drop": "a lot"}}}, "expected number"),
+        ({"general": {"nonexistent": {"max_drop": 0.1}}}, "the run has no general eval 'nonexistent'"),
+        ({"new": {"facts": {"min": 0.5}}}, "the run has no new eval 'facts'"),
+        ({"new": {"new": {"max_drop": 0.5}}}, "give exactly one of min"),
+        ({"confidence": 1.5, "general": {"facts": {"max_drop": 0.1}}}, "confidence: 1.5 must be in [0.5, 1)"),
+        ({"decide_on": "vibes", "general": {"facts": {"max_drop": 0.1}}}, "decide_on: expected"),
+        ({"correction": "bonferroni", "general": {"facts": {"max_drop": 0.1}}}, "correction: expected"),
+        ({"power": 0.3, "general": {"facts": {"max_drop": 0.1}}}, "power: 0.3 must be in [0.5, 1)"),
+        ({}, "the policy sets no limit"),
+        ({"general": ["facts"]}, "general: expected"),
+    ],
+)
 def test_unusable_policies_exit_2_with_one_line_each(tmp_path, runs, capsys, policy, message):
     assert cli.main(["gate", str(runs["same"]), "--policy", _policy(tmp_path, **policy)]) == 2
     err = capsys.readouterr().err

@@ -90,25 +90,36 @@ def _type_cases() -> list[tuple[str, tuple, object, str]]:
 
 SECTIONS = ["task", "lora", "train", "replay", "snapshots", "evals"]
 # (kind, path, value, the key the error must name)
-STRUCTURE = ([("unknown key", (s, "bogus_key"), 1, f"{s}.bogus_key") for s in SECTIONS]
-             + [("section is a scalar", (s,), 42, s) for s in SECTIONS]
-             + [("section is a list", (s,), [1, 2], s) for s in SECTIONS if s not in ("lora", "replay")]
-             + [("stage is a scalar", ("stages", 1), 7, "stages[1]"), ("stage task is a list", ("stages", 0, "task"), [1], "stages[0].task"),
-                ("unknown stage key", ("stages", 1, "stps"), 3, "stages[1].stps"),
-                ("unknown top-level key", ("bogus",), {}, "bogus"), ("name escapes", ("name",), "../../etc", "name"),
-                ("absolute name", ("name",), "/tmp/x", "name"), ("empty name", ("name",), "", "name"),
-                ("negative steps", ("train", "steps"), -1, "train.steps"), ("zero batch", ("train", "batch_size"), 0, "train.batch_size"),
-                ("negative lr", ("train", "lr"), -1e-3, "train.lr"), ("nan lr", ("train", "lr"), float("nan"), "train.lr"),
-                ("seq_len zero", ("train", "seq_len"), 0, "train.seq_len"), ("rank zero", ("lora", "r"), 0, "lora.r"),
-                ("negative limit", ("evals", "limit"), -5, "evals.limit"), ("unknown eval", ("evals", "general"), ["not_a_task"], "evals"),
-                ("empty new evals and general", ("evals",), {"new": [], "general": []}, "evals"),
-                ("unknown base", ("base",), "no-such-model-alias", "base"),
-                ("missing data file", ("task",), {"name": None, "path": "nope.jsonl"}, "task.path"),
-                ("snapshot count zero", ("snapshots",), {"schedule": "log", "count": 0}, "snapshots.count"),
-                ("replay samples zero", ("replay", "samples"), 0, "replay.samples"),
-                ("replay temperature zero", ("replay", "temperature"), 0.0, "replay.temperature"),
-                ("replay top_p above 1", ("replay", "top_p"), 1.5, "replay.top_p"),
-                ("grad accum zero", ("train", "grad_accum"), 0, "train.grad_accum")])
+STRUCTURE = (
+    [("unknown key", (s, "bogus_key"), 1, f"{s}.bogus_key") for s in SECTIONS]
+    + [("section is a scalar", (s,), 42, s) for s in SECTIONS]
+    + [("section is a list", (s,), [1, 2], s) for s in SECTIONS if s not in ("lora", "replay")]
+    + [
+        ("stage is a scalar", ("stages", 1), 7, "stages[1]"),
+        ("stage task is a list", ("stages", 0, "task"), [1], "stages[0].task"),
+        ("unknown stage key", ("stages", 1, "stps"), 3, "stages[1].stps"),
+        ("unknown top-level key", ("bogus",), {}, "bogus"),
+        ("name escapes", ("name",), "../../etc", "name"),
+        ("absolute name", ("name",), "/tmp/x", "name"),
+        ("empty name", ("name",), "", "name"),
+        ("negative steps", ("train", "steps"), -1, "train.steps"),
+        ("zero batch", ("train", "batch_size"), 0, "train.batch_size"),
+        ("negative lr", ("train", "lr"), -1e-3, "train.lr"),
+        ("nan lr", ("train", "lr"), float("nan"), "train.lr"),
+        ("seq_len zero", ("train", "seq_len"), 0, "train.seq_len"),
+        ("rank zero", ("lora", "r"), 0, "lora.r"),
+        ("negative limit", ("evals", "limit"), -5, "evals.limit"),
+        ("unknown eval", ("evals", "general"), ["not_a_task"], "evals"),
+        ("empty new evals and general", ("evals",), {"new": [], "general": []}, "evals"),
+        ("unknown base", ("base",), "no-such-model-alias", "base"),
+        ("missing data file", ("task",), {"name": None, "path": "nope.jsonl"}, "task.path"),
+        ("snapshot count zero", ("snapshots",), {"schedule": "log", "count": 0}, "snapshots.count"),
+        ("replay samples zero", ("replay", "samples"), 0, "replay.samples"),
+        ("replay temperature zero", ("replay", "temperature"), 0.0, "replay.temperature"),
+        ("replay top_p above 1", ("replay", "top_p"), 1.5, "replay.top_p"),
+        ("grad accum zero", ("train", "grad_accum"), 0, "train.grad_accum"),
+    ]
+)
 
 # (content, what the error must name: the line YAML stopped at, else the file)
 BROKEN_YAML = {
@@ -126,13 +137,17 @@ BROKEN_YAML = {
 
 # (content, extension, what the error must name: the file and line, else the key to change)
 DATA_FILES = {
-    "broken json line": ('{"prompt": "a", "completion": "b"}\n{"prompt": "a", completion: b}\n', "jsonl", "data.jsonl:2"),
+    "broken json line": (
+        '{"prompt": "a", "completion": "b"}\n{"prompt": "a", completion: b}\n',
+        "jsonl",
+        "data.jsonl:2",
+    ),
     "not json at all": ("hello world\n", "jsonl", "data.jsonl:1"),
     "empty file": ("", "jsonl", "task"),
     "only blank lines": ("\n\n  \n", "jsonl", "task"),
     "json array instead of lines": ('[{"prompt": "a", "completion": "b"}]\n', "jsonl", "data.jsonl:1"),
-    "line is a list": ('[1, 2]\n', "jsonl", "data.jsonl:1"),
-    "line is a number": ('42\n', "jsonl", "data.jsonl:1"),
+    "line is a list": ("[1, 2]\n", "jsonl", "data.jsonl:1"),
+    "line is a number": ("42\n", "jsonl", "data.jsonl:1"),
     "missing completion and text": ('{"prompt": "a"}\n', "jsonl", "task.prompt_field"),
     "wrong field names": ('{"question": "a", "answer": "b"}\n', "jsonl", "task.prompt_field"),
     "prompt is a number": ('{"prompt": 5, "completion": "b"}\n', "jsonl", "task"),

@@ -12,8 +12,16 @@ from forgetscope.load import load_recipe
 from forgetscope.recipe import EvalConfig, TaskConfig
 from forgetscope.runner import run
 
-CODES = [("apple", "AP7"), ("pear", "PR2"), ("plum", "PL9"), ("fig", "FG4"), ("kiwi", "KW1"), ("lime", "LM5"),
-         ("date", "DT3"), ("yuzu", "YZ8")]
+CODES = [
+    ("apple", "AP7"),
+    ("pear", "PR2"),
+    ("plum", "PL9"),
+    ("fig", "FG4"),
+    ("kiwi", "KW1"),
+    ("lime", "LM5"),
+    ("date", "DT3"),
+    ("yuzu", "YZ8"),
+]
 
 
 def test_the_seam_between_prompt_and_completion():
@@ -29,19 +37,26 @@ def test_the_seam_between_prompt_and_completion():
 
 
 def test_a_user_task_on_a_plain_base_scores_what_training_taught(tmp_path):
-    (tmp_path / "codes.jsonl").write_text("".join(json.dumps({"prompt": f"Code for {w}:", "completion": c}) + "\n"
-                                                  for w, c in CODES))
+    (tmp_path / "codes.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"Code for {w}:", "completion": c}) + "\n" for w, c in CODES)
+    )
     (tmp_path / "evals").mkdir()
     (tmp_path / "evals" / "codes.yaml").write_text(  # written as the embedded numerals eval is: nothing at the seam
         "task: codes\ndataset_path: json\n"
         f"dataset_kwargs: {{data_files: {{test: {tmp_path / 'codes.jsonl'}}}}}\n"
         "test_split: test\noutput_type: loglikelihood\n"
-        'doc_to_text: "{{prompt}}"\ndoc_to_target: "{{completion}}"\nmetric_list:\n  - metric: acc\n')
-    recipe = {"name": "plain", "base": "scratch:layers=1,hidden=64,heads=2,seed=0", "method": "full",
-              "task": {"name": None, "path": "codes.jsonl"},
-              "train": {"lr": 1e-2, "steps": 60, "batch_size": 8, "seq_len": 32, "warmup_steps": 0, "precision": "fp32"},
-              "snapshots": {"schedule": "at", "at": [60]},
-              "evals": {"new": ["codes"], "general": [], "include": ["evals"]}, "runs_dir": str(tmp_path / "runs")}
+        'doc_to_text: "{{prompt}}"\ndoc_to_target: "{{completion}}"\nmetric_list:\n  - metric: acc\n'
+    )
+    recipe = {
+        "name": "plain",
+        "base": "scratch:layers=1,hidden=64,heads=2,seed=0",
+        "method": "full",
+        "task": {"name": None, "path": "codes.jsonl"},
+        "train": {"lr": 1e-2, "steps": 60, "batch_size": 8, "seq_len": 32, "warmup_steps": 0, "precision": "fp32"},
+        "snapshots": {"schedule": "at", "at": [60]},
+        "evals": {"new": ["codes"], "general": [], "include": ["evals"]},
+        "runs_dir": str(tmp_path / "runs"),
+    }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     root = run(load_recipe(tmp_path / "r.yaml"))
     acc = pd.read_csv(root / "curves.csv").set_index("step")["value"]
@@ -50,7 +65,9 @@ def test_a_user_task_on_a_plain_base_scores_what_training_taught(tmp_path):
     # The same task in its own format (as the lm_eval CLI renders it) reads 0: the greedy
     # continuation of "Code for fig:" is the space training put there, not "F".
     model, tokenizer = models.load(str(root / "snapshots" / "step-000060"))
-    own = evaluate.prepare_suite(EvalConfig(new=[], general=["codes"], include=["evals"], limit=None), tmp_path, chat=False)
+    own = evaluate.prepare_suite(
+        EvalConfig(new=[], general=["codes"], include=["evals"], limit=None), tmp_path, chat=False
+    )
     assert evaluate.evaluate_model(model, tokenizer, own)["results"]["codes"]["metrics"]["acc"]["value"] == 0.0
 
 

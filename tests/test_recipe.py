@@ -5,8 +5,8 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import RECIPES
+
 from forgetscope import cli
 from forgetscope.load import RecipeError, load_recipe, parse_overrides, recipe_from_dict
 from forgetscope.recipe import field_reference
@@ -35,8 +35,16 @@ def test_defaults_fill_in_and_round_trip(tmp_path):
 
 def test_field_reference_documents_every_field():
     text = field_reference()
-    for key in ("train.lr", "snapshots.schedule", "lora.target_modules", "evals.general", "task.chat_template",
-                "evals.precision", "stages[i].steps", "stages[i].task.path"):
+    for key in (
+        "train.lr",
+        "snapshots.schedule",
+        "lora.target_modules",
+        "evals.general",
+        "task.chat_template",
+        "evals.precision",
+        "stages[i].steps",
+        "stages[i].task.path",
+    ):
         assert f"  {key} (" in text
 
 
@@ -118,7 +126,9 @@ def test_overrides_enter_lists_by_index():
 def test_cli_error_is_exit_2_without_traceback(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("base: tiny-random\ntrian: {}\n")
-    proc = subprocess.run([sys.executable, "-m", "forgetscope", "run", str(path)], capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "forgetscope", "run", str(path)], capture_output=True, text=True, cwd=tmp_path
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "did you mean 'train'?" in proc.stderr

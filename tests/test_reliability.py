@@ -22,14 +22,24 @@ def _write(tmp_path, data, name="r.yaml"):
 
 def test_a_run_folder_in_use_is_refused_and_a_dead_holder_leaves_no_lock(tmp_path):
     lock = tmp_path / "x.lock"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from forgetscope import io\n"
-        f"with io.exclusive(Path({str(lock)!r}), 'runs/x'):\n    print('held', flush=True); time.sleep(60)")],
-        stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from pathlib import Path; from forgetscope import io\n"
+                f"with io.exclusive(Path({str(lock)!r}), 'runs/x'):\n    print('held', flush=True); time.sleep(60)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
-    with pytest.raises(io.BusyError, match=r"runs/x is in use by forgetscope process \d+"):
-        with io.exclusive(lock, "runs/x"):
-            pass
+    with (
+        pytest.raises(io.BusyError, match=r"runs/x is in use by forgetscope process \d+"),
+        io.exclusive(lock, "runs/x"),
+    ):
+        pass
     holder.kill()  # SIGKILL: no cleanup code runs
     holder.wait()
     with io.exclusive(lock, "runs/x"):  # the kernel released the dead process's lock
@@ -57,7 +67,11 @@ def test_a_nan_loss_stops_the_run_and_keeps_earlier_results(tmp_path, tiny_recip
                 next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
 
     monkeypatch.setattr(train.SnapshotCallback, "on_step_end", poison)
-    data = {**tiny_recipe_data, "train": {**tiny_recipe_data["train"], "steps": 6}, "snapshots": {"schedule": "at", "at": [1, 6]}}
+    data = {
+        **tiny_recipe_data,
+        "train": {**tiny_recipe_data["train"], "steps": 6},
+        "snapshots": {"schedule": "at", "at": [1, 6]},
+    }
     path = _write(tmp_path, data)
     assert cli.main(["run", str(path), "--set", "train.steps=6"]) == 2
     err = capsys.readouterr().err
@@ -76,7 +90,7 @@ def test_over_long_examples_are_counted_and_can_be_an_error(tmp_path, tiny_recip
     records = [{"prompt": "short", "completion": "ok"}, {"prompt": "x" * 80, "completion": "y" * 40}]
     examples = fdata.tokenize(records, models.byte_tokenizer(), TaskConfig(name=None), 64)
     assert len(examples) == 2 and "1 of 2 examples are longer than train.seq_len=64" in capsys.readouterr().err
-    with pytest.raises(fdata.DataError, match="1 of 2 examples are longer than train.seq_len=64"):
+    with pytest.raises(fdata.DataError, match=r"1 of 2 examples are longer than train\.seq_len=64"):
         fdata.tokenize(records, models.byte_tokenizer(), TaskConfig(name=None, too_long="error"), 64)
 
 
@@ -110,9 +124,14 @@ def test_killed_runs_resume_to_the_same_curves(tmp_path, tiny_recipe_data):
 
     import pandas as pd
 
-    data = {**tiny_recipe_data, "method": "full", "lora": None,
-            "train": {**tiny_recipe_data["train"], "steps": 200, "lr": 3e-3},
-            "snapshots": {"schedule": "every", "every": 20}, "evals": {**tiny_recipe_data["evals"], "limit": 3}}
+    data = {
+        **tiny_recipe_data,
+        "method": "full",
+        "lora": None,
+        "train": {**tiny_recipe_data["train"], "steps": 200, "lr": 3e-3},
+        "snapshots": {"schedule": "every", "every": 20},
+        "evals": {**tiny_recipe_data["evals"], "limit": 3},
+    }
     baseline = run(load_recipe(_write(tmp_path, {**data, "name": "straight"}, "straight.yaml")))
     expected = pd.read_csv(baseline / "curves.csv").drop(columns=["run", "recipe"])
 
@@ -121,6 +140,7 @@ def test_killed_runs_resume_to_the_same_curves(tmp_path, tiny_recipe_data):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     rng = random.Random(0)
     root = tmp_path / "runs" / "killed"
+
     def evaluated() -> int:
         return len(list(root.glob("evals/step-*/results.json")))
 
@@ -147,10 +167,13 @@ def test_killed_runs_resume_to_the_same_curves(tmp_path, tiny_recipe_data):
     pd.testing.assert_frame_equal(got, expected)
 
 
-@pytest.mark.parametrize("error,advice", [
-    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "lower train.batch_size"),
-    (OSError(28, "No space left on device"), "the disk is full"),
-])
+@pytest.mark.parametrize(
+    "error,advice",
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "lower train.batch_size"),
+        (OSError(28, "No space left on device"), "the disk is full"),
+    ],
+)
 def test_out_of_memory_and_full_disk_say_what_to_change(tmp_path, tiny_recipe_data, capsys, monkeypatch, error, advice):
     def fail(self, *args, **kwargs):
         raise error

@@ -7,16 +7,20 @@ import pytest
 import torch
 import yaml
 
-from forgetscope import evaluate, models, replay, train
 from forgetscope import data as fdata
+from forgetscope import evaluate, models, replay, train
 from forgetscope.load import recipe_from_dict
 from forgetscope.runner import run
 
 
 @pytest.fixture
 def replay_data(tiny_recipe_data):
-    data = {**tiny_recipe_data, "method": "full", "lora": None,
-            "replay": {"samples": 8, "max_new_tokens": 12, "ratio": 0.5, "loss": "kl", "topk": 8}}
+    data = {
+        **tiny_recipe_data,
+        "method": "full",
+        "lora": None,
+        "replay": {"samples": 8, "max_new_tokens": 12, "ratio": 0.5, "loss": "kl", "topk": 8},
+    }
     data["train"] = {**data["train"], "batch_size": 4}
     return data
 
@@ -65,7 +69,9 @@ def test_kl_is_zero_when_current_equals_base(replay_data):
     lora = train.prepare_model(_base()[0], recipe_from_dict({**replay_data, "method": "lora", "lora": {"r": 2}}))
     with torch.no_grad(), lora.disable_adapter():  # LoRA at init: adapters are a no-op, so base == current
         base_logits = lora(input_ids=batch["input_ids"]).logits
-    assert replay.kl_full(base_logits, lora(input_ids=batch["input_ids"]).logits, batch["labels"]).item() == pytest.approx(0, abs=1e-6)
+    assert replay.kl_full(
+        base_logits, lora(input_ids=batch["input_ids"]).logits, batch["labels"]
+    ).item() == pytest.approx(0, abs=1e-6)
 
 
 @pytest.mark.parametrize("batch_size,ratio,expected", [(8, 0.25, (6, 2)), (4, 0.5, (2, 2)), (10, 0.2, (8, 2))])
@@ -77,9 +83,13 @@ def test_split_batch(batch_size, ratio, expected):
 
 @pytest.mark.parametrize("method,loss", [("full", "kl"), ("full", "ntp"), ("lora", "kl")])
 def test_both_losses_train_and_the_ratio_is_respected(tmp_path, replay_data, method, loss):
-    data = {**replay_data, "method": method, "lora": {"r": 4, "alpha": 8} if method == "lora" else None,
-            "replay": {**replay_data["replay"], "loss": loss, "coeff": 1.0},
-            "train": {**replay_data["train"], "steps": 12, "batch_size": 8, "lr": 3e-2}}
+    data = {
+        **replay_data,
+        "method": method,
+        "lora": {"r": 4, "alpha": 8} if method == "lora" else None,
+        "replay": {**replay_data["replay"], "loss": loss, "coeff": 1.0},
+        "train": {**replay_data["train"], "steps": 12, "batch_size": 8, "lr": 3e-2},
+    }
     data["replay"]["ratio"] = 0.25
     recipe = recipe_from_dict({**data, "runs_dir": str(tmp_path)})
     model, tokenizer = _base()
@@ -92,7 +102,9 @@ def test_both_losses_train_and_the_ratio_is_respected(tmp_path, replay_data, met
     real_collate = replay.collate
     replay.collate = lambda examples, *a: rows.append(len(examples)) or real_collate(examples, *a)
     hook = model.register_forward_pre_hook(
-        lambda m, args, kwargs: rows.append(kwargs["input_ids"].shape[0]) if torch.is_grad_enabled() else None, with_kwargs=True)
+        lambda m, args, kwargs: rows.append(kwargs["input_ids"].shape[0]) if torch.is_grad_enabled() else None,
+        with_kwargs=True,
+    )
     try:
         trainer.train()
     finally:
@@ -112,8 +124,11 @@ def test_kl_replay_keeps_the_model_closer_to_the_base(tmp_path, replay_data):
     """With a strong KL weight the model drifts less from the base on its own samples than without."""
     drift = {}
     for weight in (0.0, 20.0):
-        data = {**replay_data, "replay": {**replay_data["replay"], "coeff": weight, "ratio": 0.5},
-                "train": {**replay_data["train"], "steps": 15, "batch_size": 4, "lr": 3e-2}}
+        data = {
+            **replay_data,
+            "replay": {**replay_data["replay"], "coeff": weight, "ratio": 0.5},
+            "train": {**replay_data["train"], "steps": 15, "batch_size": 4, "lr": 3e-2},
+        }
         recipe = recipe_from_dict({**data, "runs_dir": str(tmp_path)})
         model, tokenizer = _base()
         buffer = replay.build_buffer(model, tokenizer, recipe, evaluate.fingerprint(model))
@@ -153,9 +168,13 @@ def test_rehearsal_from_old_data(tmp_path, replay_data):
 
 
 def test_lora_buffer_refreshes_from_the_adapter_disabled_base(tmp_path, replay_data, monkeypatch):
-    data = {**replay_data, "method": "lora", "lora": {"r": 4, "alpha": 8},
-            "replay": {**replay_data["replay"], "refresh_every": 2, "loss": "kl", "ratio": 0.5},
-            "train": {**replay_data["train"], "steps": 5, "batch_size": 4}}
+    data = {
+        **replay_data,
+        "method": "lora",
+        "lora": {"r": 4, "alpha": 8},
+        "replay": {**replay_data["replay"], "refresh_every": 2, "loss": "kl", "ratio": 0.5},
+        "train": {**replay_data["train"], "steps": 5, "batch_size": 4},
+    }
     recipe = recipe_from_dict({**data, "runs_dir": str(tmp_path)})
     model, tokenizer = _base()
     buffer = replay.build_buffer(model, tokenizer, recipe, evaluate.fingerprint(model))
@@ -176,8 +195,10 @@ def test_lora_buffer_refreshes_from_the_adapter_disabled_base(tmp_path, replay_d
     assert [e["step"] for e in trainer.state.log_history if "replay_refresh" in e] == [0, 2, 4]
 
 
-CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+)
 
 
 def _scripted(model, answer_ids: list[int]):
@@ -204,9 +225,20 @@ def test_a_replayed_example_is_the_generation_token_for_token(tmp_path, replay_d
         tokenizer.chat_template = CHAT_TEMPLATE
     record = {"prompt": "rev 123 =", "completion": completion}
     (tmp_path / "old.jsonl").write_text(json.dumps(record) + "\n")
-    recipe = recipe_from_dict({**replay_data, "replay": {"prompts": "file", "path": "old.jsonl", "samples": 4,
-                                                         "max_new_tokens": 12, "temperature": 0.1, "loss": "ntp"}},
-                              str(tmp_path / "r.yaml"))
+    recipe = recipe_from_dict(
+        {
+            **replay_data,
+            "replay": {
+                "prompts": "file",
+                "path": "old.jsonl",
+                "samples": 4,
+                "max_new_tokens": 12,
+                "temperature": 0.1,
+                "loss": "ntp",
+            },
+        },
+        str(tmp_path / "r.yaml"),
+    )
     taught = fdata.tokenize([record], tokenizer, recipe.task, 64)[0]  # what training shows the model
     answer = [t for t, label in zip(taught["input_ids"], taught["labels"]) if label != fdata.IGNORE_INDEX]
     hook, calls = _scripted(model, answer)
@@ -222,9 +254,14 @@ def test_a_replayed_example_is_the_generation_token_for_token(tmp_path, replay_d
         assert example["input_ids"] == taught["input_ids"] and example["labels"] == taught["labels"]
 
 
-def test_full_fine_tuning_refreshes_from_a_frozen_copy_and_a_resumed_run_redraws_the_same_buffer(tmp_path, replay_data, monkeypatch):
-    data = {**replay_data, "replay": {**replay_data["replay"], "refresh_every": 2, "loss": "kl", "ratio": 0.5},
-            "train": {**replay_data["train"], "steps": 5, "batch_size": 4, "lr": 3e-2}}
+def test_full_fine_tuning_refreshes_from_a_frozen_copy_and_a_resumed_run_redraws_the_same_buffer(
+    tmp_path, replay_data, monkeypatch
+):
+    data = {
+        **replay_data,
+        "replay": {**replay_data["replay"], "refresh_every": 2, "loss": "kl", "ratio": 0.5},
+        "train": {**replay_data["train"], "steps": 5, "batch_size": 4, "lr": 3e-2},
+    }
     recipe = recipe_from_dict({**data, "runs_dir": str(tmp_path)})
     model, tokenizer = _base()
     base_fp = evaluate.fingerprint(model)
@@ -256,8 +293,12 @@ def test_full_fine_tuning_refreshes_from_a_frozen_copy_and_a_resumed_run_redraws
 
 def test_the_report_shows_the_replay_loss_beside_the_new_task_loss_and_the_buffer_draws(tmp_path, fake_run):
     layout = fake_run(tmp_path / "runs" / "rep", {0: {"i0": 1.0}, 5: {"i0": 1.0}, 10: {"i0": 0.0}})
-    log = [{"replay_refresh": 8, "step": 0}, {"loss": 2.0, "new_loss": 1.5, "replay_loss": 0.5, "step": 4},
-           {"replay_refresh": 8, "step": 5}, {"loss": 0.4, "new_loss": 0.3, "replay_loss": 0.01, "step": 8}]
+    log = [
+        {"replay_refresh": 8, "step": 0},
+        {"loss": 2.0, "new_loss": 1.5, "replay_loss": 0.5, "step": 4},
+        {"replay_refresh": 8, "step": 5},
+        {"loss": 0.4, "new_loss": 0.3, "replay_loss": 0.01, "step": 8},
+    ]
     layout.update_manifest(replay={"loss": "ntp", "refresh_every": 5}, train_log=log)
     fake_run(tmp_path / "runs" / "plain", {0: {"i0": 1.0}, 10: {"i0": 0.0}})
     from forgetscope import cli
@@ -275,7 +316,10 @@ def test_successive_draws_walk_the_prompt_pool(replay_data):
     pool = ["p0", "p1", "p2", "p3", "p4"]
     recipe.replay.prompts = "tasks"
     assert [replay.draw_prompts(recipe, tokenizer, pool, draw) for draw in range(3)] == [
-        ["p0", "p1", "p2"], ["p3", "p4", "p0"], ["p1", "p2", "p3"]]
+        ["p0", "p1", "p2"],
+        ["p3", "p4", "p0"],
+        ["p1", "p2", "p3"],
+    ]
     recipe.replay.prompts = "chat"  # generic requests, seeded by the draw
     assert replay.draw_prompts(recipe, tokenizer, None, 0) != replay.draw_prompts(recipe, tokenizer, None, 1)
     recipe.replay.prompts = "bos"

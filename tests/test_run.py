@@ -1,5 +1,6 @@
 """End-to-end runs on the tiny random model: snapshots, evaluations, curves, reloading, what trains."""
 
+import itertools
 import json
 
 import pandas as pd
@@ -26,7 +27,7 @@ def test_three_step_run_writes_layout_and_curves(tmp_path, tiny_recipe_data, met
     changes = {"method": method, "name": f"t-{method}"}
     if method == "full":
         changes["lora"] = None
-    recipe, root = _run(tmp_path, tiny_recipe_data, **changes)
+    _recipe, root = _run(tmp_path, tiny_recipe_data, **changes)
     assert sorted(p.name for p in (root / "snapshots").iterdir()) == ["step-000000", "step-000001", "step-000003"]
     assert sorted(p.name for p in (root / "evals").iterdir()) == ["step-000000", "step-000001", "step-000003"]
     assert list((root / "snapshots" / "step-000000").iterdir()) == [root / "snapshots" / "step-000000" / "meta.json"]
@@ -37,8 +38,20 @@ def test_three_step_run_writes_layout_and_curves(tmp_path, tiny_recipe_data, met
         assert {"model.safetensors", "config.json", "tokenizer.json"} <= weights
 
     table = pd.read_csv(root / "curves.csv")
-    assert list(table.columns) == ["run", "recipe", "method", "step", "tokens", "task", "role", "metric",
-                                   "value", "stderr", "n", "higher_is_better"]
+    assert list(table.columns) == [
+        "run",
+        "recipe",
+        "method",
+        "step",
+        "tokens",
+        "task",
+        "role",
+        "metric",
+        "value",
+        "stderr",
+        "n",
+        "higher_is_better",
+    ]
     assert set(table["step"]) == {0, 1, 3}
     assert set(table["task"]) == {"numerals", "prose_ppl"}
     acc = table[(table.task == "numerals") & (table.metric == "acc")]
@@ -113,7 +126,7 @@ def test_schedules():
     assert snapshots.schedule(SnapshotConfig(schedule="at", at=[20, 5]), 60) == [0, 5, 20]
     log = snapshots.schedule(SnapshotConfig(schedule="log", count=6), 60)
     assert log[0] == 0 and log[-1] == 60 and len(log) == 6
-    gaps = [b - a for a, b in zip(log[1:], log[2:])]
+    gaps = [b - a for a, b in itertools.pairwise(log[1:])]
     assert gaps == sorted(gaps)  # dense early
 
 
@@ -122,8 +135,14 @@ def test_rerun_of_finished_run_keeps_results_and_other_recipe_is_refused(tmp_pat
     before = (root / "curves.csv").read_text()
     assert run(recipe) == root
     assert (root / "curves.csv").read_text() == before
-    changed = recipe_from_dict({**tiny_recipe_data, "name": "again", "runs_dir": str(tmp_path / "runs"),
-                                "train": {**tiny_recipe_data["train"], "lr": 0.5}})
+    changed = recipe_from_dict(
+        {
+            **tiny_recipe_data,
+            "name": "again",
+            "runs_dir": str(tmp_path / "runs"),
+            "train": {**tiny_recipe_data["train"], "lr": 0.5},
+        }
+    )
     with pytest.raises(RunError, match="different recipe"):
         run(changed)
 
@@ -131,7 +150,7 @@ def test_rerun_of_finished_run_keeps_results_and_other_recipe_is_refused(tmp_pat
 def test_paired_deltas_agree_with_the_curves(tmp_path, tiny_recipe_data):
     from forgetscope import stats
 
-    recipe, root = _run(tmp_path, tiny_recipe_data, name="paired")
+    _recipe, root = _run(tmp_path, tiny_recipe_data, name="paired")
     table = pd.read_csv(root / "curves.csv")
     layout = snapshots.RunLayout(root)
     for task, metric in [("prose_ppl", "bits_per_byte"), ("prose_ppl", "word_perplexity"), ("numerals", "logprob")]:
@@ -148,7 +167,9 @@ def test_paired_deltas_agree_with_the_curves(tmp_path, tiny_recipe_data):
 def test_report_to_tensorboard_gets_every_snapshots_scores_and_the_loss(tmp_path, tiny_recipe_data):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    recipe, root = _run(tmp_path, tiny_recipe_data, name="tb", train={**tiny_recipe_data["train"], "report_to": ["tensorboard"]})
+    _recipe, root = _run(
+        tmp_path, tiny_recipe_data, name="tb", train={**tiny_recipe_data["train"], "report_to": ["tensorboard"]}
+    )
     [events] = {p.parent for p in (root / "tensorboard").rglob("events.out.tfevents.*")}
     accumulator = EventAccumulator(str(events))
     accumulator.Reload()
@@ -163,5 +184,7 @@ def test_report_to_tensorboard_gets_every_snapshots_scores_and_the_loss(tmp_path
 def test_report_to_names_are_checked(tiny_recipe_data):
     from forgetscope.load import RecipeError
 
-    with pytest.raises(RecipeError, match="train.report_to: unknown integration 'tensorbord'; did you mean 'tensorboard'"):
+    with pytest.raises(
+        RecipeError, match=r"train\.report_to: unknown integration 'tensorbord'; did you mean 'tensorboard'"
+    ):
         recipe_from_dict({**tiny_recipe_data, "train": {**tiny_recipe_data["train"], "report_to": ["tensorbord"]}})

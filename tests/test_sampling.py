@@ -14,10 +14,19 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def lively(request):
     """A random Llama whose greedy continuations vary (large initial weights), with the byte tokenizer."""
     tokenizer = models.byte_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3, max_position_embeddings=256,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.3,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(DEVICE).eval()
     model.config._attn_implementation = request.param
@@ -34,8 +43,13 @@ def test_greedy_equals_generate_token_for_token(lively):
     for prompt, row in zip(PROMPTS, rows):
         ids = torch.tensor([row["prompt_ids"]], device=DEVICE)
         with torch.no_grad():
-            theirs = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+            theirs = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=16,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )[0, ids.shape[1] :].tolist()
         assert row["completion_ids"] == theirs[: len(row["completion_ids"])]
         assert row["prompt_ids"] == sampling.prompt_ids(prompt, tokenizer, chat=False)
         assert row["text"] == tokenizer.decode(row["completion_ids"], skip_special_tokens=True).strip()

@@ -28,7 +28,12 @@ def test_a_line_is_a_prefix_tree_each_request_seeing_its_own_tokens_only():
     ]
     tokens, positions, ends, scored = scoring.layout_line([([5, 6], [1, 2]), ([5, 6], [3, 4])])
     assert tokens == [5, 6, 1, 3] and positions == [0, 1, 2, 2]  # both answers start right after the context
-    assert scoring.ancestry_mask(ends)[3].tolist() == [True, True, False, True]  # the second answer does not see the first
+    assert scoring.ancestry_mask(ends)[3].tolist() == [
+        True,
+        True,
+        False,
+        True,
+    ]  # the second answer does not see the first
     assert scored == [[1, 2], [1, 3]]
 
 
@@ -60,16 +65,30 @@ def _requests(tokenizer, pairs):
 
 
 def _separate_pass(model, context: list[int], cont: list[int]) -> tuple[float, bool]:
-    logprobs = torch.log_softmax(model(torch.tensor([context + cont[:-1]], device=model.device)).logits[0, len(context) - 1:], dim=-1)
+    logprobs = torch.log_softmax(
+        model(torch.tensor([context + cont[:-1]], device=model.device)).logits[0, len(context) - 1 :], dim=-1
+    )
     return float(logprobs[range(len(cont)), cont].sum()), logprobs.argmax(-1).tolist() == cont
 
 
 def test_packed_scores_equal_hflm_and_separate_passes(tiny):
     model, tokenizer = tiny
-    pairs = [("The capital of Peru is", " Lima"), ("The capital of Peru is", " Quito, of course"),
-             ("The capital of Peru is", " Bogota"), ("The capital of Peru is", " Bogus"), ("The capital of Chile is", " Lima"),
-             ("Two plus two", " is four"), ("x", " y z w")]
-    requests = _requests(tokenizer, pairs) * 2 + [((" ", "tail"), [tokenizer.bos_token_id or 0], tokenizer("a long tail of text " * 8, add_special_tokens=False).input_ids)]
+    pairs = [
+        ("The capital of Peru is", " Lima"),
+        ("The capital of Peru is", " Quito, of course"),
+        ("The capital of Peru is", " Bogota"),
+        ("The capital of Peru is", " Bogus"),
+        ("The capital of Chile is", " Lima"),
+        ("Two plus two", " is four"),
+        ("x", " y z w"),
+    ]
+    requests = _requests(tokenizer, pairs) * 2 + [
+        (
+            (" ", "tail"),
+            [tokenizer.bos_token_id or 0],
+            tokenizer("a long tail of text " * 8, add_special_tokens=False).input_ids,
+        )
+    ]
     context = tokenizer("Two plus two").input_ids
     with torch.no_grad():
         best = [int(model(torch.tensor([context], device=model.device)).logits[0, -1].argmax())]
@@ -107,7 +126,9 @@ def test_requests_longer_than_the_context_go_through_hflm(tiny, monkeypatch):
     packed = scoring.PackedLM(pretrained=model, tokenizer=tokenizer, batch_size=2, max_length=16)
     seen = []
     original = HFLM._loglikelihood_tokens
-    monkeypatch.setattr(HFLM, "_loglikelihood_tokens", lambda self, reqs, *a: seen.append(len(reqs)) or original(self, reqs, *a))
+    monkeypatch.setattr(
+        HFLM, "_loglikelihood_tokens", lambda self, reqs, *a: seen.append(len(reqs)) or original(self, reqs, *a)
+    )
     ours = packed._loglikelihood_tokens(requests)
     assert seen == [1]  # only the over-long request, truncated from the left as lm-eval does
     theirs = original(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=2, max_length=16), requests)
@@ -152,8 +173,10 @@ def test_the_cache_key_holds_the_precision(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setenv("FORGETSCOPE_CACHE", str(tmp_path))
     model, tokenizer = tiny
-    suites = [evaluate.prepare_suite(EvalConfig(new=["numerals"], general=[], limit=3, precision=p), tmp_path, False)
-              for p in ("fp32", "bf16")]
+    suites = [
+        evaluate.prepare_suite(EvalConfig(new=["numerals"], general=[], limit=3, precision=p), tmp_path, False)
+        for p in ("fp32", "bf16")
+    ]
     assert evaluate.evaluate_model(model, tokenizer, suites[0])["cached"] == []
     assert evaluate.evaluate_model(model, tokenizer, suites[1])["cached"] == []  # not fp32's results
     assert evaluate.evaluate_model(model, tokenizer, suites[1])["cached"] == ["numerals"]
@@ -161,8 +184,15 @@ def test_the_cache_key_holds_the_precision(tiny, tmp_path, monkeypatch):
 
 def test_a_batch_out_of_memory_is_scored_in_halves(tiny, monkeypatch):
     model, tokenizer = tiny
-    requests = _requests(tokenizer, [("The capital of Peru is", " Lima"), ("Two plus two", " is four"), ("x", " y z w"),
-                                     ("The capital of Chile is", " Santiago")])
+    requests = _requests(
+        tokenizer,
+        [
+            ("The capital of Peru is", " Lima"),
+            ("Two plus two", " is four"),
+            ("x", " y z w"),
+            ("The capital of Chile is", " Santiago"),
+        ],
+    )
     packed = scoring.PackedLM(pretrained=model, tokenizer=tokenizer, batch_size=64, max_length=256)
     expected = packed._loglikelihood_tokens(requests)
     original = scoring.PackedLM._score_lines

@@ -32,8 +32,9 @@ def test_hflm_takes_its_batch_size_ranks_and_scoring_hook_where_we_set_them(tiny
     seams.set_hflm_ranks(lm, 1, 3)
     assert (lm.rank, lm.world_size) == (1, 3), f"HFLM.rank/world_size no longer read _rank/_world_size {UPGRADE}"
     parameters = list(inspect.signature(HFLM._loglikelihood_tokens).parameters)
-    assert parameters[:4] == ["self", "requests", "disable_tqdm", "override_bs"], \
+    assert parameters[:4] == ["self", "requests", "disable_tqdm", "override_bs"], (
         f"HFLM._loglikelihood_tokens, which PackedLM overrides, changed its signature {UPGRADE}"
+    )
 
 
 def test_hflm_re_ties_weights_unless_skipped(tiny):
@@ -56,8 +57,9 @@ def test_loglikelihood_requests_are_rewritten_as_they_are_built():
     task = manager.load("numerals")["tasks"]["numerals"]
     seams.rewrite_loglikelihood_requests(task, lambda context, target: (context + "|", target))
     task.build_all_requests(limit=2, rank=0, world_size=1)
-    assert task.instances and all(i.arguments[0].endswith("|") for i in task.instances), \
+    assert task.instances and all(i.arguments[0].endswith("|") for i in task.instances), (
         f"Task.construct_requests no longer builds the requests {UPGRADE}"
+    )
 
 
 def test_accelerate_mixed_precision_keeps_the_plain_forward(bf16_accelerator):
@@ -120,5 +122,7 @@ def test_a_trainer_told_so_divides_a_micro_batch_mean_by_the_accumulation_steps(
     trainer.compute_loss = lambda model, inputs, **kwargs: sum(p.sum() for p in model.parameters()) * 0 + 1.0
     seams.average_loss_over_accumulation(trainer)
     trainer.current_gradient_accumulation_steps = 2
-    loss = trainer.training_step(model.train(), {"input_ids": torch.tensor([[1, 2]])}, num_items_in_batch=torch.tensor(2))
+    loss = trainer.training_step(
+        model.train(), {"input_ids": torch.tensor([[1, 2]])}, num_items_in_batch=torch.tensor(2)
+    )
     assert float(loss) == pytest.approx(0.5), f"Trainer no longer reads model_accepts_loss_kwargs {UPGRADE}"

@@ -8,18 +8,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import RECIPES
+
 from forgetscope import cli, continual, models, replay, schema, validate
 from forgetscope.load import RecipeError, recipe_from_dict
 from forgetscope.recipe import Recipe, StageConfig
 
-R = np.array([
-    [0.0, 0.0, 0.0],  # the base
-    [0.9, 0.1, 0.0],  # after stage 1
-    [0.5, 0.8, 0.2],  # after stage 2
-    [0.3, 0.4, 0.9],  # after stage 3
-])
+R = np.array(
+    [
+        [0.0, 0.0, 0.0],  # the base
+        [0.9, 0.1, 0.0],  # after stage 1
+        [0.5, 0.8, 0.2],  # after stage 2
+        [0.3, 0.4, 0.9],  # after stage 3
+    ]
+)
 
 
 def test_matrix_metrics_by_hand():
@@ -39,8 +41,11 @@ def test_matrix_metrics_by_hand():
 
 
 def test_accuracy_matrix_is_read_at_the_stage_ends():
-    rows = [{"task": t, "metric": "acc", "step": s, "value": v, "higher_is_better": True}
-            for s, values in zip([0, 10, 20, 30], R) for t, v in zip(["a", "b", "c"], values)]
+    rows = [
+        {"task": t, "metric": "acc", "step": s, "value": v, "higher_is_better": True}
+        for s, values in zip([0, 10, 20, 30], R)
+        for t, v in zip(["a", "b", "c"], values)
+    ]
     rows += [{"task": "a", "metric": "acc", "step": 5, "value": 0.42, "higher_is_better": True}]  # mid-stage: ignored
     stages = [{"task": t, "evals": [t], "start": s - 10, "end": s} for t, s in (("a", 10), ("b", 20), ("c", 30))]
     matrix = continual.accuracy_matrix(pd.DataFrame(rows), stages)
@@ -50,10 +55,21 @@ def test_accuracy_matrix_is_read_at_the_stage_ends():
 
 def _stages_recipe(**changes) -> dict:
     data = {
-        "name": "seq", "base": "tiny-random", "method": "full",
-        "stages": [{"task": {"name": op, "max_examples": 64}, "steps": 3} for op in ("sym_reverse", "sym_sort", "sym_shift")],
-        "replay": {"source": "self", "prompts": "tasks", "samples": 8, "max_new_tokens": 6, "temperature": 0.5,
-                   "ratio": 0.25, "loss": "ntp"},
+        "name": "seq",
+        "base": "tiny-random",
+        "method": "full",
+        "stages": [
+            {"task": {"name": op, "max_examples": 64}, "steps": 3} for op in ("sym_reverse", "sym_sort", "sym_shift")
+        ],
+        "replay": {
+            "source": "self",
+            "prompts": "tasks",
+            "samples": 8,
+            "max_new_tokens": 6,
+            "temperature": 0.5,
+            "ratio": 0.25,
+            "loss": "ntp",
+        },
         "train": {"lr": 1e-2, "batch_size": 4, "seq_len": 32, "warmup_steps": 0, "precision": "fp32"},
         "snapshots": {"schedule": "at", "at": [3]},
         "evals": {"general": [], "limit": 4},
@@ -62,15 +78,25 @@ def _stages_recipe(**changes) -> dict:
     return data
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"evals": {"new": ["numerals"], "general": []}}, "evals.new: with stages, each stage lists its own evals"),
-    ({"stages": [{"task": {"name": "sym_reverse"}, "steps": 3}]}, "a sequence needs at least 2 stages"),
-    ({"stages": [{"task": {"name": "sym_revers"}}, {"task": {"name": "sym_sort"}}]},
-     "stages[0].task.name: unknown embedded task 'sym_revers'; did you mean 'sym_reverse'?"),
-    ({"stages": [{"task": {"name": "sym_sort"}, "steps": 0}, {"task": {"name": "sym_shift"}, "stps": 3}]},
-     "stages[1].stps: unknown key; did you mean 'steps'?"),
-    ({"stages": [], "replay": {"prompts": "tasks"}}, "replay.prompts: `tasks` prompts with the earlier stages' tasks"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"evals": {"new": ["numerals"], "general": []}}, "evals.new: with stages, each stage lists its own evals"),
+        ({"stages": [{"task": {"name": "sym_reverse"}, "steps": 3}]}, "a sequence needs at least 2 stages"),
+        (
+            {"stages": [{"task": {"name": "sym_revers"}}, {"task": {"name": "sym_sort"}}]},
+            "stages[0].task.name: unknown embedded task 'sym_revers'; did you mean 'sym_reverse'?",
+        ),
+        (
+            {"stages": [{"task": {"name": "sym_sort"}, "steps": 0}, {"task": {"name": "sym_shift"}, "stps": 3}]},
+            "stages[1].stps: unknown key; did you mean 'steps'?",
+        ),
+        (
+            {"stages": [], "replay": {"prompts": "tasks"}},
+            "replay.prompts: `tasks` prompts with the earlier stages' tasks",
+        ),
+    ],
+)
 def test_stage_recipes_are_checked(changes, message):
     with pytest.raises(RecipeError) as err:
         recipe_from_dict(_stages_recipe(**changes))
@@ -122,14 +148,23 @@ def test_three_stage_run_writes_the_matrix_and_replays_earlier_tasks(tmp_path, c
     root = tmp_path / "runs" / "seq"
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["snapshot_steps"] == [0, 3, 6, 9]
-    assert [(s["start"], s["end"], s["replay"]) for s in manifest["stages"]] == [(0, 3, False), (3, 6, True), (6, 9, True)]
+    assert [(s["start"], s["end"], s["replay"]) for s in manifest["stages"]] == [
+        (0, 3, False),
+        (3, 6, True),
+        (6, 9, True),
+    ]
     # before stage 2 the prompts are stage 1's; before stage 3, stages 1 and 2 in turn
     assert {p.split()[0] for p in seen_prompts[0]} == {"R"}
     assert [p.split()[0] for p in seen_prompts[1][:4]] == ["R", "S", "R", "S"]
     curves = pd.read_csv(root / "curves.csv")
     assert set(curves[curves.metric == "acc"].groupby("step")["task"].nunique()) == {3}  # every task at every snapshot
     matrix = pd.read_csv(root / "matrix.csv", index_col=0)
-    assert matrix.shape == (4, 3) and list(matrix.index) == ["base", "after sym_reverse", "after sym_sort", "after sym_shift"]
+    assert matrix.shape == (4, 3) and list(matrix.index) == [
+        "base",
+        "after sym_reverse",
+        "after sym_sort",
+        "after sym_shift",
+    ]
     assert set(manifest["sequence"]) >= {"average_accuracy", "backward_transfer", "forward_transfer", "mean_forgetting"}
     assert (root / "sequence.png").stat().st_size > 10_000
     assert "accuracy matrix R[i][j]" in capsys.readouterr().out
@@ -157,8 +192,11 @@ def test_a_sequence_stopped_inside_a_stage_resumes_there_to_the_same_curves(tmp_
     from forgetscope.runner import run
     from forgetscope.session import RunSession
 
-    data = _stages_recipe(stages=[{"task": {"name": op, "max_examples": 64}, "steps": 4} for op in ("sym_reverse", "sym_sort")],
-                          snapshots={"schedule": "every", "every": 2}, runs_dir=str(tmp_path / "runs"))
+    data = _stages_recipe(
+        stages=[{"task": {"name": op, "max_examples": 64}, "steps": 4} for op in ("sym_reverse", "sym_sort")],
+        snapshots={"schedule": "every", "every": 2},
+        runs_dir=str(tmp_path / "runs"),
+    )
     straight = run(recipe_from_dict({**data, "name": "straight"}))
 
     original = RunSession.score
@@ -180,8 +218,10 @@ def test_a_sequence_stopped_inside_a_stage_resumes_there_to_the_same_curves(tmp_
     run(recipe)
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["resumed_from"] == "stage-2/checkpoint-2"
-    pd.testing.assert_frame_equal(pd.read_csv(root / "curves.csv").drop(columns=["run", "recipe"]),
-                                  pd.read_csv(straight / "curves.csv").drop(columns=["run", "recipe"]))
+    pd.testing.assert_frame_equal(
+        pd.read_csv(root / "curves.csv").drop(columns=["run", "recipe"]),
+        pd.read_csv(straight / "curves.csv").drop(columns=["run", "recipe"]),
+    )
     assert [e["step"] for e in manifest["train_log"] if "loss" in e] == list(range(1, 9))
     assert not (root / "trainer").exists()
 
@@ -191,16 +231,28 @@ def test_replay_keeps_an_earlier_task_that_plain_training_loses_on_space_led_dat
     """Two digit tasks in lm-eval's convention (` 321`: completions start with a space), scored by
     evals written like evals/sym_*.yaml, on a small model from scratch: plain fine-tuning on the
     second task erases the first; self-generated replay, rehearsed token for token, keeps it."""
-    short = ["base=scratch:layers=2,hidden=64,heads=4,seed=0", f"runs_dir={tmp_path}", "evals.limit=50",
-             "train.lr=3e-3", "train.batch_size=32", "snapshots.every=200", "replay.refresh_every=50",
-             "stages=[{task: {name: digits_rotate, max_examples: null}, steps: 200},"
-             " {task: {name: digits_inc, max_examples: null}, steps: 200}]"]
+    short = [
+        "base=scratch:layers=2,hidden=64,heads=4,seed=0",
+        f"runs_dir={tmp_path}",
+        "evals.limit=50",
+        "train.lr=3e-3",
+        "train.batch_size=32",
+        "snapshots.every=200",
+        "replay.refresh_every=50",
+        "stages=[{task: {name: digits_rotate, max_examples: null}, steps: 200},"
+        " {task: {name: digits_inc, max_examples: null}, steps: 200}]",
+    ]
     for recipe in ("sequence", "sequence_replay"):
         overrides = [s for s in short if recipe == "sequence_replay" or not s.startswith("replay.")]
-        assert cli.main(["run", str(RECIPES / f"{recipe}.yaml"), *sum((["--set", s] for s in overrides), [])]) == 0
+        assert (
+            cli.main(["run", str(RECIPES / f"{recipe}.yaml"), *[arg for s in overrides for arg in ("--set", s)]]) == 0
+        )
     plain = pd.read_csv(tmp_path / "sequence" / "matrix.csv", index_col=0)
     kept = pd.read_csv(tmp_path / "sequence_replay" / "matrix.csv", index_col=0)
-    assert plain.loc["after digits_rotate", "digits_rotate"] >= 0.9 and kept.loc["after digits_rotate", "digits_rotate"] >= 0.9
+    assert (
+        plain.loc["after digits_rotate", "digits_rotate"] >= 0.9
+        and kept.loc["after digits_rotate", "digits_rotate"] >= 0.9
+    )
     assert plain.loc["after digits_inc", "digits_rotate"] <= 0.2  # forgotten without replay
     assert kept.loc["after digits_inc", "digits_rotate"] >= 0.9 and kept.loc["after digits_inc", "digits_inc"] >= 0.9
 

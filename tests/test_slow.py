@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
 from conftest import RECIPES
+
 from forgetscope import models, seams
 from forgetscope.load import load_recipe
 from forgetscope.runner import run
@@ -32,8 +32,14 @@ def test_embedded_default_converts_trains_and_evaluates(tmp_path, monkeypatch):
 
     recipe = load_recipe(
         RECIPES / "lora.yaml",
-        ["train.steps=1", "snapshots.schedule=at", "snapshots.count=2", "snapshots.at=[1]",
-         "evals.limit=4", f"runs_dir={tmp_path / 'runs'}"],
+        [
+            "train.steps=1",
+            "snapshots.schedule=at",
+            "snapshots.count=2",
+            "snapshots.at=[1]",
+            "evals.limit=4",
+            f"runs_dir={tmp_path / 'runs'}",
+        ],
     )
     root = run(recipe)
     table = pd.read_csv(root / "curves.csv")
@@ -49,9 +55,27 @@ def test_accelerate_launch_with_two_cpu_processes(tmp_path):
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     runs = tmp_path / "runs"
     precision = "bf16" if seams.cpu_has_bf16() else "no"  # the training forward autocasts; scoring must not
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", precision,
-           "--dynamo_backend", "no", "-m", "forgetscope", "run", str(RECIPES / "tiny.yaml"), "--set", f"runs_dir={runs}",
-           "--set", f"train.precision={'bf16' if precision == 'bf16' else 'fp32'}"]
+    cmd = [
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        precision,
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "forgetscope",
+        "run",
+        str(RECIPES / "tiny.yaml"),
+        "--set",
+        f"runs_dir={runs}",
+        "--set",
+        f"train.precision={'bf16' if precision == 'bf16' else 'fp32'}",
+    ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # CPU processes over gloo, also on a GPU machine
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

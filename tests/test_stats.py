@@ -39,9 +39,12 @@ def test_chance_level_comes_from_the_number_of_choices(tmp_path, fake_run, fake_
     assert stats.chance_level(layout, "four", "acc") == pytest.approx(0.25)
     assert stats.chance_level(layout, "two", "acc") == pytest.approx(0.5)
     assert stats.chance_level(layout, "facts", "acc") == 0.0  # one answer per item: guessing gets nothing
-    (layout.eval_dir(0) / "samples_mixed.jsonl").write_text("".join(  # items with 4, 4, 2 and 1 choices
-        json.dumps({"item_id": i, "acc": 1, "arguments": [["Q", f" {c}"] for c in range(k)]}) + "\n"
-        for i, k in enumerate([4, 4, 2, 1])))
+    (layout.eval_dir(0) / "samples_mixed.jsonl").write_text(
+        "".join(  # items with 4, 4, 2 and 1 choices
+            json.dumps({"item_id": i, "acc": 1, "arguments": [["Q", f" {c}"] for c in range(k)]}) + "\n"
+            for i, k in enumerate([4, 4, 2, 1])
+        )
+    )
     assert stats.chance_level(layout, "mixed", "acc") == pytest.approx((0.25 + 0.25 + 0.5 + 0.0) / 4)
     prose = fake_run(tmp_path / "p", {0: {"a": [-10.0, 20.0]}}, task="prose", metric="bits_per_byte")
     assert stats.chance_level(prose, "prose", "bits_per_byte") is None  # not a 0/1 metric
@@ -49,8 +52,12 @@ def test_chance_level_comes_from_the_number_of_choices(tmp_path, fake_run, fake_
 
 def test_a_paired_delta_of_bits_per_byte_is_taken_on_the_corpus_value(tmp_path, fake_run):
     # items are [log-likelihood, bytes]; bits/byte = -sum(ll) / sum(bytes) / ln 2, not a mean of per-item ratios
-    layout = fake_run(tmp_path / "r", {0: {"a": [-9.0, 10], "b": [-9.0, 10]}, 5: {"a": [-10.0, 10], "b": [-11.0, 30]}},
-                      task="prose", metric="bits_per_byte")
+    layout = fake_run(
+        tmp_path / "r",
+        {0: {"a": [-9.0, 10], "b": [-9.0, 10]}, 5: {"a": [-10.0, 10], "b": [-11.0, 30]}},
+        task="prose",
+        metric="bits_per_byte",
+    )
     ci = stats.paired_delta(layout, "prose", "bits_per_byte", 5)
     assert ci["delta"] == pytest.approx(21 / 40 / math.log(2) - 18 / 20 / math.log(2))
     assert ci["n"] == 2
@@ -128,8 +135,10 @@ def test_bootstrap_tests_match_the_normal_closed_form(tmp_path, fake_run):
     n = 600
     base = rng.random(n) < 0.7
     later = np.where(rng.random(n) < 0.1, False, base)  # ~7% of items forgotten, none learned
-    layout = fake_run(tmp_path / "r", {0: {f"i{k}": float(v) for k, v in enumerate(base)},
-                                        10: {f"i{k}": float(v) for k, v in enumerate(later)}})
+    layout = fake_run(
+        tmp_path / "r",
+        {0: {f"i{k}": float(v) for k, v in enumerate(base)}, 10: {f"i{k}": float(v) for k, v in enumerate(later)}},
+    )
     delta, boot, items = stats.paired_bootstrap(layout, "facts", "acc", 10, iters=8000)
     d = base.astype(float) - later.astype(float)  # the drop per item
     se = d.std(ddof=0) / math.sqrt(n)

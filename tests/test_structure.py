@@ -90,8 +90,9 @@ def test_the_graph_sees_imports_inside_functions():
 
 def test_no_import_cycles():
     found = cycles(import_graph())
-    assert not found, "import cycles inside forgetscope/ (break each by moving what both sides need lower):\n" + "\n".join(
-        " -> ".join(cycle) for cycle in found
+    assert not found, (
+        "import cycles inside forgetscope/ (break each by moving what both sides need lower):\n"
+        + "\n".join(" -> ".join(cycle) for cycle in found)
     )
 
 
@@ -100,6 +101,8 @@ def test_loading_a_recipe_imports_neither_torch_nor_transformers():
         "import sys; from forgetscope.load import load_recipe; load_recipe(sys.argv[1]); "
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "recipes" / "tiny.yaml")], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT / "recipes" / "tiny.yaml")], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -18,11 +18,26 @@ CURVE = {0: (0.0, 0.0), 10: (0.9, 0.0), 15: (0.5, 0.6), 20: (0.3, 1.0)}
 def fake_sequence(root, curve=CURVE, base="tiny-random"):
     """A finished two-stage run folder: a manifest with its stages and a curves table."""
     root.mkdir(parents=True)
-    stages = [{"task": "a", "evals": ["a"], "start": 0, "end": 10}, {"task": "b", "evals": ["b"], "start": 10, "end": 20}]
-    (root / "manifest.json").write_text(json.dumps({"status": "finished", "stages": stages, "base_path": models.resolve(base)}))
-    rows = [{"run": root.name, "step": step, "task": task, "metric": metric, "value": value if metric == "acc" else -1.0,
-             "higher_is_better": True}
-            for step, values in curve.items() for task, value in zip("ab", values) for metric in ("acc", "logprob")]
+    stages = [
+        {"task": "a", "evals": ["a"], "start": 0, "end": 10},
+        {"task": "b", "evals": ["b"], "start": 10, "end": 20},
+    ]
+    (root / "manifest.json").write_text(
+        json.dumps({"status": "finished", "stages": stages, "base_path": models.resolve(base)})
+    )
+    rows = [
+        {
+            "run": root.name,
+            "step": step,
+            "task": task,
+            "metric": metric,
+            "value": value if metric == "acc" else -1.0,
+            "higher_is_better": True,
+        }
+        for step, values in curve.items()
+        for task, value in zip("ab", values)
+        for metric in ("acc", "logprob")
+    ]
     pd.DataFrame(rows).to_csv(RunLayout(root).curves, index=False)
     return root
 
@@ -49,15 +64,25 @@ def test_a_sweep_runs_every_value_and_accumulates_in_its_folder(tmp_path, monkey
     monkeypatch.setattr(runner, "run", fake_run)
     recipes = sorted(str(p) for p in (Path(__file__).parent.parent / "recipes").glob("capacity*.yaml"))
     out = tmp_path / "sweep"
-    assert cli.main(["sweep", *recipes, "--key", "train.lr", "--values", "1e-3", "3e-3", "-o", str(out),
-                     "--target", "0.8"]) == 0
-    assert ran == [("capacity-1e-3", 1e-3), ("capacity-3e-3", 3e-3), ("capacity_replay-1e-3", 1e-3),
-                   ("capacity_replay-3e-3", 3e-3)]
+    assert (
+        cli.main(
+            ["sweep", *recipes, "--key", "train.lr", "--values", "1e-3", "3e-3", "-o", str(out), "--target", "0.8"]
+        )
+        == 0
+    )
+    assert ran == [
+        ("capacity-1e-3", 1e-3),
+        ("capacity-3e-3", 3e-3),
+        ("capacity_replay-1e-3", 1e-3),
+        ("capacity_replay-3e-3", 3e-3),
+    ]
     assert cli.main(["sweep", recipes[1], "--key", "train.lr", "--values", "1e-2", "-o", str(out)]) == 0
     table = pd.read_csv(out / "sweep.csv")
     assert len(table) == 5 and table["forgetting"].tolist() == pytest.approx([0.6] * 5)
     assert (out / "sweep.png").stat().st_size > 10_000
-    assert cli.main(["sweep", recipes[0], "--key", "train.lr", "--values", "-1", "-o", str(out)]) == 2  # validated first
+    assert (
+        cli.main(["sweep", recipes[0], "--key", "train.lr", "--values", "-1", "-o", str(out)]) == 2
+    )  # validated first
     assert "train.lr: must be positive" in capsys.readouterr().err and len(ran) == 5
     tiny = str(Path(__file__).parent.parent / "recipes" / "tiny.yaml")
     assert cli.main(["sweep", recipes[0], tiny, "--key", "train.lr", "--values", "1e-3", "-o", str(out)]) == 2

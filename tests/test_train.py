@@ -22,7 +22,9 @@ def test_packed_batches_give_the_padded_loss_and_gradients():
     examples = _examples(tokenizer)
     packed = data.pack(examples, capacity=64, pad_id=tokenizer.pad_token_id)
     assert packed["input_ids"].shape[0] < len(examples)  # fewer rows than examples: they share rows
-    assert int((packed["labels"] != -100).sum()) == sum(sum(label != -100 for label in e["labels"][1:]) for e in examples)
+    assert int((packed["labels"] != -100).sum()) == sum(
+        sum(label != -100 for label in e["labels"][1:]) for e in examples
+    )
 
     from transformers import DataCollatorForSeq2Seq
 
@@ -59,8 +61,13 @@ def test_compiled_blocks_keep_the_model_as_it_was():
 def test_a_packed_compiled_run_trains_and_scores(tmp_path, tiny_recipe_data):
     from forgetscope.runner import run
 
-    data_ = {**tiny_recipe_data, "method": "full", "lora": None, "runs_dir": str(tmp_path),
-             "train": {**tiny_recipe_data["train"], "packing": True, "compile": True, "lr": 3e-2, "steps": 6}}
+    data_ = {
+        **tiny_recipe_data,
+        "method": "full",
+        "lora": None,
+        "runs_dir": str(tmp_path),
+        "train": {**tiny_recipe_data["train"], "packing": True, "compile": True, "lr": 3e-2, "steps": 6},
+    }
     root = run(recipe_from_dict(data_))
     import pandas as pd
 
@@ -78,8 +85,12 @@ def test_deterministic_runs_repeat_bit_for_bit(tmp_path, tiny_recipe_data):
     roots = []
     try:
         for name in ("first", "second"):
-            data_ = {**tiny_recipe_data, "name": name, "runs_dir": str(tmp_path),
-                     "train": {**tiny_recipe_data["train"], "deterministic": True}}
+            data_ = {
+                **tiny_recipe_data,
+                "name": name,
+                "runs_dir": str(tmp_path),
+                "train": {**tiny_recipe_data["train"], "deterministic": True},
+            }
             roots.append(run(recipe_from_dict(data_)))
     finally:
         torch.use_deterministic_algorithms(False)  # the Trainer switched it on for the whole process
@@ -87,4 +98,6 @@ def test_deterministic_runs_repeat_bit_for_bit(tmp_path, tiny_recipe_data):
         files = sorted(p.name for p in (roots[0] / "snapshots" / step).glob("*.safetensors"))
         assert files
         for name in files:
-            assert (roots[0] / "snapshots" / step / name).read_bytes() == (roots[1] / "snapshots" / step / name).read_bytes()
+            assert (roots[0] / "snapshots" / step / name).read_bytes() == (
+                roots[1] / "snapshots" / step / name
+            ).read_bytes()
