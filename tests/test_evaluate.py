@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from forgetscope import cli, evaluate, models, registry
+from forgetscope import cli, evaluate, models, registry, scoring
 from forgetscope.recipe import EvalConfig
 
 TASKS = ["numerals", "world_capitals", "mmlu_shipped", "prose_ppl"]
@@ -57,6 +57,18 @@ def test_cache_hits_only_for_same_weights_task_and_limit(tiny, monkeypatch, tmp_
         changed.model.norm.weight.mul_(1.5)
     evaluate.evaluate_model(changed, tokenizer, suite)  # the weights changed: miss
     assert calls[-1] == ["numerals", "world_capitals"]
+
+    monkeypatch.setattr(scoring, "SCORER_VERSION", scoring.SCORER_VERSION + 1)
+    evaluate.evaluate_model(model, tokenizer, suite)  # a scorer fix: old scores are not returned
+    assert len(calls) == 5 and calls[-1] == ["numerals", "world_capitals"]
+
+
+def test_cache_key_holds_the_device_kind(monkeypatch, tmp_path):
+    monkeypatch.setenv("FORGETSCOPE_CACHE", str(tmp_path))
+    suite = _suite(EvalConfig(new=["numerals"], general=[], limit=3))
+    paths = {device: evaluate._cache_path(suite, "numerals", "weights", device) for device in ("cpu", "cuda")}
+    assert paths["cpu"] != paths["cuda"]  # CUDA and CPU kernels round differently
+    assert paths["cpu"] == evaluate._cache_path(suite, "numerals", "weights", "cpu")
 
 
 def test_task_hash_changes_with_the_task_config(tmp_path):
