@@ -166,22 +166,16 @@ def plot_frontier(summary: pd.DataFrame) -> Figure:
         label="Pareto frontier",
         zorder=1,
     )
+    x, y = summary["forgetting_final"] * 100, summary["gain_final"]
+    span_x, span_y = max(float(np.ptp(x)), 1e-9), max(float(np.ptp(y)), 1e-9)
+    placed: list[tuple[float, float]] = []
     for row in summary.itertuples():
-        ax.scatter(
-            row.forgetting_final * 100,
-            row.gain_final,
-            s=70,
-            color=colors[row.run],
-            zorder=2,
-            edgecolor="black" if row.pareto else "none",
-        )
-        ax.annotate(
-            f"{row.rank}. {row.run}",
-            (row.forgetting_final * 100, row.gain_final),
-            xytext=(6, 4),
-            textcoords="offset points",
-            fontsize=9,
-        )
+        point = (row.forgetting_final * 100, row.gain_final)
+        ax.scatter(*point, s=70, color=colors[row.run], zorder=2, edgecolor="black" if row.pareto else "none")
+        # labels of points that nearly coincide are stacked downwards instead of overprinted
+        near = sum(abs(point[0] - px) < 0.15 * span_x and abs(point[1] - py) < 0.08 * span_y for px, py in placed)
+        placed.append(point)
+        ax.annotate(f"{row.rank}. {row.run}", point, xytext=(6, 4 - 12 * near), textcoords="offset points", fontsize=9)
     ax.axvline(0, color="grey", linewidth=0.8)
     ax.set_xlabel("general forgetting at the end (% mean relative drop; right = worse)")
     ax.set_ylabel("new-task gain at the end (up = better)")

@@ -206,3 +206,21 @@ def test_missing_inputs_exit_2(tmp_path, runs, capsys):
 def test_the_example_policy_is_valid():
     policy = gate.load_policy(Path(__file__).resolve().parent.parent / "examples" / "release_policy.yaml")
     assert policy.decide_on == "upper" and ("new", "numerals") in policy.limits
+
+
+def test_a_zero_drop_reads_plus_zero():
+    row = gate._row(
+        {
+            "name": "p",
+            "metric": "acc",
+            "base": 0.23,
+            "value": 0.23,
+            "drop": -0.0,
+            "bound": 0.05,
+            "p_adj": 0.02,
+            "passed": True,
+            "limit": "<= 0.08",
+            "note": "",
+        }
+    )
+    assert row[4] == "+0.0000 (≤ +0.0500)"
