@@ -3,6 +3,8 @@
 import json
 import math
 import os
+import shutil
+import sys
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,6 +22,13 @@ from forgetscope.snapshots import RunLayout
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
+
+
+def accelerate_launch(processes: int, precision: str = "no") -> list[str]:
+    """The ``accelerate launch`` command line for ``processes`` local processes at ``precision``."""
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    return [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+            "--mixed_precision", precision, "--dynamo_backend", "no"]  # fmt: skip
 
 
 @pytest.fixture

@@ -3,14 +3,13 @@ included), peft models, the Trainer's log, bad settings, a crashing script, acce
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import datasets
 import pandas as pd
 import pytest
-from conftest import ROOT
+from conftest import ROOT, accelerate_launch
 from transformers import Trainer, TrainingArguments
 
 from forgetscope import ForgettingCallback, cli, data, load_results, models
@@ -181,20 +180,7 @@ trainer.train()
 
 @pytest.mark.slow
 def test_the_example_under_accelerate_launch_with_two_processes(tmp_path):
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
-    launcher = [
-        accelerate,
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
+    launcher = accelerate_launch(2)
     proc = _run_example(tmp_path, "--lora", launcher=launcher)
     assert proc.returncode == 0, proc.stderr[-3000:]
     root = tmp_path / "runs" / "my-sft"

@@ -2,15 +2,13 @@
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 
 import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import RECIPES
+from conftest import RECIPES, accelerate_launch
 
 from forgetscope import models, seams
 from forgetscope.load import load_recipe
@@ -52,21 +50,10 @@ def test_embedded_default_converts_trains_and_evaluates(tmp_path, monkeypatch):
 
 
 def test_accelerate_launch_with_two_cpu_processes(tmp_path):
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     runs = tmp_path / "runs"
     precision = "bf16" if seams.cpu_has_bf16() else "no"  # the training forward autocasts; scoring must not
     cmd = [
-        accelerate,
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        precision,
-        "--dynamo_backend",
-        "no",
+        *accelerate_launch(2, precision),
         "-m",
         "forgetscope",
         "run",
