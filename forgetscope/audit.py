@@ -52,8 +52,9 @@ def _trainer_state(path: Path) -> dict:
 
 
 def _step_of(path: Path) -> int | None:
-    if "global_step" in _trainer_state(path):
-        return int(_trainer_state(path)["global_step"])
+    state = _trainer_state(path)
+    if "global_step" in state:
+        return int(state["global_step"])
     match = re.search(r"(\d+)$", path.name)
     return int(match[1]) if match else None
 
@@ -231,17 +232,29 @@ def _check_vocabularies(found: list[Checkpoint], tokenizer, trust_remote_code: b
         raise AuditError("\n".join(problems))
 
 
+def _adapter_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """The shapes of the tensors an adapter saved, read from the safetensors header (nothing is
+    loaded: peft loads the weights once, when the adapter is applied); pickled adapters are loaded."""
+    file = folder / "adapter_model.safetensors"
+    if not file.is_file():
+        from peft.utils import load_peft_weights
+
+        return {k: tuple(t.shape) for k, t in load_peft_weights(str(folder)).items()}
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as weights:
+        return {k: tuple(weights.get_slice(k).get_shape()) for k in weights.keys()}  # noqa: SIM118 (not iterable)
+
+
 def _fit_vocabulary(session: RunSession, model, folder: Path, wrapped: bool) -> None:
     """Resize the base's embeddings to those an adapter saved (peft saves them when training
     resized the vocabulary), before the first adapter is loaded. Such adapters overwrite base
     weights, so from then on snapshots are fingerprinted whole, not as base + adapter."""
-    from peft.utils import load_peft_weights
-
     embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
     rows = {
-        t.shape[0]
-        for k, t in load_peft_weights(str(folder)).items()
-        if f"{embedding}." in k and "lora_" not in k and t.ndim == 2
+        shape[0]
+        for k, shape in _adapter_shapes(folder).items()
+        if f"{embedding}." in k and "lora_" not in k and len(shape) == 2
     }
     if not rows:
         return

@@ -43,21 +43,20 @@ from forgetscope.recipe import CascadeConfig, Recipe, TaskConfig
 from forgetscope.replay import base_topk, collate, kl_full, kl_topk
 from forgetscope.snapshots import RunLayout
 
-KL_TASK = metrics.KL_PROBE  # the KL probe's name in results, curves and reports (role "drift")
-
 
 def probe_steps(config: CascadeConfig, scheduled: list[int], total: int) -> list[int]:
     """The probe steps between the scheduled snapshots: every ``config.every`` steps up to ``total``."""
     if not config.every:
         return []
-    return [s for s in range(config.every, total + 1, config.every) if s not in set(scheduled)]
+    taken = set(scheduled)
+    return [s for s in range(config.every, total + 1, config.every) if s not in taken]
 
 
 def thresholds(config: CascadeConfig) -> dict[str, float]:
     """{cheap probe: the move since the last full battery that calls for the full battery}."""
     out = {name: config.cheap_threshold for name in config.cheap}
     if config.kl:
-        out[KL_TASK] = config.kl_threshold
+        out[metrics.KL_PROBE] = config.kl_threshold
     return out
 
 
@@ -187,7 +186,7 @@ def measure_kl(probe: KLProbe, model, tokenizer, batch_size: int = 16) -> dict:
             }
         },
     }
-    return {"results": {KL_TASK: result}, "samples": {KL_TASK: samples}, "cached": []}
+    return {"results": {metrics.KL_PROBE: result}, "samples": {metrics.KL_PROBE: samples}, "cached": []}
 
 
 # ---------------------------------------------------------------- the cascade in a run
@@ -206,7 +205,13 @@ class Cascade:
         layout: RunLayout,
         kl_probe: KLProbe | None,
     ):
-        self.config, self.suite, self.layout, self.kl_probe = recipe.cascade, suite, layout, kl_probe
+        self.config, self.layout, self.kl_probe = recipe.cascade, layout, kl_probe
+        # the cheap probes and the rest of the battery as two suites, made once: each keeps the
+        # batch size it finds on first use (evaluate._lines_per_pass) for the whole run
+        self.cheap, self.rest = (
+            dataclasses.replace(suite, roles={t: r for t, r in suite.roles.items() if (t in recipe.cascade.cheap) == c})
+            for c in (True, False)
+        )
         self.scheduled = set(scheduled)
         self.limits = thresholds(recipe.cascade)
         self.record = layout.read_manifest().get("cascade") or {
@@ -215,10 +220,6 @@ class Cascade:
             "thresholds": self.limits,
             "steps": {},
         }
-
-    def _suite(self, cheap: bool) -> evaluate.EvalSuite:
-        roles = {t: r for t, r in self.suite.roles.items() if (t in self.config.cheap) == cheap}
-        return dataclasses.replace(self.suite, roles=roles)
 
     def _reference(self, step: int) -> dict[str, float]:
         """The cheap values at the last full battery before ``step``."""
@@ -231,7 +232,7 @@ class Cascade:
         several processes every one calls this and scores its share of each suite; rank 0 measures
         the KL, decides, records and returns the evaluation (the others get None)."""
         tick = time.time()
-        out = evaluate.evaluate_model(model, tokenizer, self._suite(cheap=True), base_only=step == 0)
+        out = evaluate.evaluate_model(model, tokenizer, self.cheap, base_only=step == 0)
         cheap_s = time.time() - tick
         full, reason, values = False, "", {}
         if distributed.is_main():
@@ -248,7 +249,7 @@ class Cascade:
         full = distributed.broadcast(full)
         tick = time.time()
         if full:
-            rest = evaluate.evaluate_model(model, tokenizer, self._suite(cheap=False), base_only=step == 0)
+            rest = evaluate.evaluate_model(model, tokenizer, self.rest, base_only=step == 0)
             if rest is not None:
                 for key in ("results", "samples"):
                     out[key].update(rest[key])

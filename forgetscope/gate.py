@@ -273,10 +273,6 @@ def _decide(tests: list[dict], policy: Policy) -> None:
         t["passed"], t["note"] = bool(ok), "; ".join(notes)
 
 
-def _pvalue(p: float) -> str:
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
-
-
 def _signed(x: float) -> str:
     """``x`` to 4 decimals with its sign, "+0.0000" for a zero drop (never "-0.0000")."""
     return f"{round(x, 4) + 0.0:+.4f}"
@@ -286,7 +282,7 @@ def _row(c: dict) -> list[str]:
     if "drop" in c:
         value = f"{c['base']:.4g} → {c['value']:.4g}"
         measured = f"{_signed(c['drop'])} (≤ {_signed(c['bound'])})"
-        p = _pvalue(c["p_adj"])
+        p = stats.format_p(c["p_adj"])
     else:
         value, measured, p = "–" if c["value"] is None else f"{c['value']:.4g}", "", ""
     return [("PASS" if c["passed"] else "FAIL"), c["name"], c["metric"], value, measured, c["limit"], p, c["note"]]

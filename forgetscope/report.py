@@ -360,17 +360,13 @@ def _final_rows(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
                 _fmt(r["final"], 4),
                 f"{sign * r['drop']:+.4f} [{low:+.4f}, {high:+.4f}]",
                 _pct(r["adj_drop"]) if pd.notna(r["chance"]) else "–",
-                _p(r["p_adj"]),
-                _p(r["p_mcnemar"]),
+                stats.format_p(r["p_adj"]),
+                stats.format_p(r["p_mcnemar"]),
                 flips,
                 verdict,
             ]
         )
     return head, body
-
-
-def _p(p) -> str:
-    return "–" if p is None or pd.isna(p) else ("<0.001" if p < 0.001 else f"{p:.3f}")
 
 
 def _left_out_note(analysis: Analysis) -> str:

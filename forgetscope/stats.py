@@ -328,3 +328,8 @@ def items_to_decide(drop: float, se: float, n: int, margin: float, alpha: float,
     if drop >= margin or n <= 0:
         return None
     return max(n, math.ceil(n * (detectable(se, alpha, power) / (margin - drop)) ** 2))
+
+
+def format_p(p: float | None) -> str:
+    """A p-value as the report and the gate print it: three decimals, "<0.001" below, "–" for none."""
+    return "–" if p is None or math.isnan(p) else ("<0.001" if p < 0.001 else f"{p:.3f}")
