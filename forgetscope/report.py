@@ -59,9 +59,10 @@ def analyse(
     for root, run_table in runs:
         layout = RunLayout(root)
         run = run_table["run"].iloc[0]
-        if layout.read_manifest().get("cascade"):
-            cascades.append(_cascade_entry(run, layout.read_manifest()["cascade"]))
-        sequence = layout.read_manifest().get("sequence")
+        manifest = layout.read_manifest()
+        if manifest.get("cascade"):
+            cascades.append(_cascade_entry(run, manifest["cascade"]))
+        sequence = manifest.get("sequence")
         if sequence and (root / "sequence.png").is_file():
             sequences.append({"run": run, "figure": root / "sequence.png", **sequence})
         mine = rows[rows["run"] == run]
