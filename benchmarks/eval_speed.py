@@ -81,7 +81,9 @@ def main() -> None:
     os.environ["FORGETSCOPE_CACHE"] = str(work / "cache")  # empty result cache: everything is scored
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    evals = EvalConfig(new=TASKS[:1], general=TASKS[1:], limit=limit, batch_size=args.batch_size)
+    # all four as general probes: each in its own lm-eval format, the requests the CLI scores (a new task
+    # would be joined as training joins prompt and completion, which the CLI does not do)
+    evals = EvalConfig(new=[], general=TASKS, limit=limit, batch_size=args.batch_size)
     tick = time.perf_counter()
     root = audit(
         base_path, [str(work / "adapters")], evals, name="bench", runs_dir=str(work / "runs"), chat_template="off"
@@ -93,7 +95,7 @@ def main() -> None:
 
     base_eval_s = json.loads((root / "manifest.json").read_text())["timings"]["eval_s"]["step-000000"]
     table = pd.read_csv(root / "curves.csv")
-    cli_s, diffs, accuracies_equal = [], [], []
+    cli_s, diffs, accuracies_equal, worst = [], [], [], None
     for step, adapter in zip(range(10, 10 * len(adapters) + 1, 10), adapters):
         out = work / f"cli-{step}"
         cmd = [
@@ -127,6 +129,14 @@ def main() -> None:
                 accuracies_equal.append(row.value == other)
             else:
                 diffs.append(abs(row.value - other) / max(abs(other), 1e-12))
+                if diffs[-1] == max(diffs):
+                    worst = {
+                        "step": step,
+                        "task": row.task,
+                        "metric": row.metric,
+                        "forgetscope": row.value,
+                        "lm_eval": other,
+                    }
     cli_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
     result = {
@@ -151,6 +161,7 @@ def main() -> None:
         "scores_compared": len(diffs) + len(accuracies_equal),
         "accuracies_identical": all(accuracies_equal),
         "max_relative_difference_of_other_scores": max(diffs),
+        "largest_difference": worst,
         "scores_identical": all(accuracies_equal) and max(diffs) < 1e-6,
         "scores_identical_means": "every accuracy equal; log-likelihoods and perplexities equal to float32 rounding "
         "(relative 1e-6: forgetscope sums the same terms in a different order)",
