@@ -2,7 +2,7 @@
 sampler) against transformers' ``generate`` at the batch size forgetscope used before. Writes JSON:
 tokens/s (tokens the model produced, up to its end-of-sequence token) for each number of samples.
 
-    python benchmarks/sampling_speed.py [--samples 64 256 1024] [--out bench/sampling_speed_cuda.json]
+    python benchmarks/sampling_speed.py [--samples 64 1024 4096] [--out bench/sampling_speed_cuda.json]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="smollm2-135m")
-    parser.add_argument("--samples", type=int, nargs="+", default=[64, 256, 1024])
+    parser.add_argument("--samples", type=int, nargs="+", default=[64, 1024, 4096])
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

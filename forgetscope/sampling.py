@@ -57,7 +57,7 @@ _REQUESTS = (
     "What is interesting about {}?",
 )
 CPU_BATCH = 16  # sequences decoded together on the CPU
-MAX_GPU_BATCH = 1024  # on CUDA: as many as fit in a quarter of the free memory, at most this many
+MAX_GPU_BATCH = 2048  # on CUDA: as many as fit in a quarter of the free memory, at most this many
 CHECK_EVERY = 8  # decoding steps between checks whether every sequence has ended (each check waits for the GPU)
 WARMUP_STEPS = 2  # eager decoding steps before the step is captured as a CUDA graph
 TOP_P_CANDIDATES = 1024  # top-p sampling looks for the nucleus among this many most likely tokens first
@@ -200,16 +200,26 @@ def pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torc
     (the smallest set of most likely tokens whose probabilities reach ``top_p``).
 
     The nucleus is looked for among the ``TOP_P_CANDIDATES`` most likely tokens, which is much
-    cheaper than sorting the whole vocabulary for every row; when some row's candidates do not
-    reach ``top_p`` (a very flat distribution), the whole vocabulary is sorted, so the draw is exact."""
+    cheaper than sorting the whole vocabulary for every row; the rows whose candidates do not
+    reach ``top_p`` (a very flat distribution) are drawn again from their whole vocabulary, sorted,
+    so every draw is exact."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p >= 1:
         return torch.multinomial(probs, 1, generator=generator)[:, 0]
     top, order = probs.topk(min(TOP_P_CANDIDATES, probs.shape[-1]), dim=-1)  # most likely first
-    if bool((top.sum(-1) < top_p).any()):
-        top, order = probs.sort(dim=-1, descending=True)
+    tokens = _draw_nucleus(top, order, top_p, generator)
+    short = top.sum(-1) < top_p
+    if bool(short.any()):
+        rows = short.nonzero()[:, 0]
+        tokens[rows] = _draw_nucleus(*probs[rows].sort(dim=-1, descending=True), top_p, generator)
+    return tokens
+
+
+def _draw_nucleus(top: torch.Tensor, order: torch.Tensor, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """A token per row from probabilities ``top`` (most likely first, token ids ``order``), cut
+    after the first tokens whose mass reaches ``top_p``."""
     outside = top.cumsum(-1) - top >= top_p  # the mass before a token already reaches top_p; never the first
     return order.gather(-1, torch.multinomial(top.masked_fill(outside, 0), 1, generator=generator))[:, 0]
 

@@ -94,6 +94,16 @@ def test_top_p_beyond_the_candidates_sorts_the_whole_vocabulary(monkeypatch):
     assert {int(sampling.pick(logits, 1.0, 0.8, generator)) for _ in range(300)} == {3, 1}
 
 
+def test_only_the_rows_whose_candidates_fall_short_sort_the_vocabulary(monkeypatch):
+    monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", 2)
+    # row 0: its two candidates hold 0.95, enough for 0.9; row 1: 0.8, so it sorts all four
+    logits = torch.log(torch.tensor([[0.6, 0.35, 0.04, 0.01], [0.05, 0.3, 0.15, 0.5]]))
+    generator = torch.Generator().manual_seed(0)
+    draws = [sampling.pick(logits, 1.0, 0.9, generator).tolist() for _ in range(300)]
+    assert {row0 for row0, _ in draws} == {0, 1}
+    assert {row1 for _, row1 in draws} == {3, 1, 2}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_the_cuda_graph_decodes_like_the_eager_step(lively, monkeypatch):
     model, tokenizer = lively
