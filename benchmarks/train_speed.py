@@ -87,11 +87,12 @@ def run_trainer(args, path: str, data: list[dict], liger: bool = False) -> list[
     import datasets
     from transformers import DataCollatorForSeq2Seq
 
-    from forgetscope import models, train
+    from forgetscope import models, seams, train
 
     model, tokenizer = models.load(path)
     if args.compile:
         train.compile_blocks(model)
+        seams.compile_loss(model)
     timer = StepTimer()
     targs = TrainingArguments(
         output_dir=tempfile.mkdtemp(),
@@ -120,11 +121,12 @@ def run_trainer(args, path: str, data: list[dict], liger: bool = False) -> list[
 
 def run_loop(args, path: str, data: list[dict]) -> list[float]:
     """A plain PyTorch loop: bf16 autocast, fused AdamW, clipping."""
-    from forgetscope import models, train
+    from forgetscope import models, seams, train
 
     model, _ = models.load(path)
     if args.compile:
         train.compile_blocks(model)
+        seams.compile_loss(model)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
@@ -158,7 +160,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=6, help="steps left out of the timing (compilation, allocator)")
-    parser.add_argument("--compile", action="store_true", help="train.compile: regional torch.compile")
+    parser.add_argument(
+        "--compile", action="store_true", help="train.compile: regional torch.compile of the blocks, and the loss"
+    )
     parser.add_argument(
         "--variants", default="forgetscope,trainer,loop", help="also: trainer_liger (pip install liger-kernel)"
     )

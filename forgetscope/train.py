@@ -6,7 +6,7 @@ update), so a snapshot never has to be reloaded from disk to be evaluated. Under
 writes the snapshot and the results.
 
 Speed: fused AdamW on CUDA, ``train.packing`` (padding-free batches), ``train.compile``
-(regional ``torch.compile``); ``train.deterministic`` trades speed for bit-reproducible runs.
+(regional ``torch.compile`` of the blocks, and the loss); ``train.deterministic`` trades speed for bit-reproducible runs.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def use_bf16(precision: str) -> bool:
 
 def prepare_model(model, recipe: Recipe):
     """Wrap the base model for the recipe's method: peft LoRA adapters, or every weight trainable;
-    with ``train.compile``, compile its repeated blocks."""
+    with ``train.compile``, compile its repeated blocks and its loss."""
     if recipe.method == "full":
         model.requires_grad_(True)
     else:
@@ -56,6 +56,7 @@ def prepare_model(model, recipe: Recipe):
         model = get_peft_model(model, config)
     if recipe.train.compile:
         compile_blocks(model)
+        seams.compile_loss(model)
     return model
 
 

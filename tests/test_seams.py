@@ -126,3 +126,24 @@ def test_a_trainer_told_so_divides_a_micro_batch_mean_by_the_accumulation_steps(
         model.train(), {"input_ids": torch.tensor([[1, 2]])}, num_items_in_batch=torch.tensor(2)
     )
     assert float(loss) == pytest.approx(0.5), f"Trainer no longer reads model_accepts_loss_kwargs {UPGRADE}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_compiled_loss_is_the_loss_the_model_computes(lora):
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = models.load(models.resolve("tiny-random"))
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear"))
+    ids = torch.randint(3, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0)).to(model.device)
+    labels = ids.clone()
+    labels[0, :4] = -100
+    eager = model(input_ids=ids, labels=labels).loss
+    seams.compile_loss(model)
+    inner = model.get_base_model() if lora else model
+    compiled, calls = inner.loss_function, []
+    inner.loss_function = lambda *args, **kwargs: calls.append(1) or compiled(*args, **kwargs)
+    loss = model(input_ids=ids, labels=labels).loss
+    assert calls, f"the model no longer computes its loss through its loss_function {UPGRADE}"
+    assert torch.allclose(loss, eager, rtol=1e-5)
