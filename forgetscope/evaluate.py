@@ -317,6 +317,7 @@ def _lm_eval(lm, specs: list, suite: EvalSuite, use_chat: bool) -> dict[str, Any
     random.seed(SEED)
     np.random.seed(SEED)
     torch.manual_seed(SEED)
+    seams.cache_lm_eval_templates()
     loaded = manager_for(list(suite.specs), suite.paths).load(specs)
     joined = {
         leaf for name, leaves in suite.members.items() if prompt_format(suite, name) == "joined" for leaf in leaves

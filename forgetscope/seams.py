@@ -14,6 +14,7 @@ overrides ``HFLM._loglikelihood_tokens`` (the hook torchtune's evaluation also b
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -86,6 +87,18 @@ def rewrite_loglikelihood_requests(task, rewrite: Callable[[str, str], tuple[str
         return requests
 
     task.construct_requests = rewritten
+
+
+def cache_lm_eval_templates() -> None:
+    """Compile each of lm-eval's Jinja templates once: ``lm_eval.utils.apply_template`` calls
+    ``env.from_string`` for every document and field, which compiles the template anew (about
+    2,400 compilations a snapshot for the default suite at limit 100: 0.6 s of a CPU core). The
+    module's Jinja environment gets a cache of compiled templates keyed by their source; rendering
+    is unchanged. Idempotent."""
+    from lm_eval import utils
+
+    if not hasattr(utils.env.from_string, "cache_info"):
+        utils.env.from_string = functools.lru_cache(maxsize=4096)(utils.env.from_string)
 
 
 def lm_eval_mmlu_exemplars() -> str:

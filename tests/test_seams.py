@@ -147,3 +147,15 @@ def test_the_compiled_loss_is_the_loss_the_model_computes(lora):
     loss = model(input_ids=ids, labels=labels).loss
     assert calls, f"the model no longer computes its loss through its loss_function {UPGRADE}"
     assert torch.allclose(loss, eager, rtol=1e-5)
+
+
+def test_lm_eval_compiles_each_template_once():
+    from lm_eval import utils
+
+    seams.cache_lm_eval_templates()
+    seams.cache_lm_eval_templates()  # idempotent: one cache, not a cache of a cache
+    hits = utils.env.from_string.cache_info().hits
+    assert [utils.apply_template("{{a}} =", {"a": a}) for a in (1, 2)] == ["1 =", "2 ="]
+    assert utils.env.from_string.cache_info().hits == hits + 1, (
+        f"lm_eval.utils.apply_template no longer compiles through env.from_string {UPGRADE}"
+    )
