@@ -140,7 +140,8 @@ class TrainConfig:
     compile: bool = option(
         False,
         "torch.compile the model's repeated blocks for training (regional compilation: one block compiles once for "
-        "all of them, about 20 s on an H100). Pays off on long GPU runs; scoring and sampling run uncompiled.",
+        "all of them, about 20 s on an H100) and its loss (the fp32 logits are never written). Pays off on long GPU "
+        "runs; scoring and sampling run uncompiled.",
     )
     deterministic: bool = option(
         False,
