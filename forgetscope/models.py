@@ -208,12 +208,12 @@ def parse_scratch(ref: str) -> tuple[dict[str, int], list[str]]:
             sizes[key] = int(value)
     if not problems:
         sizes["intermediate"] = sizes["intermediate"] or 4 * sizes["hidden"]
-        if (
-            min(sizes["layers"], sizes["hidden"], sizes["heads"], sizes["max_len"]) < 1
-            or sizes["hidden"] % sizes["heads"]
-        ):
+        if min(sizes["layers"], sizes["hidden"], sizes["heads"], sizes["max_len"]) < 1:
+            problems.append(f"base: scratch sizes {sizes} need positive layers, hidden, heads and max_len")
+        elif sizes["hidden"] % (pair := 2 * sizes["heads"]):  # rotary embeddings turn pairs of a head's dimensions
             problems.append(
-                f"base: scratch sizes {sizes} need positive layers/hidden/heads/max_len and hidden divisible by heads"
+                f"base: scratch hidden={sizes['hidden']} over heads={sizes['heads']} must give each head an even "
+                f"number of dimensions (hidden a multiple of 2 x heads), e.g. hidden={pair * max(1, round(sizes['hidden'] / pair))}"
             )
     return sizes, problems
 

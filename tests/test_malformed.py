@@ -112,6 +112,10 @@ STRUCTURE = (
         ("unknown eval", ("evals", "general"), ["not_a_task"], "evals"),
         ("empty new evals and general", ("evals",), {"new": [], "general": []}, "evals"),
         ("unknown base", ("base",), "no-such-model-alias", "base"),
+        ("scratch key unknown", ("base",), "scratch:layer=2", "base"),
+        ("scratch size zero", ("base",), "scratch:layers=0", "base"),
+        ("scratch odd head dimension", ("base",), "scratch:hidden=12,heads=4", "base"),  # RoPE needs even
+        ("scratch hidden not divisible by heads", ("base",), "scratch:hidden=30,heads=4", "base"),
         ("missing data file", ("task",), {"name": None, "path": "nope.jsonl"}, "task.path"),
         ("snapshot count zero", ("snapshots",), {"schedule": "log", "count": 0}, "snapshots.count"),
         ("replay samples zero", ("replay", "samples"), 0, "replay.samples"),
