@@ -1,7 +1,7 @@
 """``forgetscope sweep``: run recipes at several values of one field and plot forgetting against it.
 
-This is how the two other findings of Marek et al. 2026 are reproduced on small models from
-scratch (``make capacity``, ``make lr-tradeoff``):
+This is how the two other findings of Marek et al. 2026 are tested on small models from scratch
+(``make capacity``, ``make lr-tradeoff``; the README says what they show):
 
 * **capacity**: the same fine-tune forgets more when the model has less spare capacity: sweep
   ``base`` over widths (``scratch:layers=2,hidden=H,...``), or the first stage's ``steps``;
