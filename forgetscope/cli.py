@@ -314,7 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under a launcher (torch is loaded by then)
+            from forgetscope import distributed
+
+            distributed.finish()
+        return code
     except UserError as err:
         for line in str(err).splitlines():
             print(f"forgetscope: error: {line}", file=sys.stderr)

@@ -41,6 +41,16 @@ def init() -> None:
         PartialState()
 
 
+def finish() -> None:
+    """Leave the process group, at the end of a command that succeeded. A process that exits still
+    in it can abort during interpreter shutdown, when gloo's worker threads outlive Python
+    (SIGABRT, "terminate called without an active exception": pytorch/pytorch#190489), and the
+    launcher then reports a finished run as failed. Not after an error: the other processes may
+    still be inside a collective step, which leaving would hang."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def active() -> bool:
     """Whether several processes take part in a process group."""
     return (
