@@ -84,7 +84,7 @@ def main() -> None:
     )
     trainer.train()
     if torch.distributed.is_initialized():  # under accelerate launch: leave the process group before exiting,
-        torch.distributed.destroy_process_group()  # as PyTorch asks (else gloo's threads can abort the exit)
+        torch.distributed.destroy_process_group()  # as PyTorch asks of every process
 
 
 if __name__ == "__main__":

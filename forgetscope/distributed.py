@@ -42,11 +42,10 @@ def init() -> None:
 
 
 def finish() -> None:
-    """Leave the process group, at the end of a command that succeeded. A process that exits still
-    in it can abort during interpreter shutdown, when gloo's worker threads outlive Python
-    (SIGABRT, "terminate called without an active exception": pytorch/pytorch#190489), and the
-    launcher then reports a finished run as failed. Not after an error: the other processes may
-    still be inside a collective step, which leaving would hang."""
+    """Leave the process group at the end of a command that succeeded, as PyTorch asks of every
+    process (its docs, "Shutdown"; pytorch/pytorch#190489 shows an abort at exit without it). Not
+    after an error: the other processes may still be inside a collective step, which leaving
+    would hang."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
