@@ -36,7 +36,7 @@ WORKER = textwrap.dedent("""
     out = {"rank": distributed.rank(), "world": distributed.world_size(), "requests": sum(shares), "result": result}
     with open(os.path.join(sys.argv[1], f"rank{distributed.rank()}.json"), "w") as fh:
         json.dump(out, fh)
-    distributed.finish()  # else a process can abort at exit, still in the gloo group
+    distributed.finish()  # leave the process group, as PyTorch asks of every process
 """)
 
 
