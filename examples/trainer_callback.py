@@ -83,9 +83,11 @@ def main() -> None:
         )
     )
     trainer.train()
-    if torch.distributed.is_initialized():  # under accelerate launch: leave the process group before exiting,
-        torch.distributed.destroy_process_group()  # as PyTorch asks of every process
 
 
 if __name__ == "__main__":
     main()
+    # Under accelerate launch: leave the process group, as PyTorch asks of every process, once the
+    # Trainer (and the DDP model that also holds the group) is gone, as it is when main() returns.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import sys
+import weakref
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,11 @@ class ForgettingCallback(SnapshotCallback):
         if problems:
             raise CallbackError("\n".join(f"ForgettingCallback: {p}" for p in problems))
         super().__init__([], self._score)
-        self.report = trainer.log  # the scores reach report_to's integrations through the Trainer's own log
+        # The scores reach report_to's integrations through the Trainer's own log. A weak reference:
+        # the Trainer holds this callback, and the cycle would keep the model (and a process group)
+        # alive until the garbage collector runs, or until exit.
+        trainer_ref = weakref.ref(trainer)
+        self.report = lambda scores: trainer_ref().log(scores)
         model = trainer.model
         self.method = "lora" if hasattr(model, "peft_config") else "full"
         self.base = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)

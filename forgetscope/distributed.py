@@ -10,6 +10,7 @@ the replay buffer, all cached on disk) runs on rank 0 first; the others then rea
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Iterator
 from typing import TypeVar
@@ -36,6 +37,11 @@ def init() -> None:
             "launch with --multi_gpu (DDP) and a model that fits one GPU, or use method: lora"
         )
     if launched() > 1:
+        # Imported before the group exists: its functions take ``group.WORLD`` as a default argument,
+        # evaluated at import, and transformers imports it while loading a tokenizer. Bound to the
+        # group, the defaults would keep it, and gloo's threads, alive after ``finish`` until the
+        # interpreter exits, where a thread still releasing a tensor aborts the process (SIGABRT).
+        import torch.distributed.nn  # noqa: F401
         from accelerate import PartialState
 
         PartialState()
@@ -43,10 +49,17 @@ def init() -> None:
 
 def finish() -> None:
     """Leave the process group at the end of a command that succeeded, as PyTorch asks of every
-    process (its docs, "Shutdown"; pytorch/pytorch#190489 shows an abort at exit without it). Not
-    after an error: the other processes may still be inside a collective step, which leaving
-    would hang."""
+    process (its docs, "Shutdown"). Not after an error: the other processes may still be inside a
+    collective step, which leaving would hang.
+
+    The group's threads stop when its last reference goes, and may then still be releasing the
+    tensors of a finished collective, which takes the GIL. Dropped here, the last reference lets
+    them (the binding releases the GIL). Dropped by a DDP model's reducer, which keeps the GIL, it
+    can hang; left to the interpreter's exit, it can abort ("terminate called without an active
+    exception", pytorch/pytorch#190489). So the finished command's models, unreachable but perhaps
+    in reference cycles, are collected first, while torch's registry still holds the group."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gc.collect()
         torch.distributed.destroy_process_group()
 
 

@@ -9,6 +9,7 @@ import sys
 import datasets
 import pandas as pd
 import pytest
+from at_exit import threads_left
 from conftest import ROOT, accelerate_launch
 from transformers import Trainer, TrainingArguments
 
@@ -180,9 +181,10 @@ trainer.train()
 
 @pytest.mark.slow
 def test_the_example_under_accelerate_launch_with_two_processes(tmp_path):
-    launcher = accelerate_launch(2)
+    launcher = [*accelerate_launch(2), str(ROOT / "tests" / "at_exit.py"), str(tmp_path / "exits")]
     proc = _run_example(tmp_path, "--lora", launcher=launcher)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert threads_left(tmp_path / "exits") == [[], []]  # the group is gone before exit: the callback keeps no Trainer
     root = tmp_path / "runs" / "my-sft"
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["processes"] == 2 and manifest["method"] == "lora"

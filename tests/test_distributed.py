@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import pytest
+from at_exit import threads_left
 from conftest import ROOT
 
 from forgetscope import evaluate, models
@@ -61,6 +62,8 @@ def test_two_processes_score_their_shares_and_agree_with_one(tmp_path, monkeypat
             "2",
             "--master_port",
             "29531",
+            str(ROOT / "tests" / "at_exit.py"),
+            str(tmp_path / "exits"),
             str(script),
             str(tmp_path),
             json.dumps(TASKS),
@@ -72,6 +75,7 @@ def test_two_processes_score_their_shares_and_agree_with_one(tmp_path, monkeypat
         env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert threads_left(tmp_path / "exits") == [[], []]  # each process left the group and it is gone
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]
     assert ranks[1]["result"] is None  # rank 1 handed its share to rank 0

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import RECIPES, accelerate_launch
+from at_exit import threads_left
+from conftest import RECIPES, ROOT, accelerate_launch
 
 from forgetscope import models, seams
 from forgetscope.load import load_recipe
@@ -54,6 +55,8 @@ def test_accelerate_launch_with_two_cpu_processes(tmp_path):
     precision = "bf16" if seams.cpu_has_bf16() else "no"  # the training forward autocasts; scoring must not
     cmd = [
         *accelerate_launch(2, precision),
+        str(ROOT / "tests" / "at_exit.py"),
+        str(tmp_path / "exits"),
         "-m",
         "forgetscope",
         "run",
@@ -66,6 +69,7 @@ def test_accelerate_launch_with_two_cpu_processes(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # CPU processes over gloo, also on a GPU machine
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert threads_left(tmp_path / "exits") == [[], []]  # each process left the group and it is gone
     root = runs / "tiny"
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["processes"] == 2
