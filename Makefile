@@ -45,10 +45,15 @@ sequence-paper: $(STAMP)
 		--title "Four digit tasks in a row at the paper's scale: without and with self-generated replay"
 
 # Marek et al. 2026's other two findings, on small models from scratch (figures: runs/capacity/sweep.png, runs/lr_tradeoff/sweep.png).
-CAPACITY_WIDTHS ?= 16 32 64
+# Widths as hidden:heads (each head needs an even size); without replay every width forgets it all, shown at two.
+CAPACITY_WIDTHS ?= 8:2 12:2 16:4 32:4
+CAPACITY_PLAIN ?= 8:2 32:4
+capacity_bases = $(foreach w,$(1),scratch:layers=2,hidden=$(word 1,$(subst :, ,$(w))),heads=$(word 2,$(subst :, ,$(w))),seed=0)
 capacity: $(STAMP)
-	$(ONE_THREAD) $(BIN)/forgetscope sweep recipes/capacity.yaml recipes/capacity_replay.yaml --key base -o runs/capacity --target 0.9 \
-		--values $(foreach h,$(CAPACITY_WIDTHS),scratch:layers=2,hidden=$(h),heads=4,seed=0) \
+	$(ONE_THREAD) $(BIN)/forgetscope sweep recipes/capacity.yaml --key base -o runs/capacity --target 0.9 \
+		--values $(call capacity_bases,$(CAPACITY_PLAIN))
+	$(ONE_THREAD) $(BIN)/forgetscope sweep recipes/capacity_replay.yaml --key base -o runs/capacity --target 0.9 \
+		--values $(call capacity_bases,$(CAPACITY_WIDTHS)) \
 		--title "Capacity: the same fine-tune on models of several widths, without and with self-generated replay"
 
 lr-tradeoff: $(STAMP)
