@@ -64,6 +64,7 @@ class ForgettingCallback(SnapshotCallback):
         problems: list[str] = []
         self.evals = build(EvalConfig, {"new": [], **(evals or {})}, "evals.", problems)
         self.schedule = build(SnapshotConfig, snapshots or {}, "snapshots.", problems)
+        problems += validate.check_name(name, "name")
         if chat_template not in ("auto", "on", "off"):
             problems.append(f"chat_template: expected 'auto' | 'on' | 'off', got {chat_template!r}")
         if not problems:

@@ -79,15 +79,20 @@ def _check_stages(recipe: Recipe, data: dict[str, Any]) -> tuple[list[str], list
     return problems, new
 
 
+def check_name(name: str, field: str) -> list[str]:
+    """The problem, if any, with a run's name (``field`` says where it came from): it names a
+    folder under runs_dir, and must not leave it."""
+    if _NAME_RE.match(name) and name not in (".", ".."):
+        return []
+    return [
+        f"{field}: {name!r} must be letters, digits, '_', '-' or '.', not starting with '.' (it names a folder under runs_dir)"
+    ]
+
+
 def check(recipe: Recipe, data: dict[str, Any]) -> list[str]:
     """Problems of a recipe built from ``data`` (the mapping it was built from: some keys must not be
     given at all) that need more than one field, files, or the registries of models and tasks."""
-    problems = []
-    if not _NAME_RE.match(recipe.name) or recipe.name in (".", ".."):
-        problems.append(
-            f"name: {recipe.name!r} must be letters, digits, '_', '-' or '.', not starting with "
-            "'.' (it names a folder under runs_dir)"
-        )
+    problems = check_name(recipe.name, "name")
     problems += models.check_reference(recipe.base, recipe.base_dir)
 
     if recipe.method == "full" and recipe.lora is not None:
