@@ -29,7 +29,7 @@ costs:
   one extra no-grad forward of the replay part per step and is exact.
 * full fine-tuning with ``refresh_every``: a frozen copy of the model is kept (made when the
   stage starts), one more copy of the weights in memory: 4 bytes a parameter in fp32 (0.54 GB for
-  SmolLM2-135M, 13 MB for a 3.2M-parameter model from scratch), a quarter more than full
+  SmolLM2-135M, 17 MB for the 4.3M-parameter model of `sequence_paper.yaml` from scratch), a quarter more than full
   fine-tuning's own 16 bytes a parameter (weights, gradients, two Adam moments). We keep a copy
   rather than draw every sample up front (enough that none repeats more than a set number of
   times) because the up-front buffer grows with steps x replay batch (2000 steps x 256 replay

@@ -210,7 +210,7 @@ def test_report_ranks_and_renders_offline(tmp_path, fake_run):
     assert not (tmp_path / "rep2").exists()  # nothing half-written
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make install-browser)")
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make browser)")
 def test_report_renders_in_headless_chromium_without_console_errors(tmp_path, fake_run):
     sync_api = pytest.importorskip("playwright.sync_api")
     html, _ = report.write([_two_runs(tmp_path, fake_run)], tmp_path / "rep", target=0.5)
