@@ -70,11 +70,24 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _data_replaces_default_task(recipe: Recipe, data: dict[str, Any]) -> None:
+    """A task that gives ``path`` or ``hf_dataset`` and no ``name`` has no embedded task: the
+    default name stands only when no data is given (``task: {path: mine.jsonl}`` needs no
+    ``name: null``). A task that gives a name and data is still refused, by validation."""
+    given = [(recipe.task, data.get("task"))]
+    given += [(stage.task, raw.get("task")) for stage, raw in zip(recipe.stages, data.get("stages") or [])]
+    for task, raw in given:
+        if isinstance(raw, dict) and "name" not in raw and (raw.get("path") or raw.get("hf_dataset")):
+            task.name = None
+
+
 def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
     """Build and validate a recipe from plain data; raises :class:`RecipeError` with every problem."""
     problems: list[str] = []
     recipe = build(Recipe, data if data is not None else {}, "", problems)
     recipe.source = source
+    if not problems and data:
+        _data_replaces_default_task(recipe, data)
     if not problems:
         problems += validate.check(recipe, data)
     if problems:

@@ -25,8 +25,8 @@ class TaskConfig:
 
     name: str | None = option(
         "numerals",
-        "Embedded new task generated in code (see `forgetscope tasks`), or null when `path` or "
-        "`hf_dataset` gives the data.",
+        "Embedded new task generated in code (see `forgetscope tasks`); the default stands only when "
+        "neither `path` nor `hf_dataset` gives the data.",
     )
     path: str | None = option(
         None,

@@ -139,3 +139,19 @@ def test_show_prints_resolved_recipe(capsys):
     assert cli.main(["show", str(RECIPES / "tiny.yaml"), "--set", "train.steps=4"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["train"]["steps"] == 4 and shown["train"]["scheduler"] == "linear"
+
+
+def test_a_task_that_gives_data_needs_no_name_null(tmp_path, tiny_recipe_data):
+    (tmp_path / "mine.jsonl").write_text('{"prompt": "rev 123 =", "completion": " 321"}\n')
+    data = {**tiny_recipe_data, "task": {"path": "mine.jsonl"}}
+    recipe = recipe_from_dict(data, str(tmp_path / "r.yaml"))
+    assert recipe.task.name is None and recipe.task.path == "mine.jsonl"
+    staged = {k: v for k, v in tiny_recipe_data.items() if k not in ("task", "train", "evals")}
+    staged["stages"] = [
+        {"task": {"name": "numerals"}, "steps": 2},
+        {"task": {"path": "mine.jsonl"}, "steps": 2, "evals": ["digits_reverse"]},
+    ]
+    recipe = recipe_from_dict(staged, str(tmp_path / "r.yaml"))
+    assert [s.task.name for s in recipe.stages] == ["numerals", None]
+    with pytest.raises(RecipeError, match="give exactly one of"):  # a name given with the data is still refused
+        recipe_from_dict({**data, "task": {"name": "numerals", "path": "mine.jsonl"}}, str(tmp_path / "r.yaml"))
