@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from forgetscope import data, evaluate, models, registry, validate
+from forgetscope import data, evaluate, io, models, registry, validate
 from forgetscope.errors import UserError
 from forgetscope.recipe import EvalConfig, TaskConfig
 from forgetscope.session import RunSession
@@ -130,6 +130,7 @@ def audit(
 ) -> Path:
     """Score ``base`` (step 0) and every checkpoint; write ``<runs_dir>/<name>`` like a run."""
     problems = validate.check_name(name, "--name") + models.check_reference(base, Path.cwd())
+    problems += io.out_dir_problems(Path(runs_dir), "--runs-dir")
     problems += registry.check_eval_names([*evals.new, *evals.general], registry.include_paths(evals, Path.cwd()))
     if problems:
         raise AuditError("\n".join(problems))

@@ -80,14 +80,19 @@ def _write_report(runs: list[Path | str], args: argparse.Namespace) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
+    from forgetscope import io
+
+    io.check_out_dir(Path(args.out), "-o")
     _write_report(args.runs, args)
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
+    from forgetscope import io
     from forgetscope.load import load_recipe
     from forgetscope.runner import run
 
     recipes = [load_recipe(path, args.set) for path in args.recipes]  # every recipe is checked before any training
+    io.check_out_dir(Path(args.out), "-o")
     names = [r.name for r in recipes]
     if len(set(names)) != len(names):
         raise UserError(f"recipes share a run name ({', '.join(names)}); give each its own `name:` or --set name=...")
@@ -105,8 +110,9 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def _cmd_gate(args: argparse.Namespace) -> int:
-    from forgetscope import gate
+    from forgetscope import gate, io
 
+    io.check_out_dir(Path(args.out or args.run), "--out")
     policy = gate.load_policy(args.policy)
     result = gate.check(args.run, policy, step=args.step)
     print(gate.render_text(result))

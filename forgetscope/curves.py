@@ -10,7 +10,6 @@ from step 0 is forgetting).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pandas as pd
@@ -38,7 +37,7 @@ def build_table(layout: RunLayout, run: str, recipe: str, method: str) -> pd.Dat
     """Every finished evaluation of a run as tidy rows, sorted by role, task, metric and step."""
     rows = []
     for step in layout.eval_steps():
-        result = json.loads((layout.eval_dir(step) / "results.json").read_text())
+        result = io.read_json(layout.eval_dir(step) / "results.json")
         for task, entry in result["tasks"].items():
             for metric, m in entry["metrics"].items():
                 rows.append(

@@ -129,6 +129,12 @@ def check(run: str | Path, policy: Policy, step: int | None = None) -> dict:
             f"{root}: not a forgetscope run (no manifest.json); pass a folder made by `forgetscope run` or `audit`"
         )
     layout = RunLayout(root)
+    status = layout.read_manifest().get("status")
+    if status != "finished":
+        raise GateError(
+            f"{root}: the run is {status or 'of unknown status'}, not finished; gate a finished run "
+            "(a running one still changes; finish a stopped one by running its command again)"
+        )
     table = results.load_results([root])
     if table.empty:
         raise GateError(f"{root}: the run has no finished evaluation yet")

@@ -22,6 +22,45 @@ class BusyError(UserError):
     """Another process holds the lock."""
 
 
+def _damaged(path: Path, err: Exception) -> UserError:
+    reason = "missing" if isinstance(err, FileNotFoundError) else f"unreadable ({type(err).__name__}: {err})"
+    return UserError(
+        f"{path}: {reason}; the run folder is damaged (cut short or edited): run it again into a new folder"
+    )
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file of a run folder; one that is missing, cut short or not UTF-8 is a one-line
+    :class:`UserError` naming it, not a traceback."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _damaged(path, err) from None
+
+
+def read_jsonl(path: Path) -> list[Any]:
+    """The records of a JSON-lines file of a run folder (per-item samples), checked as :func:`read_json`."""
+    try:
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, ValueError) as err:
+        raise _damaged(path, err) from None
+
+
+def out_dir_problems(path: Path, what: str) -> list[str]:
+    """The problem, if any, with an output folder (``what`` names the flag or field): it is a
+    file, or lies under one."""
+    for node in (path, *path.parents):
+        if node.exists():
+            return [] if node.is_dir() else [f"{what} {path}: {node} is a file, not a folder; choose another {what}"]
+    return []
+
+
+def check_out_dir(path: Path, what: str) -> None:
+    """Refuse an unusable output folder (:func:`out_dir_problems`) before any work."""
+    for problem in out_dir_problems(path, what):
+        raise UserError(problem)
+
+
 def write_bytes(path: Path, content: bytes) -> None:
     """Write ``content`` to ``path`` atomically (a temporary name, then a rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,12 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            problems.append(
+                f"--set {pair!r}: the value is not YAML ({str(err).splitlines()[0]}); quote it or close its brackets"
+            )
     if problems:
         raise RecipeError(problems, "overrides")
     return nested

@@ -7,12 +7,11 @@ items = forgetscope.load_items(["runs/full_ft"], tasks=["world_capitals"])
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
-from forgetscope import curves, stats
+from forgetscope import curves, io, stats
 from forgetscope.errors import UserError
 from forgetscope.snapshots import RunLayout
 
@@ -48,7 +47,7 @@ def load_runs(paths: list[str | Path]) -> list[tuple[Path, pd.DataFrame]]:
     for root in run_folders(paths):
         layout = RunLayout(root)
         if layout.curves.is_file():
-            table = pd.read_csv(layout.curves)
+            table = _read_curves(layout.curves)
         else:
             method = str(layout.read_manifest().get("method", ""))
             table = curves.build_table(layout, run=root.name, recipe=root.name, method=method)
@@ -67,6 +66,22 @@ def load_runs(paths: list[str | Path]) -> list[tuple[Path, pd.DataFrame]]:
             f"two runs share the name {max(names, key=names.count)!r}; give them distinct names (`name:` in the recipe)"
         )
     return runs
+
+
+def _read_curves(path: Path) -> pd.DataFrame:
+    """A run's ``curves.csv``; one cut short, edited or not UTF-8 is a one-line error naming it."""
+    try:
+        table = pd.read_csv(path)
+    except (OSError, ValueError) as err:  # pandas' parser errors are ValueErrors
+        raise ResultsError(
+            f"{path}: unreadable ({err}); the run folder is damaged: run it again into a new folder"
+        ) from None
+    missing = [c for c in curves.COLUMNS if c not in table.columns]
+    if missing:
+        raise ResultsError(
+            f"{path}: lacks columns {', '.join(missing)}; the run folder is damaged: run it again into a new folder"
+        )
+    return table
 
 
 def load_results(paths: list[str | Path]) -> pd.DataFrame:
@@ -89,8 +104,7 @@ def load_items(paths: list[str | Path], tasks: list[str] | None = None) -> pd.Da
                 task = path.stem.removeprefix("samples_")
                 if tasks and task not in tasks:
                     continue
-                for line in path.read_text().splitlines():
-                    sample = json.loads(line)
+                for sample in io.read_jsonl(path):
                     for metric in sample.get("metrics", []):
                         value = sample.get(metric)
                         num, den = (value[0], value[1]) if isinstance(value, list) else (value, 1.0)
@@ -112,7 +126,7 @@ def load_items(paths: list[str | Path], tasks: list[str] | None = None) -> pd.Da
 def item_texts(layout: RunLayout, task: str) -> dict[str, str]:
     """{item_id: text} of one task, from the base evaluation (step 0)."""
     path = layout.eval_dir(0) / f"samples_{task}.jsonl"
-    samples = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    samples = io.read_jsonl(path) if path.is_file() else []
     return {str(s["item_id"]): item_text(s) for s in samples}
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from forgetscope import io
+from forgetscope.errors import UserError
 from forgetscope.recipe import SnapshotConfig
 
 
@@ -73,7 +74,12 @@ class RunLayout:
         return sorted(int(p.parent.name.split("-")[1]) for p in (self.root / "evals").glob("step-*/results.json"))
 
     def read_manifest(self) -> dict[str, Any]:
-        return json.loads(self.manifest.read_text()) if self.manifest.is_file() else {}
+        manifest = io.read_json(self.manifest) if self.manifest.is_file() else {}
+        if not isinstance(manifest, dict):
+            raise UserError(
+                f"{self.manifest}: not a mapping; the run folder is damaged: run it again into a new folder"
+            )
+        return manifest
 
     def update_manifest(self, **fields: Any) -> None:
         io.write_json(self.manifest, {**self.read_manifest(), **fields})

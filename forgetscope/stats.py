@@ -19,13 +19,12 @@ flips of multiple-choice probes, and the number of items a test needs (power).
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from statistics import NormalDist
 
 import numpy as np
 
+from forgetscope import io
 from forgetscope.snapshots import RunLayout
 
 
@@ -33,8 +32,7 @@ def item_values(layout: RunLayout, step: int, task: str, metric: str) -> dict[st
     """{item_id: (numerator, denominator)} for one task and metric at one step."""
     path = layout.eval_dir(step) / f"samples_{task}.jsonl"
     out = {}
-    for line in Path(path).read_text().splitlines():
-        sample = json.loads(line)
+    for sample in io.read_jsonl(path):
         value = sample[metric]
         out[str(sample["item_id"])] = (
             (float(value[0]), float(value[1])) if isinstance(value, list) else (float(value), 1.0)
@@ -228,7 +226,7 @@ def chance_level(layout: RunLayout, task: str, metric: str, step: int = 0) -> fl
     item's number of choices (lm-eval keeps one request per choice in the item's ``arguments``); 0
     for items with a single answer (greedy match, exact match). None for a continuous metric."""
     path = layout.eval_dir(step) / f"samples_{task}.jsonl"
-    samples = [json.loads(line) for line in Path(path).read_text().splitlines()] if path.is_file() else []
+    samples = io.read_jsonl(path) if path.is_file() else []
     if not samples or any(not isinstance(s.get(metric), (int, float)) or s[metric] not in (0, 1) for s in samples):
         return None
     choices = [len(s.get("arguments") or []) for s in samples]

@@ -104,6 +104,20 @@ def _parameters(model_path: str) -> int:
     return total
 
 
+def _read_earlier(path: Path) -> pd.DataFrame | None:
+    """The rows of earlier sweeps into the same folder (None: none yet); a damaged file is a
+    one-line error."""
+    if not path.is_file():
+        return None
+    try:
+        table = pd.read_csv(path, dtype={"value": str})
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: unreadable ({err}); move it away, or sweep into another -o folder") from None
+    if "run" not in table.columns:
+        raise UserError(f"{path}: not a sweep table (no `run` column); move it away, or sweep into another -o folder")
+    return table
+
+
 def run_sweep(
     recipes: list[str],
     key: str,
@@ -121,6 +135,10 @@ def run_sweep(
 
     if not values:
         raise UserError("sweep: give at least one value after --values")
+    out = Path(out_dir)
+    io.check_out_dir(out, "-o")
+    table_path = out / "sweep.csv"
+    earlier = _read_earlier(table_path)  # checked before anything trains
     planned = []
     for path in recipes:
         for value in values:
@@ -135,14 +153,10 @@ def run_sweep(
     for number, (stem, value, recipe) in enumerate(planned, start=1):
         print(f"\nforgetscope: sweep: run {number}/{len(planned)}: {recipe.name} ({key}={value})")
         rows.append({"recipe": stem, "key": key, "value": str(value), **measure(run(recipe), target)})
-    out = Path(out_dir)
-    path = out / "sweep.csv"
     table = pd.DataFrame(rows)
-    if path.is_file():
-        table = pd.concat(
-            [pd.read_csv(path, dtype={"value": str}).query("run not in @table.run"), table], ignore_index=True
-        )
-    io.write_text(path, table.to_csv(index=False))
+    if earlier is not None:
+        table = pd.concat([earlier[~earlier["run"].isin(table["run"])], table], ignore_index=True)
+    io.write_text(table_path, table.to_csv(index=False))
     figures.save(figures.plot_sweep(table, target, title), out / "sweep.png")
-    print(f"\nforgetscope: sweep written: {path}, {out / 'sweep.png'}\n" + table.round(3).to_string(index=False))
+    print(f"\nforgetscope: sweep written: {table_path}, {out / 'sweep.png'}\n" + table.round(3).to_string(index=False))
     return table

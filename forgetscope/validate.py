@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from forgetscope import models, registry, tasks
+from forgetscope import io, models, registry, tasks
 from forgetscope.recipe import EvalConfig, Recipe, SnapshotConfig, TaskConfig
 from forgetscope.schema import did_you_mean
 
@@ -93,6 +93,7 @@ def check(recipe: Recipe, data: dict[str, Any]) -> list[str]:
     """Problems of a recipe built from ``data`` (the mapping it was built from: some keys must not be
     given at all) that need more than one field, files, or the registries of models and tasks."""
     problems = check_name(recipe.name, "name")
+    problems += io.out_dir_problems(Path(recipe.runs_dir), "runs_dir")
     problems += models.check_reference(recipe.base, recipe.base_dir)
 
     if recipe.method == "full" and recipe.lora is not None:

@@ -224,3 +224,65 @@ def test_a_zero_drop_reads_plus_zero():
         }
     )
     assert row[4] == "+0.0000 (≤ +0.0500)"
+
+
+def _cut(path: Path) -> None:
+    path.write_text(path.read_text()[: len(path.read_text()) // 2])
+
+
+DAMAGED = [
+    ("manifest cut short", lambda r: _cut(r / "manifest.json"), "manifest.json: unreadable"),
+    ("manifest not UTF-8", lambda r: (r / "manifest.json").write_bytes(b"\xff\xfe{"), "manifest.json: unreadable"),
+    ("manifest a list", lambda r: (r / "manifest.json").write_text("[1, 2]"), "manifest.json: not a mapping"),
+    (
+        "results cut short, no curves yet",
+        lambda r: [_cut(r / "evals" / "step-000010" / "results.json"), (r / "curves.csv").unlink()],
+        "results.json: unreadable",
+    ),
+    (
+        "samples missing",
+        lambda r: (r / "evals" / "step-000010" / "samples_facts.jsonl").unlink(),
+        "samples_facts.jsonl: missing",
+    ),
+    (
+        "samples cut short",
+        lambda r: _cut(r / "evals" / "step-000010" / "samples_facts.jsonl"),
+        "samples_facts.jsonl: unreadable",
+    ),
+    ("curves empty", lambda r: (r / "curves.csv").write_text(""), "curves.csv: unreadable"),
+    ("curves foreign", lambda r: (r / "curves.csv").write_text("a,b\n1,2\n"), "curves.csv: lacks columns"),
+    (
+        "still running",
+        lambda r: (r / "manifest.json").write_text('{"status": "running"}'),
+        "the run is running, not finished",
+    ),
+    ("failed", lambda r: (r / "manifest.json").write_text('{"status": "failed"}'), "the run is failed, not finished"),
+]
+
+
+@pytest.mark.parametrize("damage,message", [d[1:] for d in DAMAGED], ids=[d[0] for d in DAMAGED])
+def test_a_damaged_or_unfinished_run_is_one_line_and_exit_2(tmp_path, runs, capsys, damage, message):
+    from forgetscope import results
+
+    root = runs["small"]
+    results.load_results([root]).drop(columns="chance").to_csv(root / "curves.csv", index=False)
+    damage(root)
+    policy = _policy(tmp_path, general={"facts": {"max_drop": 0.1}})
+    assert cli.main(["gate", str(root), "--policy", policy]) == 2  # not 1: a crash must not read as a failed release
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("forgetscope: error: ") and message in err[0], err
+    assert not (root / "gate.json").exists()  # nothing written into the run
+    if "not finished" not in message:  # a report shows a run still going; a damaged one it refuses too
+        assert cli.main(["report", str(root), "-o", str(tmp_path / "report")]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "report").exists()
+
+
+def test_unusable_output_folders_and_set_values_are_refused_before_any_work(tmp_path, runs, capsys):
+    policy = _policy(tmp_path, general={"facts": {"max_drop": 0.1}})
+    (tmp_path / "afile").write_text("")
+    assert cli.main(["gate", str(runs["same"]), "--policy", policy, "--out", str(tmp_path / "afile" / "sub")]) == 2
+    assert cli.main(["report", str(runs["same"]), "-o", str(tmp_path / "afile")]) == 2
+    assert cli.main(["show", str(Path(__file__).parent.parent / "recipes" / "tiny.yaml"), "--set", "train={lr: 1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and "is a file, not a folder" in err[0] and "is a file, not a folder" in err[1]
+    assert "--set 'train={lr: 1': the value is not YAML" in err[2]

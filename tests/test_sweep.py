@@ -87,3 +87,16 @@ def test_a_sweep_runs_every_value_and_accumulates_in_its_folder(tmp_path, monkey
     tiny = str(Path(__file__).parent.parent / "recipes" / "tiny.yaml")
     assert cli.main(["sweep", recipes[0], tiny, "--key", "train.lr", "--values", "1e-3", "-o", str(out)]) == 2
     assert "a sweep runs recipes of stages" in capsys.readouterr().err and len(ran) == 5  # nothing ran
+
+
+def test_an_unusable_sweep_folder_is_refused_before_anything_trains(tmp_path, monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr(runner, "run", lambda recipe: ran.append(recipe.name))
+    recipe = str(Path(__file__).parent.parent / "recipes" / "capacity.yaml")
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "sweep.csv").write_text("a,b\n1,2\n")
+    for out in ("afile", "foreign"):
+        assert cli.main(["sweep", recipe, "--key", "train.lr", "--values", "1e-3", "-o", str(tmp_path / out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "is a file, not a folder" in err[0] and "not a sweep table" in err[1] and ran == []
