@@ -55,10 +55,10 @@ def read_file(path: Path) -> list[dict[str, Any]]:
 
 def _read_file(path: Path) -> list[dict[str, Any]]:
     if path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:  # a byte-order mark is not part of the header
             return list(csv.DictReader(fh))
     records = []
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8-sig") as fh:
         for number, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -122,16 +122,17 @@ def tokenize(records: list[dict[str, Any]], tokenizer, task: TaskConfig, seq_len
     missing = [i for i, r in enumerate(records) if any(f not in r for f in fields)]
     if missing:
         need = f"`{task.prompt_field}` and `{task.completion_field}`" if has_prompt else f"`{task.text_field}`"
+        lacks = ", ".join(f"`{f}`" for f in fields if f not in records[missing[0]])
         raise DataError(
-            f"task: record {missing[0] + 1} (of {len(missing)} bad) lacks {need}; set task.prompt_field/"
-            "completion_field/text_field to your column names"
+            f"task: record {missing[0] + 1} lacks {lacks} ({len(missing)} of {len(records)} records lack {need}); "
+            "set task.prompt_field/completion_field/text_field to your column names"
         )
     not_text = [(i, f) for i, r in enumerate(records) for f in fields if not isinstance(r[f], str)]
     if not_text:
         i, f = not_text[0]
         raise DataError(f"task: record {i + 1} (of {len(not_text)} bad): `{f}` must be a string, got {records[i][f]!r}")
     end = tokenizer.eos_token or ""
-    examples, too_long = [], 0
+    examples, too_long, no_answer = [], 0, 0
     for record in records:
         if has_prompt:
             prefix, answer = split_pair(
@@ -146,7 +147,15 @@ def tokenize(records: list[dict[str, Any]], tokenizer, task: TaskConfig, seq_len
             full = tokenizer(str(record[field]) + end).input_ids
             input_ids, labels = full[:seq_len], full[:seq_len]
         too_long += len(full) > seq_len
+        if all(label == IGNORE_INDEX for label in labels):  # the prompt fills seq_len: nothing left to learn
+            no_answer += 1
+            continue
         examples.append({"input_ids": input_ids, "labels": labels, "attention_mask": [1] * len(input_ids)})
+    if not examples:
+        raise DataError(
+            f"task: no example keeps a completion token within train.seq_len={seq_len} (the prompts fill it); "
+            "raise train.seq_len or shorten the prompts"
+        )
     if too_long:
         message = (
             f"{too_long} of {len(records)} examples are longer than train.seq_len={seq_len} and are truncated; "
@@ -155,6 +164,12 @@ def tokenize(records: list[dict[str, Any]], tokenizer, task: TaskConfig, seq_len
         if task.too_long == "error":
             raise DataError(f"task: {message}")
         print(f"forgetscope: warning: {message}", file=sys.stderr)
+    if no_answer:
+        print(
+            f"forgetscope: warning: {no_answer} of {len(records)} examples keep no completion token within "
+            f"train.seq_len={seq_len} and are left out; raise train.seq_len or shorten their prompts",
+            file=sys.stderr,
+        )
     return examples
 
 

@@ -60,7 +60,9 @@ def test_jsonl_and_csv_files(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{oops\n')
     with pytest.raises(data.DataError, match=r"bad.jsonl:2: not valid JSON"):
         data.load_records(TaskConfig(name=None, path="bad.jsonl"), tmp_path)
-    with pytest.raises(data.DataError, match="lacks `prompt` and `completion`"):
+    with pytest.raises(
+        data.DataError, match=r"record 2 lacks `completion` \(1 of 2 records lack `prompt` and `completion`\)"
+    ):
         data.tokenize(
             [{"prompt": "a", "completion": "b"}, {"prompt": "c"}], models.byte_tokenizer(), TaskConfig(name=None), 8
         )
@@ -95,3 +97,12 @@ def test_bad_data_file_fails_before_anything_is_written(tmp_path, tiny_recipe_da
     assert cli.main(["run", str(tmp_path / "r.yaml")]) == 2
     assert "bad.jsonl:2: not valid JSON" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_files_with_a_byte_order_mark_read_as_without(tmp_path):
+    from forgetscope import data
+
+    (tmp_path / "bom.csv").write_bytes("\ufeffprompt,completion\nQ: 1+1?, 2\n".encode())
+    (tmp_path / "bom.jsonl").write_bytes('\ufeff{"prompt": "Q: 1+1?", "completion": " 2"}\n'.encode())
+    assert data.read_file(tmp_path / "bom.csv") == [{"prompt": "Q: 1+1?", "completion": " 2"}]
+    assert data.read_file(tmp_path / "bom.jsonl") == [{"prompt": "Q: 1+1?", "completion": " 2"}]

@@ -164,6 +164,11 @@ DATA_FILES = {
     "empty csv": ("", "csv", "task"),
     "unsupported extension": ('{"prompt": "a", "completion": "b"}\n', "txt", "task.path"),
     "parquet name, text inside": ("not parquet", "parquet", "task.path"),
+    "prompts that fill seq_len": (
+        '{"prompt": "' + "word " * 40 + '", "completion": " yes"}\n',  # 200 bytes > seq_len 64
+        "jsonl",
+        "no example keeps a completion token within train.seq_len=64",
+    ),
 }
 
 
