@@ -18,11 +18,14 @@ Conversions are done once and cached under ``$FORGETSCOPE_CACHE`` (default
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import re
+import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 from forgetscope.errors import UserError
@@ -150,7 +153,27 @@ def _file_hash(path: Path) -> str:
 def convert_gguf(path: Path) -> Path:
     """Dequantise a GGUF file once into a plain, trainable safetensors model folder (cached)."""
     target = cache_dir() / "models" / f"{path.stem}-{_file_hash(path)}"
-    return _cached(target, lambda tmp: _convert(path, tmp))
+    with unloadable(str(path)):
+        return _cached(target, lambda tmp: _convert(path, tmp))
+
+
+@contextlib.contextmanager
+def unloadable(where: str) -> Iterator[None]:
+    """Turn what the libraries raise on a damaged or foreign model (a config.json that is not
+    JSON, an architecture transformers does not know, cut-short weights, a file that is not GGUF)
+    into one line naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except UserError:  # already one line
+        raise
+    except (OSError, ValueError, KeyError, struct.error, SafetensorError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(
+            f"{where}: cannot load this model ({type(err).__name__}: {first}); check that it is a complete causal LM "
+            "that transformers can load (config.json, tokenizer files, weights)"
+        ) from None
 
 
 def _convert(path: Path, out: Path) -> None:
@@ -288,18 +311,23 @@ def load(path: str, trust_remote_code: bool = False, allow_pickle: bool = False,
     from transformers import AutoModelForCausalLM
 
     own_tokenizer = tokenizer is None
-    tokenizer = load_tokenizer(path, trust_remote_code) if own_tokenizer else tokenizer
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle or None
-        )
-    except OSError as err:
-        if not allow_pickle and "safetensors" in str(err).lower():
-            raise ModelError(
-                f"{path} has no safetensors weights, only pickle-based ones, which can run code when loaded; "
-                "set allow_pickle: true in the recipe (or --allow-pickle) if you trust the source"
-            ) from None
-        raise
+    with unloadable(path):
+        tokenizer = load_tokenizer(path, trust_remote_code) if own_tokenizer else tokenizer
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle or None
+            )
+        except OSError as err:
+            pickled = [p.name for p in Path(path).glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+            if not allow_pickle and "safetensors" in str(err).lower() and pickled:
+                raise ModelError(
+                    f"{path} has no safetensors weights, only pickle-based ones ({', '.join(sorted(pickled))}), "
+                    "which can run code when loaded; set allow_pickle: true in the recipe (or --allow-pickle) "
+                    "if you trust the source"
+                ) from None
+            if not allow_pickle and "safetensors" in str(err).lower() and Path(path).is_dir():
+                raise ModelError(f"{path}: no model weights in this folder (no model.safetensors)") from None
+            raise
     check_vocabulary(model, tokenizer, path, "its own" if own_tokenizer else "its base's (it has no tokenizer files)")
     if torch.cuda.is_available():  # this process's GPU; several processes may share one
         model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}")

@@ -1,6 +1,7 @@
 """New-task data (masking, chat template, files) and model references."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -106,3 +107,47 @@ def test_files_with_a_byte_order_mark_read_as_without(tmp_path):
     (tmp_path / "bom.jsonl").write_bytes('\ufeff{"prompt": "Q: 1+1?", "completion": " 2"}\n'.encode())
     assert data.read_file(tmp_path / "bom.csv") == [{"prompt": "Q: 1+1?", "completion": " 2"}]
     assert data.read_file(tmp_path / "bom.jsonl") == [{"prompt": "Q: 1+1?", "completion": " 2"}]
+
+
+DAMAGED_MODELS = {
+    "config.json not JSON": (lambda d: (d / "config.json").write_text("{broken"), "is not a valid JSON file"),
+    "unknown architecture": (
+        lambda d: (d / "config.json").write_text(
+            json.dumps({**json.loads((d / "config.json").read_text()), "model_type": "nosuchmodel"})
+        ),
+        "nosuchmodel",
+    ),
+    "weights cut short": (lambda d: (d / "model.safetensors").write_bytes(b"\x10" * 100), "SafetensorError"),
+    "no weights": (lambda d: (d / "model.safetensors").unlink(), "no model weights in this folder"),
+}
+
+
+@pytest.mark.parametrize("name", list(DAMAGED_MODELS))
+def test_a_damaged_model_folder_is_one_line_and_exit_2(tmp_path, capsys, name):
+    import shutil
+
+    from forgetscope import cli
+
+    damage, message = DAMAGED_MODELS[name]
+    folder = tmp_path / "model"
+    shutil.copytree(models.resolve("tiny-random"), folder)
+    damage(folder)
+    recipe = str(Path(__file__).parent.parent / "recipes" / "tiny.yaml")
+    assert cli.main(["run", recipe, "--set", f"base={folder}", "--set", f"runs_dir={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("forgetscope: error: ") and message in err[0], err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_file_that_is_not_gguf_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    from forgetscope import cli
+
+    monkeypatch.setenv("FORGETSCOPE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "model.gguf").write_bytes(b"not a gguf!")
+    recipe = str(Path(__file__).parent.parent / "recipes" / "tiny.yaml")
+    assert (
+        cli.main(["run", recipe, "--set", f"base={tmp_path / 'model.gguf'}", "--set", f"runs_dir={tmp_path / 'runs'}"])
+        == 2
+    )
+    assert "not a GGUF file" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() and not any((tmp_path / "cache").rglob("config.json"))

@@ -87,10 +87,16 @@ def test_over_long_examples_are_counted_and_can_be_an_error(tmp_path, tiny_recip
     from forgetscope import data as fdata
     from forgetscope.recipe import TaskConfig
 
-    records = [{"prompt": "short", "completion": "ok"}, {"prompt": "x" * 80, "completion": "y" * 40}]
+    records = [
+        {"prompt": "short", "completion": "ok"},
+        {"prompt": "x" * 40, "completion": "y" * 40},  # truncated inside the completion
+        {"prompt": "x" * 80, "completion": "y"},  # the prompt fills seq_len: nothing left to learn
+    ]
     examples = fdata.tokenize(records, models.byte_tokenizer(), TaskConfig(name=None), 64)
-    assert len(examples) == 2 and "1 of 2 examples are longer than train.seq_len=64" in capsys.readouterr().err
-    with pytest.raises(fdata.DataError, match=r"1 of 2 examples are longer than train\.seq_len=64"):
+    err = capsys.readouterr().err
+    assert len(examples) == 2 and "2 of 3 examples are longer than train.seq_len=64" in err
+    assert "1 of 3 examples keep no completion token within train.seq_len=64 and are left out" in err
+    with pytest.raises(fdata.DataError, match=r"2 of 3 examples are longer than train\.seq_len=64"):
         fdata.tokenize(records, models.byte_tokenizer(), TaskConfig(name=None, too_long="error"), 64)
 
 
