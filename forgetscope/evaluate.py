@@ -113,6 +113,9 @@ def prepare_suite(
                 except ConnectionError as err:  # datasets' error for data neither cached nor reachable
                     problems.append(_unavailable(name, err))
                     continue
+                except FileNotFoundError as err:  # a task YAML of yours whose data_files are not there
+                    problems.append(f"evals: {name!r}: its data is missing ({err}); fix the task's data_files path")
+                    continue
             for scored, leaves in (_scored_evals(name, loaded[name]) if name in loaded else {name: [name]}).items():
                 for leaf in leaves:
                     if leaf in owners:

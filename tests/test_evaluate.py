@@ -261,3 +261,15 @@ def test_embedded_tasks_skip_lm_evals_full_index_and_standard_names_use_it():
     full = registry.manager_for(["numerals", "arc_easy"], paths)
     assert full is registry.task_manager(tuple(paths)) and "arc_easy" in full.all_subtasks
     assert registry.check_eval_names(["numerals", "arc_easy"], paths) == []
+
+
+def test_a_task_yaml_whose_data_file_is_missing_is_one_line(tmp_path):
+    (tmp_path / "mine.yaml").write_text(
+        "task: mine\ndataset_path: json\ndataset_kwargs:\n  data_files: {test: "
+        + str(tmp_path / "gone.jsonl")
+        + "}\ntest_split: test\noutput_type: loglikelihood\ndoc_to_text: '{{prompt}}'\n"
+        "doc_to_target: '{{completion}}'\nmetric_list:\n  - metric: acc\n"
+    )
+    config = EvalConfig(new=[], general=["mine"], include=[str(tmp_path)])
+    with pytest.raises(evaluate.EvalError, match=r"'mine': its data is missing .*gone\.jsonl"):
+        evaluate.prepare_suite(config, tmp_path, chat=False)
