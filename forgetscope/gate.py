@@ -112,6 +112,10 @@ def load_policy(path: str | Path) -> Policy:
             wanted = ["min"] if role == "new" else ["max_drop", "max_relative_drop"]
             if len(given) != 1 or given[0] not in wanted:
                 problems.append(f"{role}.{name}: give exactly one of {' / '.join(wanted)}, got {given or 'none'}")
+            for key in ("max_drop", "max_relative_drop"):
+                value = getattr(limit, key)
+                if value is not None and not value >= 0:  # a negative allowed drop demands a gain: a typo
+                    problems.append(f"{role}.{name}.{key}: {value} must be 0 or more (the largest drop allowed)")
             policy.limits[(role, str(name))] = limit
     if not policy.new and not policy.general and policy.max_general_forgetting is None:
         problems.append("the policy sets no limit; add new:, general: or max_general_forgetting:")
@@ -139,6 +143,10 @@ def check(run: str | Path, policy: Policy, step: int | None = None) -> dict:
     if table.empty:
         raise GateError(f"{root}: the run has no finished evaluation yet")
     step = int(table["step"].max()) if step is None else step
+    if step == 0:
+        raise GateError(
+            f"{root}: step 0 is the base itself; gate a later step (--step), or leave --step out for the last"
+        )
     if step not in set(table["step"]):
         raise GateError(f"{root}: no evaluation at step {step}; evaluated steps: {sorted(set(table['step']))}")
     alpha = 1 - policy.confidence

@@ -173,6 +173,8 @@ def test_relative_limits_defaults_new_task_minimum_and_mean_forgetting(tmp_path,
         ),
         ({"general": {"facts": {"max_drp": 0.1}}}, "unknown key; did you mean 'max_drop'?"),
         ({"general": {"facts": {"max_drop": "a lot"}}}, "expected number"),
+        ({"general": {"facts": {"max_drop": -0.1}}}, "general.facts.max_drop: -0.1 must be 0 or more"),
+        ({"general": {"default": {"max_relative_drop": -0.05}}}, "max_relative_drop: -0.05 must be 0 or more"),
         ({"general": {"nonexistent": {"max_drop": 0.1}}}, "the run has no general eval 'nonexistent'"),
         ({"new": {"facts": {"min": 0.5}}}, "the run has no new eval 'facts'"),
         ({"new": {"new": {"max_drop": 0.5}}}, "give exactly one of min"),
@@ -198,9 +200,10 @@ def test_missing_inputs_exit_2(tmp_path, runs, capsys):
     (tmp_path / "bad.yaml").write_text("general: {facts: [")
     assert cli.main(["gate", str(runs["same"]), "--policy", str(tmp_path / "bad.yaml")]) == 2
     assert cli.main(["gate", str(runs["same"]), "--policy", policy, "--step", "7"]) == 2
+    assert cli.main(["gate", str(runs["same"]), "--policy", policy, "--step", "0"]) == 2
     err = capsys.readouterr().err
     assert "not a forgetscope run" in err and "no such policy file" in err and "not valid YAML" in err
-    assert "no evaluation at step 7; evaluated steps: [0, 10]" in err
+    assert "no evaluation at step 7; evaluated steps: [0, 10]" in err and "step 0 is the base itself" in err
 
 
 def test_the_example_policy_is_valid():
