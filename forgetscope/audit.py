@@ -196,7 +196,15 @@ def _score_checkpoints(
         _fit_vocabulary(session, model, folder, adapters is not None)
         if adapters is None:
             active = f"step{step}"
-            adapters = PeftModel.from_pretrained(model, str(folder), adapter_name=active)
+            try:
+                adapters = PeftModel.from_pretrained(model, str(folder), adapter_name=active)
+            except RuntimeError as err:  # torch's load_state_dict: "size mismatch for ..."
+                if "size mismatch" not in str(err):
+                    raise
+                raise AuditError(
+                    f"--checkpoints: {checkpoint.source}: its adapter does not fit the --base ({str(err).splitlines()[1].strip()}); "
+                    "give the base it was trained from"
+                ) from None
         elif _same_shape(adapters.peft_config[active], folder):  # overwrite the adapter's weights in place
             from peft.utils import load_peft_weights, set_peft_model_state_dict
 

@@ -136,6 +136,9 @@ def _cmd_fields(args: argparse.Namespace) -> None:
 def _cmd_tasks(args: argparse.Namespace) -> None:
     from forgetscope import registry, tasks
 
+    missing = [folder for folder in args.include if not Path(folder).is_dir()]
+    if missing:
+        raise UserError(f"--include: no such folder {missing[0]!r}; give folders of task YAMLs")
     print("Embedded new tasks (task.name):")
     for name in tasks.EMBEDDED_TASKS:
         print(f"  {name:16s} {tasks.describe(name)}")

@@ -284,3 +284,23 @@ def test_audit_takes_the_lock_and_marks_a_failure(tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(evaluate, "evaluate_model", original)
     assert _audit(tmp_path, [str(tmp_path / "ckpt")]) == 0  # the same command finishes it
     assert json.loads((root / "manifest.json").read_text())["status"] == "finished"
+
+
+def test_an_adapter_trained_on_another_base_is_one_line(tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = models.load(models.resolve("tiny-random"))  # hidden 32
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "adapter")
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    assert _audit(tmp_path, [str(tmp_path / "adapter")], base="scratch:layers=2,hidden=16,heads=2,seed=0") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        "its adapter does not fit the --base (size mismatch" in err[-1]
+        and "give the base it was trained from" in err[-1]
+    )
+    assert not any(line.startswith("Traceback") for line in err)
+
+
+def test_tasks_include_names_a_missing_folder(capsys):
+    assert cli.main(["tasks", "--include", "/no/such/folder"]) == 2
+    assert "--include: no such folder '/no/such/folder'" in capsys.readouterr().err
