@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -61,7 +62,20 @@ def _weights(pairs: list[str]) -> dict[str, float]:
             out[probe] = float(value)
         except ValueError:
             raise UserError(f"--weight {pair!r}: expected PROBE=NUMBER, e.g. --weight prose_ppl=2") from None
+        if not probe or not out[probe] >= 0 or math.isinf(out[probe]):
+            raise UserError(f"--weight {pair!r}: a probe's weight is a number, 0 or more, e.g. --weight prose_ppl=2")
     return out
+
+
+def _finite(text: str) -> float:
+    """argparse type: a finite number (a --target of nan or inf is never reached)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, e.g. 0.9, got {text!r}")
+    return value
 
 
 def _write_report(runs: list[Path | str], args: argparse.Namespace) -> None:
@@ -231,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         cmd.add_argument(
             "--target",
-            type=float,
+            type=_finite,
             metavar="SCORE",
             help="new-task score for steps-to-target and forgetting at matched learning, e.g. 0.9",
         )
@@ -292,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep_cmd.add_argument("-o", "--out", required=True, metavar="DIR", help="folder for sweep.csv and sweep.png")
     sweep_cmd.add_argument(
-        "--target", type=float, metavar="SCORE", help="new-task score for steps to target and matched learning"
+        "--target", type=_finite, metavar="SCORE", help="new-task score for steps to target and matched learning"
     )
     sweep_cmd.add_argument("--title", default="", help="the figure's title")
     sweep_cmd.set_defaults(func=_cmd_sweep)

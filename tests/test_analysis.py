@@ -278,3 +278,21 @@ def test_report_adjusts_across_probes_and_flags_chance(tmp_path, fake_run, fake_
 
 def test_percentages_are_signed_and_never_negative_zero():
     assert [report._pct(v) for v in (-0.0004, 0.0004, -0.0123, None)] == ["+0.0%", "+0.0%", "-1.2%", "–"]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--weight", "facts=-1"], "a probe's weight is a number, 0 or more"),
+        (["--weight", "facts=nan"], "a probe's weight is a number, 0 or more"),
+        (["--target", "nan"], "argument --target: expected a finite number"),
+    ],
+)
+def test_report_flags_out_of_range_exit_2(tmp_path, fake_run, capsys, flags, message):
+    root = fake_run(tmp_path / "r", {0: {"i0": 1.0, "i1": 0.0}, 5: {"i0": 1.0, "i1": 1.0}}).root
+    try:
+        code = cli.main(["report", str(root), "-o", str(tmp_path / "out"), *flags])
+    except SystemExit as exit:  # argparse's own refusal of a flag's value
+        code = exit.code
+    assert code == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
