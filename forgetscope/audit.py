@@ -199,10 +199,11 @@ def _score_checkpoints(
             try:
                 adapters = PeftModel.from_pretrained(model, str(folder), adapter_name=active)
             except RuntimeError as err:  # torch's load_state_dict: "size mismatch for ..."
-                if "size mismatch" not in str(err):
+                mismatch = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), None)
+                if mismatch is None:
                     raise
                 raise AuditError(
-                    f"--checkpoints: {checkpoint.source}: its adapter does not fit the --base ({str(err).splitlines()[1].strip()}); "
+                    f"--checkpoints: {checkpoint.source}: its adapter does not fit the --base ({mismatch}); "
                     "give the base it was trained from"
                 ) from None
         elif _same_shape(adapters.peft_config[active], folder):  # overwrite the adapter's weights in place

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,28 +22,30 @@ class BusyError(UserError):
     """Another process holds the lock."""
 
 
-def _damaged(path: Path, err: Exception) -> UserError:
-    reason = "missing" if isinstance(err, FileNotFoundError) else f"unreadable ({type(err).__name__}: {err})"
+def damaged(path: Path, reason: str) -> UserError:
+    """The one-line error for a file of a run folder that cannot be used (``reason``: what is wrong with it)."""
     return UserError(
         f"{path}: {reason}; the run folder is damaged (cut short or edited): run it again into a new folder"
     )
 
 
+def _parsed(path: Path, parse: Callable[[str], Any]) -> Any:
+    try:
+        return parse(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = "missing" if isinstance(err, FileNotFoundError) else f"unreadable ({type(err).__name__}: {err})"
+        raise damaged(path, reason) from None
+
+
 def read_json(path: Path) -> Any:
     """A JSON file of a run folder; one that is missing, cut short or not UTF-8 is a one-line
-    :class:`UserError` naming it, not a traceback."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise _damaged(path, err) from None
+    :class:`UserError` naming it (:func:`damaged`), not a traceback."""
+    return _parsed(path, json.loads)
 
 
 def read_jsonl(path: Path) -> list[Any]:
     """The records of a JSON-lines file of a run folder (per-item samples), checked as :func:`read_json`."""
-    try:
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    except (OSError, ValueError) as err:
-        raise _damaged(path, err) from None
+    return _parsed(path, lambda text: [json.loads(line) for line in text.splitlines()])
 
 
 def out_dir_problems(path: Path, what: str) -> list[str]:

@@ -318,16 +318,18 @@ def load(path: str, trust_remote_code: bool = False, allow_pickle: bool = False,
                 path, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle or None
             )
         except OSError as err:
-            pickled = [p.name for p in Path(path).glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
-            if not allow_pickle and "safetensors" in str(err).lower() and pickled:
-                raise ModelError(
-                    f"{path} has no safetensors weights, only pickle-based ones ({', '.join(sorted(pickled))}), "
-                    "which can run code when loaded; set allow_pickle: true in the recipe (or --allow-pickle) "
-                    "if you trust the source"
-                ) from None
-            if not allow_pickle and "safetensors" in str(err).lower() and Path(path).is_dir():
+            if allow_pickle or "safetensors" not in str(err).lower():
+                raise
+            folder = Path(path)
+            pickled = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+            if folder.is_dir() and not pickled:
                 raise ModelError(f"{path}: no model weights in this folder (no model.safetensors)") from None
-            raise
+            named = f" ({', '.join(pickled)})" if pickled else ""
+            raise ModelError(
+                f"{path} has no safetensors weights, only pickle-based ones{named}, "
+                "which can run code when loaded; set allow_pickle: true in the recipe (or --allow-pickle) "
+                "if you trust the source"
+            ) from None
     check_vocabulary(model, tokenizer, path, "its own" if own_tokenizer else "its base's (it has no tokenizer files)")
     if torch.cuda.is_available():  # this process's GPU; several processes may share one
         model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}")

@@ -73,14 +73,10 @@ def _read_curves(path: Path) -> pd.DataFrame:
     try:
         table = pd.read_csv(path)
     except (OSError, ValueError) as err:  # pandas' parser errors are ValueErrors
-        raise ResultsError(
-            f"{path}: unreadable ({err}); the run folder is damaged: run it again into a new folder"
-        ) from None
+        raise io.damaged(path, f"unreadable ({err})") from None
     missing = [c for c in curves.COLUMNS if c not in table.columns]
     if missing:
-        raise ResultsError(
-            f"{path}: lacks columns {', '.join(missing)}; the run folder is damaged: run it again into a new folder"
-        )
+        raise io.damaged(path, f"lacks columns {', '.join(missing)}")
     return table
 
 

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 
 from forgetscope import io
-from forgetscope.errors import UserError
 from forgetscope.recipe import SnapshotConfig
 
 
@@ -76,9 +75,7 @@ class RunLayout:
     def read_manifest(self) -> dict[str, Any]:
         manifest = io.read_json(self.manifest) if self.manifest.is_file() else {}
         if not isinstance(manifest, dict):
-            raise UserError(
-                f"{self.manifest}: not a mapping; the run folder is damaged: run it again into a new folder"
-            )
+            raise io.damaged(self.manifest, "not a mapping")
         return manifest
 
     def update_manifest(self, **fields: Any) -> None:
