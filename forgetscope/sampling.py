@@ -170,6 +170,7 @@ class _Decoder:
         if not self.use_graph:
             return self._step()
         if index < WARMUP_STEPS:
+            self.stream.wait_stream(torch.cuda.current_stream(self.model.device))  # the inputs written above
             with torch.cuda.stream(self.stream):
                 logits = self._step()
             torch.cuda.current_stream(self.model.device).wait_stream(self.stream)

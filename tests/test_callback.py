@@ -22,6 +22,8 @@ EXAMPLE = ROOT / "examples" / "trainer_callback.py"
 
 def _run_example(tmp_path, *args: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    if launcher:  # CPU processes over gloo, also on a GPU machine (NCCL takes one GPU per process)
+        env["CUDA_VISIBLE_DEVICES"] = ""
     cmd = [
         *(launcher or [sys.executable]),
         str(EXAMPLE),
@@ -95,7 +97,8 @@ def _trainer(tmp_path, lora: bool = False, steps: int = 4, callbacks=()) -> Trai
     )
 
 
-def test_a_peft_model_is_scored_and_its_scores_reach_the_trainers_log(tmp_path):
+def test_a_peft_model_is_scored_and_its_scores_reach_the_trainers_log(tmp_path, monkeypatch):
+    monkeypatch.setenv("FORGETSCOPE_CACHE", str(tmp_path / "cache"))  # a cache hit below is this run's step 0
     trainer = _trainer(tmp_path, lora=True)
     callback = ForgettingCallback(
         trainer,
@@ -125,6 +128,7 @@ def test_a_peft_model_is_scored_and_its_scores_reach_the_trainers_log(tmp_path):
     from forgetscope.recipe import EvalConfig
 
     base, tokenizer = models.load(models.resolve("tiny-random"))
+    base.to(trainer.model.device)  # the trainer's device (the CPU), as the cache is kept per device kind
     suite = evaluate.prepare_suite(EvalConfig(new=[], general=["prose_ppl"], limit=3), tmp_path, chat=False)
     direct = evaluate.evaluate_model(base, tokenizer, suite)
     assert direct["cached"] == ["prose_ppl"]

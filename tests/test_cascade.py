@@ -52,7 +52,7 @@ def test_bad_cascade_settings_are_named(data, message):
 
 def _exact_kl(base, model, probe, tokenizer) -> float:
     """KL(base || model) per token over the whole vocabulary, by hand."""
-    batch = collate(probe.examples, tokenizer.pad_token_id)
+    batch = {k: v.to(base.device) for k, v in collate(probe.examples, tokenizer.pad_token_id).items()}
     with torch.no_grad():
         p = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         q = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

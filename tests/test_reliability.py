@@ -198,8 +198,11 @@ def test_nothing_touches_the_network_when_offline(tmp_path, tiny_recipe_data):
     script = (
         "import socket, sys\n"
         "def refuse(*a, **k): raise OSError('network access attempted')\n"
-        "socket.socket.connect = refuse\nsocket.socket.connect_ex = refuse\nsocket.create_connection = refuse\n"
-        "socket.getaddrinfo = refuse\n"
+        "def local_only(connect):\n"  # the data loader's workers talk over local (AF_UNIX) sockets
+        "    return lambda s, *a, **k: connect(s, *a, **k) if s.family == socket.AF_UNIX else refuse()\n"
+        "socket.socket.connect = local_only(socket.socket.connect)\n"
+        "socket.socket.connect_ex = local_only(socket.socket.connect_ex)\n"
+        "socket.create_connection = refuse\nsocket.getaddrinfo = refuse\n"
         "from forgetscope.cli import main\n"
         f"sys.exit(main(['run', {str(path)!r}]))\n"
     )
