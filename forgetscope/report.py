@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from forgetscope import figures, io, metrics, results, stats
+from forgetscope.errors import UserError
 from forgetscope.snapshots import RunLayout
 
 TOP_ITEMS = 6  # most-forgotten items listed per probe
@@ -52,6 +53,11 @@ def analyse(
     runs = results.load_runs(paths)
     table = pd.concat([t for _, t in runs], ignore_index=True)
     rows = metrics.primary_rows(table)
+    probes = sorted(rows.loc[rows["role"] == "general", "task"].unique())
+    unknown = sorted(set(weights or {}) - set(probes))
+    if unknown:
+        theirs = f"theirs: {', '.join(probes)}" if probes else "they have none"
+        raise UserError(f"a weight for {unknown[0]!r} names no general probe of these runs; {theirs}")
     summary = metrics.rank_runs(
         metrics.run_summary(table, target=target, weights=weights, keep_at_chance=keep_at_chance)
     )

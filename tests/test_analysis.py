@@ -285,6 +285,7 @@ def test_percentages_are_signed_and_never_negative_zero():
     [
         (["--weight", "facts=-1"], "a probe's weight is a number, 0 or more"),
         (["--weight", "facts=nan"], "a probe's weight is a number, 0 or more"),
+        (["--weight", "fcts=2"], "a weight for 'fcts' names no general probe of these runs; theirs: "),
         (["--target", "nan"], "argument --target: expected a finite number"),
     ],
 )
