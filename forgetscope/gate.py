@@ -94,11 +94,11 @@ def load_policy(path: str | Path) -> Policy:
     if not path.is_file():
         raise GateError(f"{path}: no such policy file; see examples/release_policy.yaml")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = schema.load_yaml(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as err:
         raise GateError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except yaml.YAMLError as err:
-        raise GateError(f"{path}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        raise GateError(f"{path}: {schema.yaml_problem(err)}") from None
     problems: list[str] = []
     policy = schema.build(Policy, data, "", problems)
     if not 0.5 <= policy.confidence < 1:

@@ -15,7 +15,7 @@ import yaml
 from forgetscope import validate
 from forgetscope.errors import UserError
 from forgetscope.recipe import Recipe
-from forgetscope.schema import build
+from forgetscope.schema import build, load_yaml, yaml_problem
 
 
 class RecipeError(UserError):
@@ -41,7 +41,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         try:
-            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+            node[parts[-1]] = load_yaml(raw) if raw.strip() else None
         except yaml.YAMLError as err:
             problems.append(
                 f"--set {pair!r}: the value is not YAML ({str(err).splitlines()[0]}); quote it or close its brackets"
@@ -106,15 +106,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         raise RecipeError(["no such recipe file; see recipes/ for examples"], str(path))
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
         raise RecipeError(
             [f"not UTF-8 text ({err.reason} at byte {err.start}); save the recipe as UTF-8"], str(path)
         ) from None
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark else ""
-        raise RecipeError([f"{where}not valid YAML ({getattr(err, 'problem', err)})"], str(path)) from None
+        raise RecipeError([yaml_problem(err)], str(path)) from None
     if data is not None and not isinstance(data, dict):
         raise RecipeError([f"expected a mapping of keys at the top level, got {type(data).__name__}"], str(path))
     data = _merge(data or {}, parse_overrides(overrides or []))

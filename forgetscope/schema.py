@@ -16,6 +16,36 @@ import typing
 from dataclasses import field
 from typing import Any, Literal
 
+import yaml
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps
+    the last silently, so a repeated ``train:`` would drop the first one's settings)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML ``text`` as :func:`yaml.safe_load` does, refusing duplicate keys (``yaml.YAMLError``)."""
+    return yaml.load(text, Loader=_StrictLoader)
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """One line for a YAML error: ``line N: not valid YAML (what is wrong)``."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}: " if mark else ""
+    return f"{where}not valid YAML ({getattr(err, 'problem', None) or err})"
+
 
 def option(default: Any, help: str) -> Any:
     """A dataclass field with its documentation attached (printed by ``forgetscope fields``)."""

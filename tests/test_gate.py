@@ -199,10 +199,13 @@ def test_missing_inputs_exit_2(tmp_path, runs, capsys):
     assert cli.main(["gate", str(runs["same"]), "--policy", str(tmp_path / "missing.yaml")]) == 2
     (tmp_path / "bad.yaml").write_text("general: {facts: [")
     assert cli.main(["gate", str(runs["same"]), "--policy", str(tmp_path / "bad.yaml")]) == 2
+    (tmp_path / "twice.yaml").write_text("general:\n  facts: {max_drop: 0.1}\n  facts: {max_drop: 0.5}\n")
+    assert cli.main(["gate", str(runs["same"]), "--policy", str(tmp_path / "twice.yaml")]) == 2
     assert cli.main(["gate", str(runs["same"]), "--policy", policy, "--step", "7"]) == 2
     assert cli.main(["gate", str(runs["same"]), "--policy", policy, "--step", "0"]) == 2
     err = capsys.readouterr().err
     assert "not a forgetscope run" in err and "no such policy file" in err and "not valid YAML" in err
+    assert "line 3: not valid YAML (the key 'facts' is given twice in one mapping)" in err
     assert "no evaluation at step 7; evaluated steps: [0, 10]" in err and "step 0 is the base itself" in err
 
 

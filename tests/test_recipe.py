@@ -115,6 +115,16 @@ def test_bad_yaml_and_bad_override(tmp_path, capsys):
         parse_overrides(["train.lr"])
 
 
+def test_a_key_given_twice_is_refused_not_overwritten(tmp_path, capsys):
+    """PyYAML keeps the last of two equal keys; a second `train:` would silently drop the first's settings."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("name: t\nbase: tiny-random\ntrain: {lr: 1e-3}\nmethod: full\ntrain: {steps: 3}\n")
+    assert cli.main(["show", str(path)]) == 2
+    assert "line 5: not valid YAML (the key 'train' is given twice in one mapping)" in capsys.readouterr().err
+    with pytest.raises(RecipeError, match="given twice"):
+        parse_overrides(["train={lr: 1, lr: 2}"])
+
+
 def test_overrides_enter_lists_by_index():
     recipe = load_recipe(RECIPES / "sequence_paper.yaml", ["stages.1.steps=7", "stages.3.task.name=digits_rotate"])
     assert [s.steps for s in recipe.stages] == [2000, 7, 2000, 2000] and recipe.stages[3].task.name == "digits_rotate"
