@@ -158,8 +158,9 @@ def _cmd_tasks(args: argparse.Namespace) -> None:
         print(f"  {name:16s} {tasks.describe(name)}")
     for folder in [registry.evals_dir(), *map(Path, args.include)]:
         print(f"\nEval tasks in {folder} (evals.new / evals.general):")
+        broken = registry.unusable(folder)
         for name, first_line in registry.folder_evals(folder).items():
-            print(f"  {name:16s} {first_line}")
+            print(f"  {name:16s} {f'NOT USABLE: {broken[name]}' if name in broken else first_line}")
     if args.all:
         names = registry.task_manager((str(registry.evals_dir()), *map(str, args.include))).all_tasks
         print(

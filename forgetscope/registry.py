@@ -42,21 +42,51 @@ def manager_for(names: list[str], paths: list[str]):
 
 
 def check_eval_names(names: list[str], paths: list[str]) -> list[str]:
-    """Recipe-validation lines for eval names that no registry knows, with a did-you-mean."""
+    """Recipe-validation lines for eval names that no registry knows: why, when a YAML in ``paths``
+    declares the name but lm-eval cannot read it, else with a did-you-mean."""
     known = set(manager_for(names, paths).all_tasks)
     problems = []
     for name in names:
         if name not in known:
-            problems.append(f"evals: unknown eval task {name!r}{did_you_mean(name, known)} (see `forgetscope tasks`)")
+            broken = next((u[name] for u in map(unusable, map(Path, paths)) if name in u), None)
+            problems.append(
+                f"evals: eval task {name!r} is declared by {broken}; fix that file"
+                if broken
+                else f"evals: unknown eval task {name!r}{did_you_mean(name, known)} (see `forgetscope tasks`)"
+            )
     return problems
 
 
+def _declared(path: Path) -> tuple[str | None, str]:
+    """The task name a YAML declares (its ``task:`` line) and its first comment line, read as text
+    so that a file lm-eval cannot parse still shows its name."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("task:")), None)
+    return name or None, next((line.lstrip("# ") for line in lines if line.startswith("#")), "")
+
+
 def folder_evals(folder: Path) -> dict[str, str]:
-    """Eval tasks defined by the YAMLs in ``folder``, with the first comment line of each."""
+    """Eval tasks declared by the YAMLs in ``folder``, with the first comment line of each."""
+    declared = (_declared(path) for path in sorted(Path(folder).glob("*.yaml")))
+    return {name: comment for name, comment in declared if name}
+
+
+def unusable(folder: Path) -> dict[str, str]:
+    """Eval tasks declared by YAMLs in ``folder`` that lm-eval cannot read (lm-eval then skips
+    them silently): name -> the file and what is wrong with it. Reads each file as lm-eval does
+    (its ``!function`` tags imported), so it loads torch: call it to explain, not to validate."""
+    import yaml
+
+    from forgetscope import seams
+    from forgetscope.schema import yaml_problem
+
     out = {}
     for path in sorted(Path(folder).glob("*.yaml")):
-        lines = path.read_text().splitlines()
-        name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("task:")), None)
-        if name:
-            out[name] = next((line.lstrip("# ") for line in lines if line.startswith("#")), "")
+        name, _ = _declared(path)
+        try:
+            seams.load_task_yaml(path)
+        except yaml.YAMLError as err:
+            out[name or path.stem] = f"{path}, {yaml_problem(err)}"
+        except (ValueError, OSError, ImportError, AttributeError, SyntaxError) as err:
+            out[name or path.stem] = f"{path}, which lm-eval cannot read ({type(err).__name__}: {err})"
     return out

@@ -273,3 +273,24 @@ def test_a_task_yaml_whose_data_file_is_missing_is_one_line(tmp_path):
     config = EvalConfig(new=[], general=["mine"], include=[str(tmp_path)])
     with pytest.raises(evaluate.EvalError, match=r"'mine': its data is missing .*gone\.jsonl"):
         evaluate.prepare_suite(config, tmp_path, chat=False)
+
+
+def test_a_task_yaml_lm_eval_cannot_read_is_named_with_what_is_wrong(tmp_path, tiny_recipe_data, capsys):
+    """lm-eval skips such a file silently; `tasks --include` and a run that names its task say why."""
+    import yaml
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "broken.yaml").write_text("# my eval\ntask: mine\ndataset_kwargs: {data_files: x.jsonl\ndoc_to_text: q\n")
+    (mine / "utils_missing.yaml").write_text("task: mine_fn\ndoc_to_text: !function nowhere.fn\n")
+    assert cli.main(["tasks", "--include", str(mine)]) == 0
+    out = capsys.readouterr().out
+    assert f"mine             NOT USABLE: {mine / 'broken.yaml'}, line 4: not valid YAML" in out
+    assert f"mine_fn          NOT USABLE: {mine / 'utils_missing.yaml'}, which lm-eval cannot read" in out
+
+    data = {**tiny_recipe_data, "evals": {"new": ["mine"], "include": [str(mine)]}, "runs_dir": str(tmp_path / "runs")}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
+    assert cli.main(["run", str(tmp_path / "r.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"eval task 'mine' is declared by {mine / 'broken.yaml'}, line 4: not valid YAML" in err[0]
+    assert err[0].endswith("; fix that file") and not (tmp_path / "runs").exists()
