@@ -151,6 +151,7 @@ def audit(
         model, tokenizer = models.load(base_path, trust_remote_code, allow_pickle)
         chat = data.uses_chat_template(TaskConfig(chat_template=chat_template), tokenizer)
         _check_vocabularies(found, tokenizer, trust_remote_code)
+        _check_adapter_shapes(found, model)
         suite = evaluate.prepare_suite(evals, Path.cwd(), chat, model, tokenizer)
         kinds = {"lora" if c.adapter else "full" for c in found}
         method = kinds.pop() if len(kinds) == 1 else "mixed"
@@ -240,6 +241,33 @@ def _check_vocabularies(found: list[Checkpoint], tokenizer, trust_remote_code: b
             )
     if problems:
         raise AuditError("\n".join(problems))
+
+
+def _check_adapter_shapes(found: list[Checkpoint], model) -> None:
+    """Before anything is written: every LoRA matrix of every adapter must fit the base's linear
+    layer it targets (A: r x the layer's inputs, B: the layer's outputs x r), as it does on the
+    base it was trained from. The output embeddings are left to peft (a resized vocabulary)."""
+    import torch
+
+    head = model.get_output_embeddings()
+    for checkpoint in (c for c in found if c.adapter):
+        for key, shape in _adapter_shapes(checkpoint.folder).items():
+            target, _, matrix = key.rpartition(".lora_")
+            if matrix not in ("A.weight", "B.weight") or len(shape) != 2:
+                continue
+            try:
+                layer = model.get_submodule(target.removeprefix("base_model.model."))
+            except AttributeError:
+                layer = None
+            if not isinstance(layer, torch.nn.Linear) or layer is head:
+                continue
+            fits = shape[1] == layer.in_features if matrix == "A.weight" else shape[0] == layer.out_features
+            if not fits:
+                raise AuditError(
+                    f"--checkpoints: {checkpoint.source}: its adapter does not fit the --base (size mismatch for "
+                    f"{key}: {tuple(shape)}, where the base's layer maps {layer.in_features} to {layer.out_features}); "
+                    "give the base it was trained from"
+                )
 
 
 def _adapter_shapes(folder: Path) -> dict[str, tuple[int, ...]]:

@@ -7,6 +7,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from forgetscope.errors import UserError
 
@@ -29,7 +30,7 @@ def _report_paths(what: str, root: Path) -> None:
 
 def _cmd_audit(args: argparse.Namespace) -> None:
     from forgetscope.audit import audit
-    from forgetscope.load import recipe_from_dict
+    from forgetscope.load import RecipeError, recipe_from_dict
     from forgetscope.recipe import EvalConfig
 
     defaults = EvalConfig()
@@ -39,7 +40,10 @@ def _cmd_audit(args: argparse.Namespace) -> None:
         "limit": args.limit if args.limit else None,
         "include": args.include,
     }
-    config = recipe_from_dict({"evals": evals, "base": args.base}).evals  # same type checks as a recipe
+    try:
+        config = recipe_from_dict({"evals": evals, "base": args.base}).evals  # same type checks as a recipe
+    except RecipeError as err:  # name the flags, not the recipe keys they fill
+        raise UserError("\n".join(_flag_problem(problem) for problem in err.problems)) from None
     root = audit(
         args.base,
         args.checkpoints,
@@ -51,6 +55,22 @@ def _cmd_audit(args: argparse.Namespace) -> None:
         allow_pickle=args.allow_pickle,
     )
     _report_paths("audit", root)
+
+
+_AUDIT_FLAGS = {
+    "base": "--base",
+    "evals": "--new/--general",
+    "evals.new": "--new",
+    "evals.general": "--general",
+    "evals.limit": "--limit",
+    "evals.include": "--include",
+}
+
+
+def _flag_problem(problem: str) -> str:
+    """A recipe-validation line about a key that an audit flag filled, said of the flag."""
+    key, sep, rest = problem.partition(":")
+    return f"{_AUDIT_FLAGS[key]}:{rest}" if sep and key in _AUDIT_FLAGS else problem
 
 
 def _weights(pairs: list[str]) -> dict[str, float]:
@@ -174,8 +194,16 @@ def _cmd_tasks(args: argparse.Namespace) -> None:
         )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a bad command line said in one line (exit 2), like every other bad input,
+    instead of the usage block before it; ``--help`` still shows the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="forgetscope",
         description="Measure what a language model forgets when it is fine-tuned.",
     )
@@ -336,7 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):  # a bare `forgetscope`: what it can do
+        parser.print_help(sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         code = args.func(args) or 0
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under a launcher (torch is loaded by then)

@@ -42,7 +42,15 @@ def load_records(task: TaskConfig, base_dir: Path) -> list[dict[str, Any]]:
         records = list(datasets.load_dataset(task.hf_dataset, task.hf_config, split=task.split))
     if not records:
         raise DataError(f"task: the data has no records; add examples to {task.path or task.hf_dataset}")
-    return records[: task.max_examples] if task.max_examples else records
+    records = records[: task.max_examples] if task.max_examples else records
+    blank = sum(isinstance(r.get(task.prompt_field), str) and not r[task.prompt_field].strip() for r in records)
+    if blank:
+        print(
+            f"forgetscope: warning: {blank} of {len(records)} records have an empty `{task.prompt_field}`: "
+            "their completions are trained without a prompt",
+            file=sys.stderr,
+        )
+    return records
 
 
 def read_file(path: Path) -> list[dict[str, Any]]:
@@ -56,7 +64,16 @@ def read_file(path: Path) -> list[dict[str, Any]]:
 def _read_file(path: Path) -> list[dict[str, Any]]:
     if path.suffix == ".csv":
         with open(path, newline="", encoding="utf-8-sig") as fh:  # a byte-order mark is not part of the header
-            return list(csv.DictReader(fh))
+            reader = csv.DictReader(fh)
+            rows = []
+            for row in reader:
+                if None in row:  # DictReader files the values past the header's last column under None
+                    raise DataError(
+                        f"{path}:{reader.line_num}: {len(reader.fieldnames or []) + len(row[None])} values, "
+                        f"the header names {len(reader.fieldnames or [])}; quote a value that holds a comma"
+                    )
+                rows.append(row)
+            return rows
     records = []
     with open(path, encoding="utf-8-sig") as fh:
         for number, line in enumerate(fh, 1):
@@ -131,6 +148,11 @@ def tokenize(records: list[dict[str, Any]], tokenizer, task: TaskConfig, seq_len
     if not_text:
         i, f = not_text[0]
         raise DataError(f"task: record {i + 1} (of {len(not_text)} bad): `{f}` must be a string, got {records[i][f]!r}")
+    empty = [i for i, r in enumerate(records) if not r[field].strip()]
+    if empty:  # it would train the end-of-sequence token alone: to answer nothing
+        raise DataError(
+            f"task: record {empty[0] + 1} (of {len(empty)} such) has an empty `{field}`; fill it or remove the record"
+        )
     end = tokenizer.eos_token or ""
     examples, too_long, no_answer = [], 0, 0
     for record in records:

@@ -129,9 +129,8 @@ def check(run: str | Path, policy: Policy, step: int | None = None) -> dict:
     ``{"run", "step", "verdict": "pass"|"fail", "checks": [...]}`` (see :func:`render_markdown`)."""
     root = Path(run)
     if not (root / "manifest.json").is_file():
-        raise GateError(
-            f"{root}: not a forgetscope run (no manifest.json); pass a folder made by `forgetscope run` or `audit`"
-        )
+        what = "not a forgetscope run (no manifest.json)" if root.exists() else "no such folder"
+        raise GateError(f"{root}: {what}; pass a folder made by `forgetscope run` or `audit`")
     layout = RunLayout(root)
     status = layout.read_manifest().get("status")
     if status != "finished":

@@ -21,10 +21,10 @@ from forgetscope.schema import build, load_yaml, yaml_problem
 class RecipeError(UserError):
     """A recipe (or its overrides) is invalid. ``problems`` holds one line per problem."""
 
-    def __init__(self, problems: list[str], source: str = "recipe"):
+    def __init__(self, problems: list[str], source: str | None = "recipe"):
         self.problems = problems
         self.source = source
-        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+        super().__init__("\n".join(f"{source}: {p}" if source else p for p in problems))
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -47,7 +47,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
                 f"--set {pair!r}: the value is not YAML ({str(err).splitlines()[0]}); quote it or close its brackets"
             )
     if problems:
-        raise RecipeError(problems, "overrides")
+        raise RecipeError(problems, None)  # each line names its --set
     return nested
 
 
@@ -62,7 +62,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
             for index, item in value.items():
                 if int(index) >= len(items):
                     raise RecipeError(
-                        [f"--set {key}.{index}: there is no item {index} (items 0..{len(items) - 1})"], "overrides"
+                        [f"--set {key}.{index}: there is no item {index} (items 0..{len(items) - 1})"], None
                     )
                 items[int(index)] = (
                     _merge(items[int(index)], item)
@@ -113,7 +113,25 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         ) from None
     except yaml.YAMLError as err:
         raise RecipeError([yaml_problem(err)], str(path)) from None
-    if data is not None and not isinstance(data, dict):
+    if not data:  # an empty file would otherwise run every default (a LoRA of SmolLM2 on numerals)
+        raise RecipeError(
+            ["the file holds no settings; a recipe names at least its base and task, see recipes/"], str(path)
+        )
+    if not isinstance(data, dict):
         raise RecipeError([f"expected a mapping of keys at the top level, got {type(data).__name__}"], str(path))
-    data = _merge(data or {}, parse_overrides(overrides or []))
-    return recipe_from_dict(data, str(path))
+    data = _merge(data, parse_overrides(overrides or []))
+    try:
+        return recipe_from_dict(data, str(path))
+    except RecipeError as err:
+        raise RecipeError([_blame(problem, overrides or [], str(path)) for problem in err.problems], None) from None
+
+
+def _blame(problem: str, overrides: list[str], path: str) -> str:
+    """A validation line prefixed with its cause: the ``--set`` that gave its key, a section
+    holding it or a key inside it, else the recipe file."""
+    key = problem.partition(":")[0].replace("[", ".").replace("]", "")
+    for pair in overrides:
+        given = pair.partition("=")[0].strip()
+        if key == given or key.startswith(given + ".") or given.startswith(key + "."):
+            return f"--set {pair}: {problem}"
+    return f"{path}: {problem}"

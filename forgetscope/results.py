@@ -31,10 +31,8 @@ def run_folders(paths: list[str | Path]) -> list[Path]:
             continue
         inside = sorted(p for p in path.glob("*") if (p / "manifest.json").is_file()) if path.is_dir() else []
         if not inside:
-            raise ResultsError(
-                f"{path}: not a forgetscope run (no manifest.json) and no runs inside; "
-                "pass a folder made by `forgetscope run` or `forgetscope audit`"
-            )
+            what = "not a forgetscope run (no manifest.json) and no runs inside" if path.exists() else "no such folder"
+            raise ResultsError(f"{path}: {what}; pass a folder made by `forgetscope run` or `forgetscope audit`")
         found.extend(inside)
     return found
 

@@ -190,8 +190,11 @@ def test_load_results_and_items(tmp_path, fake_run):
     items = forgetscope.load_items([runs / "harsh"], tasks=["facts"])
     assert len(items) == 60 * 3 and set(items.columns) >= {"run", "step", "task", "item_id", "value", "text"}
     assert items["text"].iloc[0] == "Question i0? → answer i0"
-    with pytest.raises(results.ResultsError, match="not a forgetscope run"):
+    with pytest.raises(results.ResultsError, match="nothing: no such folder; pass a folder made by"):
         forgetscope.load_results([tmp_path / "nothing"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(results.ResultsError, match="not a forgetscope run"):
+        forgetscope.load_results([tmp_path / "empty"])
 
 
 def test_report_ranks_and_renders_offline(tmp_path, fake_run):

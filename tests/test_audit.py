@@ -293,14 +293,28 @@ def test_an_adapter_trained_on_another_base_is_one_line(tmp_path, capsys):
     get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "adapter")
     tokenizer.save_pretrained(tmp_path / "adapter")
     assert _audit(tmp_path, [str(tmp_path / "adapter")], base="scratch:layers=2,hidden=16,heads=2,seed=0") == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert (
-        "its adapter does not fit the --base (size mismatch" in err[-1]
-        and "give the base it was trained from" in err[-1]
-    )
-    assert not any(line.startswith("Traceback") for line in err)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("forgetscope:")]  # not the bars
+    assert len(err) == 1 and "its adapter does not fit the --base (size mismatch for " in err[0]
+    assert "lora_A.weight: (2, 32), where the base's layer maps 16 to 16); give the base it was trained from" in err[0]
+    assert not (tmp_path / "runs").exists()  # found before anything is written
 
 
 def test_tasks_include_names_a_missing_folder(capsys):
     assert cli.main(["tasks", "--include", "/no/such/folder"]) == 2
     assert "--include: no such folder '/no/such/folder'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--limit", "-3"], "--limit: must be positive"),
+        (["--base", "tiny-randon"], "--base: unknown model 'tiny-randon'; did you mean 'tiny-random'?"),
+        (["--general", "prose_pl"], "--new/--general: unknown eval task 'prose_pl'; did you mean 'prose_ppl'?"),
+    ],
+)
+def test_a_bad_audit_flag_is_named_as_the_flag(tmp_path, capsys, flags, message):
+    argv = ["audit", "--base", "tiny-random", "--checkpoints", str(tmp_path), "--runs-dir", str(tmp_path / "runs")]
+    assert cli.main([*argv, *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"forgetscope: error: {message}") and "recipe" not in err[0]
+    assert not (tmp_path / "runs").exists()

@@ -109,6 +109,37 @@ def test_files_with_a_byte_order_mark_read_as_without(tmp_path):
     assert data.read_file(tmp_path / "bom.jsonl") == [{"prompt": "Q: 1+1?", "completion": " 2"}]
 
 
+def test_rows_that_would_train_nothing_or_lose_a_value_are_refused(tmp_path, capsys):
+    from forgetscope import data
+
+    (tmp_path / "extra.csv").write_text("prompt,completion\nQ: 1+1?, 2\nQ: 1,000+1?, 1001\n")
+    with pytest.raises(
+        data.DataError, match=r"extra.csv:3: 3 values, the header names 2; quote a value that holds a comma"
+    ):
+        data.read_file(tmp_path / "extra.csv")
+    tokenizer, task = models.byte_tokenizer(), TaskConfig(name=None)
+    for field, records in {
+        "completion": [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": " "}],
+        "text": [{"text": "x"}, {"text": ""}],
+    }.items():
+        with pytest.raises(data.DataError, match=rf"record 2 \(of 1 such\) has an empty `{field}`; fill it or remove"):
+            data.tokenize(records, tokenizer, task, 16)
+    (tmp_path / "blank.jsonl").write_text('{"prompt": "", "completion": "b"}\n{"prompt": "a", "completion": "b"}\n')
+    assert len(data.load_records(TaskConfig(name=None, path="blank.jsonl"), tmp_path)) == 2
+    assert (
+        "1 of 2 records have an empty `prompt`: their completions are trained without a prompt"
+        in capsys.readouterr().err
+    )
+
+
+def test_an_empty_recipe_file_is_refused(tmp_path, capsys):
+    from forgetscope import cli
+
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    assert cli.main(["show", str(tmp_path / "empty.yaml")]) == 2
+    assert "the file holds no settings; a recipe names at least its base and task" in capsys.readouterr().err
+
+
 DAMAGED_MODELS = {
     "config.json not JSON": (lambda d: (d / "config.json").write_text("{broken"), "is not a valid JSON file"),
     "unknown architecture": (

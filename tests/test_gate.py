@@ -196,6 +196,7 @@ def test_unusable_policies_exit_2_with_one_line_each(tmp_path, runs, capsys, pol
 def test_missing_inputs_exit_2(tmp_path, runs, capsys):
     policy = _policy(tmp_path, general={"facts": {"max_drop": 0.1}})
     assert cli.main(["gate", str(tmp_path / "nope"), "--policy", policy]) == 2
+    assert cli.main(["gate", str(tmp_path), "--policy", policy]) == 2
     assert cli.main(["gate", str(runs["same"]), "--policy", str(tmp_path / "missing.yaml")]) == 2
     (tmp_path / "bad.yaml").write_text("general: {facts: [")
     assert cli.main(["gate", str(runs["same"]), "--policy", str(tmp_path / "bad.yaml")]) == 2
@@ -204,7 +205,7 @@ def test_missing_inputs_exit_2(tmp_path, runs, capsys):
     assert cli.main(["gate", str(runs["same"]), "--policy", policy, "--step", "7"]) == 2
     assert cli.main(["gate", str(runs["same"]), "--policy", policy, "--step", "0"]) == 2
     err = capsys.readouterr().err
-    assert "not a forgetscope run" in err and "no such policy file" in err and "not valid YAML" in err
+    assert "nope: no such folder" in err and "not a forgetscope run" in err and "no such policy file" in err and "not valid YAML" in err
     assert "line 3: not valid YAML (the key 'facts' is given twice in one mapping)" in err
     assert "no evaluation at step 7; evaluated steps: [0, 10]" in err and "step 0 is the base itself" in err
 

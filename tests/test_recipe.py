@@ -133,6 +133,20 @@ def test_overrides_enter_lists_by_index():
         load_recipe(RECIPES / "sequence_paper.yaml", ["stages.4.steps=7"])
 
 
+def test_a_bad_value_from_set_is_blamed_on_the_set_not_the_file(capsys):
+    argv = ["show", str(RECIPES / "sequence.yaml"), "--set", "train.lr=-1", "--set", "stages.1.steps=0"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "forgetscope: error: --set train.lr=-1: train.lr: must be positive, got -1.0",
+        "forgetscope: error: --set stages.1.steps=0: stages[1]: steps and lr must be positive",
+    ]
+    assert cli.main(["show", str(RECIPES / "tiny.yaml"), "--set", "train.lr=0", "--set", "train.steps=bad"]) == 2
+    assert "forgetscope: error: --set train.steps=bad: train.steps: expected" in capsys.readouterr().err
+    assert cli.main(["show", str(RECIPES / "tiny.yaml"), "--set", "stages.9.steps=1"]) == 2
+    assert capsys.readouterr().err.startswith("forgetscope: error: --set stages.9")
+
+
 def test_cli_error_is_exit_2_without_traceback(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("base: tiny-random\ntrian: {}\n")
@@ -165,3 +179,15 @@ def test_a_task_that_gives_data_needs_no_name_null(tmp_path, tiny_recipe_data):
     assert [s.task.name for s in recipe.stages] == ["numerals", None]
     with pytest.raises(RecipeError, match="give exactly one of"):  # a name given with the data is still refused
         recipe_from_dict({**data, "task": {"name": "numerals", "path": "mine.jsonl"}}, str(tmp_path / "r.yaml"))
+
+
+def test_a_bad_command_line_is_one_line_and_exit_2(capsys):
+    for argv, message in [
+        (["report"], "forgetscope report: error: the following arguments are required: RUN, -o/--out"),
+        (["bogus"], "forgetscope: error: argument COMMAND: invalid choice: 'bogus'"),
+    ]:
+        with pytest.raises(SystemExit) as exit:
+            cli.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit.value.code == 2 and len(err) == 1 and err[0].startswith(message) and "--help`" in err[0]
+    assert cli.main([]) == 2 and "usage: forgetscope" in capsys.readouterr().err  # bare: the help
