@@ -170,6 +170,11 @@ def check(run: str | Path, policy: Policy, step: int | None = None) -> dict:
         if limit is None:
             continue
         if row["role"] == "new":
+            if pd.notna(row.get("chance")) and limit.min > 1:  # a 0/1 metric: a minimum above 1 is a typo
+                raise GateError(
+                    f"policy new.{task}.min: {limit.min:g} is above the highest {row['metric']} (1); "
+                    "scores are fractions, e.g. 0.9 for 90%"
+                )
             ok = row["value"] >= limit.min
             checks.append(
                 {

@@ -47,9 +47,15 @@ def tiny_recipe_data() -> dict:
 
 
 def make_fake_run(
-    root: Path, steps_items: dict[int, dict[str, object]], task="facts", metric="acc", method="full"
+    root: Path,
+    steps_items: dict[int, dict[str, object]],
+    task="facts",
+    metric="acc",
+    method="full",
+    learned: float = 1.0,
 ) -> RunLayout:
-    """A run folder with per-item samples of one general task (and a new task) at given steps."""
+    """A run folder with per-item samples of one general task (and a new task, scored 0 at the
+    first step and ``learned`` after it) at given steps."""
     layout = RunLayout(root)
     root.mkdir(parents=True)
     layout.manifest.write_text(json.dumps({"status": "finished", "method": method}))
@@ -77,7 +83,7 @@ def make_fake_run(
             )
         )
         (folder / "samples_new.jsonl").write_text(
-            json.dumps({"item_id": "n0", "acc": float(i > 0), "metrics": ["acc"]}) + "\n"
+            json.dumps({"item_id": "n0", "acc": learned * (i > 0), "metrics": ["acc"]}) + "\n"
         )
         (folder / "results.json").write_text(
             json.dumps(
@@ -88,7 +94,7 @@ def make_fake_run(
                         "new": {
                             "role": "new",
                             "n": 1,
-                            "metrics": {"acc": {"value": float(i > 0), "stderr": None, "higher_is_better": True}},
+                            "metrics": {"acc": {"value": learned * (i > 0), "stderr": None, "higher_is_better": True}},
                         },
                         task: {
                             "role": "general",

@@ -151,15 +151,18 @@ def test_general_forgetting_fails_when_no_probe_is_above_chance(tmp_path, fake_r
     assert "general forgetting  mean relative drop  –" in capsys.readouterr().out
 
 
-def test_relative_limits_defaults_new_task_minimum_and_mean_forgetting(tmp_path, runs):
+def test_relative_limits_defaults_new_task_minimum_and_mean_forgetting(tmp_path, runs, fake_run):
     result = gate.check(
         runs["large"], gate.load_policy(_policy(tmp_path, general={"default": {"max_relative_drop": 0.5}}))
     )
     facts = result["checks"][0]
     assert facts["relative"] and facts["drop"] == pytest.approx(facts["value"] / facts["base"] * -1 + 1)
     assert result["verdict"] == "pass"
-    result = gate.check(runs["same"], gate.load_policy(_policy(tmp_path, new={"new": {"min": 1.5}})))
+    half = fake_run(tmp_path / "half", {0: {"i0": 1.0}, 10: {"i0": 1.0}}, learned=0.5).root
+    result = gate.check(half, gate.load_policy(_policy(tmp_path, new={"new": {"min": 0.9}})))
     assert result["verdict"] == "fail" and result["checks"][0]["note"] == "below the minimum score"
+    with pytest.raises(gate.GateError, match=r"policy new.new.min: 90 is above the highest acc \(1\); scores are"):
+        gate.check(runs["same"], gate.load_policy(_policy(tmp_path, new={"new": {"min": 90}})))
     result = gate.check(runs["large"], gate.load_policy(_policy(tmp_path, max_general_forgetting=0.1)))
     assert result["verdict"] == "fail" and result["checks"][-1]["name"] == "general forgetting"
 
@@ -205,7 +208,12 @@ def test_missing_inputs_exit_2(tmp_path, runs, capsys):
     assert cli.main(["gate", str(runs["same"]), "--policy", policy, "--step", "7"]) == 2
     assert cli.main(["gate", str(runs["same"]), "--policy", policy, "--step", "0"]) == 2
     err = capsys.readouterr().err
-    assert "nope: no such folder" in err and "not a forgetscope run" in err and "no such policy file" in err and "not valid YAML" in err
+    assert (
+        "nope: no such folder" in err
+        and "not a forgetscope run" in err
+        and "no such policy file" in err
+        and "not valid YAML" in err
+    )
     assert "line 3: not valid YAML (the key 'facts' is given twice in one mapping)" in err
     assert "no evaluation at step 7; evaluated steps: [0, 10]" in err and "step 0 is the base itself" in err
 
