@@ -7,6 +7,7 @@ missing files, unknown models and tasks). Every problem is collected and raised 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -129,9 +130,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 def _blame(problem: str, overrides: list[str], path: str) -> str:
     """A validation line prefixed with its cause: the ``--set`` that gave its key, a section
     holding it or a key inside it, else the recipe file."""
-    key = problem.partition(":")[0].replace("[", ".").replace("]", "")
-    for pair in overrides:
+    plain = problem.replace("[", ".").replace("]", "")
+    keys = {plain.split(":", 1)[0], *re.findall(r"\w+(?:\.\w+)+", plain)}  # `key: ...`, and dotted keys it names
+    for pair in reversed(overrides):  # the last --set of a key is the one that holds
         given = pair.partition("=")[0].strip()
-        if key == given or key.startswith(given + ".") or given.startswith(key + "."):
+        if any(key == given or key.startswith(given + ".") or given.startswith(key + ".") for key in keys):
             return f"--set {pair}: {problem}"
     return f"{path}: {problem}"

@@ -63,6 +63,10 @@ def _check_stages(recipe: Recipe, data: dict[str, Any]) -> tuple[list[str], list
         evals = stage.evals or ([stage.task.name] if stage.task.name in known else [])
         if not evals:
             problems.append(f"{prefix}.evals: list the evals of this stage's task (e.g. a task YAML in evals.include)")
+        if shared := [e for e in evals if e in new]:  # the accuracy matrix needs a column of its own per stage
+            problems.append(
+                f"{prefix}.evals: {shared[0]!r} already scores an earlier stage; give each stage a task and eval of its own"
+            )
         new += [e for e in evals if e not in new]
     if len(recipe.stages) < 2:
         problems.append("stages: a sequence needs at least 2 stages (one new task: use `task:`)")

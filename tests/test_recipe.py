@@ -126,8 +126,8 @@ def test_a_key_given_twice_is_refused_not_overwritten(tmp_path, capsys):
 
 
 def test_overrides_enter_lists_by_index():
-    recipe = load_recipe(RECIPES / "sequence_paper.yaml", ["stages.1.steps=7", "stages.3.task.name=digits_rotate"])
-    assert [s.steps for s in recipe.stages] == [2000, 7, 2000, 2000] and recipe.stages[3].task.name == "digits_rotate"
+    recipe = load_recipe(RECIPES / "sequence_paper.yaml", ["stages.1.steps=7", "stages.3.task.name=sym_sort"])
+    assert [s.steps for s in recipe.stages] == [2000, 7, 2000, 2000] and recipe.stages[3].task.name == "sym_sort"
     assert recipe.stages[3].task.max_examples is None  # the rest of the stage stays
     with pytest.raises(RecipeError, match=r"--set stages.4: there is no item 4 \(items 0..3\)"):
         load_recipe(RECIPES / "sequence_paper.yaml", ["stages.4.steps=7"])
@@ -143,6 +143,11 @@ def test_a_bad_value_from_set_is_blamed_on_the_set_not_the_file(capsys):
     ]
     assert cli.main(["show", str(RECIPES / "tiny.yaml"), "--set", "train.lr=0", "--set", "train.steps=bad"]) == 2
     assert "forgetscope: error: --set train.steps=bad: train.steps: expected" in capsys.readouterr().err
+    argv = ["show", str(RECIPES / "tiny.yaml"), "--set", "train.grad_accum=3", "--set", "lora.r=8", "--set", "lora.r=0"]
+    assert cli.main(argv) == 2  # keys named in a sentence; the last --set of a key is the one that holds
+    err = capsys.readouterr().err
+    assert "--set train.grad_accum=3: train.batch_size: 4 is not divisible by train.grad_accum=3" in err
+    assert "--set lora.r=0: lora.r and lora.alpha: must be positive" in err
     assert cli.main(["show", str(RECIPES / "tiny.yaml"), "--set", "stages.9.steps=1"]) == 2
     assert capsys.readouterr().err.startswith("forgetscope: error: --set stages.9")
 

@@ -268,3 +268,18 @@ def test_a_stage_after_bf16_training_samples_its_replay_buffer(tmp_path):
     assert cli.main(["run", str(path)]) == 0
     log = json.loads((tmp_path / "seq" / "manifest.json").read_text())["train_log"]
     assert [e["step"] for e in log if "replay_refresh" in e] == [3, 5]  # stage 2 starts at step 3; a refresh 2 steps in
+
+
+def test_two_stages_scored_by_one_eval_are_refused_before_training(tmp_path, capsys):
+    """The accuracy matrix needs an eval of its own per stage; a shared one used to crash at the end."""
+    argv = [
+        "run",
+        str(RECIPES / "sequence.yaml"),
+        "--set",
+        f"runs_dir={tmp_path}",
+        "--set",
+        "stages.1.task.name=digits_reverse",
+    ]
+    assert cli.main(argv) == 2
+    assert "stages[1].evals: 'digits_reverse' already scores an earlier stage" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
