@@ -133,9 +133,8 @@ def build_kl_probe(model, tokenizer, recipe: Recipe, chat: bool, base_fingerprin
     )
     probe = KLProbe(examples, [(r["prompt"], r["completion"]) for r in records], lora, recipe.evals.precision)
     if not lora:
-        vocab = model.get_output_embeddings().weight.shape[0]
         with evaluate.scoring_precision(model, probe.precision):
-            probe.topk_values, probe.topk_indices = base_topk(model, tokenizer, examples, min(config.kl_topk, vocab))
+            probe.topk_values, probe.topk_indices = base_topk(model, tokenizer, examples, config.kl_topk)
     io.write_torch(path, asdict(probe))
     return probe
 

@@ -224,9 +224,11 @@ def collate(examples: list[dict[str, list[int]]], pad_id: int, length: int | Non
 
 @torch.no_grad()
 def base_topk(model, tokenizer, examples, k: int, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """The base's top-k next-token log-probs at every position of every example (padded positions: 0)."""
+    """The base's top-k next-token log-probs at every position of every example (padded positions: 0);
+    ``k`` beyond the vocabulary keeps the whole vocabulary (the KL is then exact)."""
     was_training = model.training
     model.eval()
+    k = min(k, model.get_output_embeddings().weight.shape[0])
     length = max(len(e["input_ids"]) for e in examples)
     values = torch.zeros(len(examples), length - 1, k)
     indices = torch.zeros(len(examples), length - 1, k, dtype=torch.long)

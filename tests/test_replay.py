@@ -66,6 +66,11 @@ def test_kl_is_zero_when_current_equals_base(replay_data):
         shifted = logits + torch.randn_like(logits)
         assert replay.kl_full(logits, shifted, batch["labels"]).item() > 0.01
         assert replay.kl_topk(values, indices, shifted, batch["labels"]).item() > 0.01
+        values, indices = (t.to(model.device) for t in replay.base_topk(model, tokenizer, examples, k=100_000))
+        assert values.shape[-1] == logits.shape[-1]  # k beyond the vocabulary: the whole of it, the exact KL
+        assert replay.kl_topk(values, indices, shifted, batch["labels"]).item() == pytest.approx(
+            replay.kl_full(logits, shifted, batch["labels"]).item(), rel=1e-4
+        )
     lora = train.prepare_model(_base()[0], recipe_from_dict({**replay_data, "method": "lora", "lora": {"r": 2}}))
     with torch.no_grad(), lora.disable_adapter():  # LoRA at init: adapters are a no-op, so base == current
         base_logits = lora(input_ids=batch["input_ids"]).logits
