@@ -54,6 +54,7 @@ def _run(recipe: Recipe, session: RunSession, run_hash: str) -> Path:
     with distributed.main_first():  # rank 0 converts the model (once, cached), the others load it
         model_path = models.resolve(recipe.base, recipe.base_dir)
     model, tokenizer = models.load(model_path, recipe.trust_remote_code, recipe.allow_pickle)
+    train.check_lora_targets(model, recipe)
     stages = sequence.stage_recipes(recipe)
     chat = data.uses_chat_template(stages[0].task, tokenizer)
     stage_data = sequence.stage_data(recipe, tokenizer)  # every stage's data is checked before anything is written

@@ -172,3 +172,13 @@ def compile_loss(model) -> None:
     peak memory 39 → 24 GB."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     inner.loss_function = torch.compile(inner.loss_function)
+
+
+def lora_target_matches(target_modules: str | list[str], name: str) -> bool:
+    """Whether peft puts an adapter on the module called ``name`` for ``target_modules`` (a list:
+    the name or its last dotted parts; a string: a regular expression matching the whole name):
+    ``peft.tuners.tuners_utils.check_target_module_exists``."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    return bool(check_target_module_exists(LoraConfig(target_modules=target_modules), name))

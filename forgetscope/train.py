@@ -35,6 +35,19 @@ def use_bf16(precision: str) -> bool:
     return seams.cpu_has_bf16()
 
 
+def check_lora_targets(model, recipe: Recipe) -> None:
+    """Before anything is written: ``lora.target_modules`` must name layers of the model (peft
+    finds out only when the adapters are added, after the run has started)."""
+    targets = recipe.lora.target_modules if recipe.method == "lora" else "all-linear"
+    if targets == "all-linear" or any(seams.lora_target_matches(targets, name) for name, _ in model.named_modules()):
+        return
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    raise UserError(
+        f"lora.target_modules: {targets} names no layer of the base model; its linear layers are "
+        f"{', '.join(linear)}, or give all-linear"
+    )
+
+
 def prepare_model(model, recipe: Recipe):
     """Wrap the base model for the recipe's method: peft LoRA adapters, or every weight trainable;
     with ``train.compile``, compile its repeated blocks and its loss."""

@@ -188,3 +188,11 @@ def test_report_to_names_are_checked(tiny_recipe_data):
         RecipeError, match=r"train\.report_to: unknown integration 'tensorbord'; did you mean 'tensorboard'"
     ):
         recipe_from_dict({**tiny_recipe_data, "train": {**tiny_recipe_data["train"], "report_to": ["tensorbord"]}})
+
+
+@pytest.mark.parametrize("targets", [["nonexistent"], []])
+def test_lora_targets_that_name_no_layer_are_refused_before_anything_is_written(tmp_path, tiny_recipe_data, targets):
+    data = {**tiny_recipe_data, "lora": {"r": 4, "alpha": 8, "target_modules": targets}, "runs_dir": str(tmp_path)}
+    with pytest.raises(train.UserError, match=r"names no layer of the base model; its linear layers are .*q_proj"):
+        run(recipe_from_dict(data))
+    assert not any(tmp_path.iterdir())

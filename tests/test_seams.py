@@ -159,3 +159,14 @@ def test_lm_eval_compiles_each_template_once():
     assert utils.env.from_string.cache_info().hits == hits + 1, (
         f"lm_eval.utils.apply_template no longer compiles through env.from_string {UPGRADE}"
     )
+
+
+def test_lora_target_matches_follows_peft():
+    for targets, name, expected in [
+        (["q_proj"], "model.layers.0.self_attn.q_proj", True),
+        (["self_attn.q_proj"], "model.layers.0.self_attn.q_proj", True),
+        (["q_proj"], "model.layers.0.self_attn.k_proj", False),
+        (r".*\.(q|v)_proj", "model.layers.1.self_attn.v_proj", True),
+        ("q_proj", "model.layers.1.self_attn.q_proj", False),  # a string is a regex over the whole name
+    ]:
+        assert seams.lora_target_matches(targets, name) is expected, f"{targets} vs {name} {UPGRADE}"
