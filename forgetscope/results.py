@@ -7,6 +7,7 @@ items = forgetscope.load_items(["runs/full_ft"], tasks=["world_capitals"])
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -42,13 +43,23 @@ def load_runs(paths: list[str | Path]) -> list[tuple[Path, pd.DataFrame]]:
     going (or stopped) the evaluations it has so far, plus a ``chance`` column (the accuracy of
     guessing, for 0/1 metrics: :func:`forgetscope.stats.chance_level`). Run names must be distinct."""
     runs = []
-    for root in run_folders(paths):
+    for root in dict.fromkeys(p.resolve() for p in run_folders(paths)):  # a run named twice is read once
         layout = RunLayout(root)
+        status = layout.read_manifest().get("status")
         if layout.curves.is_file():
             table = _read_curves(layout.curves)
         else:
             method = str(layout.read_manifest().get("method", ""))
             table = curves.build_table(layout, run=root.name, recipe=root.name, method=method)
+        if table.empty:
+            print(f"forgetscope: warning: {root} is {status} with no evaluation yet; left out", file=sys.stderr)
+            continue
+        if status != "finished":
+            print(
+                f"forgetscope: warning: {root} is {status}, not finished; its curves stop at step "
+                f"{int(table['step'].max())}",
+                file=sys.stderr,
+            )
         chance = {pair: stats.chance_level(layout, *pair) for pair in set(zip(table["task"], table["metric"]))}
         runs.append(
             (
@@ -58,7 +69,9 @@ def load_runs(paths: list[str | Path]) -> list[tuple[Path, pd.DataFrame]]:
                 ),
             )
         )
-    names = [t["run"].iloc[0] for _, t in runs if len(t)]
+    if not runs:
+        raise ResultsError(f"{', '.join(map(str, paths))}: no run with an evaluation yet; nothing to show")
+    names = [t["run"].iloc[0] for _, t in runs]
     if len(names) != len(set(names)):
         raise ResultsError(
             f"two runs share the name {max(names, key=names.count)!r}; give them distinct names (`name:` in the recipe)"

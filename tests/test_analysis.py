@@ -1,5 +1,6 @@
 """Forgetting metrics against hand-computed fixtures; loading runs; reports (rendered in headless Chromium)."""
 
+import json
 import math
 import os
 import shutil
@@ -300,3 +301,22 @@ def test_report_flags_out_of_range_exit_2(tmp_path, fake_run, capsys, flags, mes
         code = exit.code
     assert code == 2
     assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_runs_without_evaluations_are_left_out_and_unfinished_ones_named(tmp_path, fake_run, capsys):
+    """A run that failed before its first evaluation used to crash the report of every run beside it."""
+    fake_run(tmp_path / "runs" / "done", {0: {"i0": 1.0, "i1": 1.0}, 5: {"i0": 1.0, "i1": 0.0}})
+    stopped = fake_run(tmp_path / "runs" / "stopped", {0: {"i0": 1.0, "i1": 1.0}, 5: {"i0": 0.0, "i1": 0.0}}).root
+    (stopped / "manifest.json").write_text(json.dumps({"status": "failed", "method": "full"}))
+    empty = tmp_path / "runs" / "empty"
+    empty.mkdir()
+    (empty / "manifest.json").write_text(json.dumps({"status": "failed", "method": "full"}))
+    assert (
+        cli.main(["report", str(tmp_path / "runs"), str(tmp_path / "runs" / "done"), "-o", str(tmp_path / "rep")]) == 0
+    )
+    err = capsys.readouterr().err
+    assert f"{empty} is failed with no evaluation yet; left out" in err
+    assert f"{stopped} is failed, not finished; its curves stop at step 5" in err
+    assert "| done " in (tmp_path / "rep" / "report.md").read_text()  # named twice, reported once
+    assert cli.main(["report", str(empty), "-o", str(tmp_path / "rep2")]) == 2
+    assert "no run with an evaluation yet" in capsys.readouterr().err and not (tmp_path / "rep2").exists()
