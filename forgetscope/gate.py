@@ -28,17 +28,22 @@ many items would decide it at ``power`` if the drop and its variance stay as obs
 without adjustment; the adjustment is what makes each probe's PASS defensible on its own.)
 ``decide_on: estimate`` compares the point estimate instead (lenient; for exploratory gates).
 New-task minimums compare the point estimate. Drops are sign-correct (positive = worse); a
-relative limit divides the drop and its replicates by ``abs(v_0)``. A probe whose base score is
+relative limit divides the drop and its replicates by ``abs(v_0)``. Every comparison with a limit
+counts a value within float rounding of it (1e-9, relative) as at the limit, which is within it:
+0.8 -> 0.75 is a drop of 0.05 under ``max_drop: 0.05``, so the test decides it (a drop at the limit
+cannot be shown below it: inconclusive), and ``decide_on: estimate`` passes it. A probe whose base score is
 not clearly above chance (one-sided binomial test at ``confidence``) is flagged: it cannot show
 forgetting, and ``max_general_forgetting`` leaves it out unless ``at_chance: keep``.
 
 Exit codes of ``forgetscope gate``: 0 pass, 1 fail, 2 unusable input (bad policy, not a run,
-a probe the policy names but the run lacks).
+a probe the policy names but the run lacks or scores in the other role, a policy that checks
+nothing in the run).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,9 +65,9 @@ class GateError(UserError):
 class Limit:
     """The limit of one probe (give one of max_drop / max_relative_drop) or new task (min)."""
 
-    max_drop: float | None = option(None, "largest allowed drop, in the metric's units (positive = worse)")
-    max_relative_drop: float | None = option(None, "largest allowed drop relative to the base value, e.g. 0.05")
-    min: float | None = option(None, "smallest allowed score (new tasks)")
+    max_drop: float | None = option(None, "the largest drop allowed, in the metric's units; positive = worse")
+    max_relative_drop: float | None = option(None, "the largest drop allowed, relative to the base value, e.g. 0.05")
+    min: float | None = option(None, "the smallest score allowed, of a new task")
 
 
 @dataclass
@@ -89,8 +94,13 @@ class Policy:
 
 
 def load_policy(path: str | Path) -> Policy:
-    """Read and validate a policy file; every problem is reported at once, one per line."""
+    """Read and validate a policy file; every problem is reported at once, one per line (and only
+    the problem itself: a limit that cannot be read is not also reported as missing)."""
     path = Path(path)
+    if path.is_dir():
+        raise GateError(
+            f"{path}: is a folder, not a policy file; give a policy YAML, e.g. examples/release_policy.yaml"
+        )
     if not path.is_file():
         raise GateError(f"{path}: no such policy file; see examples/release_policy.yaml")
     try:
@@ -105,23 +115,72 @@ def load_policy(path: str | Path) -> Policy:
         problems.append(f"confidence: {policy.confidence} must be in [0.5, 1), e.g. 0.95")
     if not 0.5 <= policy.power < 1:
         problems.append(f"power: {policy.power} must be in [0.5, 1), e.g. 0.8")
+    if policy.max_general_forgetting is not None and policy.max_general_forgetting < 0:  # it would always fail
+        problems.append(
+            f"max_general_forgetting: {policy.max_general_forgetting:g} must be a number, 0 or more "
+            "(the largest mean relative drop allowed)"
+        )
     for role in ("new", "general"):
-        for name, entry in (getattr(policy, role) or {}).items():
-            limit = schema.build(Limit, entry, f"{role}.{name}.", problems)
-            given = [k for k, v in asdict(limit).items() if v is not None]
-            wanted = ["min"] if role == "new" else ["max_drop", "max_relative_drop"]
-            if len(given) != 1 or given[0] not in wanted:
-                problems.append(f"{role}.{name}: give exactly one of {' / '.join(wanted)}, got {given or 'none'}")
-            for key in ("max_drop", "max_relative_drop"):
-                value = getattr(limit, key)
-                if value is not None and not value >= 0:  # a negative allowed drop demands a gain: a typo
-                    problems.append(f"{role}.{name}.{key}: {value} must be 0 or more (the largest drop allowed)")
-            policy.limits[(role, str(name))] = limit
-    if not policy.new and not policy.general and policy.max_general_forgetting is None:
+        for name, entry in getattr(policy, role).items():
+            limit = _limit(f"{role}.{name}", entry, problems)
+            if limit is not None:
+                policy.limits[(role, str(name))] = limit
+    if isinstance(data, dict) and all(data.get(k) in (None, {}) for k in ("new", "general", "max_general_forgetting")):
         problems.append("the policy sets no limit; add new:, general: or max_general_forgetting:")
     if problems:
         raise GateError("\n".join(f"{path}: {p}" for p in problems))
     return policy
+
+
+_LIMIT_KEYS = {"new": ["min"], "general": ["max_drop", "max_relative_drop"]}
+
+
+def _limit(where: str, entry: Any, problems: list[str]) -> Limit | None:
+    """The :class:`Limit` of the policy entry at ``where`` (``new.numerals``, ``general.prose_ppl``), or
+    None after appending its problems. A limit is a finite number, 0 or more: a negative minimum always
+    passes and a negative allowed drop demands a gain, so either is a typo. A relative drop above 1 is
+    allowed: a loss (bits per byte) can more than double."""
+    role = where.split(".")[0]
+    keys = _LIMIT_KEYS[role]
+    if not isinstance(entry, dict):
+        example = "{min: 0.9}" if role == "new" else "{max_drop: 0.05}"
+        problems.append(f"{where}: expected a mapping like {example}, got {entry!r}")
+        return None
+    meaning = {f.name: f.metadata["help"] for f in fields(Limit)}
+    before = len(problems)
+    for key, value in entry.items():
+        if key not in keys:
+            hint = schema.did_you_mean(str(key), keys)
+            problems.append(f"{where}.{key}: unknown key{hint} (allowed under {role}: {', '.join(keys)})")
+        elif _number(value) is None or _number(value) < 0:
+            problems.append(f"{where}.{key}: {value!r} must be a number, 0 or more ({meaning[key]})")
+    if len(problems) > before:
+        return None
+    if len(entry) != 1:
+        problems.append(f"{where}: give exactly one of {' / '.join(keys)}, got {list(entry) or 'none'}")
+        return None
+    return Limit(**{key: _number(value) for key, value in entry.items()})
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a finite number, or None (YAML 1.1 reads ``1e-4`` as a string, so numeric strings count)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _compare(x: float, limit: float) -> int:
+    """-1, 0 or 1 as ``x`` lies below, at or above ``limit``, where values within float rounding of the
+    limit are at it (0.8 - 0.75 is 0.050000000000000044: at a limit of 0.05, not above it). The tolerance
+    is that of the bootstrap p-values, which count such replicates as at the limit
+    (:func:`forgetscope.stats.p_noninferior`)."""
+    if abs(x - limit) <= stats.rounding(limit):
+        return 0
+    return 1 if x > limit else -1
 
 
 def check(run: str | Path, policy: Policy, step: int | None = None) -> dict:
@@ -151,17 +210,28 @@ def check(run: str | Path, policy: Policy, step: int | None = None) -> dict:
     alpha = 1 - policy.confidence
     rows = metrics.primary_rows(table[table["step"].isin([0, step])], alpha=alpha)
     at = rows[rows["step"] == step].set_index("task")
+    evals = {role: sorted(at.index[at["role"] == role]) for role in ("new", "general")}
+    has = (
+        f"it has new evals: {', '.join(evals['new']) or 'none'}; general evals: {', '.join(evals['general']) or 'none'}"
+    )
     for role, name in policy.limits:
-        if name != "default" and (name not in at.index or at.loc[name, "role"] != role):
-            if name not in at.index and name in set(table["task"]):
-                full = sorted(set(table[table["task"] == name]["step"]))
-                raise GateError(
-                    f"policy {role}.{name}: step {step} was scored on the cheap probes only (a cascade step); "
-                    f"pass --step with a full-battery step: {full}"
-                )
+        if (role, name) == ("general", "default") or name in evals[role]:
+            continue
+        if name in at.index:
+            other = at.loc[name, "role"]
             raise GateError(
-                f"policy {role}.{name}: the run has no {role} eval {name!r}; it has {', '.join(sorted(at.index))}"
+                f"policy {role}.{name}: {name!r} is a {other} eval of this run, not a {role} one; "
+                f"list it under {other}: with {' or '.join(_LIMIT_KEYS[other])}"
             )
+        if name in set(table["task"]):
+            full = sorted(set(table[table["task"] == name]["step"]))
+            raise GateError(
+                f"policy {role}.{name}: step {step} was scored on the cheap probes only (a cascade step); "
+                f"pass --step with a full-battery step: {full}"
+            )
+        raise GateError(f"policy {role}.{name}: the run has no eval {name!r}; {has}")
+    if policy.max_general_forgetting is not None and not evals["general"]:
+        raise GateError(f"policy max_general_forgetting: the run has no general eval to average at step {step}; {has}")
     checks, tests = [], []
     for task, row in at.sort_values("role", key=lambda r: r != "new", kind="stable").iterrows():
         limit = policy.limits.get((row["role"], task)) or (
@@ -175,7 +245,7 @@ def check(run: str | Path, policy: Policy, step: int | None = None) -> dict:
                     f"policy new.{task}.min: {limit.min:g} is above the highest {row['metric']} (1); "
                     "scores are fractions, e.g. 0.9 for 90%"
                 )
-            ok = row["value"] >= limit.min
+            ok = _compare(row["value"], limit.min) >= 0
             checks.append(
                 {
                     "name": task,
@@ -194,7 +264,7 @@ def check(run: str | Path, policy: Policy, step: int | None = None) -> dict:
     if policy.max_general_forgetting is not None:
         forgetting = metrics.general_forgetting(rows, keep_at_chance=policy.at_chance == "keep")
         value = forgetting[forgetting["step"] == step]["forgetting"]
-        ok = len(value) and float(value.iloc[0]) <= policy.max_general_forgetting
+        ok = len(value) and _compare(float(value.iloc[0]), policy.max_general_forgetting) <= 0
         note = (
             ""
             if ok
@@ -216,6 +286,11 @@ def check(run: str | Path, policy: Policy, step: int | None = None) -> dict:
                 "passed": bool(ok),
                 "note": note,
             }
+        )
+    if not checks:  # e.g. only `general: {default: ...}` on a run without general evals: a pass would mean nothing
+        raise GateError(
+            f"{root}: the policy checks nothing in this run at step {step} ({has}); "
+            "name those evals under new: or general: in the policy"
         )
     return {
         "run": root.name,
@@ -270,10 +345,13 @@ def _decide(tests: list[dict], policy: Policy) -> None:
     family_alpha = alpha / m if policy.correction != "none" and m else alpha  # enough for any rank, Holm or BH
     for t in tests:
         t["bound"], t["bound_level"] = float(np.percentile(t.pop("_boot"), 100 * (1 - level))), 1 - level
-        ok = t["p_adj"] <= alpha if policy.decide_on == "upper" else t["drop"] <= t["allowed"]
+        side = _compare(t["drop"], t["allowed"])
+        ok = t["p_adj"] <= alpha if policy.decide_on == "upper" else side <= 0
         notes = []
-        if not ok and t["drop"] >= t["allowed"]:
+        if not ok and side > 0:
             notes.append("drop exceeds the limit")
+        elif not ok and side == 0:
+            notes.append("inconclusive: the drop is at the limit, so no number of items would show it below")
         elif not ok:
             t["items_needed"] = stats.items_to_decide(
                 t["drop"], t["se"], t["n"], t["allowed"], family_alpha, policy.power

@@ -57,6 +57,15 @@ def out_dir_problems(path: Path, what: str) -> list[str]:
     return []
 
 
+def run_folder_of(path: Path) -> Path | None:
+    """The run folder (one holding ``manifest.json``) that ``path`` is or lies inside, if any: an
+    output folder there would overwrite that run's own files or mix with them."""
+    for node in (path.absolute(), *path.absolute().parents):
+        if (node / "manifest.json").is_file():
+            return node
+    return None
+
+
 def check_out_dir(path: Path, what: str) -> None:
     """Refuse an unusable output folder (:func:`out_dir_problems`) before any work."""
     for problem in out_dir_problems(path, what):

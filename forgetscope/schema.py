@@ -3,7 +3,7 @@ collected, and print their documentation.
 
 Fields carry their documentation in ``metadata["help"]`` (see :func:`option`). Nested sections
 are dataclass-typed fields; a list of sections (``list[StageConfig]``) is built item by item.
-Used by :mod:`forgetscope.recipe` and :mod:`forgetscope.load`.
+Used by :mod:`forgetscope.recipe`, :mod:`forgetscope.load` and :mod:`forgetscope.gate`.
 """
 
 from __future__ import annotations
@@ -145,11 +145,14 @@ def did_you_mean(word: str, options: typing.Iterable[str], cutoff: float = 0.6) 
 
 def build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
     """Build dataclass ``cls`` from a mapping, appending every problem found."""
+    names = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
     if not isinstance(data, dict):
-        problems.append(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping of keys, got {data!r}")
+        where = f"{prefix.rstrip('.')}: " if prefix else ""
+        keys = ", ".join(f"{name}:" for name in names)
+        got = repr(data) if len(repr(data)) <= 40 else f"a {type(data).__name__}"  # not a whole file echoed
+        problems.append(f"{where}expected a mapping of keys ({keys}), got {got}")
         return cls()
     field_types = hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key not in names:

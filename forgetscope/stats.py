@@ -252,10 +252,15 @@ def chance_flips(n: int, base_acc: float, final_acc: float, chance: float) -> fl
 # ---------------------------------------------------------------- tests across probes and power
 
 
+def rounding(value: float) -> float:
+    """How far from ``value`` a result may land by float rounding alone (a difference of two means
+    of 0/1 scores lands on a limit's lattice point give or take 1e-16): 1e-9, relative above 1."""
+    return 1e-9 * max(1.0, abs(value))
+
+
 def _reaches(boot: np.ndarray, value: float) -> np.ndarray:
-    """``boot >= value``, counting replicates within float rounding of ``value`` as reaching it
-    (a difference of two means of 0/1 scores lands on the margin's lattice point give or take 1e-16)."""
-    return boot >= value - 1e-9 * max(1.0, abs(value))
+    """``boot >= value``, counting replicates within float :func:`rounding` of ``value`` as reaching it."""
+    return boot >= value - rounding(value)
 
 
 def p_two_sided(boot: np.ndarray, value: float = 0.0) -> float:

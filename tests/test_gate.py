@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from forgetscope import cli, gate
+from forgetscope import cli, gate, stats
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -172,28 +172,124 @@ def test_relative_limits_defaults_new_task_minimum_and_mean_forgetting(tmp_path,
     [
         (
             {"general": {"facts": {"max_drop": 0.1, "max_relative_drop": 0.1}}},
-            "give exactly one of max_drop / max_relative_drop",
+            "general.facts: give exactly one of max_drop / max_relative_drop, got ['max_drop', 'max_relative_drop']",
         ),
+        ({"general": {"facts": {}}}, "general.facts: give exactly one of max_drop / max_relative_drop, got none"),
         ({"general": {"facts": {"max_drp": 0.1}}}, "unknown key; did you mean 'max_drop'?"),
-        ({"general": {"facts": {"max_drop": "a lot"}}}, "expected number"),
-        ({"general": {"facts": {"max_drop": -0.1}}}, "general.facts.max_drop: -0.1 must be 0 or more"),
-        ({"general": {"default": {"max_relative_drop": -0.05}}}, "max_relative_drop: -0.05 must be 0 or more"),
-        ({"general": {"nonexistent": {"max_drop": 0.1}}}, "the run has no general eval 'nonexistent'"),
-        ({"new": {"facts": {"min": 0.5}}}, "the run has no new eval 'facts'"),
-        ({"new": {"new": {"max_drop": 0.5}}}, "give exactly one of min"),
+        ({"general": {"facts": {"max_drop": "a lot"}}}, "general.facts.max_drop: 'a lot' must be a number, 0 or more"),
+        ({"general": {"facts": {"max_drop": float("nan")}}}, "general.facts.max_drop: nan must be a number, 0 or more"),
+        ("new: {new: {min: 1e400}}", "new.new.min: '1e400' must be a number, 0 or more"),
+        ({"general": {"facts": 0.05}}, "general.facts: expected a mapping like {max_drop: 0.05}, got 0.05"),
+        ({"new": ["new"]}, "new: expected mapping, got ['new']"),
+        ({"general": {"facts": {"max_drop": -0.1}}}, "general.facts.max_drop: -0.1 must be a number, 0 or more"),
+        ({"general": {"default": {"max_relative_drop": -0.05}}}, "max_relative_drop: -0.05 must be a number, 0 or"),
+        ({"new": {"new": {"min": -0.1}}}, "new.new.min: -0.1 must be a number, 0 or more"),  # it would always pass
+        ({"max_general_forgetting": -0.05}, "max_general_forgetting: -0.05 must be a number, 0 or more"),
+        ({"max_general_forgetting": float("nan")}, "max_general_forgetting: expected number | null, got nan"),
+        (
+            {"general": {"nonexistent": {"max_drop": 0.1}}},
+            "policy general.nonexistent: the run has no eval 'nonexistent'; it has new evals: new; general evals: facts",
+        ),
+        (
+            {"new": {"facts": {"min": 0.5}}},
+            "policy new.facts: 'facts' is a general eval of this run, not a new one; list it under general: with "
+            "max_drop or max_relative_drop",
+        ),
+        (
+            {"general": {"new": {"max_drop": 0.1}}},
+            "policy general.new: 'new' is a new eval of this run, not a general one; list it under new: with min",
+        ),
+        ({"new": {"new": {"max_drop": 0.5}}}, "new.new.max_drop: unknown key (allowed under new: min)"),
         ({"confidence": 1.5, "general": {"facts": {"max_drop": 0.1}}}, "confidence: 1.5 must be in [0.5, 1)"),
         ({"decide_on": "vibes", "general": {"facts": {"max_drop": 0.1}}}, "decide_on: expected"),
         ({"correction": "bonferroni", "general": {"facts": {"max_drop": 0.1}}}, "correction: expected"),
         ({"power": 0.3, "general": {"facts": {"max_drop": 0.1}}}, "power: 0.3 must be in [0.5, 1)"),
         ({}, "the policy sets no limit"),
         ({"general": ["facts"]}, "general: expected"),
+        (
+            "task,acc\nfacts,0.9\n" + "other,0.5\n" * 20,
+            "policy.yaml: expected a mapping of keys (confidence:, decide_on:, correction:, power:, at_chance:, new:, "
+            "general:, max_general_forgetting:), got a str",
+        ),
     ],
 )
 def test_unusable_policies_exit_2_with_one_line_each(tmp_path, runs, capsys, policy, message):
-    assert cli.main(["gate", str(runs["same"]), "--policy", _policy(tmp_path, **policy)]) == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    """One line, the problem itself: a limit that cannot be read is not also "missing" ("give
+    exactly one of ..., got none", "the policy sets no limit")."""
+    if isinstance(policy, str):  # as written by hand: YAML 1.1 reads 1e400 as a string
+        (tmp_path / "policy.yaml").write_text(policy)
+    path = _policy(tmp_path, **policy) if isinstance(policy, dict) else str(tmp_path / "policy.yaml")
+    assert cli.main(["gate", str(runs["same"]), "--policy", path]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "recipe" not in err[0], err
     assert not (runs["same"] / "gate.json").exists()
+
+
+def test_every_problem_of_a_policy_is_reported_at_once(tmp_path, runs, capsys):
+    policy = {"confidence": 1.5, "new": {"new": {"min": -1}}, "general": {"facts": 0.05, "x": {"max_drp": 1}}}
+    assert cli.main(["gate", str(runs["same"]), "--policy", _policy(tmp_path, **policy)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line.split("policy.yaml: ")[1].split(" ")[0] for line in err] == [
+        "confidence:",
+        "new.new.min:",
+        "general.facts:",
+        "general.x.max_drp:",
+    ]
+
+
+def test_a_relative_drop_above_1_is_a_valid_limit():
+    """A loss (bits per byte) can more than double, so a relative drop above 100% means something."""
+    assert gate._limit("general.prose_ppl", {"max_relative_drop": 1.5}, []) == gate.Limit(max_relative_drop=1.5)
+
+
+def test_a_policy_that_checks_nothing_in_the_run_exits_2(tmp_path, fake_run, capsys):
+    """`default` covers general probes only: on a run without any, nothing is checked, and a
+    "PASS across 0 probes" would wave anything through."""
+    root = fake_run(tmp_path / "nogeneral", {0: {"i0": 1.0}, 10: {"i0": 1.0}}).root
+    for results_json in root.glob("evals/step-*/results.json"):  # keep the new task only
+        result = json.loads(results_json.read_text())
+        del result["tasks"]["facts"]
+        results_json.write_text(json.dumps(result))
+    for policy, message in [
+        (
+            {"general": {"default": {"max_drop": 0.1}}},
+            "the policy checks nothing in this run at step 10 (it has new evals: new; general evals: none); "
+            "name those evals under new: or general: in the policy",
+        ),
+        (
+            {"new": {"new": {"min": 0.5}}, "max_general_forgetting": 0.05},
+            "policy max_general_forgetting: the run has no general eval to average at step 10; it has new evals: new",
+        ),
+    ]:
+        assert cli.main(["gate", str(root), "--policy", _policy(tmp_path, **policy)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not (root / "gate.json").exists()
+    assert cli.main(["gate", str(root), "--policy", _policy(tmp_path, new={"new": {"min": 0.5}})]) == 0
+
+
+def test_a_value_at_the_limit_up_to_float_rounding_is_within_it(tmp_path, fake_run):
+    """0.8 -> 0.75 is a drop of 0.050000000000000044: at a limit of 0.05, not over it, for the point
+    estimate as for the bootstrap replicates; the same for relative drops, minimums and the mean."""
+    base = {f"i{k}": float(k < 16) for k in range(20)}
+    root = fake_run(tmp_path / "at", {0: base, 10: {**base, "i0": 0.0}}, learned=0.3 * 3).root  # 0.8999999999999999
+    result = gate.check(root, gate.load_policy(_policy(tmp_path, general={"facts": {"max_drop": 0.05}})))
+    facts = result["checks"][0]
+    assert facts["drop"] == 0.8 - 0.75 > 0.05 and gate._compare(facts["drop"], 0.05) == 0
+    assert stats.p_noninferior(np.array([facts["drop"]]), 0.05) == 1.0  # a replicate there is at the limit too
+    assert facts["p"] > 0.4 and not facts["passed"]  # the test decides: it cannot show a drop below the limit
+    assert facts["note"] == "inconclusive: the drop is at the limit, so no number of items would show it below"
+    lenient = _policy(tmp_path, decide_on="estimate", general={"facts": {"max_drop": 0.05}}, new={"new": {"min": 0.9}})
+    assert gate.check(root, gate.load_policy(lenient))["verdict"] == "pass"
+    base = {f"i{k}": float(k < 20) for k in range(25)}
+    root = fake_run(tmp_path / "relative", {0: base, 10: {**base, "i0": 0.0}}).root  # 0.8 -> 0.76
+    relative = _policy(
+        tmp_path, decide_on="estimate", general={"facts": {"max_relative_drop": 0.05}}, max_general_forgetting=0.05
+    )
+    result = gate.check(root, gate.load_policy(relative))
+    facts, forgetting = result["checks"]
+    assert facts["drop"] == (0.8 - 0.76) / 0.8 > 0.05 and facts["passed"] and facts["note"] == ""
+    assert forgetting["value"] == pytest.approx(0.05) and forgetting["value"] > 0.05 and forgetting["passed"]
 
 
 def test_missing_inputs_exit_2(tmp_path, runs, capsys):
@@ -201,6 +297,7 @@ def test_missing_inputs_exit_2(tmp_path, runs, capsys):
     assert cli.main(["gate", str(tmp_path / "nope"), "--policy", policy]) == 2
     assert cli.main(["gate", str(tmp_path), "--policy", policy]) == 2
     assert cli.main(["gate", str(runs["same"]), "--policy", str(tmp_path / "missing.yaml")]) == 2
+    assert cli.main(["gate", str(runs["same"]), "--policy", str(tmp_path)]) == 2
     (tmp_path / "bad.yaml").write_text("general: {facts: [")
     assert cli.main(["gate", str(runs["same"]), "--policy", str(tmp_path / "bad.yaml")]) == 2
     (tmp_path / "twice.yaml").write_text("general:\n  facts: {max_drop: 0.1}\n  facts: {max_drop: 0.5}\n")
@@ -212,6 +309,7 @@ def test_missing_inputs_exit_2(tmp_path, runs, capsys):
         "nope: no such folder" in err
         and "not a forgetscope run" in err
         and "no such policy file" in err
+        and f"{tmp_path}: is a folder, not a policy file; give a policy YAML" in err
         and "not valid YAML" in err
     )
     assert "line 3: not valid YAML (the key 'facts' is given twice in one mapping)" in err
@@ -301,3 +399,22 @@ def test_unusable_output_folders_and_set_values_are_refused_before_any_work(tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and "is a file, not a folder" in err[0] and "is a file, not a folder" in err[1]
     assert "--set 'train={lr: 1': the value is not YAML" in err[2]
+
+
+def test_out_into_another_run_or_inside_a_run_folder_is_refused(tmp_path, runs, capsys):
+    """gate.json and gate.md would overwrite another run's own verdict, or land among a run's snapshots."""
+    policy = _policy(tmp_path, general={"facts": {"max_drop": 0.1}})
+    (runs["small"] / "gate.json").write_text("{}")  # that run's own verdict
+    for out, where in [
+        (runs["small"], f"is the run folder {runs['small']}"),
+        (runs["small"] / "snapshots" / "step-000002", f"lies inside the run folder {runs['small']}"),
+        (runs["same"] / "evals" / "step-000010", f"lies inside the run folder {runs['same']}"),
+    ]:
+        assert cli.main(["gate", str(runs["same"]), "--policy", policy, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--out {out}: {where}" in err[0] and "choose a folder outside every run" in err[0]
+    assert (runs["small"] / "gate.json").read_text() == "{}" and not (runs["same"] / "gate.json").exists()
+    assert not (runs["small"] / "snapshots").exists()
+    assert cli.main(["gate", str(runs["same"]), "--policy", policy, "--out", str(runs["same"])]) == 0
+    assert cli.main(["gate", str(runs["same"]), "--policy", policy, "--out", str(tmp_path / "ci")]) == 0
+    assert (runs["same"] / "gate.json").exists() and (tmp_path / "ci" / "gate.md").exists()
