@@ -146,7 +146,15 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
 def _cmd_gate(args: argparse.Namespace) -> int:
     from forgetscope import gate, io
 
-    io.check_out_dir(Path(args.out or args.run), "--out")
+    out = Path(args.out or args.run)
+    io.check_out_dir(out, "--out")
+    owner = io.run_folder_of(out)
+    if owner is not None and out.resolve() != Path(args.run).resolve():  # the gated run's own folder is the default
+        where = "is the run folder" if owner.resolve() == out.resolve() else "lies inside the run folder"
+        raise UserError(
+            f"--out {out}: {where} {owner}, whose files gate.json and gate.md would overwrite or mix with; "
+            f"choose a folder outside every run, or leave --out out to write into {args.run}"
+        )
     policy = gate.load_policy(args.policy)
     result = gate.check(args.run, policy, step=args.step)
     print(gate.render_text(result))
@@ -349,7 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     gate_cmd.add_argument("run", metavar="RUN", help="a run folder")
     gate_cmd.add_argument("--policy", required=True, help="policy YAML, e.g. examples/release_policy.yaml")
     gate_cmd.add_argument("--step", type=int, help="the step to check (default: the last evaluated one)")
-    gate_cmd.add_argument("--out", metavar="DIR", help="where gate.json and gate.md go (default: the run folder)")
+    gate_cmd.add_argument(
+        "--out",
+        metavar="DIR",
+        help="where gate.json and gate.md go (default: the run folder; else a folder outside every run)",
+    )
     gate_cmd.set_defaults(func=_cmd_gate)
     sub.add_parser("fields", help="print every recipe field with its type, default and meaning").set_defaults(
         func=_cmd_fields
@@ -380,3 +392,6 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(err).splitlines():
             print(f"forgetscope: error: {line}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what finished is on disk, and a run resumes where it stopped
+        print("\nforgetscope: interrupted; what finished is kept: run the same command to go on", file=sys.stderr)
+        return 130

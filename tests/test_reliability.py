@@ -192,6 +192,23 @@ def test_out_of_memory_and_full_disk_say_what_to_change(tmp_path, tiny_recipe_da
     assert manifest["status"] == "failed"
 
 
+def test_ctrl_c_is_one_line_and_the_run_goes_on_when_run_again(tmp_path, tiny_recipe_data, capsys, monkeypatch):
+    real = train.Trainer.train
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.Trainer, "train", interrupted)
+    path = str(_write(tmp_path, tiny_recipe_data))
+    assert cli.main(["run", path]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "forgetscope: interrupted; what finished is kept: run the same command to go on"
+    assert not any("Traceback" in line for line in err)
+    assert json.loads((tmp_path / "runs" / "t" / "manifest.json").read_text())["status"] == "failed"
+    monkeypatch.setattr(train.Trainer, "train", real)
+    assert cli.main(["run", path]) == 0
+
+
 def test_nothing_touches_the_network_when_offline(tmp_path, tiny_recipe_data):
     """A whole run with every socket connection refused (HF offline variables set, as `make` does)."""
     path = _write(tmp_path, tiny_recipe_data)
