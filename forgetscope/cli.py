@@ -147,14 +147,8 @@ def _cmd_gate(args: argparse.Namespace) -> int:
     from forgetscope import gate, io
 
     out = Path(args.out or args.run)
-    io.check_out_dir(out, "--out")
-    owner = io.run_folder_of(out)
-    if owner is not None and out.resolve() != Path(args.run).resolve():  # the gated run's own folder is the default
-        where = "is the run folder" if owner.resolve() == out.resolve() else "lies inside the run folder"
-        raise UserError(
-            f"--out {out}: {where} {owner}, whose files gate.json and gate.md would overwrite or mix with; "
-            f"choose a folder outside every run, or leave --out out to write into {args.run}"
-        )
+    if out.resolve() != Path(args.run).resolve():  # the gated run's own folder is the default
+        io.check_out_dir(out, "--out")
     policy = gate.load_policy(args.policy)
     result = gate.check(args.run, policy, step=args.step)
     print(gate.render_text(result))

@@ -50,10 +50,15 @@ def read_jsonl(path: Path) -> list[Any]:
 
 def out_dir_problems(path: Path, what: str) -> list[str]:
     """The problem, if any, with an output folder (``what`` names the flag or field): it is a
-    file, or lies under one."""
+    file, or lies under one, or it is or lies inside a run folder, whose own files it would
+    overwrite or mix with (and where reports no longer find the runs inside it)."""
     for node in (path, *path.parents):
-        if node.exists():
-            return [] if node.is_dir() else [f"{what} {path}: {node} is a file, not a folder; choose another {what}"]
+        if node.exists() and not node.is_dir():
+            return [f"{what} {path}: {node} is a file, not a folder; choose another {what}"]
+    owner = run_folder_of(path)
+    if owner is not None:
+        where = "is the run folder" if owner == path.absolute() else f"lies inside the run folder {owner}"
+        return [f"{what} {path}: {where}, whose files it would overwrite or mix with; choose a folder outside every run"]
     return []
 
 

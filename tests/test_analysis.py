@@ -320,3 +320,18 @@ def test_runs_without_evaluations_are_left_out_and_unfinished_ones_named(tmp_pat
     assert "| done " in (tmp_path / "rep" / "report.md").read_text()  # named twice, reported once
     assert cli.main(["report", str(empty), "-o", str(tmp_path / "rep2")]) == 2
     assert "no run with an evaluation yet" in capsys.readouterr().err and not (tmp_path / "rep2").exists()
+
+
+def test_report_and_runs_dir_inside_a_run_folder_are_refused(tmp_path, fake_run, tiny_recipe_data, capsys):
+    import yaml
+
+    root = fake_run(tmp_path / "runs" / "a", {0: {"i0": 1.0}, 5: {"i0": 0.0}}).root
+    for out in (root, root / "evals"):
+        assert cli.main(["report", str(root), "-o", str(out)]) == 2
+        assert (
+            "whose files it would overwrite or mix with; choose a folder outside every run" in capsys.readouterr().err
+        )
+    assert not (root / "report.md").exists() and not (root / "evals" / "report.md").exists()
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**tiny_recipe_data, "runs_dir": str(root)}))
+    assert cli.main(["run", str(tmp_path / "r.yaml")]) == 2  # its runs would hide inside run `a`
+    assert f"runs_dir {root}: is the run folder" in capsys.readouterr().err and not (root / "t").exists()
