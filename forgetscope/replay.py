@@ -96,9 +96,38 @@ def _prompt_mode(config: ReplayConfig, tokenizer) -> str:
 
 
 def _read_prompts(path: Path) -> list[str]:
-    if path.suffix == ".txt":
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    return [str(r.get("prompt", r.get("text", ""))) for r in data.read_file(path)]
+    if path.suffix != ".txt":
+        return [str(r.get("prompt", r.get("text", ""))) for r in data.read_file(path)]
+    try:
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save the file as UTF-8") from None
+
+
+def check_file(recipe: Recipe, tokenizer) -> None:
+    """Before anything is written: ``replay.path`` is usable. With ``source: data``, a .jsonl or
+    .csv file whose records tokenize as training data does; with ``prompts: file``, a file of at
+    least one prompt. Errors name ``replay.path``."""
+    config = recipe.replay
+    if config is None or not config.path:
+        return
+    path = recipe.base_dir / config.path
+    try:
+        if config.source != "data":
+            if not _read_prompts(path):
+                raise UserError("holds no prompts; put one prompt a line (.txt) or a `prompt` field a record")
+        elif path.suffix not in (".jsonl", ".csv"):
+            raise UserError("replay from data takes a .jsonl or .csv file of records, like the task's data")
+        else:
+            records = data.read_file(path)
+            if not records:
+                raise UserError("holds no records")
+            data.tokenize(records[: config.samples], tokenizer, TaskConfig(name=None), recipe.train.seq_len)
+    except UserError as err:
+        message = str(err).removeprefix("task: ")
+        raise UserError(
+            f"replay.path: {message}" if message.startswith(str(path)) else f"replay.path: {config.path}: {message}"
+        ) from None
 
 
 def draw_prompts(recipe: Recipe, tokenizer, task_prompts: list[str] | None, draw: int) -> list[str]:

@@ -58,6 +58,7 @@ def _run(recipe: Recipe, session: RunSession, run_hash: str) -> Path:
     stages = sequence.stage_recipes(recipe)
     chat = data.uses_chat_template(stages[0].task, tokenizer)
     stage_data = sequence.stage_data(recipe, tokenizer)  # every stage's data is checked before anything is written
+    replay.check_file(recipe, tokenizer)
     steps = sequence.schedule(recipe)
     base_fp = evaluate.fingerprint(model)  # hashed once: keys the drift probe's samples and the replay buffer
     with distributed.main_first():  # rank 0 samples the drift probe's text (cached), the others read it

@@ -1,6 +1,7 @@
 """Self-generated replay: the buffer cache, the KL loss, the batch split, and training with both losses."""
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -9,6 +10,7 @@ import yaml
 
 from forgetscope import data as fdata
 from forgetscope import evaluate, models, replay, train
+from forgetscope.errors import UserError
 from forgetscope.load import recipe_from_dict
 from forgetscope.runner import run
 
@@ -330,3 +332,22 @@ def test_successive_draws_walk_the_prompt_pool(replay_data):
     assert replay.draw_prompts(recipe, tokenizer, None, 0) != replay.draw_prompts(recipe, tokenizer, None, 1)
     recipe.replay.prompts = "bos"
     assert replay.draw_prompts(recipe, tokenizer, None, 4) == ["", "", ""]
+
+
+@pytest.mark.parametrize(
+    "replay_settings, content, message",
+    [
+        ({"source": "data", "path": "r.jsonl"}, '{"prompt": {"t": 1}, "completion": " x"}\n', "r.jsonl: record 1"),
+        ({"source": "data", "path": "r.jsonl"}, '{"prompt": "a", "completion": ""}\n', "has an empty `completion`"),
+        ({"source": "data", "path": "r.txt"}, "a prompt\n", "takes a .jsonl or .csv file of records"),
+        ({"prompts": "file", "path": "r.txt"}, "\n\n", "r.txt: holds no prompts"),
+    ],
+)
+def test_a_bad_replay_file_is_refused_before_anything_is_written(
+    tmp_path, replay_data, replay_settings, content, message
+):
+    (tmp_path / replay_settings["path"]).write_text(content)
+    data = {**replay_data, "replay": {"samples": 4, **replay_settings}, "runs_dir": str(tmp_path / "runs")}
+    with pytest.raises(UserError, match=r"^replay\.path: .*" + re.escape(message)):
+        run(recipe_from_dict(data, str(tmp_path / "r.yaml")))
+    assert not (tmp_path / "runs").exists()
