@@ -123,13 +123,19 @@ def _cmd_report(args: argparse.Namespace) -> None:
 def _cmd_compare(args: argparse.Namespace) -> None:
     from forgetscope import io
     from forgetscope.load import load_recipe
-    from forgetscope.runner import run
+    from forgetscope.runner import check_folder, run
 
     recipes = [load_recipe(path, args.set) for path in args.recipes]  # every recipe is checked before any training
     io.check_out_dir(Path(args.out), "-o")
     names = [r.name for r in recipes]
     if len(set(names)) != len(names):
-        raise UserError(f"recipes share a run name ({', '.join(names)}); give each its own `name:` or --set name=...")
+        fix = "a --set name=... names every one the same" if any(s.startswith("name=") for s in args.set) else ""
+        raise UserError(
+            f"recipes share a run name ({', '.join(names)}); give each its own `name:` in its file"
+            + (f" ({fix})" if fix else "")
+        )
+    for recipe in recipes:
+        check_folder(recipe)
     roots = []
     for i, recipe in enumerate(recipes, start=1):
         print(f"\nforgetscope: compare: recipe {i}/{len(recipes)}: {recipe.name}")
@@ -327,13 +333,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run each recipe (a sequence: what the model knew, then the fine-tune) at every "
         "value of one field, measure the forgetting of the earlier stages (at the end, and "
         "at matched learning with --target) and the steps to the target, and write "
-        "sweep.csv and sweep.png (with the rows of earlier sweeps into the same folder).",
+        "sweep.csv and sweep.png (with the rows of earlier sweeps of the same key into the same folder).",
     )
     sweep_cmd.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe YAML files with stages")
-    sweep_cmd.add_argument("--key", required=True, help="the field to sweep, as for --set: train.lr, base, ...")
-    sweep_cmd.add_argument("--values", required=True, nargs="+", metavar="VALUE", help="its values (parsed as YAML)")
     sweep_cmd.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a field in every run (repeatable)"
+        "--key",
+        required=True,
+        help="the field to sweep, as for --set: train.lr, base, ... (not name or runs_dir; one key per -o folder)",
+    )
+    sweep_cmd.add_argument(
+        "--values", required=True, nargs="+", metavar="VALUE", help="its values (parsed as YAML; each once)"
+    )
+    sweep_cmd.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field in every run, other than --key (repeatable)",
     )
     sweep_cmd.add_argument("-o", "--out", required=True, metavar="DIR", help="folder for sweep.csv and sweep.png")
     sweep_cmd.add_argument(

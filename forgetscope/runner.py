@@ -36,18 +36,27 @@ def run(recipe: Recipe) -> Path:
     that another process is using is refused. A run that fails (a diverging loss, an error) is
     marked ``failed`` in its manifest; its finished snapshots and evaluations stay.
     """
-    run_hash = recipe_hash(recipe)
     distributed.init()
-    session = RunSession(
-        Path(recipe.runs_dir) / recipe.name,
-        {"recipe_hash": run_hash},
-        "a run of a different recipe; choose another name (--set name=...) or remove that folder",
-        main_process=distributed.is_main(),
-    )
+    session = _session(recipe, main_process=distributed.is_main())
     with session.locked():
         if session.finished():
             return session.root
-        return _run(recipe, session, run_hash)
+        return _run(recipe, session, session.identity["recipe_hash"])
+
+
+def check_folder(recipe: Recipe) -> None:
+    """Refuse, before any run starts, a recipe whose run folder holds a run of another recipe (for
+    commands that run several: each is checked before the first trains)."""
+    _session(recipe).check_identity()
+
+
+def _session(recipe: Recipe, main_process: bool = True) -> RunSession:
+    return RunSession(
+        Path(recipe.runs_dir) / recipe.name,
+        {"recipe_hash": recipe_hash(recipe)},
+        "a run of a different recipe; choose another name (--set name=...) or remove that folder",
+        main_process=main_process,
+    )
 
 
 def _run(recipe: Recipe, session: RunSession, run_hash: str) -> Path:

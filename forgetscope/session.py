@@ -107,9 +107,16 @@ class RunSession:
         then refuse a folder that holds a different run."""
         if self.main:
             self._stack.enter_context(io.exclusive(lock_file(self.root), str(self.root)))
+        try:
+            self.check_identity()
+        except RunError:
+            self.release()
+            raise
+
+    def check_identity(self) -> None:
+        """Refuse (:class:`RunError`) a folder that holds a different run; nothing is locked or written."""
         manifest = self.layout.read_manifest()
         if manifest and any(manifest.get(key) != value for key, value in self.identity.items()):
-            self.release()
             raise RunError(f"{self.root} holds {self.conflict}")
 
     def release(self) -> None:

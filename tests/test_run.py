@@ -196,3 +196,25 @@ def test_lora_targets_that_name_no_layer_are_refused_before_anything_is_written(
     with pytest.raises(train.UserError, match=r"names no layer of the base model; its linear layers are .*q_proj"):
         run(recipe_from_dict(data))
     assert not any(tmp_path.iterdir())
+
+
+def test_compare_checks_every_recipe_and_run_folder_before_training_any(
+    tmp_path, tiny_recipe_data, monkeypatch, capsys
+):
+    from forgetscope import cli, runner
+
+    ran = []
+    monkeypatch.setattr(runner, "run", lambda recipe: ran.append(recipe.name))
+    paths = []
+    for name in ("a", "b"):
+        paths.append(tmp_path / f"{name}.yaml")
+        paths[-1].write_text(yaml.safe_dump({**tiny_recipe_data, "name": name, "runs_dir": str(tmp_path / "runs")}))
+    (tmp_path / "runs" / "b").mkdir(parents=True)
+    (tmp_path / "runs" / "b" / "manifest.json").write_text(json.dumps({"recipe_hash": "another", "status": "finished"}))
+    assert cli.main(["compare", *map(str, paths), "-o", str(tmp_path / "cmp")]) == 2
+    assert f"{tmp_path / 'runs' / 'b'} holds a run of a different recipe" in capsys.readouterr().err and ran == []
+    assert cli.main(["compare", *map(str, paths), "--set", "name=x", "-o", str(tmp_path / "cmp")]) == 2
+    assert (
+        "recipes share a run name (x, x); give each its own `name:` in its file (a --set name=..."
+        in capsys.readouterr().err
+    )
