@@ -100,3 +100,65 @@ def test_an_unusable_sweep_folder_is_refused_before_anything_trains(tmp_path, mo
         assert cli.main(["sweep", recipe, "--key", "train.lr", "--values", "1e-3", "-o", str(tmp_path / out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "is a file, not a folder" in err[0] and "not a sweep table" in err[1] and ran == []
+
+
+CAPACITY = str(Path(__file__).parent.parent / "recipes" / "capacity.yaml")
+SPELT_OTHERWISE = str(Path(__file__).parent.parent / "recipes" / ".." / "recipes" / "capacity.yaml")
+
+
+@pytest.mark.parametrize(
+    "args, problem",
+    [
+        (["--values", "1e-3", "0.001"], "--values 0.001: the same train.lr as 1e-3 (0.001); give each value once"),
+        (["--values", "1e-3", "1e-3"], "--values 1e-3: given twice; give each value once"),
+        ([SPELT_OTHERWISE, "--values", "1e-3"], f"{SPELT_OTHERWISE}: the recipe is given twice"),
+        (["--values", "1e-3", "--set", "train.lr=5"], "--set train.lr=5: gives the swept --key train.lr too"),
+        (["--values", "1e-3", "--set", "train={lr: 5}"], "--set train={lr: 5}: gives the swept --key train.lr too"),
+        (["--values", "abc"], "--values abc: train.lr: expected number"),
+        (["--values", "["], "--values '[': not YAML"),
+        (["--key", "name", "--values", "a", "b"], "--key name: not a setting of the training"),
+        (["--key", "runs_dir", "--values", "a"], "--key runs_dir: not a setting of the training"),
+        (["--key", "train.nope", "--values", "1"], "--key train.nope: unknown key (allowed: lr, "),
+        (["--key", "trian.lr", "--values", "1"], "--key trian.lr: trian: unknown key; did you mean 'train'?"),
+        (["--key", "", "--values", "1"], "--key '': not a field; give one as for --set, e.g. --key train.lr"),
+        (["--key", "stages.5.lr", "--values", "1"], f"--key stages.5.lr: {CAPACITY}: there is no item 5"),
+    ],
+)
+def test_a_sweep_refuses_a_bad_key_value_or_set_before_anything_trains(tmp_path, monkeypatch, capsys, args, problem):
+    ran = []
+    monkeypatch.setattr(runner, "run", lambda recipe: ran.append(recipe.name))
+    key = [] if "--key" in args else ["--key", "train.lr"]
+    assert cli.main(["sweep", CAPACITY, *args, *key, "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"forgetscope: error: {err.removeprefix('forgetscope: error: ').strip()}\n"  # one line
+    assert problem in err and "--set train.lr=" not in err.replace("--set train.lr=5", "")
+    assert ran == [] and not (tmp_path / "out").exists()
+
+
+def test_a_sweep_folder_holds_one_key_and_each_setting_once(tmp_path, monkeypatch, capsys):
+    def fake_run(recipe):
+        root = tmp_path / "runs" / recipe.name
+        return root if root.exists() else fake_sequence(root)
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    out = tmp_path / "sweep"
+    assert cli.main(["sweep", CAPACITY, "--key", "train.lr", "--values", "1e-3", "-o", str(out)]) == 0
+    table = (out / "sweep.csv").read_bytes()
+    twin = tmp_path / "twin.yaml"  # another recipe file with the same `name:`
+    twin.write_text(Path(CAPACITY).read_text())
+    refused = {
+        ("--key", "train.weight_decay", "--values", "0.1"): f"{out / 'sweep.csv'}: holds a sweep of --key train.lr, "
+        "not train.weight_decay; sweep train.weight_decay into another -o folder",
+        ("--key", "train.lr", "--values", "0.001"): f"--values 0.001: {out / 'sweep.csv'} already has capacity at "
+        "train.lr=1e-3 (run capacity-1e-3), the same setting",
+    }
+    for args, problem in refused.items():
+        assert cli.main(["sweep", CAPACITY, *args, "-o", str(out)]) == 2
+        assert problem in capsys.readouterr().err
+    assert cli.main(["sweep", str(twin), "--key", "train.lr", "--values", "1e-3", "-o", str(out)]) == 2
+    assert "already has run capacity-1e-3 from recipe capacity" in capsys.readouterr().err
+    assert cli.main(["sweep", CAPACITY, str(twin), "--key", "train.lr", "--values", "3e-3", "-o", str(out)]) == 2
+    assert "would both be run capacity-3e-3; give each recipe its own `name:`" in capsys.readouterr().err
+    assert (out / "sweep.csv").read_bytes() == table  # the finished sweep is untouched
+    assert cli.main(["sweep", CAPACITY, "--key", "train.lr", "--values", "1e-3", "3e-3", "-o", str(out)]) == 0
+    assert pd.read_csv(out / "sweep.csv", dtype={"value": str})["value"].tolist() == ["1e-3", "3e-3"]
