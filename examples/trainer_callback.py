@@ -7,7 +7,7 @@
 The run folder (runs/my-sft by default) is the one `forgetscope run` writes; then, for example:
 
     forgetscope report runs/my-sft -o runs/my-sft-report
-    forgetscope gate runs/my-sft --policy examples/release_policy.yaml
+    forgetscope gate runs/my-sft --policy examples/callback_policy.yaml
 """
 
 import argparse

@@ -65,6 +65,10 @@ def test_the_example_script_writes_a_run_that_report_gate_and_tensorboard_read(t
     policy = tmp_path / "policy.yaml"
     policy.write_text("general:\n  default: {max_drop: 10}\n")
     assert cli.main(["gate", str(root), "--policy", str(policy)]) == 0
+    shipped = ROOT / "examples" / "callback_policy.yaml"  # the one the example's docstring names
+    assert f"--policy examples/{shipped.name}" in EXAMPLE.read_text()
+    assert cli.main(["gate", str(root), "--policy", str(shipped), "--out", str(tmp_path / "ci")]) in (0, 1)
+    assert json.loads((tmp_path / "ci" / "gate.json").read_text())["verdict"] in ("pass", "fail")
 
 
 def _trainer(tmp_path, lora: bool = False, steps: int = 4, callbacks=()) -> Trainer:
