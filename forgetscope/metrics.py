@@ -136,11 +136,13 @@ def run_summary(
     target: float | None = None,
     weights: dict[str, float] | None = None,
     keep_at_chance: bool = False,
+    new_task: dict[str, str] | None = None,
 ) -> pd.DataFrame:
     """One row per run (general forgetting as in :func:`general_forgetting`):
 
     * ``gain_final`` / ``gain_best``: the new task's ``v_T - v_0`` / ``max_t (v_t - v_0)``
-      (sign-correct; the first new task when there are several);
+      (sign-correct; the run's eval in ``new_task`` (a sequence's last stage), else the first new
+      task when there are several);
     * ``forgetting_final``, ``forgetting_max`` (``max_t F_t``), ``forgetting_auc`` (trapezoid
       mean of ``F_t`` over the run);
     * with ``target`` (a new-task score): ``steps_to_target`` and ``tokens_to_target`` (linear
@@ -152,7 +154,7 @@ def run_summary(
     out = []
     for run, group in rows.groupby("run", sort=False):
         new = group[group["role"] == "new"]
-        new = new[new["task"] == new["task"].iloc[0]] if len(new) else new
+        new = new[new["task"] == (new_task or {}).get(run, new["task"].iloc[0])] if len(new) else new
         f = forgetting[forgetting["run"] == run]
         entry = {
             "run": run,

@@ -58,8 +58,13 @@ def analyse(
     if unknown:
         theirs = f"theirs: {', '.join(probes)}" if probes else "they have none"
         raise UserError(f"a weight for {unknown[0]!r} names no general probe of these runs; {theirs}")
+    last_stage = {  # a sequence is summarised on its last stage's task: what it was fine-tuned for last
+        run_table["run"].iloc[0]: stages[-1]["evals"][0]
+        for root, run_table in runs
+        if (stages := RunLayout(root).read_manifest().get("stages"))
+    }
     summary = metrics.rank_runs(
-        metrics.run_summary(table, target=target, weights=weights, keep_at_chance=keep_at_chance)
+        metrics.run_summary(table, target=target, weights=weights, keep_at_chance=keep_at_chance, new_task=last_stage)
     )
     drops, finals, forgotten, sequences, cascades = [], [], [], [], []
     for root, run_table in runs:

@@ -171,6 +171,7 @@ def test_three_stage_run_writes_the_matrix_and_replays_earlier_tasks(tmp_path, c
     assert cli.main(["report", str(root), "-o", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "## Sequences of new tasks" in md and "![seq](sequence-seq.png)" in md
+    assert "| sym_shift acc: " in md  # the summary's new task is the last stage's, not the first by name
     assert (tmp_path / "rep" / "sequence-seq.png").is_file()
 
 
