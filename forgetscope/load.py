@@ -23,9 +23,9 @@ class RecipeError(UserError):
     """A recipe (or its overrides) is invalid. ``problems`` holds one line per problem."""
 
     def __init__(self, problems: list[str], source: str | None = "recipe"):
-        self.problems = problems
+        self.problems = list(dict.fromkeys(problems))  # a problem found by two checks is said once
         self.source = source
-        super().__init__("\n".join(f"{source}: {p}" if source else p for p in problems))
+        super().__init__("\n".join(f"{source}: {p}" if source else p for p in self.problems))
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

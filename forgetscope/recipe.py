@@ -158,7 +158,7 @@ class TrainConfig:
 
 @dataclass
 class SnapshotConfig:
-    """When to snapshot the model. Step 0 (the untouched base) is always included."""
+    """When to snapshot the model. Step 0 (the untouched base) and the last step are always included."""
 
     schedule: Literal["log", "every", "at"] = option(
         "log",
@@ -167,7 +167,7 @@ class SnapshotConfig:
     )
     count: int = option(6, "Number of snapshots for `schedule: log`, step 0 and the last step included.")
     every: int | None = option(None, "Snapshot interval for `schedule: every`.")
-    at: list[int] | None = option(None, "Explicit steps for `schedule: at`.")
+    at: list[int] | None = option(None, "Explicit steps for `schedule: at` (step 0 and the last step are added).")
     resumable: bool = option(
         True,
         "Keep the training state (optimizer, scheduler, RNG) of the latest snapshot, so that an interrupted "

@@ -26,9 +26,10 @@ from forgetscope.recipe import SnapshotConfig
 
 
 def schedule(config: SnapshotConfig, steps: int) -> list[int]:
-    """Steps to snapshot: always 0 (the base) and, for ``log``/``every``, the last step."""
+    """Steps to snapshot: always 0 (the base) and the last step (the model trained), and between
+    them the schedule's."""
     if config.schedule == "at":
-        return sorted({0, *config.at})
+        return sorted({0, *config.at, steps})
     if config.schedule == "every":
         return sorted({0, *range(config.every, steps + 1, config.every), steps})
     # log: count-1 points log-spaced over 1..steps, rounded; duplicates at the dense end merge.
