@@ -110,6 +110,10 @@ def find_checkpoints(refs: list[str], allow_pickle: bool = False) -> list[Checkp
                 )
             elif final not in {_step_of(p) for p in inside}:
                 found.append((folder, ref, final))
+    folders = [folder.resolve() for folder, _, _ in found]
+    twice = next((source for i, (_, source, _) in enumerate(found) if folders[i] in folders[:i]), None)
+    if twice is not None:
+        raise AuditError(f"--checkpoints: {twice} is given twice (itself, or inside a folder given too); give it once")
     steps = [step for _, _, step in found]
     if None in steps or len(set(steps)) != len(steps) or 0 in steps:
         steps = list(range(1, len(found) + 1))  # no usable step numbers: order as given
@@ -152,6 +156,7 @@ def audit(
         chat = data.uses_chat_template(TaskConfig(chat_template=chat_template), tokenizer)
         _check_vocabularies(found, tokenizer, trust_remote_code)
         _check_adapter_shapes(found, model)
+        _check_architectures(found, model, trust_remote_code)
         suite = evaluate.prepare_suite(evals, Path.cwd(), chat, model, tokenizer)
         kinds = {"lora" if c.adapter else "full" for c in found}
         method = kinds.pop() if len(kinds) == 1 else "mixed"
@@ -241,6 +246,30 @@ def _check_vocabularies(found: list[Checkpoint], tokenizer, trust_remote_code: b
             )
     if problems:
         raise AuditError("\n".join(problems))
+
+
+SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+"""Config fields a fine-tune keeps: a full checkpoint that differs in one was not made from the base."""
+
+
+def _check_architectures(found: list[Checkpoint], model, trust_remote_code: bool) -> None:
+    """Before anything is written: every full checkpoint has the base's architecture
+    (:data:`SHAPE_FIELDS`; the vocabulary may have grown), else the audit would report the
+    difference between two unrelated models as forgetting."""
+    from transformers import AutoConfig
+
+    base = model.config.get_text_config()
+    for checkpoint in (c for c in found if not c.adapter):
+        config = AutoConfig.from_pretrained(str(checkpoint.folder), trust_remote_code=trust_remote_code)
+        config = config.get_text_config()
+        differ = [f for f in SHAPE_FIELDS if getattr(config, f, None) != getattr(base, f, None)]
+        if differ:
+            theirs = ", ".join(f"{f} {getattr(config, f, None)}" for f in differ)
+            ours = ", ".join(f"{f} {getattr(base, f, None)}" for f in differ)
+            raise AuditError(
+                f"--checkpoints: {checkpoint.source}: not a fine-tune of the --base ({theirs}; the base has {ours}); "
+                "give the base it was trained from"
+            )
 
 
 def _check_adapter_shapes(found: list[Checkpoint], model) -> None:

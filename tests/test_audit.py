@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments, default_data_collator
 
-from forgetscope import cli, data, evaluate, io, models, session
+from forgetscope import audit, cli, data, evaluate, io, models, session
 from forgetscope.recipe import EvalConfig, TaskConfig
 
 GENERAL = ["--general", "prose_ppl", "--limit", "3"]
@@ -318,3 +318,20 @@ def test_a_bad_audit_flag_is_named_as_the_flag(tmp_path, capsys, flags, message)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"forgetscope: error: {message}") and "recipe" not in err[0]
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_full_checkpoint_of_another_architecture_is_refused_before_anything_is_written(tmp_path, capsys):
+    model, tokenizer = models.load(models.resolve("scratch:layers=1,hidden=16,heads=2,seed=0"))
+    model.save_pretrained(tmp_path / "other")
+    tokenizer.save_pretrained(tmp_path / "other")
+    assert _audit(tmp_path, [str(tmp_path / "other")]) == 2  # against tiny-random: hidden 32, 2 layers
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("forgetscope:")]
+    assert len(err) == 1 and "not a fine-tune of the --base (hidden_size 16, num_hidden_layers 1" in err[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_checkpoint_given_twice_is_refused(tmp_path):
+    model, tokenizer = models.load(models.resolve("tiny-random"))
+    model.save_pretrained(tmp_path / "out" / "checkpoint-2")
+    with pytest.raises(audit.AuditError, match="checkpoint-2 is given twice"):
+        audit.find_checkpoints([str(tmp_path / "out"), str(tmp_path / "out" / "checkpoint-2")])

@@ -123,7 +123,12 @@ def test_trainable_parameters_change_and_frozen_ones_do_not(tmp_path, tiny_recip
 
 def test_schedules():
     assert snapshots.schedule(SnapshotConfig(schedule="every", every=10), 35) == [0, 10, 20, 30, 35]
-    assert snapshots.schedule(SnapshotConfig(schedule="at", at=[20, 5, 5]), 60) == [0, 5, 20, 60]  # the model trained, too
+    assert snapshots.schedule(SnapshotConfig(schedule="at", at=[20, 5, 5]), 60) == [
+        0,
+        5,
+        20,
+        60,
+    ]  # the model trained, too
     log = snapshots.schedule(SnapshotConfig(schedule="log", count=6), 60)
     assert log[0] == 0 and log[-1] == 60 and len(log) == 6
     gaps = [b - a for a, b in itertools.pairwise(log[1:])]
