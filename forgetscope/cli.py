@@ -187,7 +187,11 @@ def _cmd_tasks(args: argparse.Namespace) -> None:
     for folder in [registry.evals_dir(), *map(Path, args.include)]:
         print(f"\nEval tasks in {folder} (evals.new / evals.general):")
         broken = registry.unusable(folder)
+        own = Path(folder).resolve() == registry.evals_dir().resolve()
+        shipped = set() if own else set(registry.folder_evals(registry.evals_dir()))
         for name, first_line in registry.folder_evals(folder).items():
+            if name in shipped:
+                first_line = "NOT USABLE: forgetscope ships an eval of that name; rename the task"
             print(f"  {name:16s} {f'NOT USABLE: {broken[name]}' if name in broken else first_line}")
     if args.all:
         names = registry.task_manager((str(registry.evals_dir()), *map(str, args.include))).all_tasks

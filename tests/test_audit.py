@@ -331,7 +331,7 @@ def test_a_full_checkpoint_of_another_architecture_is_refused_before_anything_is
 
 
 def test_a_checkpoint_given_twice_is_refused(tmp_path):
-    model, tokenizer = models.load(models.resolve("tiny-random"))
+    model, _ = models.load(models.resolve("tiny-random"))
     model.save_pretrained(tmp_path / "out" / "checkpoint-2")
     with pytest.raises(audit.AuditError, match="checkpoint-2 is given twice"):
         audit.find_checkpoints([str(tmp_path / "out"), str(tmp_path / "out" / "checkpoint-2")])

@@ -10,6 +10,7 @@ import torch
 from conftest import ROOT
 
 from forgetscope import cli, evaluate, models, registry, scoring
+from forgetscope.load import RecipeError, recipe_from_dict
 from forgetscope.recipe import EvalConfig
 
 TASKS = ["numerals", "world_capitals", "mmlu_shipped", "prose_ppl"]
@@ -294,3 +295,14 @@ def test_a_task_yaml_lm_eval_cannot_read_is_named_with_what_is_wrong(tmp_path, t
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"eval task 'mine' is declared by {mine / 'broken.yaml'}, line 4: not valid YAML" in err[0]
     assert err[0].endswith("; fix that file") and not (tmp_path / "runs").exists()
+
+
+def test_a_task_yaml_named_like_a_shipped_eval_is_refused(tmp_path, tiny_recipe_data, capsys):
+    """Under one name its scores would mix with the shipped eval's in reports."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "caps.yaml").write_text("task: world_capitals\ndataset_path: json\noutput_type: loglikelihood\n")
+    assert cli.main(["tasks", "--include", str(mine)]) == 0
+    assert "world_capitals   NOT USABLE: forgetscope ships an eval of that name" in capsys.readouterr().out
+    with pytest.raises(RecipeError, match=r"declares 'world_capitals', an eval forgetscope ships; rename your task"):
+        recipe_from_dict({**tiny_recipe_data, "evals": {"general": ["world_capitals"], "include": [str(mine)]}})
