@@ -65,6 +65,9 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
     if path.suffix == ".csv":
         with open(path, newline="", encoding="utf-8-sig") as fh:  # a byte-order mark is not part of the header
             reader = csv.DictReader(fh)
+            header = reader.fieldnames or []
+            if twice := next((name for i, name in enumerate(header) if name in header[:i]), None):
+                raise DataError(f"{path}:1: the header names the column `{twice}` twice; rename one")
             rows = []
             for row in reader:
                 if None in row:  # DictReader files the values past the header's last column under None
@@ -80,15 +83,27 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line, object_pairs_hook=_unique_keys)
             except json.JSONDecodeError as err:
                 raise DataError(
                     f"{path}:{number}: not valid JSON ({err.msg}); each line must be one JSON object"
                 ) from None
+            except KeyError as err:
+                raise DataError(f"{path}:{number}: the key {err.args[0]!r} is given twice in one record") from None
             if not isinstance(record, dict):
                 raise DataError(f'{path}:{number}: expected a JSON object like {{"prompt": ..., "completion": ...}}')
             records.append(record)
     return records
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict; a key given twice (JSON keeps the last) raises KeyError."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise KeyError(key)
+        out[key] = value
+    return out
 
 
 def uses_chat_template(task: TaskConfig, tokenizer) -> bool:

@@ -113,6 +113,12 @@ def test_rows_that_would_train_nothing_or_lose_a_value_are_refused(tmp_path, cap
     from forgetscope import data
 
     (tmp_path / "extra.csv").write_text("prompt,completion\nQ: 1+1?, 2\nQ: 1,000+1?, 1001\n")
+    (tmp_path / "twice.csv").write_text("prompt,prompt,completion\na,b,c\n")
+    with pytest.raises(data.DataError, match=r"twice.csv:1: the header names the column `prompt` twice"):
+        data.read_file(tmp_path / "twice.csv")
+    (tmp_path / "twice.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "prompt": "b"}\n')
+    with pytest.raises(data.DataError, match=r"twice.jsonl:2: the key 'prompt' is given twice in one record"):
+        data.read_file(tmp_path / "twice.jsonl")
     with pytest.raises(
         data.DataError, match=r"extra.csv:3: 3 values, the header names 2; quote a value that holds a comma"
     ):
