@@ -106,8 +106,9 @@ def check(recipe: Recipe, data: dict[str, Any]) -> list[str]:
     for key in ("lr", "steps", "batch_size", "grad_accum", "seq_len"):
         if getattr(t, key) <= 0:
             problems.append(f"train.{key}: must be positive, got {getattr(t, key)}")
-    if t.warmup_steps < 0:
-        problems.append(f"train.warmup_steps: must be 0 or more, got {t.warmup_steps}")
+    for key in ("warmup_steps", "weight_decay", "max_grad_norm"):  # max_grad_norm 0: no clipping
+        if not getattr(t, key) >= 0:
+            problems.append(f"train.{key}: must be 0 or more, got {getattr(t, key)}")
     problems += _check_report_to(t.report_to)
     if t.batch_size > 0 and t.grad_accum > 0 and t.batch_size % t.grad_accum:
         problems.append(f"train.batch_size: {t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
@@ -233,6 +234,11 @@ def _check_replay(recipe: Recipe) -> list[str]:
     for key in ("samples", "max_new_tokens", "topk"):
         if getattr(r, key) <= 0:
             problems.append(f"replay.{key}: must be positive, got {getattr(r, key)}")
+    if r.max_new_tokens >= recipe.train.seq_len > 0:  # the sampled answers would be cut to fit
+        problems.append(
+            f"replay.max_new_tokens: {r.max_new_tokens} leaves no room for a prompt within train.seq_len="
+            f"{recipe.train.seq_len}; lower it or raise train.seq_len"
+        )
     if r.temperature <= 0 or not 0 < r.top_p <= 1:
         problems.append("replay.temperature must be > 0 and replay.top_p in (0, 1]")
     if r.coeff is not None and r.coeff < 0:
