@@ -135,15 +135,17 @@ def train_stages(
             return take(current, start + step, tokens + seen)
 
         last = index == len(recipes) - 1
-        callbacks = [train.SnapshotCallback(local, take_global, resumable=resumable, save_at_end=not last)]
-        callbacks += (
-            [train.SnapshotCallback([s - start for s in probes if start < s <= end], take_global)] if probes else []
+        snapshot = train.SnapshotCallback(
+            local,
+            take_global,
+            resumable=resumable,
+            save_at_end=not last,
+            probes=[s - start for s in probes if start < s <= end],
         )
         folder = out_dir / f"stage-{index + 1}"
-        trainer = train.make_trainer(model, tokenizer, stages[index][1], stage, str(folder), callbacks, buffer)
+        trainer = train.make_trainer(model, tokenizer, stages[index][1], stage, str(folder), [snapshot], buffer)
         if stage.train.report_to:
-            for callback in callbacks:
-                callback.report = trainer.log
+            snapshot.report = trainer.log
         checkpoint = train.latest_checkpoint(folder) if resumable else None
         if checkpoint:
             on_resume(str(Path(checkpoint).relative_to(out_dir)))

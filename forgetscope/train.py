@@ -15,6 +15,7 @@ import functools
 import json
 import math
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,7 +67,9 @@ def prepare_model(model, recipe: Recipe):
             target_modules=lora.target_modules,
             task_type="CAUSAL_LM",
         )
-        model = get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft 0.21 asks transformers 5 through a name it deprecated: not the user's
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            model = get_peft_model(model, config)
     if recipe.train.compile:
         compile_blocks(model)
         seams.compile_loss(model)
@@ -120,7 +123,8 @@ class SnapshotCallback(TrainerCallback):
     ``report`` when set (the Trainer's ``log``, so that its ``report_to`` integrations show them).
     With ``resumable`` it also has the Trainer save its state there (model, optimizer, scheduler,
     RNG), so that an interrupted run resumes from the latest snapshot; ``save_at_end`` saves the
-    last step too (a stage that later stages start from)."""
+    last step too (a stage that later stages start from). ``probes``: more steps to call ``take``
+    at, never saved (the cascade's cheap probes)."""
 
     def __init__(
         self,
@@ -128,15 +132,17 @@ class SnapshotCallback(TrainerCallback):
         take: Callable[[object, int, int], dict[str, float] | None],
         resumable: bool = False,
         save_at_end: bool = False,
+        probes: list[int] = (),
     ):
         self.steps = set(steps)
+        self.probes = set(probes)
         self.take = take
         self.resumable = resumable
         self.save_at_end = save_at_end
         self.report: Callable[[dict[str, float]], None] | None = None
 
     def _maybe_take(self, state, control, model, step: int) -> None:
-        if step not in self.steps:
+        if step not in self.steps | self.probes:
             return
         scores = self.take(model, step, int(state.num_input_tokens_seen))  # every process scores its share
         if scores and self.report is not None:  # the main process's
