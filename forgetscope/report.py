@@ -474,6 +474,7 @@ def _md_table(head: list[str], body: list[list[str]]) -> str:
 
 
 ALPHA = 0.05  # level of the report's "worse / better beyond noise" verdicts, after adjustment
+NO_ITEMS = "No item of a general probe was forgotten, or scored worse, by a run's last step."
 METHOD_NOTE = (
     "General forgetting = mean relative drop of the general probes' primary metrics from the base "
     "(positive = worse), probes at chance left out; AUC = its average over training; drops carry paired 95% "
@@ -557,7 +558,7 @@ def render_html(analysis: Analysis, pngs: dict[str, Path], title: str, target: f
         "<h2>Per task at the last step</h2>",
         _html_table(*_final_rows(analysis)),
         "<h2>Most-forgotten items</h2>",
-        _html_table(*_item_rows(analysis), cls="items"),
+        _html_table(*_item_rows(analysis), cls="items") if len(analysis.items) else f"<p>{NO_ITEMS}</p>",
         "</body></html>",
     ]
     return "\n".join(parts)
@@ -605,7 +606,7 @@ def render_markdown(analysis: Analysis, title: str, target: float | None) -> str
                 "## Per task at the last step",
                 _md_table(*_final_rows(analysis)),
                 "## Most-forgotten items",
-                _md_table(*_item_rows(analysis)),
+                _md_table(*_item_rows(analysis)) if len(analysis.items) else NO_ITEMS,
             ]
         )
         + "\n"

@@ -335,3 +335,10 @@ def test_report_and_runs_dir_inside_a_run_folder_are_refused(tmp_path, fake_run,
     (tmp_path / "r.yaml").write_text(yaml.safe_dump({**tiny_recipe_data, "runs_dir": str(root)}))
     assert cli.main(["run", str(tmp_path / "r.yaml")]) == 2  # its runs would hide inside run `a`
     assert f"runs_dir {root}: is the run folder" in capsys.readouterr().err and not (root / "t").exists()
+
+
+def test_a_report_where_nothing_was_forgotten_says_so(tmp_path, fake_run):
+    root = fake_run(tmp_path / "kept", {0: {"i0": 1.0, "i1": 0.0}, 5: {"i0": 1.0, "i1": 1.0}}).root
+    report.write([root], tmp_path / "rep")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert f"## Most-forgotten items\n\n{report.NO_ITEMS}" in md and "| probe | item |" not in md
