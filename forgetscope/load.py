@@ -116,7 +116,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError([yaml_problem(err)], str(path)) from None
     if not data:  # an empty file would otherwise run every default (a LoRA of SmolLM2 on numerals)
         raise RecipeError(
-            ["the file holds no settings; a recipe names at least its base and task, see recipes/"], str(path)
+            ["the file holds no settings; write the recipe's (examples in recipes/, every field: forgetscope fields)"],
+            str(path),
         )
     if not isinstance(data, dict):
         raise RecipeError([f"expected a mapping of keys at the top level, got {type(data).__name__}"], str(path))

@@ -86,7 +86,7 @@ class ReplayConfig:
         "before the stage); `auto`: `chat` when the tokenizer has a chat template, else `bos`.",
     )
     samples: int = option(256, "Number of sequences in the replay buffer.")
-    max_new_tokens: int = option(96, "Length of each self-generated sample, in tokens.")
+    max_new_tokens: int = option(96, "Length of each self-generated sample, in tokens (at most train.seq_len).")
     temperature: float = option(1.0, "Sampling temperature for self-generated samples.")
     top_p: float = option(0.95, "Nucleus sampling threshold for self-generated samples.")
     ratio: float = option(
@@ -204,7 +204,7 @@ class EvalConfig:
     precision: Literal["fp32", "bf16"] = option(
         "fp32",
         "Scoring precision, whatever the training precision: `fp32` gives the `lm_eval` CLI's scores; `bf16` "
-        "(autocast) is 2-3x faster on GPUs and CPUs with AMX/AVX512-BF16, scores differ in the last digits.",
+        "(autocast) is about twice as fast on GPUs and CPUs with AMX/AVX512-BF16, scores differ in the last digits.",
     )
 
 
@@ -232,7 +232,7 @@ class CascadeConfig:
     kl_threshold: float = option(
         1.0,
         "Score the full battery where new_task_kl (nats per token) has moved this much since the last full battery "
-        "(on SmolLM2-135M about 2-3 points of general forgetting).",
+        '(on SmolLM2-135M a nat is about 3.7 points of general forgetting; README, "Cheap probes ...").',
     )
     kl_prompts: int = option(
         32, "New-task prompts (from the training data; no labels used) the KL probe samples the base's answers to."

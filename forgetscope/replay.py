@@ -185,7 +185,7 @@ def sample_examples(
             tokenizer,
             draw_prompts(recipe, tokenizer, task_prompts, draw),
             chat,
-            config.max_new_tokens,
+            min(config.max_new_tokens, recipe.train.seq_len),  # tokens past seq_len would be cut off unseen
             config.temperature,
             config.top_p,
             config.seed + draw,

@@ -234,11 +234,6 @@ def _check_replay(recipe: Recipe) -> list[str]:
     for key in ("samples", "max_new_tokens", "topk"):
         if getattr(r, key) <= 0:
             problems.append(f"replay.{key}: must be positive, got {getattr(r, key)}")
-    if r.max_new_tokens >= recipe.train.seq_len > 0:  # the sampled answers would be cut to fit
-        problems.append(
-            f"replay.max_new_tokens: {r.max_new_tokens} leaves no room for a prompt within train.seq_len="
-            f"{recipe.train.seq_len}; lower it or raise train.seq_len"
-        )
     if r.temperature <= 0 or not 0 < r.top_p <= 1:
         problems.append("replay.temperature must be > 0 and replay.top_p in (0, 1]")
     if r.coeff is not None and r.coeff < 0:

@@ -143,7 +143,7 @@ def test_an_empty_recipe_file_is_refused(tmp_path, capsys):
 
     (tmp_path / "empty.yaml").write_text("# nothing yet\n")
     assert cli.main(["show", str(tmp_path / "empty.yaml")]) == 2
-    assert "the file holds no settings; a recipe names at least its base and task" in capsys.readouterr().err
+    assert "the file holds no settings; write the recipe's (examples in recipes/" in capsys.readouterr().err
 
 
 DAMAGED_MODELS = {

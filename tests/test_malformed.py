@@ -124,7 +124,6 @@ STRUCTURE = (
         ("grad accum zero", ("train", "grad_accum"), 0, "train.grad_accum"),
         ("negative weight decay", ("train", "weight_decay"), -0.1, "train.weight_decay"),
         ("negative max_grad_norm", ("train", "max_grad_norm"), -1.0, "train.max_grad_norm"),
-        ("replay answers fill seq_len", ("replay", "max_new_tokens"), 5000, "replay.max_new_tokens"),
     ]
 )
 
