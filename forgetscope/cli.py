@@ -164,9 +164,18 @@ def _cmd_gate(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> None:
+    import yaml
+
     from forgetscope.load import load_recipe
 
-    print(load_recipe(args.recipe, args.set).to_yaml(), end="")
+    recipe = load_recipe(args.recipe, args.set)
+    data = recipe.to_dict()
+    if recipe.stages:  # each stage gives its task, steps and evals; the top-level ones are not used
+        del data["task"], data["train"]["steps"], data["evals"]["new"]
+        if recipe.replay is None:  # stages' `replay: true` asks for the recipe's replay, which it has not
+            for stage in data["stages"]:
+                del stage["replay"]
+    print(yaml.safe_dump(data, sort_keys=False), end="")
 
 
 def _cmd_fields(args: argparse.Namespace) -> None:
@@ -237,7 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     recipe_command(
         "run", "fine-tune by a recipe, snapshot on its schedule, score every snapshot, write curves", _cmd_run
     )
-    recipe_command("show", "print the resolved recipe (every default filled in) after validating it", _cmd_show)
+    recipe_command(
+        "show",
+        "print the resolved recipe (every default filled in; itself a valid recipe) after validating it",
+        _cmd_show,
+    )
     audit_cmd = sub.add_parser(
         "audit",
         help="score checkpoints trained elsewhere (full models or peft adapters) against their base",

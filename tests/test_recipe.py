@@ -196,3 +196,11 @@ def test_a_bad_command_line_is_one_line_and_exit_2(capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert exit.value.code == 2 and len(err) == 1 and err[0].startswith(message) and "--help`" in err[0]
     assert cli.main([]) == 2 and "usage: forgetscope" in capsys.readouterr().err  # bare: the help
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in RECIPES.glob("*.yaml")))
+def test_show_prints_a_recipe_that_loads_as_the_same_recipe(tmp_path, capsys, name):
+    assert cli.main(["show", str(RECIPES / name)]) == 0
+    (tmp_path / name).write_text(capsys.readouterr().out)
+    shown = load_recipe(tmp_path / name)
+    assert shown.to_dict() == load_recipe(RECIPES / name).to_dict()  # nothing lost, nothing unused left in
