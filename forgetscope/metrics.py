@@ -73,6 +73,7 @@ def general_forgetting(
     general = rows[rows["role"] == "general"].copy()
     general["w"] = general["task"].map(lambda t: (weights or {}).get(t, 1.0)).astype(float)
     general = general[(general["w"] > 0) & (keep_at_chance | ~general["at_chance"].astype(bool))]
+    general["w"] /= general["w"].max() if len(general) else 1.0  # only ratios matter; huge weights would overflow
     counts = general.groupby(["run", "step"])["task"].transform("nunique")
     general = general[counts == general.groupby("run")["task"].transform("nunique")]
     general["wx"] = general["w"] * general["rel_drop"]

@@ -59,6 +59,8 @@ def test_general_forgetting_weights_max_and_area():
     assert f.tolist() == pytest.approx([0.0, (0.25 + 0.1) / 2, (0.5 + 0.5) / 2])
     weighted = metrics.general_forgetting(rows, {"facts": 3}).set_index("step")["forgetting"]
     assert weighted[10] == pytest.approx((3 * 0.25 + 0.1) / 4)
+    huge = metrics.general_forgetting(rows, {"facts": 3e307, "prose": 1e307}).set_index("step")["forgetting"]
+    assert huge[10] == pytest.approx(weighted[10])  # only the ratio counts; no overflow to inf or nan
     assert metrics.general_forgetting(rows, {"facts": 0}).set_index("step")["forgetting"][20] == pytest.approx(0.5)
     summary = metrics.run_summary(_table()).iloc[0]
     assert summary["forgetting_max"] == pytest.approx(0.5)
@@ -291,6 +293,7 @@ def test_percentages_are_signed_and_never_negative_zero():
         (["--weight", "facts=nan"], "a probe's weight is a number, 0 or more"),
         (["--weight", "fcts=2"], "a weight for 'fcts' names no general probe of these runs; theirs: "),
         (["--target", "nan"], "argument --target: expected a finite number"),
+        (["--target", "90"], "--target 90: outside the range of acc (0 to 1); scores are fractions"),
     ],
 )
 def test_report_flags_out_of_range_exit_2(tmp_path, fake_run, capsys, flags, message):
