@@ -189,7 +189,8 @@ def _cmd_tasks(args: argparse.Namespace) -> None:
 
     missing = [folder for folder in args.include if not Path(folder).is_dir()]
     if missing:
-        raise UserError(f"--include: no such folder {missing[0]!r}; give folders of task YAMLs")
+        what = "a file, not a folder" if Path(missing[0]).exists() else "no such folder"
+        raise UserError(f"--include {missing[0]}: {what}; give folders of task YAMLs")
     print("Embedded new tasks (task.name):")
     for name in tasks.EMBEDDED_TASKS:
         print(f"  {name:16s} {tasks.describe(name)}")

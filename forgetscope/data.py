@@ -70,10 +70,12 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
                 raise DataError(f"{path}:1: the header names the column `{twice}` twice; rename one")
             rows = []
             for row in reader:
-                if None in row:  # DictReader files the values past the header's last column under None
+                # DictReader files the values past the header's last column under None, and fills a short row with None
+                values = len(header) + len(row[None]) if None in row else sum(v is not None for v in row.values())
+                if values != len(header):
                     raise DataError(
-                        f"{path}:{reader.line_num}: {len(reader.fieldnames or []) + len(row[None])} values, "
-                        f"the header names {len(reader.fieldnames or [])}; quote a value that holds a comma"
+                        f"{path}:{reader.line_num}: {values} values, the header names {len(header)}; "
+                        "quote a value that holds a comma, or fill the missing ones"
                     )
                 rows.append(row)
             return rows

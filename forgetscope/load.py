@@ -105,7 +105,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Load a recipe YAML file, apply ``--set`` style overrides and validate it."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(["no such recipe file; see recipes/ for examples"], str(path))
+        what = "a folder, not a recipe file" if path.is_dir() else "no such recipe file"
+        raise RecipeError([f"{what}; see recipes/ for examples"], str(path))
     try:
         data = load_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:

@@ -85,6 +85,11 @@ def check_reference(ref: str, base_dir: Path) -> list[str]:
     if path.is_dir():
         if (path / "config.json").is_file():
             return []
+        if (path / "adapter_config.json").is_file():
+            return [
+                f"base: folder {str(path)!r} holds a peft adapter, not a model; give the model it was trained "
+                "from as base: (to score adapters against their base: forgetscope audit --base ... --checkpoints ...)"
+            ]
         return [f"base: folder {str(path)!r} has no config.json; point base: at a saved model folder"]
     if is_hub_id(ref):
         if hf_offline() and not _in_hf_cache(ref):

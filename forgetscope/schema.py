@@ -175,7 +175,8 @@ def build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
         if ok:
             kwargs[key] = converted
         else:
-            problems.append(f"{prefix}{key}: expected {type_name(hint)}, got {value!r}")
+            quote = "; YAML read it as a number or a boolean: quote it" if hint is str and value is not None else ""
+            problems.append(f"{prefix}{key}: expected {type_name(hint)}, got {value!r}{quote}")
     return cls(**kwargs)
 
 

@@ -89,7 +89,7 @@ def check_name(name: str, field: str) -> list[str]:
     if _NAME_RE.match(name) and name not in (".", ".."):
         return []
     return [
-        f"{field}: {name!r} must be letters, digits, '_', '-' or '.', not starting with '.' (it names a folder under runs_dir)"
+        f"{field}: {name!r} must be ASCII letters, digits, '_', '-' or '.', not starting with '.' (it names a folder under runs_dir)"
     ]
 
 

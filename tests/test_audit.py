@@ -301,7 +301,7 @@ def test_an_adapter_trained_on_another_base_is_one_line(tmp_path, capsys):
 
 def test_tasks_include_names_a_missing_folder(capsys):
     assert cli.main(["tasks", "--include", "/no/such/folder"]) == 2
-    assert "--include: no such folder '/no/such/folder'" in capsys.readouterr().err
+    assert "--include /no/such/folder: no such folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -153,7 +153,7 @@ def test_bad_settings_are_refused_before_training(tmp_path):
     assert any("snapshots.schedule: expected" in line for line in lines)
     with pytest.raises(CallbackError, match="did you mean 'prose_ppl'"):
         ForgettingCallback(trainer, evals={"general": ["prose_pp"]}, runs_dir=str(tmp_path / "runs"))
-    with pytest.raises(CallbackError, match=r"name: '\.\./elsewhere' must be letters"):  # it would leave runs_dir
+    with pytest.raises(CallbackError, match=r"name: '\.\./elsewhere' must be ASCII letters"):  # it would leave runs_dir
         ForgettingCallback(
             trainer, evals={"general": ["prose_ppl"]}, name="../elsewhere", runs_dir=str(tmp_path / "runs")
         )

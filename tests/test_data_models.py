@@ -113,6 +113,9 @@ def test_rows_that_would_train_nothing_or_lose_a_value_are_refused(tmp_path, cap
     from forgetscope import data
 
     (tmp_path / "extra.csv").write_text("prompt,completion\nQ: 1+1?, 2\nQ: 1,000+1?, 1001\n")
+    (tmp_path / "short.csv").write_text("prompt,completion\nQ: 1+1?, 2\nQ: 2+2?\n")
+    with pytest.raises(data.DataError, match=r"short.csv:3: 1 values, the header names 2; .* fill the missing ones"):
+        data.read_file(tmp_path / "short.csv")
     (tmp_path / "twice.csv").write_text("prompt,prompt,completion\na,b,c\n")
     with pytest.raises(data.DataError, match=r"twice.csv:1: the header names the column `prompt` twice"):
         data.read_file(tmp_path / "twice.csv")

@@ -223,7 +223,7 @@ def test_audit_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     runs = tmp_path / "runs"
     args = ["audit", "--base", "tiny-random", "--checkpoints", str(tmp_path), "--runs-dir", str(runs / "inner")]
     assert cli.main([*args, "--name", "../outside"]) == 2  # a name must not leave --runs-dir
-    assert "--name: '../outside' must be letters" in capsys.readouterr().err and not runs.exists()
+    assert "--name: '../outside' must be ASCII letters" in capsys.readouterr().err and not runs.exists()
 
 
 def test_unknown_eval_fails_before_training(tmp_path, tiny_recipe_data, capsys):

@@ -69,7 +69,7 @@ MALFORMED = [
     ({"evals": {"new": ["numeral"]}}, "evals: unknown eval task 'numeral'; did you mean 'numerals'?"),
     ({"evals": {"general": "prose_ppl"}}, "evals.general: expected list of string"),
     ({"train": {"batch_size": 6, "grad_accum": 4}}, "train.batch_size: 6 is not divisible by train.grad_accum=4"),
-    ({"name": "../escape"}, "name: '../escape' must be letters"),
+    ({"name": "../escape"}, "name: '../escape' must be ASCII letters"),
     ({"lora": {"dropout": 1.5}}, "lora.dropout: must be in [0, 1)"),
     ({"replay": {"ratio": 1.5}}, "replay.ratio: must be between 0 and 1"),
     ({"replay": {"source": "data"}}, "replay.path: give the file"),
@@ -204,3 +204,15 @@ def test_show_prints_a_recipe_that_loads_as_the_same_recipe(tmp_path, capsys, na
     (tmp_path / name).write_text(capsys.readouterr().out)
     shown = load_recipe(tmp_path / name)
     assert shown.to_dict() == load_recipe(RECIPES / name).to_dict()  # nothing lost, nothing unused left in
+
+
+def test_paths_of_the_wrong_kind_are_named_so(tmp_path, capsys):
+    assert cli.main(["show", str(tmp_path)]) == 2
+    assert f"{tmp_path}: a folder, not a recipe file" in capsys.readouterr().err
+    (tmp_path / "t.yaml").write_text("task: x\n")
+    assert cli.main(["tasks", "--include", str(tmp_path / "t.yaml")]) == 2
+    assert f"--include {tmp_path / 't.yaml'}: a file, not a folder" in capsys.readouterr().err
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    assert cli.main(["show", str(RECIPES / "tiny.yaml"), "--set", f"base={tmp_path / 'adapter'}"]) == 2
+    assert "holds a peft adapter, not a model; give the model it was trained from" in capsys.readouterr().err
