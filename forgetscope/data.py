@@ -150,6 +150,7 @@ def split_pair(prompt: str, completion: str, chat: bool) -> tuple[str, str]:
 def tokenize(records: list[dict[str, Any]], tokenizer, task: TaskConfig, seq_len: int) -> list[dict[str, list[int]]]:
     """Tokenize records into ``input_ids``/``labels`` (prompt masked with ``IGNORE_INDEX``), truncated to ``seq_len``."""
     chat = uses_chat_template(task, tokenizer)
+    where = f"task: {task.path}" if task.path else "task"  # the record numbers count in the user's file
     has_prompt = task.prompt_field in records[0]
     field = task.completion_field if has_prompt else task.text_field
     fields = [task.prompt_field, field] if has_prompt else [field]
@@ -158,17 +159,19 @@ def tokenize(records: list[dict[str, Any]], tokenizer, task: TaskConfig, seq_len
         need = f"`{task.prompt_field}` and `{task.completion_field}`" if has_prompt else f"`{task.text_field}`"
         lacks = ", ".join(f"`{f}`" for f in fields if f not in records[missing[0]])
         raise DataError(
-            f"task: record {missing[0] + 1} lacks {lacks} ({len(missing)} of {len(records)} records lack {need}); "
+            f"{where}: record {missing[0] + 1} lacks {lacks} ({len(missing)} of {len(records)} records lack {need}); "
             "set task.prompt_field/completion_field/text_field to your column names"
         )
     not_text = [(i, f) for i, r in enumerate(records) for f in fields if not isinstance(r[f], str)]
     if not_text:
         i, f = not_text[0]
-        raise DataError(f"task: record {i + 1} (of {len(not_text)} bad): `{f}` must be a string, got {records[i][f]!r}")
+        raise DataError(
+            f"{where}: record {i + 1} (of {len(not_text)} bad): `{f}` must be a string, got {records[i][f]!r}"
+        )
     empty = [i for i, r in enumerate(records) if not r[field].strip()]
     if empty:  # it would train the end-of-sequence token alone: to answer nothing
         raise DataError(
-            f"task: record {empty[0] + 1} (of {len(empty)} such) has an empty `{field}`; fill it or remove the record"
+            f"{where}: record {empty[0] + 1} (of {len(empty)} such) has an empty `{field}`; fill it or remove the record"
         )
     end = tokenizer.eos_token or ""
     examples, too_long, no_answer = [], 0, 0
