@@ -28,6 +28,11 @@ def _check_task(task: TaskConfig, prefix: str, base_dir: Path) -> list[str]:
         problems.append(
             f"{prefix}: give exactly one of `name` (embedded task), `path` (your file) or `hf_dataset`"
             f"; got {', '.join(sources) or 'none'}"
+            + (
+                f" (set the others to null, e.g. --set {prefix.replace('[', '.').replace(']', '')}.name=null)"
+                if len(sources) > 1
+                else ""
+            )
         )
     if task.name and task.name not in tasks.EMBEDDED_TASKS:
         problems.append(
