@@ -269,6 +269,7 @@ def evaluate_model(model, tokenizer, suite: EvalSuite, base_only: bool = False) 
         _quiet_lm_eval()
         was_training = model.training
         model.eval()
+        seams.quiet_too_long_warning(tokenizer)
         with seams.tie_weights_skipped(model):
             lm = PackedLM(
                 pretrained=model,

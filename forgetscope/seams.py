@@ -182,3 +182,10 @@ def lora_target_matches(target_modules: str | list[str], name: str) -> bool:
     from peft.tuners.tuners_utils import check_target_module_exists
 
     return bool(check_target_module_exists(LoraConfig(target_modules=target_modules), name))
+
+
+def quiet_too_long_warning(tokenizer) -> None:
+    """Silence the tokenizer's "Token indices sequence length is longer than the specified maximum
+    ... will result in indexing errors" warning: scoring splits long texts into windows itself.
+    transformers warns once per tokenizer, marking ``deprecation_warnings`` (5.17, 5.23)."""
+    tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True

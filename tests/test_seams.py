@@ -170,3 +170,17 @@ def test_lora_target_matches_follows_peft():
         ("q_proj", "model.layers.1.self_attn.q_proj", False),  # a string is a regex over the whole name
     ]:
         assert seams.lora_target_matches(targets, name) is expected, f"{targets} vs {name} {UPGRADE}"
+
+
+def test_quiet_too_long_warning_silences_the_tokenizers_length_warning(monkeypatch):
+    from transformers import tokenization_utils_base
+
+    said = []
+    monkeypatch.setattr(tokenization_utils_base.logger, "warning", lambda message, *a, **k: said.append(message))
+    loud, quiet = models.byte_tokenizer(), models.byte_tokenizer()  # model_max_length 512
+    loud("x" * 600)
+    assert any("Token indices sequence length" in m for m in said)
+    said.clear()
+    seams.quiet_too_long_warning(quiet)
+    quiet("x" * 600)
+    assert said == [], UPGRADE
