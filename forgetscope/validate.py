@@ -218,6 +218,8 @@ def _check_cascade(recipe: Recipe) -> list[str]:
         for name in c.cheap
         if name not in recipe.evals.general
     ]
+    if not c.cheap and not c.kl:  # every step would wait for nothing and score the full battery
+        problems.append("cascade: `cheap: []` with `kl: false` probes nothing; keep one, or remove the cascade")
     if c.every is not None and c.every <= 0:
         problems.append(f"cascade.every: must be positive or null, got {c.every}")
     if c.cheap_threshold < 0 or c.kl_threshold < 0:

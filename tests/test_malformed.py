@@ -123,6 +123,7 @@ STRUCTURE = (
         ("replay top_p above 1", ("replay", "top_p"), 1.5, "replay.top_p"),
         ("grad accum zero", ("train", "grad_accum"), 0, "train.grad_accum"),
         ("negative weight decay", ("train", "weight_decay"), -0.1, "train.weight_decay"),
+        ("cascade probes nothing", ("cascade",), {"cheap": [], "kl": False}, "cascade"),
         ("negative max_grad_norm", ("train", "max_grad_norm"), -1.0, "train.max_grad_norm"),
     ]
 )
