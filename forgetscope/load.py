@@ -129,6 +129,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError([_blame(problem, overrides or [], str(path)) for problem in err.problems], None) from None
 
 
+def overlaps(key: str, other: str) -> bool:
+    """Whether two dotted keys touch the same setting: equal, or one a section holding the other."""
+    return key == other or key.startswith(other + ".") or other.startswith(key + ".")
+
+
 def _blame(problem: str, overrides: list[str], path: str) -> str:
     """A validation line prefixed with its cause: the ``--set`` that gave its key, a section
     holding it or a key inside it, else the recipe file."""
@@ -136,6 +141,6 @@ def _blame(problem: str, overrides: list[str], path: str) -> str:
     keys = {plain.split(":", 1)[0], *re.findall(r"\w+(?:\.\w+)+", plain)}  # `key: ...`, and dotted keys it names
     for pair in reversed(overrides):  # the last --set of a key is the one that holds
         given = pair.partition("=")[0].strip()
-        if any(key == given or key.startswith(given + ".") or given.startswith(key + ".") for key in keys):
+        if any(overlaps(key, given) for key in keys):
             return f"--set {pair}: {problem}"
     return f"{path}: {problem}"

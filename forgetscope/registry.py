@@ -45,16 +45,16 @@ def check_eval_names(names: list[str], paths: list[str]) -> list[str]:
     """Recipe-validation lines for eval names that no registry knows: why, when a YAML in ``paths``
     declares the name but lm-eval cannot read it, else with a did-you-mean."""
     known = set(manager_for(names, paths).all_tasks)
-    problems = []
-    for name in names:
-        if name not in known:
-            broken = next((u[name] for u in map(unusable, map(Path, paths)) if name in u), None)
-            problems.append(
-                f"evals: eval task {name!r} is declared by {broken}; fix that file"
-                if broken
-                else f"evals: unknown eval task {name!r}{did_you_mean(name, known)} (see `forgetscope tasks`)"
-            )
-    return problems
+    missing = [name for name in names if name not in known]
+    if not missing:
+        return []
+    broken = {name: why for path in reversed(paths) for name, why in unusable(Path(path)).items()}  # first path wins
+    return [
+        f"evals: eval task {name!r} is declared by {broken[name]}; fix that file"
+        if name in broken
+        else f"evals: unknown eval task {name!r}{did_you_mean(name, known)} (see `forgetscope tasks`)"
+        for name in missing
+    ]
 
 
 def _declared(path: Path) -> tuple[str | None, str]:

@@ -40,7 +40,7 @@ import yaml
 from forgetscope import figures, io, metrics
 from forgetscope.curves import primary_metric
 from forgetscope.errors import UserError
-from forgetscope.load import RecipeError, load_recipe
+from forgetscope.load import RecipeError, load_recipe, overlaps
 from forgetscope.recipe import Recipe
 from forgetscope.schema import load_yaml
 from forgetscope.snapshots import RunLayout
@@ -146,7 +146,7 @@ def _check_key(key: str, overrides: list[str]) -> None:
         )
     for pair in overrides:
         given = pair.partition("=")[0].strip()
-        if given == key or key.startswith(given + ".") or given.startswith(key + "."):
+        if overlaps(key, given):
             raise UserError(
                 f"--set {pair}: gives the swept --key {key} too, which the sweep sets to each of --values; "
                 f"leave {key} out of --set"
