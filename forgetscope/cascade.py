@@ -41,15 +41,7 @@ from forgetscope.errors import UserError
 from forgetscope.models import cache_dir
 from forgetscope.recipe import CascadeConfig, Recipe, TaskConfig
 from forgetscope.replay import base_topk, collate, kl_full, kl_topk
-from forgetscope.snapshots import RunLayout
-
-
-def probe_steps(config: CascadeConfig, scheduled: list[int], total: int) -> list[int]:
-    """The probe steps between the scheduled snapshots: every ``config.every`` steps up to ``total``."""
-    if not config.every:
-        return []
-    taken = set(scheduled)
-    return [s for s in range(config.every, total + 1, config.every) if s not in taken]
+from forgetscope.snapshots import RunLayout, probe_steps
 
 
 def thresholds(config: CascadeConfig) -> dict[str, float]:
@@ -215,7 +207,7 @@ class Cascade:
         self.limits = thresholds(recipe.cascade)
         self.record = layout.read_manifest().get("cascade") or {
             "scheduled": sorted(scheduled),
-            "probe_steps": probe_steps(recipe.cascade, scheduled, recipe.train.steps),
+            "probe_steps": probe_steps(recipe.cascade.every, scheduled, recipe.train.steps),
             "thresholds": self.limits,
             "steps": {},
         }

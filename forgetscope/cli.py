@@ -98,6 +98,17 @@ def _finite(text: str) -> float:
     return value
 
 
+def _items(text: str) -> int:
+    """argparse type: a number of items per eval, 0 for all."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of items, 0 for all, e.g. 200, got {text!r}")
+    return value
+
+
 def _write_report(runs: list[Path | str], args: argparse.Namespace) -> None:
     from forgetscope import report
 
@@ -121,7 +132,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
-    from forgetscope import io
+    from forgetscope import io, validate
     from forgetscope.load import load_recipe
     from forgetscope.runner import check_folder, run
 
@@ -134,6 +145,8 @@ def _cmd_compare(args: argparse.Namespace) -> None:
             f"recipes share a run name ({', '.join(names)}); give each its own `name:` in its file"
             + (f" ({fix})" if fix else "")
         )
+    if problems := validate.check_target(recipes, args.target):
+        raise UserError(problems[0])
     for recipe in recipes:
         check_folder(recipe)
     roots = []
@@ -272,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit_cmd.add_argument(
         "--general", nargs="*", metavar="TASK", help="general-capability evals (default: the embedded suite)"
     )
-    audit_cmd.add_argument("--limit", type=int, default=200, help="items per eval, 0 for all (default 200)")
+    audit_cmd.add_argument("--limit", type=_items, default=200, help="items per eval, 0 for all (default 200)")
     audit_cmd.add_argument(
         "--include", nargs="*", default=[], metavar="DIR", help="folders of your own lm-eval task YAMLs"
     )

@@ -52,24 +52,30 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return nested
 
 
+def _is_index(key: str) -> bool:
+    """Whether a ``--set`` key part indexes a list: ``1`` or, from the end, ``-1``."""
+    return key.removeprefix("-").isdigit()
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """``base`` with ``extra`` merged in, key by key; a list is entered by index (``stages.1.lr``)."""
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
-        elif isinstance(value, dict) and isinstance(out.get(key), list) and all(k.isdigit() for k in value):
+        elif isinstance(value, dict) and isinstance(out.get(key), list) and all(_is_index(k) for k in value):
             items = list(out[key])
             for index, item in value.items():
-                if int(index) >= len(items):
+                if not -len(items) <= int(index) < len(items):
                     raise RecipeError(
-                        [f"--set {key}.{index}: there is no item {index} (items 0..{len(items) - 1})"], None
+                        [
+                            f"--set {key}.{index}: there is no item {index} "
+                            f"(items 0..{len(items) - 1}, or -{len(items)}..-1 from the end)"
+                        ],
+                        None,
                     )
-                items[int(index)] = (
-                    _merge(items[int(index)], item)
-                    if isinstance(item, dict) and isinstance(items[int(index)], dict)
-                    else item
-                )
+                at = int(index) % len(items)
+                items[at] = _merge(items[at], item) if isinstance(item, dict) and isinstance(items[at], dict) else item
             out[key] = items
         else:
             out[key] = value
@@ -126,7 +132,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     try:
         return recipe_from_dict(data, str(path))
     except RecipeError as err:
-        raise RecipeError([_blame(problem, overrides or [], str(path)) for problem in err.problems], None) from None
+        raise RecipeError(
+            [_blame(problem, overrides or [], str(path), data) for problem in err.problems], None
+        ) from None
 
 
 def overlaps(key: str, other: str) -> bool:
@@ -134,13 +142,26 @@ def overlaps(key: str, other: str) -> bool:
     return key == other or key.startswith(other + ".") or other.startswith(key + ".")
 
 
-def _blame(problem: str, overrides: list[str], path: str) -> str:
+def _from_start(key: str, data: Any) -> str:
+    """A dotted ``--set`` key with its list indices counted from the start (``stages.-1.lr`` of
+    three stages is ``stages.2.lr``), as validation names them."""
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if isinstance(data, list) and _is_index(part) and -len(data) <= int(part) < len(data):
+            parts[i] = str(int(part) % len(data))
+            data = data[int(part)]
+        else:
+            data = data.get(part) if isinstance(data, dict) else None
+    return ".".join(parts)
+
+
+def _blame(problem: str, overrides: list[str], path: str, data: Any) -> str:
     """A validation line prefixed with its cause: the ``--set`` that gave its key, a section
-    holding it or a key inside it, else the recipe file."""
+    holding it or a key inside it, else the recipe file (``data``: the recipe's mapping)."""
     plain = problem.replace("[", ".").replace("]", "")
     keys = {plain.split(":", 1)[0], *re.findall(r"\w+(?:\.\w+)+", plain)}  # `key: ...`, and dotted keys it names
     for pair in reversed(overrides):  # the last --set of a key is the one that holds
-        given = pair.partition("=")[0].strip()
+        given = _from_start(pair.partition("=")[0].strip(), data)
         if any(overlaps(key, given) for key in keys):
             return f"--set {pair}: {problem}"
     return f"{path}: {problem}"

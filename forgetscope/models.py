@@ -231,7 +231,10 @@ def parse_scratch(ref: str) -> tuple[dict[str, int], list[str]]:
                 f"base: scratch key {key!r} unknown{did_you_mean(key, SCRATCH_KEYS)} (keys: {', '.join(SCRATCH_KEYS)})"
             )
         elif not value.strip().isdigit():
-            problems.append(f"base: scratch {key}={value!r} must be a whole number, e.g. scratch:layers=2,hidden=128")
+            kind = "0 or more" if key in ("seed", "intermediate") else "positive"
+            problems.append(
+                f"base: scratch {key}={value.strip()} must be a whole number, {kind}, e.g. scratch:layers=2,hidden=128"
+            )
         else:
             sizes[key] = int(value)
     if not problems:

@@ -104,7 +104,7 @@ class ReplayConfig:
     refresh_every: int | None = option(
         None,
         "Draw the buffer anew from the reference (the base, or in a sequence the model before the stage) every N "
-        "steps, from the next prompts, so samples are rehearsed rather than memorised (Marek et al. 2026: every 16 "
+        "steps (fewer than the run's, or a stage's), from the next prompts, so samples are rehearsed rather than memorised (Marek et al. 2026: every 16 "
         "batches). LoRA samples from the adapter-disabled model; full fine-tuning keeps a frozen copy of the model "
         "(one more copy of the weights in memory). null: keep the buffer drawn before training.",
     )
@@ -218,7 +218,9 @@ class CascadeConfig:
         "no weights are kept there). null: probe at the snapshots only.",
     )
     cheap: list[str] = option(
-        ["base_samples_ppl"], "Label-free probes (evals of evals.general) scored at every probe step."
+        ["base_samples_ppl"],
+        "Label-free probes scored at every probe step: evals of evals.general that score the perplexity of text "
+        "(lm-eval output_type loglikelihood_rolling).",
     )
     cheap_threshold: float = option(
         0.05,

@@ -57,6 +57,22 @@ def check_eval_names(names: list[str], paths: list[str]) -> list[str]:
     ]
 
 
+def task_config(name: str, paths: list[str]) -> dict | None:
+    """The config lm-eval's index holds for the YAML task ``name`` (its ``include`` merged in); None
+    for a group, a tag, a task defined in Python or a name no registry knows."""
+    entry = manager_for([name], paths).task_index.get(name)
+    return entry.cfg if entry is not None and entry.kind.name == "TASK" and entry.cfg else None
+
+
+def metric_names(config: dict) -> list[str]:
+    """The metrics lm-eval scores a task config with: its ``metric_list``, else the defaults of its
+    ``output_type`` (``lm_eval.api.registry.DEFAULT_METRIC_REGISTRY``)."""
+    from lm_eval.api.registry import DEFAULT_METRIC_REGISTRY
+
+    listed = [m["metric"] for m in config.get("metric_list") or [] if isinstance(m, dict) and "metric" in m]
+    return listed or list(DEFAULT_METRIC_REGISTRY.get(config.get("output_type", "generate_until"), []))
+
+
 def _declared(path: Path) -> tuple[str | None, str]:
     """The task name a YAML declares (its ``task:`` line) and its first comment line, read as text
     so that a file lm-eval cannot parse still shows its name."""

@@ -15,7 +15,7 @@ import hashlib
 import time
 from pathlib import Path
 
-from forgetscope import cascade, data, distributed, evaluate, models, replay, sequence, train
+from forgetscope import cascade, data, distributed, evaluate, models, replay, sequence, snapshots, train
 from forgetscope.recipe import Recipe
 from forgetscope.session import RunSession
 
@@ -88,7 +88,7 @@ def _run(recipe: Recipe, session: RunSession, run_hash: str) -> Path:
         allow_pickle=recipe.allow_pickle,
         stages=sequence.manifest_entry(recipe) if recipe.stages else None,
     )
-    probes = cascade.probe_steps(recipe.cascade, steps, recipe.train.steps) if recipe.cascade else []
+    probes = snapshots.probe_steps(recipe.cascade.every, steps, recipe.train.steps) if recipe.cascade else []
     if recipe.cascade:  # cheap probes at every probe step, the full battery where the cascade decides
         with distributed.main_first():  # it needs the untouched base: before prepare_model
             session.cascade = cascade.start(recipe, suite, steps, session.layout, model, tokenizer, chat, base_fp)

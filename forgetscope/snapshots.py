@@ -37,6 +37,14 @@ def schedule(config: SnapshotConfig, steps: int) -> list[int]:
     return sorted({0, *(int(p) for p in points), steps})
 
 
+def probe_steps(every: int | None, scheduled: list[int], total: int) -> list[int]:
+    """The cascade's probe steps between the ``scheduled`` snapshots: every ``every`` steps up to ``total``."""
+    if not every:
+        return []
+    taken = set(scheduled)
+    return [s for s in range(every, total + 1, every) if s not in taken]
+
+
 def step_name(step: int) -> str:
     return f"step-{step:06d}"
 

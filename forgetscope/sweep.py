@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from forgetscope import figures, io, metrics
+from forgetscope import figures, io, metrics, validate
 from forgetscope.curves import primary_metric
 from forgetscope.errors import UserError
 from forgetscope.load import RecipeError, load_recipe, overlaps
@@ -300,6 +300,8 @@ def run_sweep(
     table_path = out / "sweep.csv"
     earlier = _read_earlier(table_path, key)
     planned = _plan(recipes, key, values, overrides, earlier, table_path)
+    if problems := validate.check_target([recipe for _, _, recipe in planned], target):
+        raise UserError(problems[0])
     for _, _, recipe in planned:
         check_folder(recipe)
     rows = []

@@ -14,7 +14,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from forgetscope import io, models, registry, tasks
+from forgetscope import io, models, registry, snapshots, tasks
+from forgetscope.curves import primary_metric
 from forgetscope.recipe import EvalConfig, Recipe, SnapshotConfig, TaskConfig
 from forgetscope.schema import did_you_mean
 
@@ -122,7 +123,7 @@ def check(recipe: Recipe, data: dict[str, Any]) -> list[str]:
     if recipe.lora is not None and not 0 <= recipe.lora.dropout < 1:
         problems.append(f"lora.dropout: must be in [0, 1), got {recipe.lora.dropout}")
 
-    problems += _check_replay(recipe)
+    problems += _check_replay(recipe, data.get("replay") if isinstance(data.get("replay"), dict) else {})
     if recipe.replay and t.packing:
         problems.append(
             "train.packing: not with replay (each batch is split between new-task and replay examples); "
@@ -140,6 +141,28 @@ def check(recipe: Recipe, data: dict[str, Any]) -> list[str]:
     problems += check_snapshots(recipe.snapshots, t.steps)
     problems += check_evals(evals, recipe.base_dir)
     return problems
+
+
+FRACTIONS = ("acc", "acc_norm", "exact_match")
+"""Primary metrics whose scores are fractions of items, 0 to 1."""
+
+
+def check_target(recipes: list[Recipe], target: float | None) -> list[str]:
+    """The problem, if any, with a ``--target`` for the recipes' new tasks (a sequence's last
+    stage's): a score outside 0..1 on a metric that is a fraction (accuracy, exact match), found
+    before any training."""
+    for recipe in recipes if target is not None else []:
+        names = recipe.stages[-1].eval_names if recipe.stages else recipe.evals.new
+        paths = registry.include_paths(recipe.evals, recipe.base_dir)
+        for name in names:
+            config = registry.task_config(name, paths)
+            metric = primary_metric(registry.metric_names(config)) if config else None
+            if metric in FRACTIONS and not 0 <= target <= 1:
+                return [
+                    f"--target {target:g}: outside the range of {metric} (0 to 1) of {name}, the new task of "
+                    f"{recipe.name}; scores are fractions, e.g. 0.9 for 90%"
+                ]
+    return []
 
 
 def check_snapshots(s: SnapshotConfig, steps: int | None) -> list[str]:
@@ -222,6 +245,23 @@ def _check_cascade(recipe: Recipe) -> list[str]:
         problems.append("cascade: `cheap: []` with `kl: false` probes nothing; keep one, or remove the cascade")
     if c.every is not None and c.every <= 0:
         problems.append(f"cascade.every: must be positive or null, got {c.every}")
+    elif c.every and recipe.train.steps > 0 and not check_snapshots(recipe.snapshots, recipe.train.steps):
+        scheduled = snapshots.schedule(recipe.snapshots, recipe.train.steps)
+        if not snapshots.probe_steps(c.every, scheduled, recipe.train.steps):
+            problems.append(
+                f"cascade.every: every {c.every} steps of {recipe.train.steps} falls on no step between the "
+                f"snapshots ({', '.join(map(str, scheduled))}); probe more often, or null to probe at the snapshots only"
+            )
+    paths = registry.include_paths(recipe.evals, recipe.base_dir)
+    for name in c.cheap if all((recipe.base_dir / f).is_dir() for f in recipe.evals.include) else []:
+        config = registry.task_config(name, paths) if name in recipe.evals.general else None
+        kind = config.get("output_type") if config else None
+        if config is not None and kind != "loglikelihood_rolling":
+            problems.append(
+                f"cascade.cheap: {name!r} is scored against answers (output_type {kind}); cheap probes are "
+                "label-free perplexities of text (output_type loglikelihood_rolling, like base_samples_ppl): drop it "
+                "from cascade.cheap, it stays in the full battery"
+            )
     if c.cheap_threshold < 0 or c.kl_threshold < 0:
         problems.append("cascade.cheap_threshold and cascade.kl_threshold: must be 0 or more")
     if min(c.kl_prompts, c.kl_tokens, c.kl_topk) <= 0:
@@ -231,11 +271,21 @@ def _check_cascade(recipe: Recipe) -> list[str]:
     return problems
 
 
-def _check_replay(recipe: Recipe) -> list[str]:
+SELF_ONLY = ("prompts", "max_new_tokens", "temperature", "top_p")
+"""Replay fields that only self-generated replay reads (``source: data`` rehearses the file as it is)."""
+
+
+def _check_replay(recipe: Recipe, given: dict[str, Any]) -> list[str]:
+    """Problems of the ``replay`` section (``given``: the keys the recipe wrote in it)."""
     r = recipe.replay
     if r is None:
         return []
     problems = []
+    if r.source == "data" and (unused := [key for key in SELF_ONLY if key in given]):
+        problems.append(
+            f"replay.{unused[0]}: only used with source: self (source: data rehearses the file's records as they "
+            f"are); remove {', '.join(f'replay.{key}' for key in unused)}"
+        )
     if not 0 < r.ratio < 1:
         problems.append(f"replay.ratio: must be between 0 and 1 (the share of each batch), got {r.ratio}")
     for key in ("samples", "max_new_tokens", "topk"):
@@ -256,6 +306,14 @@ def _check_replay(recipe: Recipe) -> list[str]:
         problems.append(f"replay.path: no such file {str(recipe.base_dir / r.path)!r}")
     if r.refresh_every is not None and (r.source != "self" or r.refresh_every <= 0):
         problems.append("replay.refresh_every: a positive number of steps, with source: self")
+    elif r.refresh_every:
+        replayed = [s.steps for s in recipe.stages[1:] if s.replay] if recipe.stages else [recipe.train.steps]
+        if replayed and r.refresh_every >= max(replayed):
+            run = "the longest stage with replay" if recipe.stages else "the run"
+            problems.append(
+                f"replay.refresh_every: {r.refresh_every} is not shorter than {run} ({max(replayed)} steps), so "
+                "the buffer would never be drawn anew; give fewer steps, or null to keep the buffer drawn before training"
+            )
     t = recipe.train
     if t.batch_size > 0 and 0 < r.ratio < 1 and round(t.batch_size * r.ratio) in (0, t.batch_size):
         problems.append(

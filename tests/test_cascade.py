@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from forgetscope import cascade, cli, gate, models, report
+from forgetscope import cascade, cli, gate, models, report, snapshots
 from forgetscope.errors import UserError
 from forgetscope.load import RecipeError, load_recipe, recipe_from_dict
 from forgetscope.replay import collate, kl_full
@@ -18,9 +18,9 @@ from forgetscope.runner import run
 
 def test_probe_steps_and_the_decision_rule():
     config = recipe_from_dict({"base": "tiny-random", "cascade": {"every": 5}}).cascade
-    assert cascade.probe_steps(config, [0, 8, 20], 20) == [5, 10, 15]
+    assert snapshots.probe_steps(config.every, [0, 8, 20], 20) == [5, 10, 15]
     config.every = None
-    assert cascade.probe_steps(config, [0, 8, 20], 20) == []
+    assert snapshots.probe_steps(config.every, [0, 8, 20], 20) == []
     limits = {"kl": 0.05, "ppl": 0.02}
     assert cascade.decide(8, {"kl": 0.0}, {"kl": 0.0}, limits, {0, 8}) == (True, "scheduled")
     assert cascade.decide(5, {"kl": 0.04, "ppl": 1.01}, {"kl": 0.0, "ppl": 1.0}, limits, {0, 8}) == (False, "")

@@ -75,6 +75,17 @@ MALFORMED = [
     ({"replay": {"source": "data"}}, "replay.path: give the file"),
     ({"replay": {"lose": "kl"}}, "replay.lose: unknown key; did you mean 'loss'?"),
     ({"replay": {"refresh_every": 0}}, "replay.refresh_every: a positive number of steps, with source: self"),
+    ({"replay": {"refresh_every": 3}}, "replay.refresh_every: 3 is not shorter than the run (3 steps), so the buffer"),
+    (
+        {"cascade": {"every": 5, "cheap": ["prose_ppl"]}},
+        "cascade.every: every 5 steps of 3 falls on no step between the snapshots (0, 1, 3)",
+    ),
+    (
+        {"evals": {"general": ["prose_ppl", "world_capitals"]}, "cascade": {"cheap": ["world_capitals"]}},
+        "cascade.cheap: 'world_capitals' is scored against answers (output_type multiple_choice)",
+    ),
+    ({"base": "scratch:seed=-1"}, "base: scratch seed=-1 must be a whole number, 0 or more"),
+    ({"base": "scratch:layers=-2"}, "base: scratch layers=-2 must be a whole number, positive"),
 ]
 
 
@@ -129,8 +140,44 @@ def test_overrides_enter_lists_by_index():
     recipe = load_recipe(RECIPES / "sequence_paper.yaml", ["stages.1.steps=7", "stages.3.task.name=sym_sort"])
     assert [s.steps for s in recipe.stages] == [2000, 7, 2000, 2000] and recipe.stages[3].task.name == "sym_sort"
     assert recipe.stages[3].task.max_examples is None  # the rest of the stage stays
-    with pytest.raises(RecipeError, match=r"--set stages.4: there is no item 4 \(items 0..3\)"):
+    with pytest.raises(RecipeError, match=r"--set stages.4: there is no item 4 \(items 0..3, or -4..-1 from the end\)"):
         load_recipe(RECIPES / "sequence_paper.yaml", ["stages.4.steps=7"])
+    recipe = load_recipe(RECIPES / "sequence_paper.yaml", ["stages.-1.steps=9", "stages.-4.lr=1e-4"])
+    assert [s.steps for s in recipe.stages] == [2000, 2000, 2000, 9] and recipe.stages[0].lr == 1e-4
+    with pytest.raises(RecipeError, match=r"--set stages.-5: there is no item -5"):
+        load_recipe(RECIPES / "sequence_paper.yaml", ["stages.-5.steps=7"])
+    with pytest.raises(RecipeError) as err:  # blamed on the --set, counted from the start as validation counts
+        load_recipe(RECIPES / "sequence_paper.yaml", ["stages.-1.steps=0"])
+    assert err.value.problems == ["--set stages.-1.steps=0: stages[3]: steps and lr must be positive"]
+
+
+def test_self_generation_settings_with_replay_of_data_are_refused(tmp_path, capsys, tiny_recipe_data):
+    """`source: data` rehearses the file as it is: a temperature or prompts there would be ignored."""
+    (tmp_path / "old.jsonl").write_text('{"text": "an old example"}\n')
+    replay = {"source": "data", "path": "old.jsonl", "temperature": 0.7, "top_p": 0.9}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(_merge(tiny_recipe_data, {"replay": replay})))
+    assert cli.main(["show", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"forgetscope: error: {path}: replay.temperature: only used with source: self (source: data rehearses the "
+        "file's records as they are); remove replay.temperature, replay.top_p"
+    )
+    del replay["temperature"], replay["top_p"]
+    path.write_text(yaml.safe_dump(_merge(tiny_recipe_data, {"replay": replay})))
+    assert cli.main(["show", str(path)]) == 0
+
+
+def test_refresh_every_is_checked_against_the_stages_that_replay():
+    recipe = load_recipe(RECIPES / "sequence_replay.yaml", ["replay.refresh_every=299"])
+    assert recipe.replay.refresh_every == 299
+    with pytest.raises(RecipeError, match=r"300 is not shorter than the longest stage with replay \(300 steps\)"):
+        load_recipe(RECIPES / "sequence_replay.yaml", ["replay.refresh_every=300"])
+    recipe = load_recipe(RECIPES / "sequence_replay.yaml", ["stages.0.steps=900", "stages.2.steps=500"])
+    assert recipe.stages[0].steps == 900  # stage 1 never replays: its length does not count
+    with pytest.raises(RecipeError, match=r"900 is not shorter than the longest stage with replay \(500 steps\)"):
+        load_recipe(
+            RECIPES / "sequence_replay.yaml", ["stages.0.steps=900", "stages.2.steps=500", "replay.refresh_every=900"]
+        )
 
 
 def test_a_bad_value_from_set_is_blamed_on_the_set_not_the_file(capsys):
