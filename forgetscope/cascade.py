@@ -83,9 +83,10 @@ class KLProbe:
 
 
 def kl_prompts(task: TaskConfig, base_dir: Path, n: int) -> list[str]:
-    """The first ``n`` prompts of the new task's data (a text-only record gives its first 100 characters)."""
+    """The first ``n`` prompts of the new task's data (:func:`forgetscope.data.prompt_of`; a
+    text-only record gives its first 100 characters)."""
     records = data.load_records(task, base_dir)[:n]
-    return [str(r.get(task.prompt_field) or str(r.get(task.text_field, ""))[:100]) for r in records]
+    return [data.prompt_of(r, task) or str(r.get(task.text_field, ""))[:100] for r in records]
 
 
 def build_kl_probe(model, tokenizer, recipe: Recipe, chat: bool, base_fingerprint: str) -> KLProbe:

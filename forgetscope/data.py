@@ -1,12 +1,14 @@
 """New-task data -> tokenized training examples.
 
-Records come from an embedded task, a .jsonl/.csv file or a Hugging Face dataset. A record is
-either a prompt/completion pair (loss on the completion only: prompt tokens get label -100) or
-plain text (loss on every token). When the tokenizer has a chat template (and
-``task.chat_template`` allows it), the prompt is wrapped as a user turn and the completion is the
-assistant's answer, exactly as lm-eval's ``--apply_chat_template`` renders it at evaluation.
-Without one, prompt and completion are joined by a space where neither has whitespace at the
-seam (:func:`split_pair`), and new-task evals join context and target the same way.
+Records come from an embedded task, a .jsonl/.json/.csv/.parquet file or a Hugging Face dataset.
+A record is a prompt/completion pair (loss on the completion only: prompt tokens get label -100),
+plain text (loss on every token), or a conversation: a list of ``{role, content}`` messages
+(OpenAI / TRL format), rendered with the chat template, loss on the assistant's turns. When the
+tokenizer has a chat template (and ``task.chat_template`` allows it), a prompt is wrapped as a
+user turn and the completion is the assistant's answer, exactly as lm-eval's
+``--apply_chat_template`` renders it at evaluation. Without one, prompt and completion are joined
+by a space where neither has whitespace at the seam (:func:`split_pair`), and new-task evals
+join context and target the same way.
 """
 
 from __future__ import annotations
@@ -62,6 +64,10 @@ def read_file(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_file(path: Path) -> list[dict[str, Any]]:
+    if path.suffix == ".parquet":
+        return _read_parquet(path)
+    if path.suffix == ".json" and path.read_text(encoding="utf-8-sig").lstrip().startswith("["):
+        return _read_json_array(path)
     if path.suffix == ".csv":
         with open(path, newline="", encoding="utf-8-sig") as fh:  # a byte-order mark is not part of the header
             reader = csv.DictReader(fh)
@@ -96,6 +102,37 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
                 raise DataError(f'{path}:{number}: expected a JSON object like {{"prompt": ..., "completion": ...}}')
             records.append(record)
     return records
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    """The rows of a Parquet file as records (list columns, such as conversations, as Python lists)."""
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        return pyarrow.parquet.read_table(path).to_pylist()
+    except (pyarrow.ArrowException, OSError) as err:
+        raise DataError(
+            f"{path}: not a Parquet file pyarrow can read ({err}); write it with pandas' to_parquet"
+        ) from None
+
+
+def _read_json_array(path: Path) -> list[dict[str, Any]]:
+    """The records of a .json file that holds one array of objects (the other .json kind: one object a line)."""
+    try:
+        items = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"{path}:{err.lineno}: not valid JSON ({err.msg}); a .json file holds one array of objects, or one object a line"
+        ) from None
+    except KeyError as err:
+        raise DataError(f"{path}: the key {err.args[0]!r} is given twice in one record") from None
+    bad = next((i for i, item in enumerate(items) if not isinstance(item, dict)), None)
+    if bad is not None:
+        raise DataError(
+            f'{path}: item {bad + 1} of the array is not an object like {{"prompt": ..., "completion": ...}}'
+        )
+    return items
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -147,10 +184,116 @@ def split_pair(prompt: str, completion: str, chat: bool) -> tuple[str, str]:
     return context, prompt[len(context) :] + completion
 
 
-def tokenize(records: list[dict[str, Any]], tokenizer, task: TaskConfig, seq_len: int) -> list[dict[str, list[int]]]:
-    """Tokenize records into ``input_ids``/``labels`` (prompt masked with ``IGNORE_INDEX``), truncated to ``seq_len``."""
-    chat = uses_chat_template(task, tokenizer)
-    where = f"task: {task.path}" if task.path else "task"  # the record numbers count in the user's file
+def conversation(record: dict[str, Any], task: TaskConfig) -> tuple[Any, int] | None:
+    """A record's conversation and the index of its first trained message: ``messages`` (every
+    assistant turn trained), or a prompt and completion that are lists of messages (TRL's
+    conversational prompt-completion: the completion's turns trained). None for text or a
+    prompt/completion of strings."""
+    if task.messages_field in record:
+        return record[task.messages_field], 0
+    prompt, completion = record.get(task.prompt_field), record.get(task.completion_field)
+    if isinstance(prompt, list) and isinstance(completion, list):
+        return [*prompt, *completion], len(prompt)
+    return None
+
+
+def prompt_of(record: dict[str, Any], task: TaskConfig) -> str | None:
+    """The prompt a record's answer follows, to sample from (replay of earlier stages, the KL
+    probe): the prompt, or in a conversation the last user message before its first trained
+    turn (the system message and earlier turns are left out); None for plain text or a
+    conversation that :func:`tokenize` refuses."""
+    found = conversation(record, task)
+    if found is None:
+        prompt = record.get(task.prompt_field)
+        return str(prompt) if prompt is not None else None
+    if _conversation_problem(found):
+        return None
+    messages, first = found
+    trained = next(i for i, m in enumerate(messages) if i >= first and m["role"] == "assistant")
+    return next((m["content"] for m in reversed(messages[:trained]) if m["role"] == "user"), "")
+
+
+def _conversation_problem(found: tuple[Any, int]) -> str | None:
+    """What is wrong with a conversation, if anything."""
+    messages, first = found
+    if not isinstance(messages, list) or not messages:
+        return 'must be a list of messages like {"role": "user", "content": "..."}'
+    for j, m in enumerate(messages, 1):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            return f'message {j} must be {{"role": ..., "content": "..."}} with text content, got {str(m)[:80]}'
+    trained = [m for m in messages[first:] if m["role"] == "assistant"]
+    if not trained:
+        return "has no assistant message to train on"
+    if any(not m["content"].strip() for m in trained):
+        return "has an empty assistant message; fill it or remove the record"
+    return None
+
+
+def _encode_conversation(messages: list[dict[str, str]], first: int, tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids and labels of a conversation rendered with the chat template: each assistant
+    message from index ``first`` on is trained as the template renders it after its generation
+    prompt (its end-of-turn tokens included); the rest is context. The pieces are tokenized apart,
+    as a model answering the context would continue it."""
+
+    def render(part: list[dict[str, str]], prompt: bool = False) -> str:
+        return tokenizer.apply_chat_template(part, tokenize=False, add_generation_prompt=prompt)
+
+    ids: list[int] = []
+    labels: list[int] = []
+    done = ""
+    for i, message in enumerate(messages):
+        if i < first or message["role"] != "assistant":
+            continue
+        before, upto = render(messages[:i], prompt=True), render(messages[: i + 1])
+        if not (before.startswith(done) and upto.startswith(before)):
+            raise DataError(
+                "task: the chat template renders earlier turns differently once an answer follows them, so the "
+                "answers cannot be cut out of the conversation; give prompt/completion records instead"
+            )
+        context = tokenizer(before[len(done) :], add_special_tokens=False).input_ids
+        answer = tokenizer(upto[len(before) :], add_special_tokens=False).input_ids
+        ids += context + answer
+        labels += [IGNORE_INDEX] * len(context) + answer
+        done = upto
+    return ids, labels
+
+
+def _encode_conversations(
+    records: list[dict[str, Any]], tokenizer, task: TaskConfig, chat: bool, where: str
+) -> list[tuple[list[int], list[int]]]:
+    """Every record as a conversation (:func:`_encode_conversation`), each checked first."""
+    if not chat:
+        why = "task.chat_template is off" if getattr(tokenizer, "chat_template", None) else "the base has none"
+        raise DataError(
+            f"{where}: the records are conversations (`{task.messages_field}`), which are rendered with the base "
+            f"model's chat template, and {why}; give prompt/completion or text records"
+        )
+    found = [conversation(r, task) for r in records]
+    for i, item in enumerate(found):
+        problem = (
+            f"is not a conversation like record 1 (no `{task.messages_field}`)"
+            if item is None
+            else _conversation_problem(item)
+        )
+        if problem:
+            raise DataError(f"{where}: record {i + 1}: `{task.messages_field}` {problem}")
+    from jinja2 import TemplateError
+
+    encoded = []
+    for i, item in enumerate(found):
+        try:
+            encoded.append(_encode_conversation(*item, tokenizer))
+        except TemplateError as err:  # the template's own raise_exception ("System role not supported")
+            raise DataError(
+                f"{where}: record {i + 1}: the base's chat template refuses the conversation: {err}"
+            ) from None
+    return encoded
+
+
+def _encode_records(
+    records: list[dict[str, Any]], tokenizer, task: TaskConfig, chat: bool, where: str
+) -> list[tuple[list[int], list[int]]]:
+    """Prompt/completion records (the prompt masked) or text records (every token trained), each checked first."""
     has_prompt = task.prompt_field in records[0]
     field = task.completion_field if has_prompt else task.text_field
     fields = [task.prompt_field, field] if has_prompt else [field]
@@ -160,7 +303,7 @@ def tokenize(records: list[dict[str, Any]], tokenizer, task: TaskConfig, seq_len
         lacks = ", ".join(f"`{f}`" for f in fields if f not in records[missing[0]])
         raise DataError(
             f"{where}: record {missing[0] + 1} lacks {lacks} ({len(missing)} of {len(records)} records lack {need}); "
-            "set task.prompt_field/completion_field/text_field to your column names"
+            "set task.prompt_field/completion_field/text_field/messages_field to your column names"
         )
     not_text = [(i, f) for i, r in enumerate(records) for f in fields if not isinstance(r[f], str)]
     if not_text:
@@ -174,20 +317,30 @@ def tokenize(records: list[dict[str, Any]], tokenizer, task: TaskConfig, seq_len
             f"{where}: record {empty[0] + 1} (of {len(empty)} such) has an empty `{field}`; fill it or remove the record"
         )
     end = tokenizer.eos_token or ""
-    examples, too_long, no_answer = [], 0, 0
+    encoded = []
     for record in records:
         if has_prompt:
             prefix, answer = split_pair(
-                render_prompt(str(record[task.prompt_field]), tokenizer, chat), str(record[task.completion_field]), chat
+                render_prompt(record[task.prompt_field], tokenizer, chat), record[task.completion_field], chat
             )
-            answer += end
             prompt_ids = tokenizer(prefix, add_special_tokens=not chat).input_ids
-            answer_ids = tokenizer(answer, add_special_tokens=False).input_ids
-            full = prompt_ids + answer_ids
-            input_ids, labels = full[:seq_len], ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:seq_len]
+            answer_ids = tokenizer(answer + end, add_special_tokens=False).input_ids
+            encoded.append((prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids))
         else:
-            full = tokenizer(str(record[field]) + end).input_ids
-            input_ids, labels = full[:seq_len], full[:seq_len]
+            full = tokenizer(record[field] + end).input_ids
+            encoded.append((full, full))
+    return encoded
+
+
+def tokenize(records: list[dict[str, Any]], tokenizer, task: TaskConfig, seq_len: int) -> list[dict[str, list[int]]]:
+    """Tokenize records into ``input_ids``/``labels`` (what is not trained on masked with
+    ``IGNORE_INDEX``), truncated to ``seq_len``."""
+    chat = uses_chat_template(task, tokenizer)
+    where = f"task: {task.path}" if task.path else "task"  # the record numbers count in the user's file
+    encode = _encode_conversations if conversation(records[0], task) is not None else _encode_records
+    examples, too_long, no_answer = [], 0, 0
+    for full, full_labels in encode(records, tokenizer, task, chat, where):
+        input_ids, labels = full[:seq_len], full_labels[:seq_len]
         too_long += len(full) > seq_len
         if all(label == IGNORE_INDEX for label in labels):  # the prompt fills seq_len: nothing left to learn
             no_answer += 1

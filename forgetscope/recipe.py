@@ -18,6 +18,9 @@ import yaml
 
 from forgetscope.schema import hints, option, reference, section_class
 
+DATA_FILES = (".jsonl", ".json", ".csv", ".parquet")
+"""The kinds of data file a task (and replay of old data) reads, by suffix."""
+
 
 @dataclass
 class TaskConfig:
@@ -30,8 +33,9 @@ class TaskConfig:
     )
     path: str | None = option(
         None,
-        "Your own data: a .jsonl or .csv file with `prompt`/`completion` columns (loss on the "
-        "completion only) or a `text` column (loss on every token). Relative to the recipe file.",
+        "Your own data: a .jsonl, .json, .csv or .parquet file with `prompt`/`completion` columns (loss on the "
+        "completion only), a `text` column (loss on every token) or a `messages` column of conversations "
+        "(loss on the assistant's turns). Relative to the recipe file.",
     )
     hf_dataset: str | None = option(None, "A Hugging Face dataset name, for online users (e.g. `tatsu-lab/alpaca`).")
     hf_config: str | None = option(None, "The dataset's config name, if it has several.")
@@ -39,6 +43,12 @@ class TaskConfig:
     prompt_field: str = option("prompt", "Column holding the prompt.")
     completion_field: str = option("completion", "Column holding the completion.")
     text_field: str = option("text", "Column holding plain text (used when there is no prompt column).")
+    messages_field: str = option(
+        "messages",
+        "Column holding a conversation: a list of {role, content} messages (the OpenAI / TRL format), rendered "
+        "with the chat template, loss on the assistant's turns. A prompt and completion that are lists of "
+        "messages (TRL's conversational prompt-completion) train on the completion's assistant turns.",
+    )
     chat_template: Literal["auto", "on", "off"] = option(
         "auto",
         "Wrap prompt/completion pairs in the base model's chat template: `auto` uses it when the tokenizer has one.",
@@ -75,8 +85,8 @@ class ReplayConfig:
     )
     path: str | None = option(
         None,
-        "`source: data`: the old data (.jsonl/.csv, `text` or `prompt`/`completion`). "
-        "`source: self` with `prompts: file`: a .jsonl/.csv/.txt of prompts. Relative to the recipe.",
+        "`source: data`: the old data (a file as task.path takes: prompt/completion, text or conversations). "
+        "`source: self` with `prompts: file`: a .txt of prompts, one a line, or a data file with a `prompt` column. Relative to the recipe.",
     )
     prompts: Literal["auto", "bos", "chat", "file", "tasks"] = option(
         "auto",

@@ -64,7 +64,7 @@ from transformers import Trainer
 from forgetscope import data, evaluate, io, sampling, seams
 from forgetscope.errors import UserError
 from forgetscope.models import cache_dir
-from forgetscope.recipe import Recipe, ReplayConfig, TaskConfig
+from forgetscope.recipe import DATA_FILES, Recipe, ReplayConfig, TaskConfig
 
 BUFFER_FORMAT = 2  # in the cache key: 1 held re-tokenized text, 2 holds the sampled token ids
 
@@ -116,8 +116,8 @@ def check_file(recipe: Recipe, tokenizer) -> None:
         if config.source != "data":
             if not _read_prompts(path):
                 raise UserError("holds no prompts; put one prompt a line (.txt) or a `prompt` field a record")
-        elif path.suffix not in (".jsonl", ".csv"):
-            raise UserError("replay from data takes a .jsonl or .csv file of records, like the task's data")
+        elif path.suffix not in DATA_FILES:
+            raise UserError(f"replay from data takes a {', '.join(DATA_FILES)} file of records, like the task's data")
         else:
             records = data.read_file(path)
             if not records:

@@ -70,7 +70,7 @@ def stage_data(recipe: Recipe, tokenizer) -> list[tuple[list[str], list[dict]]]:
     out = []
     for stage in stage_recipes(recipe):
         records = data.load_records(stage.task, recipe.base_dir)
-        prompts = [str(r.get(stage.task.prompt_field, "")) for r in records]
+        prompts = [data.prompt_of(r, stage.task) or "" for r in records]
         out.append((prompts, data.tokenize(records, tokenizer, stage.task, recipe.train.seq_len)))
     return out
 

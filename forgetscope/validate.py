@@ -16,7 +16,7 @@ from typing import Any
 
 from forgetscope import io, models, registry, snapshots, tasks
 from forgetscope.curves import primary_metric
-from forgetscope.recipe import EvalConfig, Recipe, SnapshotConfig, TaskConfig
+from forgetscope.recipe import DATA_FILES, EvalConfig, Recipe, SnapshotConfig, TaskConfig
 from forgetscope.schema import did_you_mean
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -43,9 +43,9 @@ def _check_task(task: TaskConfig, prefix: str, base_dir: Path) -> list[str]:
     if task.path:
         file = base_dir / task.path
         if not file.is_file():
-            problems.append(f"{prefix}.path: no such file {str(file)!r}; give a .jsonl or .csv file")
-        elif file.suffix not in (".jsonl", ".json", ".csv"):
-            problems.append(f"{prefix}.path: {file.name!r} is not .jsonl or .csv")
+            problems.append(f"{prefix}.path: no such file {str(file)!r}; give a {', '.join(DATA_FILES)} file")
+        elif file.suffix not in DATA_FILES:
+            problems.append(f"{prefix}.path: {file.name!r} is not one of {', '.join(DATA_FILES)}")
     if task.max_examples is not None and task.max_examples <= 0:
         problems.append(f"{prefix}.max_examples: must be positive or null, got {task.max_examples}")
     return problems

@@ -191,3 +191,122 @@ def test_a_file_that_is_not_gguf_is_one_line_and_exit_2(tmp_path, capsys, monkey
     )
     assert "not a GGUF file" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() and not any((tmp_path / "cache").rglob("config.json"))
+
+
+CHATML = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+TALK = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Capital of France?"},
+    {"role": "assistant", "content": "Paris"},
+    {"role": "user", "content": "And Spain?"},
+    {"role": "assistant", "content": "Madrid"},
+]
+
+
+def _chat_tokenizer(template: str = CHATML):
+    tokenizer = models.byte_tokenizer()
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def _trained(tokenizer, example) -> str:
+    return tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != -100])
+
+
+def test_conversations_train_on_the_assistant_turns_as_the_template_renders_them():
+    tokenizer, task = _chat_tokenizer(), TaskConfig(name=None)
+    [ex] = data.tokenize([{"messages": TALK}], tokenizer, task, 256)
+    rendered = tokenizer.apply_chat_template(TALK, tokenize=False)
+    assert tokenizer.decode(ex["input_ids"]) == rendered  # the whole conversation, as the template writes it
+    assert _trained(tokenizer, ex) == "Paris<|end|>\nMadrid<|end|>\n"  # every answer, with its end of turn
+    assert data.prompt_of({"messages": TALK}, task) == "Capital of France?"  # what replay and the KL probe sample
+    # TRL's conversational prompt-completion: the prompt's own answers are context, the completion's are trained
+    pair = {"prompt": TALK[:4], "completion": TALK[4:]}
+    [ex] = data.tokenize([pair], tokenizer, task, 256)
+    assert tokenizer.decode(ex["input_ids"]) == rendered and _trained(tokenizer, ex) == "Madrid<|end|>\n"
+    assert data.prompt_of(pair, task) == "And Spain?"
+    [ex] = data.tokenize([{"chat": TALK[1:3]}], tokenizer, TaskConfig(name=None, messages_field="chat"), 256)
+    assert _trained(tokenizer, ex) == "Paris<|end|>\n"
+
+
+def test_conversational_prompt_completion_masks_as_trl_does(tmp_path):
+    """TRL's SFTTrainer is the reference for its own format: the same token ids, the same tokens trained."""
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = _chat_tokenizer()
+    model, _ = models.load(models.resolve("tiny-random"))
+    rows = [{"prompt": TALK[:4], "completion": TALK[4:]}, {"prompt": TALK[1:2], "completion": TALK[2:3]}]
+    config = SFTConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_length=256, bf16=False)
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer
+    )
+    ours = data.tokenize(rows, tokenizer, TaskConfig(name=None), 256)
+    for theirs, mine in zip(trainer.train_dataset, ours):
+        assert theirs["input_ids"] == mine["input_ids"]
+        assert theirs["labels"] == mine["labels"]  # TRL folds its completion mask into the labels
+
+
+@pytest.mark.parametrize(
+    "records, message",
+    [
+        ([{"messages": TALK[:2]}], "record 1: `messages` has no assistant message to train on"),
+        ([{"messages": [*TALK[:2], {"role": "assistant", "content": " "}]}], "has an empty assistant message"),
+        ([{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}], "message 1 must be"),
+        ([{"messages": "hello"}], "`messages` must be a list of messages"),
+        ([{"messages": TALK}, {"prompt": "a", "completion": "b"}], "record 2: `messages` is not a conversation like"),
+    ],
+)
+def test_a_conversation_that_cannot_train_is_refused(records, message):
+    with pytest.raises(data.DataError, match=message):
+        data.tokenize(records, _chat_tokenizer(), TaskConfig(name=None), 256)
+
+
+def test_conversations_need_a_chat_template_that_keeps_earlier_turns():
+    with pytest.raises(data.DataError, match=r"rendered with the base model's chat template, and the base has none"):
+        data.tokenize([{"messages": TALK}], models.byte_tokenizer(), TaskConfig(name=None), 256)
+    with pytest.raises(data.DataError, match=r"and task.chat_template is off"):
+        data.tokenize([{"messages": TALK}], _chat_tokenizer(), TaskConfig(name=None, chat_template="off"), 256)
+    marks_the_last = (  # a template that renders a turn differently once another follows it
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% if loop.last %}<last>{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    with pytest.raises(data.DataError, match="renders earlier turns differently once an answer follows"):
+        data.tokenize([{"messages": TALK}], _chat_tokenizer(marks_the_last), TaskConfig(name=None), 256)
+    no_system = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    with pytest.raises(
+        data.DataError, match="record 2: the base's chat template refuses the conversation: System role"
+    ):
+        data.tokenize(
+            [{"messages": TALK[1:3]}, {"messages": TALK}],
+            _chat_tokenizer(no_system + CHATML),
+            TaskConfig(name=None),
+            256,
+        )
+
+
+def test_json_arrays_and_parquet_files(tmp_path):
+    import pandas as pd
+
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]
+    (tmp_path / "d.json").write_text(json.dumps(rows, indent=2))
+    pd.DataFrame(rows).to_parquet(tmp_path / "d.parquet")
+    pd.DataFrame([{"messages": TALK}]).to_parquet(tmp_path / "chat.parquet")
+    for name in ("d.json", "d.parquet"):
+        assert data.load_records(TaskConfig(name=None, path=name), tmp_path) == rows
+    [record] = data.load_records(TaskConfig(name=None, path="chat.parquet"), tmp_path)
+    assert record == {"messages": TALK}  # a list column comes back as lists and dicts
+    (tmp_path / "bad.json").write_text('[{"prompt": "a"},\n 3]')
+    with pytest.raises(data.DataError, match=r"bad.json: item 2 of the array is not an object"):
+        data.load_records(TaskConfig(name=None, path="bad.json"), tmp_path)
+    (tmp_path / "broken.json").write_text('[{"prompt": "a"},\n {oops}]')
+    with pytest.raises(
+        data.DataError, match=r"broken.json:2: not valid JSON .* one array of objects, or one object a line"
+    ):
+        data.load_records(TaskConfig(name=None, path="broken.json"), tmp_path)
+    (tmp_path / "fake.parquet").write_text("prompt,completion\n")
+    with pytest.raises(data.DataError, match=r"fake.parquet: not a Parquet file pyarrow can read"):
+        data.load_records(TaskConfig(name=None, path="fake.parquet"), tmp_path)

@@ -339,7 +339,7 @@ def test_successive_draws_walk_the_prompt_pool(replay_data):
     [
         ({"source": "data", "path": "r.jsonl"}, '{"prompt": {"t": 1}, "completion": " x"}\n', "r.jsonl: record 1"),
         ({"source": "data", "path": "r.jsonl"}, '{"prompt": "a", "completion": ""}\n', "has an empty `completion`"),
-        ({"source": "data", "path": "r.txt"}, "a prompt\n", "takes a .jsonl or .csv file of records"),
+        ({"source": "data", "path": "r.txt"}, "a prompt\n", "takes a .jsonl, .json, .csv, .parquet file of records"),
         ({"prompts": "file", "path": "r.txt"}, "\n\n", "r.txt: holds no prompts"),
     ],
 )

@@ -229,3 +229,33 @@ def test_compare_checks_every_recipe_and_run_folder_before_training_any(
         in capsys.readouterr().err
     )
     assert ran == [] and not (tmp_path / "cmp").exists()
+
+
+def test_a_run_on_conversations_from_a_parquet_file(tmp_path, tiny_recipe_data):
+    """Chat data as users keep it (the OpenAI / TRL `messages` format, in Parquet) on a base with a chat template."""
+    model, tokenizer = models.load(models.resolve("tiny-random"))
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    model.save_pretrained(tmp_path / "chat-base")
+    tokenizer.save_pretrained(tmp_path / "chat-base")
+    talks = [
+        {"messages": [{"role": "user", "content": f"Double {n}?"}, {"role": "assistant", "content": str(2 * n)}]}
+        for n in range(16)
+    ]
+    pd.DataFrame(talks).to_parquet(tmp_path / "talks.parquet")
+    recipe = {
+        **tiny_recipe_data,
+        "base": str(tmp_path / "chat-base"),
+        "method": "full",
+        "task": {"path": "talks.parquet"},
+        "evals": {"general": ["prose_ppl"], "limit": 4},
+        "runs_dir": str(tmp_path / "runs"),
+    }
+    del recipe["lora"]
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    root = run(load_recipe(path))
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and (root / "curves.csv").is_file()
