@@ -90,14 +90,7 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
         for number, line in enumerate(fh, 1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line, object_pairs_hook=_unique_keys)
-            except json.JSONDecodeError as err:
-                raise DataError(
-                    f"{path}:{number}: not valid JSON ({err.msg}); each line must be one JSON object"
-                ) from None
-            except KeyError as err:
-                raise DataError(f"{path}:{number}: the key {err.args[0]!r} is given twice in one record") from None
+            record = _parse_json(line, path, number)
             if not isinstance(record, dict):
                 raise DataError(f'{path}:{number}: expected a JSON object like {{"prompt": ..., "completion": ...}}')
             records.append(record)
@@ -119,20 +112,28 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
 
 def _read_json_array(path: Path) -> list[dict[str, Any]]:
     """The records of a .json file that holds one array of objects (the other .json kind: one object a line)."""
-    try:
-        items = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_unique_keys)
-    except json.JSONDecodeError as err:
-        raise DataError(
-            f"{path}:{err.lineno}: not valid JSON ({err.msg}); a .json file holds one array of objects, or one object a line"
-        ) from None
-    except KeyError as err:
-        raise DataError(f"{path}: the key {err.args[0]!r} is given twice in one record") from None
+    items = _parse_json(path.read_text(encoding="utf-8-sig"), path)
     bad = next((i for i, item in enumerate(items) if not isinstance(item, dict)), None)
     if bad is not None:
         raise DataError(
             f'{path}: item {bad + 1} of the array is not an object like {{"prompt": ..., "completion": ...}}'
         )
     return items
+
+
+def _parse_json(text: str, path: Path, line: int | None = None) -> Any:
+    """JSON ``text`` (line ``line`` of ``path``, or the whole file) parsed; a syntax error or a key
+    given twice in one object is a :class:`DataError` naming the file and line."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"{path}:{line or err.lineno}: not valid JSON ({err.msg}); each line must be one JSON object "
+            "(or a .json file one array of objects)"
+        ) from None
+    except KeyError as err:
+        where = f"{path}:{line}" if line else str(path)
+        raise DataError(f"{where}: the key {err.args[0]!r} is given twice in one record") from None
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -304,7 +304,8 @@ def test_json_arrays_and_parquet_files(tmp_path):
         data.load_records(TaskConfig(name=None, path="bad.json"), tmp_path)
     (tmp_path / "broken.json").write_text('[{"prompt": "a"},\n {oops}]')
     with pytest.raises(
-        data.DataError, match=r"broken.json:2: not valid JSON .* one array of objects, or one object a line"
+        data.DataError,
+        match=r"broken.json:2: not valid JSON .*one JSON object \(or a .json file one array of objects\)",
     ):
         data.load_records(TaskConfig(name=None, path="broken.json"), tmp_path)
     (tmp_path / "fake.parquet").write_text("prompt,completion\n")
