@@ -166,7 +166,14 @@ DATA_FILES = {
     "csv header only": ("prompt,completion\n", "csv", "task"),
     "empty csv": ("", "csv", "task"),
     "unsupported extension": ('{"prompt": "a", "completion": "b"}\n', "txt", "task.path"),
-    "parquet name, text inside": ("not parquet", "parquet", "task.path"),
+    "parquet name, text inside": ("not parquet", "parquet", "data.parquet: not a Parquet file pyarrow can read"),
+    "json array of numbers": ("[1, 2]", "json", "data.json: item 1 of the array is not an object"),
+    "json array cut short": ('[{"prompt": "a", "completion": "b"},\n', "json", "data.json:2: not valid JSON"),
+    "conversation on a base without a chat template": (
+        '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n',
+        "jsonl",
+        "conversations (`messages`), which are rendered with the base model's chat template, and the base has none",
+    ),
     "prompts that fill seq_len": (
         '{"prompt": "' + "word " * 40 + '", "completion": " yes"}\n',  # 200 bytes > seq_len 64
         "jsonl",
