@@ -259,3 +259,21 @@ def test_a_run_on_conversations_from_a_parquet_file(tmp_path, tiny_recipe_data):
     root = run(load_recipe(path))
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["status"] == "finished" and (root / "curves.csv").is_file()
+
+
+def test_the_own_task_example_runs_as_the_readme_shows(tmp_path, monkeypatch):
+    """examples/own_task: a user's data file and an lm-eval YAML over their held-out file (read by
+    lm-eval's `json` loader, relative to the folder forgetscope runs in: the repository root)."""
+    from pathlib import Path
+
+    root_dir = Path(__file__).parent.parent
+    example = root_dir / "examples" / "own_task"
+    readme = (root_dir / "README.md").read_text()
+    for name in ("recipe.yaml", "evals/tickets.yaml"):
+        assert (example / name).read_text() in readme, f"README's copy of examples/own_task/{name} is stale"
+    monkeypatch.chdir(root_dir)
+    overrides = ["base=tiny-random", "train.steps=2", "evals.limit=8", "evals.general=[prose_ppl]"]
+    root = run(load_recipe(example / "recipe.yaml", [*overrides, f"runs_dir={tmp_path}"]))
+    table = pd.read_csv(root / "curves.csv")
+    scored = table[(table["task"] == "tickets") & (table["metric"] == "acc")]
+    assert sorted(scored["step"]) == [0, 1, 2] and scored["n"].eq(8).all()
