@@ -56,7 +56,8 @@ def load_records(task: TaskConfig, base_dir: Path) -> list[dict[str, Any]]:
 
 
 def read_file(path: Path) -> list[dict[str, Any]]:
-    """Records of a .csv file (by header) or a .jsonl file (one JSON object a line), checked line by line."""
+    """Records of a .csv file (by header), a .parquet file, a .jsonl file (one JSON object a line) or a
+    .json file (that, or one array of objects), checked record by record."""
     try:
         return _read_file(path)
     except UnicodeDecodeError as err:
@@ -66,8 +67,8 @@ def read_file(path: Path) -> list[dict[str, Any]]:
 def _read_file(path: Path) -> list[dict[str, Any]]:
     if path.suffix == ".parquet":
         return _read_parquet(path)
-    if path.suffix == ".json" and path.read_text(encoding="utf-8-sig").lstrip().startswith("["):
-        return _read_json_array(path)
+    if path.suffix == ".json" and (text := path.read_text(encoding="utf-8-sig")).lstrip().startswith("["):
+        return _read_json_array(text, path)
     if path.suffix == ".csv":
         with open(path, newline="", encoding="utf-8-sig") as fh:  # a byte-order mark is not part of the header
             reader = csv.DictReader(fh)
@@ -110,9 +111,9 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
         ) from None
 
 
-def _read_json_array(path: Path) -> list[dict[str, Any]]:
-    """The records of a .json file that holds one array of objects (the other .json kind: one object a line)."""
-    items = _parse_json(path.read_text(encoding="utf-8-sig"), path)
+def _read_json_array(text: str, path: Path) -> list[dict[str, Any]]:
+    """The records of a .json file (its ``text``) that holds one array of objects (the other kind: one object a line)."""
+    items = _parse_json(text, path)
     bad = next((i for i, item in enumerate(items) if not isinstance(item, dict)), None)
     if bad is not None:
         raise DataError(
@@ -174,13 +175,13 @@ def completion_delimiter(prompt: str, completion: str) -> str:
 
 
 def split_pair(prompt: str, completion: str, chat: bool) -> tuple[str, str]:
-    """(context, continuation) of a prompt/completion pair, as lm-eval scores it. After a chat
-    turn they are taken as they are. In plain text they are joined by :func:`completion_delimiter`
-    and the context's trailing whitespace moves into the continuation, as lm-eval's ``HFLM``
-    does, so that the tokens trained on are the tokens scored."""
-    if chat:
-        return prompt, completion
-    completion = completion_delimiter(prompt, completion) + completion
+    """(context, continuation) of a prompt/completion pair, as lm-eval scores it. In plain text
+    they are joined by :func:`completion_delimiter` (after a chat turn they are taken as they
+    are); then the context's trailing whitespace moves into the continuation, as lm-eval's
+    ``HFLM`` moves it (the newline a chat template puts after ``assistant`` too), so that the
+    tokens trained on are the tokens scored."""
+    if not chat:
+        completion = completion_delimiter(prompt, completion) + completion
     context = prompt.rstrip()
     return context, prompt[len(context) :] + completion
 
@@ -248,7 +249,7 @@ def _encode_conversation(messages: list[dict[str, str]], first: int, tokenizer) 
         before, upto = render(messages[:i], prompt=True), render(messages[: i + 1])
         if not (before.startswith(done) and upto.startswith(before)):
             raise DataError(
-                "task: the chat template renders earlier turns differently once an answer follows them, so the "
+                "the chat template renders earlier turns differently once an answer follows them, so the "
                 "answers cannot be cut out of the conversation; give prompt/completion records instead"
             )
         context = tokenizer(before[len(done) :], add_special_tokens=False).input_ids
@@ -266,28 +267,30 @@ def _encode_conversations(
     if not chat:
         why = "task.chat_template is off" if getattr(tokenizer, "chat_template", None) else "the base has none"
         raise DataError(
-            f"{where}: the records are conversations (`{task.messages_field}`), which are rendered with the base "
+            f"{where}: the records are conversations (lists of messages), which are rendered with the base "
             f"model's chat template, and {why}; give prompt/completion or text records"
         )
-    found = [conversation(r, task) for r in records]
-    for i, item in enumerate(found):
-        problem = (
-            f"is not a conversation like record 1 (no `{task.messages_field}`)"
-            if item is None
-            else _conversation_problem(item)
-        )
-        if problem:
-            raise DataError(f"{where}: record {i + 1}: `{task.messages_field}` {problem}")
     from jinja2 import TemplateError
 
+    field = (
+        f"`{task.messages_field}`"
+        if task.messages_field in records[0]
+        else f"`{task.prompt_field}` + `{task.completion_field}`"
+    )
     encoded = []
-    for i, item in enumerate(found):
+    for i, record in enumerate(records):
+        item = conversation(record, task)
+        problem = "is not a conversation like record 1's" if item is None else _conversation_problem(item)
+        if problem:
+            raise DataError(f"{where}: record {i + 1}: {field} {problem}")
         try:
             encoded.append(_encode_conversation(*item, tokenizer))
         except TemplateError as err:  # the template's own raise_exception ("System role not supported")
             raise DataError(
                 f"{where}: record {i + 1}: the base's chat template refuses the conversation: {err}"
             ) from None
+        except DataError as err:
+            raise DataError(f"{where}: record {i + 1}: {err}") from None
     return encoded
 
 

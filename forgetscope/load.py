@@ -54,28 +54,30 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 def _is_index(key: str) -> bool:
     """Whether a ``--set`` key part indexes a list: ``1`` or, from the end, ``-1``."""
-    return key.removeprefix("-").isdigit()
+    return re.fullmatch(r"-?[0-9]+", key) is not None
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``extra`` merged in, key by key; a list is entered by index (``stages.1.lr``)."""
+def _merge(base: dict[str, Any], extra: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """``base`` with ``extra`` merged in, key by key; a list is entered by index (``stages.1.lr``).
+    ``where``: the dotted path of ``base`` in the recipe, for errors."""
     out = dict(base)
     for key, value in extra.items():
+        path = f"{where}{key}"
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = _merge(out[key], value, f"{path}.")
         elif isinstance(value, dict) and isinstance(out.get(key), list) and all(_is_index(k) for k in value):
             items = list(out[key])
             for index, item in value.items():
                 if not -len(items) <= int(index) < len(items):
-                    raise RecipeError(
-                        [
-                            f"--set {key}.{index}: there is no item {index} "
-                            f"(items 0..{len(items) - 1}, or -{len(items)}..-1 from the end)"
-                        ],
-                        None,
+                    have = (
+                        f"items 0..{len(items) - 1}, or -{len(items)}..-1 from the end"
+                        if items
+                        else "the list is empty"
                     )
+                    raise RecipeError([f"--set {path}.{index}: there is no item {index} ({have})"], None)
                 at = int(index) % len(items)
-                items[at] = _merge(items[at], item) if isinstance(item, dict) and isinstance(items[at], dict) else item
+                mergeable = isinstance(item, dict) and isinstance(items[at], dict)
+                items[at] = _merge(items[at], item, f"{path}.{index}.") if mergeable else item
             out[key] = items
         else:
             out[key] = value
@@ -128,7 +130,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         )
     if not isinstance(data, dict):
         raise RecipeError([f"expected a mapping of keys at the top level, got {type(data).__name__}"], str(path))
-    data = _merge(data, parse_overrides(overrides or []))
+    parse_overrides(overrides or [])  # every malformed --set at once
+    for pair in overrides or []:  # then in turn, so that the last --set of a setting holds (stages.0 = stages.-2)
+        data = _merge(data, parse_overrides([pair]))
     try:
         return recipe_from_dict(data, str(path))
     except RecipeError as err:

@@ -230,7 +230,7 @@ def parse_scratch(ref: str) -> tuple[dict[str, int], list[str]]:
             problems.append(
                 f"base: scratch key {key!r} unknown{did_you_mean(key, SCRATCH_KEYS)} (keys: {', '.join(SCRATCH_KEYS)})"
             )
-        elif not value.strip().isdigit():
+        elif not re.fullmatch(r"[0-9]+", value.strip()):
             kind = "0 or more" if key in ("seed", "intermediate") else "positive"
             problems.append(
                 f"base: scratch {key}={value.strip()} must be a whole number, {kind}, e.g. scratch:layers=2,hidden=128"

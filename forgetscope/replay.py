@@ -97,7 +97,9 @@ def _prompt_mode(config: ReplayConfig, tokenizer) -> str:
 
 def _read_prompts(path: Path) -> list[str]:
     if path.suffix != ".txt":
-        return [str(r.get("prompt", r.get("text", ""))) for r in data.read_file(path)]
+        records = data.read_file(path)
+        prompts = (data.prompt_of(r, TaskConfig(name=None)) or r.get("text") for r in records)
+        return [p for p in prompts if isinstance(p, str) and p.strip()]
     try:
         return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except UnicodeDecodeError as err:
@@ -105,8 +107,8 @@ def _read_prompts(path: Path) -> list[str]:
 
 
 def check_file(recipe: Recipe, tokenizer) -> None:
-    """Before anything is written: ``replay.path`` is usable. With ``source: data``, a .jsonl or
-    .csv file whose records tokenize as training data does; with ``prompts: file``, a file of at
+    """Before anything is written: ``replay.path`` is usable. With ``source: data``, a data file
+    (:data:`forgetscope.recipe.DATA_FILES`) whose records tokenize as training data does; with ``prompts: file``, a file of at
     least one prompt. Errors name ``replay.path``."""
     config = recipe.replay
     if config is None or not config.path:

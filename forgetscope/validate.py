@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from forgetscope import io, models, registry, snapshots, tasks
-from forgetscope.curves import primary_metric
 from forgetscope.recipe import DATA_FILES, EvalConfig, Recipe, SnapshotConfig, TaskConfig
 from forgetscope.schema import did_you_mean
 
@@ -123,7 +122,8 @@ def check(recipe: Recipe, data: dict[str, Any]) -> list[str]:
     if recipe.lora is not None and not 0 <= recipe.lora.dropout < 1:
         problems.append(f"lora.dropout: must be in [0, 1), got {recipe.lora.dropout}")
 
-    problems += _check_replay(recipe, data.get("replay") if isinstance(data.get("replay"), dict) else {})
+    given = data.get("replay") if isinstance(data, dict) else None
+    problems += _check_replay(recipe, given if isinstance(given, dict) else {})
     if recipe.replay and t.packing:
         problems.append(
             "train.packing: not with replay (each batch is split between new-task and replay examples); "
@@ -148,18 +148,20 @@ FRACTIONS = ("acc", "acc_norm", "exact_match")
 
 
 def check_target(recipes: list[Recipe], target: float | None) -> list[str]:
-    """The problem, if any, with a ``--target`` for the recipes' new tasks (a sequence's last
-    stage's): a score outside 0..1 on a metric that is a fraction (accuracy, exact match), found
-    before any training."""
+    """The problem, if any, with a ``--target`` for the recipes' new tasks (every stage's, in a
+    sequence): a score outside 0..1 on a metric that is a fraction (accuracy, exact match), found
+    before any training. Evals whose metric is known only from scores (groups, tasks defined in
+    Python) are checked by ``report`` after training."""
+    from forgetscope.curves import primary_metric  # pandas: only when there is a target to check
+
     for recipe in recipes if target is not None else []:
-        names = recipe.stages[-1].eval_names if recipe.stages else recipe.evals.new
         paths = registry.include_paths(recipe.evals, recipe.base_dir)
-        for name in names:
+        for name in recipe.scored_evals.new:
             config = registry.task_config(name, paths)
             metric = primary_metric(registry.metric_names(config)) if config else None
             if metric in FRACTIONS and not 0 <= target <= 1:
                 return [
-                    f"--target {target:g}: outside the range of {metric} (0 to 1) of {name}, the new task of "
+                    f"--target {target:g}: outside the range of {metric} (0 to 1) of {name}, a new task of "
                     f"{recipe.name}; scores are fractions, e.g. 0.9 for 90%"
                 ]
     return []
@@ -235,6 +237,8 @@ def _check_cascade(recipe: Recipe) -> list[str]:
     c = recipe.cascade
     if c is None:
         return []
+    if recipe.stages:  # the rest would be said of a single run's settings
+        return ["cascade: not available with stages yet; remove the cascade section"]
     problems = [
         f"cascade.cheap: {name!r} is not in evals.general; add it there or drop it from cascade.cheap "
         "(cascade.cheap: [] keeps the KL probe alone)"
@@ -245,7 +249,12 @@ def _check_cascade(recipe: Recipe) -> list[str]:
         problems.append("cascade: `cheap: []` with `kl: false` probes nothing; keep one, or remove the cascade")
     if c.every is not None and c.every <= 0:
         problems.append(f"cascade.every: must be positive or null, got {c.every}")
-    elif c.every and recipe.train.steps > 0 and not check_snapshots(recipe.snapshots, recipe.train.steps):
+    elif (
+        c.every
+        and not recipe.stages
+        and recipe.train.steps > 0
+        and not check_snapshots(recipe.snapshots, recipe.train.steps)
+    ):
         scheduled = snapshots.schedule(recipe.snapshots, recipe.train.steps)
         if not snapshots.probe_steps(c.every, scheduled, recipe.train.steps):
             problems.append(
@@ -266,8 +275,6 @@ def _check_cascade(recipe: Recipe) -> list[str]:
         problems.append("cascade.cheap_threshold and cascade.kl_threshold: must be 0 or more")
     if min(c.kl_prompts, c.kl_tokens, c.kl_topk) <= 0:
         problems.append("cascade.kl_prompts, kl_tokens and kl_topk: must be positive")
-    if recipe.stages:
-        problems.append("cascade: not available with stages yet; remove the cascade section")
     return problems
 
 
@@ -306,9 +313,14 @@ def _check_replay(recipe: Recipe, given: dict[str, Any]) -> list[str]:
         problems.append(f"replay.path: no such file {str(recipe.base_dir / r.path)!r}")
     if r.refresh_every is not None and (r.source != "self" or r.refresh_every <= 0):
         problems.append("replay.refresh_every: a positive number of steps, with source: self")
-    elif r.refresh_every:
+    if recipe.stages and not any(stage.replay for stage in recipe.stages[1:]):
+        problems.append(
+            "stages: every stage after the first has replay: false, so the `replay` section is never used; "
+            "remove it or let a stage replay"
+        )
+    elif r.refresh_every and r.refresh_every > 0 and r.source == "self":
         replayed = [s.steps for s in recipe.stages[1:] if s.replay] if recipe.stages else [recipe.train.steps]
-        if replayed and r.refresh_every >= max(replayed):
+        if r.refresh_every >= max(replayed):
             run = "the longest stage with replay" if recipe.stages else "the run"
             problems.append(
                 f"replay.refresh_every: {r.refresh_every} is not shorter than {run} ({max(replayed)} steps), so "

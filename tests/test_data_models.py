@@ -172,6 +172,7 @@ def test_a_damaged_model_folder_is_one_line_and_exit_2(tmp_path, capsys, name):
     folder = tmp_path / "model"
     shutil.copytree(models.resolve("tiny-random"), folder)
     damage(folder)
+    capsys.readouterr()  # the tiny model's first build, when this test runs alone, prints its progress
     recipe = str(Path(__file__).parent.parent / "recipes" / "tiny.yaml")
     assert cli.main(["run", recipe, "--set", f"base={folder}", "--set", f"runs_dir={tmp_path / 'runs'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -257,7 +258,10 @@ def test_conversational_prompt_completion_masks_as_trl_does(tmp_path):
         ([{"messages": [*TALK[:2], {"role": "assistant", "content": " "}]}], "has an empty assistant message"),
         ([{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}], "message 1 must be"),
         ([{"messages": "hello"}], "`messages` must be a list of messages"),
-        ([{"messages": TALK}, {"prompt": "a", "completion": "b"}], "record 2: `messages` is not a conversation like"),
+        (
+            [{"messages": TALK}, {"prompt": "a", "completion": "b"}],
+            "record 2: `messages` is not a conversation like record 1's",
+        ),
     ],
 )
 def test_a_conversation_that_cannot_train_is_refused(records, message):
@@ -311,3 +315,20 @@ def test_json_arrays_and_parquet_files(tmp_path):
     (tmp_path / "fake.parquet").write_text("prompt,completion\n")
     with pytest.raises(data.DataError, match=r"fake.parquet: not a Parquet file pyarrow can read"):
         data.load_records(TaskConfig(name=None, path="fake.parquet"), tmp_path)
+
+
+def test_conversation_errors_name_the_record_and_the_fields_it_came_from():
+    hides_earlier_answers = (  # as templates that drop the reasoning of earlier answers do
+        "{% for m in messages %}<{{ m['role'] }}>{% if m['role'] == 'assistant' and not loop.last %}(earlier answer)"
+        "{% else %}{{ m['content'] }}{% endif %}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    tokenizer, task = _chat_tokenizer(hides_earlier_answers), TaskConfig(path="talks.jsonl")
+    [ex] = data.tokenize([{"messages": TALK[1:3]}], tokenizer, task, 256)  # one answer: nothing is rewritten
+    assert _trained(tokenizer, ex) == "Paris"
+    with pytest.raises(data.DataError, match=r"^task: talks.jsonl: record 2: the chat template renders earlier"):
+        data.tokenize([{"messages": TALK[1:3]}, {"messages": TALK}], tokenizer, task, 256)
+    trl = [{"prompt": TALK[1:2], "completion": TALK[2:3]}, {"prompt": TALK[1:2], "completion": TALK[1:2]}]
+    with pytest.raises(
+        data.DataError, match=r"record 2: `prompt` \+ `completion` has no assistant message to train on"
+    ):
+        data.tokenize(trl, _chat_tokenizer(), TaskConfig(name=None), 256)

@@ -172,7 +172,7 @@ DATA_FILES = {
     "conversation on a base without a chat template": (
         '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n',
         "jsonl",
-        "conversations (`messages`), which are rendered with the base model's chat template, and the base has none",
+        "conversations (lists of messages), which are rendered with the base model's chat template, and the base has none",
     ),
     "prompts that fill seq_len": (
         '{"prompt": "' + "word " * 40 + '", "completion": " yes"}\n',  # 200 bytes > seq_len 64

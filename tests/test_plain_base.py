@@ -29,7 +29,8 @@ def test_the_seam_between_prompt_and_completion():
     assert data.split_pair("Code for fig:", " FG4", chat=False) == ("Code for fig:", " FG4")  # completions with a space
     assert data.split_pair("Code for fig: ", "FG4", chat=False) == ("Code for fig:", " FG4")  # as lm-eval moves it
     assert data.split_pair("Q:\n", "A", chat=False) == ("Q:", "\nA")
-    assert data.split_pair("<|user|>Q<|assistant|>\n", "A", chat=True) == ("<|user|>Q<|assistant|>\n", "A")
+    assert data.split_pair("<|user|>Q<|assistant|>\n", "A", chat=True) == ("<|user|>Q<|assistant|>", "\nA")
+    assert data.split_pair("<|user|>Q<|assistant|>", " A", chat=True) == ("<|user|>Q<|assistant|>", " A")
     tokenizer = models.byte_tokenizer()
     [spaced] = data.tokenize([{"prompt": "Code for fig:", "completion": " FG4"}], tokenizer, TaskConfig(name=None), 64)
     [plain] = data.tokenize([{"prompt": "Code for fig:", "completion": "FG4"}], tokenizer, TaskConfig(name=None), 64)
@@ -83,3 +84,27 @@ def test_the_embedded_numerals_eval_joins_as_training_does_on_a_plain_base(tmp_p
     request = task.construct_requests(doc, task.doc_to_text(doc), metadata=("numerals", 0, 1))
     assert isinstance(request, Instance)
     assert request.arguments == data.split_pair(doc["prompt"], doc["completion"], chat=False)
+
+
+def test_on_a_chat_base_the_tokens_trained_are_the_tokens_lm_eval_scores():
+    """lm-eval moves a context's trailing whitespace into the continuation, the newline after a
+    ChatML `assistant` too: a model never trained on that newline (it was masked as prompt) can
+    lose it and read 0 on a task it answers perfectly. Training takes the same split."""
+    from lm_eval.models.huggingface import HFLM
+
+    model, tokenizer = models.load(models.resolve("tiny-random"))
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
+    for completion in ("billing", " billing"):
+        [ex] = data.tokenize(
+            [{"prompt": "Ticket: refund?", "completion": completion}], tokenizer, TaskConfig(name=None), 256
+        )
+        context = data.render_prompt(
+            "Ticket: refund?", tokenizer, chat=True
+        )  # as lm-eval renders it, ending "assistant\n"
+        _, scored = lm._encode_pair(context, completion)
+        trained = [t for t, label in zip(ex["input_ids"], ex["labels"]) if label != -100]
+        assert trained == [*scored, tokenizer.eos_token_id] and tokenizer.decode(scored) == "\n" + completion

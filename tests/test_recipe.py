@@ -263,3 +263,27 @@ def test_paths_of_the_wrong_kind_are_named_so(tmp_path, capsys):
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
     assert cli.main(["show", str(RECIPES / "tiny.yaml"), "--set", f"base={tmp_path / 'adapter'}"]) == 2
     assert "holds a peft adapter, not a model; give the model it was trained from" in capsys.readouterr().err
+
+
+def test_replay_and_cascade_checks_say_what_holds_for_stages(capsys):
+    recipe = recipe_from_dict(None)  # every default
+    assert recipe.name and recipe.replay is None
+    off = ["stages.1.replay=false", "stages.2.replay=false"]
+    with pytest.raises(RecipeError) as err:
+        load_recipe(RECIPES / "sequence_replay.yaml", [*off, "replay.refresh_every=100000"])
+    assert err.value.problems == [  # blamed on the --set that turned the last stage's replay off
+        "--set stages.2.replay=false: stages: every stage after the first has replay: false, so the `replay` "
+        "section is never used; remove it or let a stage replay"
+    ]
+    with pytest.raises(RecipeError) as err:  # a cascade with stages: one line, not a second about train.steps
+        load_recipe(RECIPES / "sequence.yaml", ["cascade={every: 1000}"])
+    assert err.value.problems == [
+        "--set cascade={every: 1000}: cascade: not available with stages yet; remove the cascade section"
+    ]
+
+
+def test_the_last_set_of_a_stage_holds_however_its_index_is_written():
+    argv = ["stages.0.steps=1", "stages.-3.steps=2", "stages.0.steps=3"]
+    assert load_recipe(RECIPES / "sequence.yaml", argv).stages[0].steps == 3
+    with pytest.raises(RecipeError, match=r"--set evals.general.0: there is no item 0 \(the list is empty\)"):
+        load_recipe(RECIPES / "sequence.yaml", ["evals.general.0=prose_ppl"])

@@ -341,6 +341,7 @@ def test_successive_draws_walk_the_prompt_pool(replay_data):
         ({"source": "data", "path": "r.jsonl"}, '{"prompt": "a", "completion": ""}\n', "has an empty `completion`"),
         ({"source": "data", "path": "r.txt"}, "a prompt\n", "takes a .jsonl, .json, .csv, .parquet file of records"),
         ({"prompts": "file", "path": "r.txt"}, "\n\n", "r.txt: holds no prompts"),
+        ({"prompts": "file", "path": "r.jsonl"}, '{"prompt": null}\n{"text": " "}\n', "r.jsonl: holds no prompts"),
     ],
 )
 def test_a_bad_replay_file_is_refused_before_anything_is_written(
@@ -351,3 +352,21 @@ def test_a_bad_replay_file_is_refused_before_anything_is_written(
     with pytest.raises(UserError, match=r"^replay\.path: .*" + re.escape(message)):
         run(recipe_from_dict(data, str(tmp_path / "r.yaml")))
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_prompt_file_reads_prompts_as_training_data_does(tmp_path):
+    """Prompt/completion, text and conversations (the user message an answer follows); empty ones left out."""
+    rows = [
+        {"prompt": "Capital of France?", "completion": " Paris"},
+        {"messages": [{"role": "user", "content": "And Spain?"}, {"role": "assistant", "content": "Madrid"}]},
+        {"prompt": [{"role": "user", "content": "Of Peru?"}], "completion": [{"role": "assistant", "content": "Lima"}]},
+        {"text": "Once upon a time"},
+        {"prompt": None},
+    ]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert replay._read_prompts(tmp_path / "p.jsonl") == [
+        "Capital of France?",
+        "And Spain?",
+        "Of Peru?",
+        "Once upon a time",
+    ]

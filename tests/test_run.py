@@ -225,7 +225,7 @@ def test_compare_checks_every_recipe_and_run_folder_before_training_any(
     )
     assert cli.main(["compare", *map(str, paths), "--target", "90", "-o", str(tmp_path / "cmp")]) == 2
     assert (  # the new task's metric is known from its task config, before any training
-        "--target 90: outside the range of acc (0 to 1) of numerals, the new task of a; scores are fractions"
+        "--target 90: outside the range of acc (0 to 1) of numerals, a new task of a; scores are fractions"
         in capsys.readouterr().err
     )
     assert ran == [] and not (tmp_path / "cmp").exists()

@@ -122,7 +122,10 @@ SPELT_OTHERWISE = str(Path(__file__).parent.parent / "recipes" / ".." / "recipes
         (["--key", "trian.lr", "--values", "1"], "--key trian.lr: trian: unknown key; did you mean 'train'?"),
         (["--key", "", "--values", "1"], "--key '': not a field; give one as for --set, e.g. --key train.lr"),
         (["--key", "stages.5.lr", "--values", "1"], f"--key stages.5.lr: {CAPACITY}: there is no item 5"),
-        (["--values", "1e-3", "--target", "90"], "--target 90: outside the range of acc (0 to 1) of digits_inc"),
+        (
+            ["--values", "1e-3", "--target", "90"],
+            "--target 90: outside the range of acc (0 to 1) of digits_reverse, a new task of capacity-1e-3",
+        ),
     ],
 )
 def test_a_sweep_refuses_a_bad_key_value_or_set_before_anything_trains(tmp_path, monkeypatch, capsys, args, problem):
