@@ -89,6 +89,9 @@ def kl_prompts(task: TaskConfig, base_dir: Path, n: int) -> list[str]:
     return [data.prompt_of(r, task) or str(r.get(task.text_field, ""))[:100] for r in records]
 
 
+PROBE_FORMAT = 2  # in the cache key: 2 labels the newline a chat template ends the prompt with (data.split_pair)
+
+
 def build_kl_probe(model, tokenizer, recipe: Recipe, chat: bool, base_fingerprint: str) -> KLProbe:
     """Sample the base's continuations of the new task's prompts (seeded, plain sampling at T = 1,
     so the per-token KL along them estimates the sequence KL) and, for full fine-tuning, keep the
@@ -97,6 +100,7 @@ def build_kl_probe(model, tokenizer, recipe: Recipe, chat: bool, base_fingerprin
     config, lora = recipe.cascade, recipe.method == "lora"
     prompts = kl_prompts(recipe.task, recipe.base_dir, config.kl_prompts)
     key_data = [
+        PROBE_FORMAT,
         base_fingerprint,
         prompts,
         chat,

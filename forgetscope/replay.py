@@ -66,7 +66,7 @@ from forgetscope.errors import UserError
 from forgetscope.models import cache_dir
 from forgetscope.recipe import DATA_FILES, Recipe, ReplayConfig, TaskConfig
 
-BUFFER_FORMAT = 2  # in the cache key: 1 held re-tokenized text, 2 holds the sampled token ids
+BUFFER_FORMAT = 3  # in the cache key: 1 held re-tokenized text, 2 the sampled token ids, 3 chat data labels the newline after the prompt
 
 
 @dataclass
