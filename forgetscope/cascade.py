@@ -101,6 +101,7 @@ def build_kl_probe(model, tokenizer, recipe: Recipe, chat: bool, base_fingerprin
     prompts = kl_prompts(recipe.task, recipe.base_dir, config.kl_prompts)
     key_data = [
         PROBE_FORMAT,
+        sampling.SAMPLER_VERSION,
         base_fingerprint,
         prompts,
         chat,

@@ -214,6 +214,7 @@ def build_buffer(
         settings["file_sha"] = hashlib.sha256((recipe.base_dir / config.path).read_bytes()).hexdigest()
     key_data = [
         BUFFER_FORMAT,
+        sampling.SAMPLER_VERSION,
         base_fingerprint,
         settings,
         seq_len,

@@ -61,6 +61,7 @@ MAX_GPU_BATCH = 2048  # on CUDA: as many as fit in a quarter of the free memory,
 CHECK_EVERY = 8  # decoding steps between checks whether every sequence has ended (each check waits for the GPU)
 WARMUP_STEPS = 2  # eager decoding steps before the step is captured as a CUDA graph
 TOP_P_CANDIDATES = 1024  # top-p sampling looks for the nucleus among this many most likely tokens first
+SAMPLER_VERSION = 3  # in the cache keys of samples: raise it whenever a change moves what is drawn (3: 2026-11-23)
 
 
 def generic_prompts(n: int, seed: int = 0) -> list[str]:
@@ -313,8 +314,9 @@ def base_samples(
     top_p: float = 0.95,
     seed: int = 0,
 ) -> Path:
-    """Samples from the base for the drift probe, cached on disk keyed by (base, settings, seed)."""
-    key = hashlib.sha256(json.dumps([base_id, n, max_new_tokens, temperature, top_p, seed]).encode()).hexdigest()[:16]
+    """Samples from the base for the drift probe, cached on disk keyed by (sampler version, base, settings, seed)."""
+    settings = [SAMPLER_VERSION, base_id, n, max_new_tokens, temperature, top_p, seed]
+    key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
     path = cache_dir() / "samples" / f"{key}.jsonl"
     if not path.is_file():
         chat = bool(getattr(tokenizer, "chat_template", None))
