@@ -75,6 +75,18 @@ def primary_metric(metrics: list[str]) -> str:
     return next((m for name in PRIMARY_METRICS for m in metrics if m.partition(",")[0] == name), metrics[0])
 
 
+FRACTIONS = ("acc", "acc_norm", "exact_match")
+"""Metrics whose scores are fractions of items, 0 to 1."""
+
+
+def target_problem(target: float | None, metric: str, of: str = "") -> str | None:
+    """The one-line error for a ``--target`` score outside 0..1 on ``metric`` when its scores are
+    fractions (``of``: where the metric comes from, for the message), else None."""
+    if target is None or metric.partition(",")[0] not in FRACTIONS or 0 <= target <= 1:
+        return None
+    return f"--target {target:g}: outside the range of {metric} (0 to 1){of}; scores are fractions, e.g. 0.9 for 90%"
+
+
 def headline(results: dict[str, Any]) -> str:
     """A one-line summary of one evaluation: the primary metric of every task."""
     parts = []

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from forgetscope import figures, io, metrics, results, stats
+from forgetscope import curves, figures, io, metrics, results, stats
 from forgetscope.errors import UserError
 from forgetscope.snapshots import RunLayout
 
@@ -54,12 +54,9 @@ def analyse(
     table = pd.concat([t for _, t in runs], ignore_index=True)
     rows = metrics.primary_rows(table)
     probes = sorted(rows.loc[rows["role"] == "general", "task"].unique())
-    fractions = rows[(rows["role"] == "new") & rows["chance"].notna()]  # 0/1 metrics: scores in [0, 1]
-    if target is not None and len(fractions) and not 0 <= target <= 1:
-        raise UserError(
-            f"--target {target:g}: outside the range of {fractions['metric'].iloc[0]} (0 to 1); "
-            "scores are fractions, e.g. 0.9 for 90%"
-        )
+    for metric in rows.loc[rows["role"] == "new", "metric"].unique():
+        if problem := curves.target_problem(target, metric):
+            raise UserError(problem)
     unknown = sorted(set(weights or {}) - set(probes))
     if unknown:
         theirs = f"theirs: {', '.join(probes)}" if probes else "they have none"

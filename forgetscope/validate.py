@@ -143,27 +143,21 @@ def check(recipe: Recipe, data: dict[str, Any]) -> list[str]:
     return problems
 
 
-FRACTIONS = ("acc", "acc_norm", "exact_match")
-"""Primary metrics whose scores are fractions of items, 0 to 1."""
-
-
 def check_target(recipes: list[Recipe], target: float | None) -> list[str]:
     """The problem, if any, with a ``--target`` for the recipes' new tasks (every stage's, in a
     sequence): a score outside 0..1 on a metric that is a fraction (accuracy, exact match), found
     before any training. Evals whose metric is known only from scores (groups, tasks defined in
     Python) are checked by ``report`` after training."""
-    from forgetscope.curves import primary_metric  # pandas: only when there is a target to check
+    from forgetscope.curves import primary_metric, target_problem  # pandas: only when there is a target
 
     for recipe in recipes if target is not None else []:
         paths = registry.include_paths(recipe.evals, recipe.base_dir)
         for name in recipe.scored_evals.new:
             config = registry.task_config(name, paths)
             metric = primary_metric(registry.metric_names(config)) if config else None
-            if metric in FRACTIONS and not 0 <= target <= 1:
-                return [
-                    f"--target {target:g}: outside the range of {metric} (0 to 1) of {name}, a new task of "
-                    f"{recipe.name}; scores are fractions, e.g. 0.9 for 90%"
-                ]
+            problem = target_problem(target, metric, f" of {name}, a new task of {recipe.name}") if metric else None
+            if problem:
+                return [problem]
     return []
 
 
