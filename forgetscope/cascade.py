@@ -289,9 +289,14 @@ def simulate(run: str | Path, limits: dict[str, float], level: float = 0.02) -> 
     evaluation time against the full battery everywhere, and the forgetting it would miss: the peak
     of the general forgetting ``F_t`` over every step against over its full steps, the first step
     with ``F_t >= level`` in each, and how far the forgetting curve drawn through its full steps
-    (linear between them) strays from the measured ``F_t`` at a skipped step. Times are the medians over the probe steps of the recorded
-    cheap, KL and rest-of-battery times (so that a busy machine at a few steps does not decide the
-    comparison): everywhere ``n (cheap + rest)``, the cascade ``n (cheap + kl) + n_full rest``."""
+    (linear between them) strays from the measured ``F_t`` at a skipped step.
+
+    ``limits`` is the cascade simulated, as ``thresholds`` builds it from a ``cascade:`` section: a probe
+    it names is scored at every probe step, one it leaves out is not (``{"new_task_kl": 1.0}`` is
+    ``cheap: []``: the cheap probes are scored with the battery, at its steps only). Times are the
+    medians over the probe steps of the recorded cheap (all cheap probes together), KL and
+    rest-of-battery times, so that a busy machine at a few steps does not decide the comparison:
+    everywhere ``n (cheap + rest)``, the cascade ``n probes + n_full battery``."""
     layout = RunLayout(Path(run))
     record = layout.read_manifest().get("cascade") or {}
     steps = {int(s): entry for s, entry in record.get("steps", {}).items()}
@@ -307,7 +312,10 @@ def simulate(run: str | Path, limits: dict[str, float], level: float = 0.02) -> 
             full.append(step)
             reference = steps[step]["values"]
     cheap, kl, rest = (float(np.median([e[key] for e in steps.values()])) for key in ("cheap_s", "kl_s", "full_s"))
-    everywhere, cascade = len(steps) * (cheap + rest), len(steps) * (cheap + kl) + len(full) * rest
+    cheap_probes = any(name != metrics.KL_PROBE for name in limits)  # else the cheap probes go with the battery
+    probe = (cheap if cheap_probes else 0.0) + (kl if metrics.KL_PROBE in limits else 0.0)
+    battery = rest + (0.0 if cheap_probes else cheap)
+    everywhere, cascade = len(steps) * (cheap + rest), len(steps) * probe + len(full) * battery
     rows = metrics.primary_rows(results.load_results([layout.root]))
     forgetting = metrics.general_forgetting(rows).set_index("step")["forgetting"]
     seen = forgetting[forgetting.index.isin(full)]

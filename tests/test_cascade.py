@@ -198,8 +198,11 @@ def test_simulate_replays_the_rule_on_a_dense_run(tmp_path, fake_run):
     )
     out = cascade.simulate(layout.root, {"new_task_kl": 0.05})
     assert out["full_steps"] == [0, 10, 20] and out["probe_steps"] == [0, 5, 10, 20]
-    assert out["eval_s_everywhere"] == 4 * (1 + 10.5) and out["eval_s_cascade"] == 4 * 1.5 + 3 * 10.5
-    assert out["saved"] == pytest.approx(round(1 - 37.5 / 46, 3))
+    # the KL alone at every probe step; the cheap probe (1 s) with the battery (10.5 s) at its 3 steps
+    assert out["eval_s_everywhere"] == 4 * (1 + 10.5) and out["eval_s_cascade"] == 4 * 0.5 + 3 * 11.5
+    assert out["saved"] == pytest.approx(round(1 - 36.5 / 46, 3))
+    both = cascade.simulate(layout.root, {"new_task_kl": 0.05, "probe_acc": 1.0})  # the cheap probe everywhere
+    assert both["eval_s_cascade"] == 4 * 1.5 + 3 * 10.5
     assert out["peak"] == pytest.approx(0.25) and out["peak_step"] == 5  # 0.8 -> 0.6
     assert out["peak_seen"] == pytest.approx(0.125) and out["peak_seen_step"] == 10  # 0.8 -> 0.7
     assert out["first_at_level"] == 5 and out["first_at_level_seen"] == 10
