@@ -182,7 +182,7 @@ def _cmd_show(args: argparse.Namespace) -> None:
     from forgetscope.load import load_recipe
 
     recipe = load_recipe(args.recipe, args.set)
-    data = recipe.to_dict()
+    data = recipe.absolute().to_dict()  # runs the same when saved anywhere else
     if recipe.stages:  # each stage gives its task, steps and evals; the top-level ones are not used
         del data["task"], data["train"]["steps"], data["evals"]["new"]
         if recipe.replay is None:  # stages' `replay: true` asks for the recipe's replay, which it has not
@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     recipe_command(
         "show",
-        "print the resolved recipe (every default filled in; itself a valid recipe) after validating it",
+        "print the resolved recipe (every default filled in, relative paths made absolute; itself a valid recipe) after validating it",
         _cmd_show,
     )
     audit_cmd = sub.add_parser(

@@ -350,6 +350,34 @@ class Recipe:
             self, task=stage.task, train=train, replay=replay, evals=self.scored_evals, stages=[]
         )
 
+    def absolute(self) -> Recipe:
+        """This recipe with its relative file paths (``task.path`` of the task and of every stage,
+        ``replay.path``, ``evals.include``, a local ``base`` folder) made absolute against
+        ``base_dir``: the same recipe read from any folder, as the run folder's ``recipe.yaml``."""
+
+        def fix(path: str | None) -> str | None:
+            return str((self.base_dir / path).expanduser().resolve()) if path else path
+
+        def task(t: TaskConfig) -> TaskConfig:
+            return dataclasses.replace(t, path=fix(t.path))
+
+        local_base = (self.base_dir / self.base).expanduser()
+        evals = dataclasses.replace(self.evals, include=[fix(p) for p in self.evals.include])
+        return dataclasses.replace(
+            self,
+            base=str(local_base.resolve()) if local_base.exists() else self.base,
+            task=task(self.task),
+            stages=[dataclasses.replace(s, task=task(s.task)) for s in self.stages],
+            replay=dataclasses.replace(self.replay, path=fix(self.replay.path)) if self.replay else None,
+            evals=evals,
+        )
+
+    def data_files(self) -> list[Path]:
+        """The data files this recipe reads (its tasks' and its replay's ``path``), absolute."""
+        r = self.absolute()
+        paths = [r.task.path, *(s.task.path for s in r.stages), r.replay.path if r.replay else None]
+        return [Path(p) for p in dict.fromkeys(p for p in paths if p)]
+
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain data (every default filled in; with ``stages``, ``evals.new``
         lists every stage's evals)."""

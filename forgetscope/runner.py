@@ -21,10 +21,14 @@ from forgetscope.session import RunSession
 
 
 def recipe_hash(recipe: Recipe) -> str:
-    """Hash of the resolved recipe, minus fields that do not change results (name, runs_dir)."""
-    data = recipe.to_dict()
+    """Hash of the resolved recipe (relative paths made absolute), minus fields that do not change
+    results (name, runs_dir), and of the contents of the data files it reads: the same recipe file
+    beside other data, or data edited after an interrupted run, is another run."""
+    data = recipe.absolute().to_dict()
     data.pop("name")
     data.pop("runs_dir")
+    if files := recipe.data_files():
+        data["data_sha256"] = {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
     return hashlib.sha256(repr(data).encode()).hexdigest()[:16]
 
 
@@ -75,7 +79,7 @@ def _run(recipe: Recipe, session: RunSession, run_hash: str) -> Path:
     session.start(
         suite,
         tokenizer,
-        {"recipe.yaml": recipe.to_yaml()},
+        {"recipe.yaml": recipe.absolute().to_yaml()},
         base=recipe.base,
         base_path=model_path,
         method=recipe.method,

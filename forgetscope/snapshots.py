@@ -2,7 +2,7 @@
 
 ```
 runs/<name>/
-  recipe.yaml              the resolved recipe (every default filled in)
+  recipe.yaml              the resolved recipe (every default filled in, paths absolute)
   manifest.json            status, versions, seed, hashes, timings
   snapshots/step-000000/   meta.json (step 0 is the untouched base: no weights)
   snapshots/step-000050/   meta.json + adapter files (LoRA) or safetensors (full)

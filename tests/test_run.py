@@ -277,3 +277,31 @@ def test_the_own_task_example_runs_as_the_readme_shows(tmp_path, monkeypatch):
     table = pd.read_csv(root / "curves.csv")
     scored = table[(table["task"] == "tickets") & (table["metric"] == "acc")]
     assert sorted(scored["step"]) == [0, 1, 2] and scored["n"].eq(8).all()
+
+
+def test_a_run_is_its_data_and_its_recipe_yaml_reads_the_same_files_from_anywhere(tmp_path, capsys):
+    """One recipe file beside other data, or data edited after an interrupted run, is another run;
+    the run folder's recipe.yaml (and ``show``'s output) names its files absolutely."""
+    from forgetscope import cli
+    from forgetscope.runner import recipe_hash
+
+    for folder, answer in (("a", " 1"), ("b", " 2")):
+        (tmp_path / folder / "evals").mkdir(parents=True)
+        (tmp_path / folder / "my.jsonl").write_text(json.dumps({"prompt": "x =", "completion": answer}) + "\n")
+        (tmp_path / folder / "r.yaml").write_text(
+            "base: tiny-random\ntask: {path: my.jsonl}\nevals: {new: [], general: [prose_ppl], include: [evals]}\n"
+        )
+    a, b = (load_recipe(tmp_path / folder / "r.yaml") for folder in "ab")
+    assert a.to_dict() == b.to_dict() and recipe_hash(a) != recipe_hash(b)
+    before = recipe_hash(a)
+    (tmp_path / "a" / "my.jsonl").write_text(json.dumps({"prompt": "x =", "completion": " 3"}) + "\n")
+    assert recipe_hash(a) != before
+
+    (tmp_path / "elsewhere").mkdir()
+    assert cli.main(["show", str(tmp_path / "a" / "r.yaml")]) == 0
+    (tmp_path / "elsewhere" / "recipe.yaml").write_text(capsys.readouterr().out)
+    moved = load_recipe(tmp_path / "elsewhere" / "recipe.yaml")
+    assert moved.task.path == str(tmp_path / "a" / "my.jsonl")
+    assert moved.evals.include == [str(tmp_path / "a" / "evals")]
+    assert recipe_hash(moved) == recipe_hash(a)  # the same run, wherever its recipe is read from
+    assert a.absolute().to_yaml() == moved.to_yaml()  # what the run folder keeps
