@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import NoReturn
 
@@ -416,12 +418,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``docker stop``, SLURM's time limit, ``timeout``), raised where the command is, so it
+    stops as Ctrl-C stops it: the run is marked failed and resumes when the command runs again."""
+
+
+def _terminate(signum: int, frame: object) -> NoReturn:
+    raise Terminated(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     if not (sys.argv[1:] if argv is None else argv):  # a bare `forgetscope`: what it can do
         parser.print_help(sys.stderr)
         return 2
     args = parser.parse_args(argv)
+    on_main_thread = threading.current_thread() is threading.main_thread()  # where handlers can be set
+    previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
         code = args.func(args) or 0
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under a launcher (torch is loaded by then)
@@ -433,6 +446,10 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(err).splitlines():
             print(f"forgetscope: error: {line}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: what finished is on disk, and a run resumes where it stopped
-        print("\nforgetscope: interrupted; what finished is kept: run the same command to go on", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: what finished is on disk, a run resumes where it stopped
+        how = f"stopped by {err}" if isinstance(err, Terminated) else "interrupted"
+        print(f"\nforgetscope: {how}; what finished is kept: run the same command to go on", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(err, Terminated) else 130
+    finally:
+        if previous is not None:  # None: not ours to set (another thread, or a handler set outside Python)
+            signal.signal(signal.SIGTERM, previous)

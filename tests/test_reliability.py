@@ -209,6 +209,31 @@ def test_ctrl_c_is_one_line_and_the_run_goes_on_when_run_again(tmp_path, tiny_re
     assert cli.main(["run", path]) == 0
 
 
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, tiny_recipe_data):
+    """docker stop, SLURM and timeout send SIGTERM: the run is marked failed (not left "running"),
+    the command says so in one line with exit code 143, and the same command finishes it."""
+    import os
+    import signal
+
+    data = {**tiny_recipe_data, "train": {**tiny_recipe_data["train"], "steps": 200}}
+    data["snapshots"] = {"schedule": "every", "every": 20}
+    command = [sys.executable, "-m", "forgetscope", "run", str(_write(tmp_path, data))]
+    root = tmp_path / "runs" / "t"
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and not list(root.glob("evals/step-*/results.json")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1].strip().splitlines()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-5:]
+    assert "forgetscope: stopped by SIGTERM; what finished is kept: run the same command to go on" in err
+    assert not any("Traceback" in line for line in err)
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "SIGTERM" in manifest["error"]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ})
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert json.loads((root / "manifest.json").read_text())["status"] == "finished"
+
+
 def test_nothing_touches_the_network_when_offline(tmp_path, tiny_recipe_data):
     """A whole run with every socket connection refused (HF offline variables set, as `make` does)."""
     path = _write(tmp_path, tiny_recipe_data)
