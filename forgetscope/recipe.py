@@ -195,8 +195,11 @@ class SnapshotConfig:
 class EvalConfig:
     """What every snapshot is scored on (lm-eval task names)."""
 
-    new: list[str] = option(
-        ["numerals"], "Evals of the new task (learning). With `stages`: each stage lists its own (stages[i].evals)."
+    new: list[str] | None = option(
+        None,
+        "Evals of the new task (learning). Null: the eval named like the embedded task (`numerals`), none for "
+        "your own data (`task.path`: name your eval here, an lm-eval YAML over held-out data). With `stages`: "
+        "each stage lists its own (stages[i].evals).",
     )
     general: list[str] = option(
         ["prose_ppl", "world_capitals", "mmlu_shipped", "base_samples_ppl"],
@@ -330,9 +333,11 @@ class Recipe:
     @property
     def scored_evals(self) -> EvalConfig:
         """What every snapshot is scored on: ``evals``, where a recipe with ``stages`` has as new-task
-        evals every stage's evals, in stage order."""
+        evals every stage's evals, in stage order, and ``evals.new: null`` is the eval named like the
+        embedded task (none for a task from a file)."""
         if not self.stages:
-            return self.evals
+            default = [self.task.name] if self.task.name else []
+            return dataclasses.replace(self.evals, new=default if self.evals.new is None else self.evals.new)
         new: list[str] = []
         for stage in self.stages:
             new += [name for name in stage.eval_names if name not in new]

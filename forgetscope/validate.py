@@ -130,7 +130,7 @@ def check(recipe: Recipe, data: dict[str, Any]) -> list[str]:
             "set train.packing: false"
         )
     problems += _check_cascade(recipe)
-    evals = recipe.evals
+    evals = recipe.scored_evals
     if recipe.stages:
         stage_problems, new = _check_stages(recipe, data)
         problems += stage_problems

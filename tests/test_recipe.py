@@ -287,3 +287,15 @@ def test_the_last_set_of_a_stage_holds_however_its_index_is_written():
     assert load_recipe(RECIPES / "sequence.yaml", argv).stages[0].steps == 3
     with pytest.raises(RecipeError, match=r"--set evals.general.0: there is no item 0 \(the list is empty\)"):
         load_recipe(RECIPES / "sequence.yaml", ["evals.general.0=prose_ppl"])
+
+
+def test_the_new_task_eval_follows_the_task(tmp_path):
+    """Unset, evals.new is the embedded task's own eval, and none for a task from a file (it was
+    `numerals` whatever the task: a run on your data scored a task it never trained)."""
+    (tmp_path / "mine.jsonl").write_text('{"prompt": "a =", "completion": " b"}\n')
+    for task, new in (({"path": "mine.jsonl"}, []), ({"name": "digits_inc"}, ["digits_inc"]), (None, ["numerals"])):
+        data = {"base": "tiny-random", **({"task": task} if task else {})}
+        recipe = recipe_from_dict(data, str(tmp_path / "r.yaml"))
+        assert recipe.scored_evals.new == new and recipe.to_dict()["evals"]["new"] == new
+    named = recipe_from_dict({"task": {"path": "mine.jsonl"}, "evals": {"new": ["numerals"]}}, str(tmp_path / "r.yaml"))
+    assert named.scored_evals.new == ["numerals"]
