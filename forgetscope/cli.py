@@ -446,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(err).splitlines():
             print(f"forgetscope: error: {line}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `forgetscope gate ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: what finished is on disk, a run resumes where it stopped
         how = f"stopped by {err}" if isinstance(err, Terminated) else "interrupted"
         print(f"\nforgetscope: {how}; what finished is kept: run the same command to go on", file=sys.stderr)

@@ -42,7 +42,8 @@ def _check_task(task: TaskConfig, prefix: str, base_dir: Path) -> list[str]:
     if task.path:
         file = base_dir / task.path
         if not file.is_file():
-            problems.append(f"{prefix}.path: no such file {str(file)!r}; give a {', '.join(DATA_FILES)} file")
+            where = "" if Path(task.path).is_absolute() else " (a relative path is read from the recipe's folder)"
+            problems.append(f"{prefix}.path: no such file {str(file)!r}{where}; give a {', '.join(DATA_FILES)} file")
         elif file.suffix not in DATA_FILES:
             problems.append(f"{prefix}.path: {file.name!r} is not one of {', '.join(DATA_FILES)}")
     if task.max_examples is not None and task.max_examples <= 0:
@@ -177,7 +178,10 @@ def check_snapshots(s: SnapshotConfig, steps: int | None) -> list[str]:
                 problems.append(f"snapshots.at: steps {bad} fall outside 0..train.steps={steps}")
     for key in ("every", "at"):
         if getattr(s, key) is not None and s.schedule != key:
-            problems.append(f"snapshots.{key}: only used with schedule: {key} (schedule is {s.schedule!r})")
+            problems.append(
+                f"snapshots.{key}: only used with schedule: {key} (schedule is {s.schedule!r}); "
+                f"remove it (--set snapshots.{key}=null)"
+            )
     return problems
 
 
@@ -304,7 +308,8 @@ def _check_replay(recipe: Recipe, given: dict[str, Any]) -> list[str]:
     if r.path and not needs_path:
         problems.append("replay.path: only used with source: data or prompts: file")
     if r.path and not (recipe.base_dir / r.path).is_file():
-        problems.append(f"replay.path: no such file {str(recipe.base_dir / r.path)!r}")
+        where = "" if Path(r.path).is_absolute() else " (a relative path is read from the recipe's folder)"
+        problems.append(f"replay.path: no such file {str(recipe.base_dir / r.path)!r}{where}")
     if r.refresh_every is not None and (r.source != "self" or r.refresh_every <= 0):
         problems.append("replay.refresh_every: a positive number of steps, with source: self")
     if recipe.stages and not any(stage.replay for stage in recipe.stages[1:]):

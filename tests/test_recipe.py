@@ -299,3 +299,16 @@ def test_the_new_task_eval_follows_the_task(tmp_path):
         assert recipe.scored_evals.new == new and recipe.to_dict()["evals"]["new"] == new
     named = recipe_from_dict({"task": {"path": "mine.jsonl"}, "evals": {"new": ["numerals"]}}, str(tmp_path / "r.yaml"))
     assert named.scored_evals.new == ["numerals"]
+
+
+def test_output_piped_into_head_ends_quietly():
+    """`forgetscope tasks --all | head -1` (more than a pipe holds): the reader leaves early; no
+    BrokenPipeError traceback."""
+    out = subprocess.run(
+        f"{sys.executable} -m forgetscope tasks --all | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert len(out.stdout.splitlines()) == 1 and "Traceback" not in out.stderr, out.stderr[-500:]
