@@ -75,6 +75,11 @@ def lock_file(root: Path) -> Path:
     return models.cache_dir() / "locks" / f"{key}.lock"
 
 
+TRAIN_LOG_FIRST = ("step", "loss", "new_loss", "replay_loss", "learning_rate", "grad_norm", "epoch")
+"""The leading columns of ``train_log.csv``; the Trainer's other logged values follow by name (a
+resumed run's log, read back from ``trainer_state.json``, has its keys sorted)."""
+
+
 class RunSession:
     """One run folder while a process writes it.
 
@@ -241,6 +246,8 @@ class RunSession:
         if not self.main:
             return
         log = pd.DataFrame([entry for entry in log_history if "loss" in entry])
+        first = [c for c in TRAIN_LOG_FIRST if c in log.columns]  # one order, resumed or not
+        log = log[first + sorted(set(log.columns) - set(first))]
         io.write_text(self.root / "train_log.csv", log.to_csv(index=False))
         if not log.empty:
             figures.save(figures.plot_train_log(log, title=title), self.root / "train_loss.png")

@@ -171,6 +171,8 @@ def test_killed_runs_resume_to_the_same_curves(tmp_path, tiny_recipe_data):
     assert not list(root.glob("**/*.tmp-*"))
     got = pd.read_csv(root / "curves.csv").drop(columns=["run", "recipe"])
     pd.testing.assert_frame_equal(got, expected)
+    log, straight_log = (pd.read_csv(folder / "train_log.csv") for folder in (root, baseline))
+    assert list(log.columns) == list(straight_log.columns) and log["step"].tolist() == straight_log["step"].tolist()
 
 
 @pytest.mark.parametrize(
