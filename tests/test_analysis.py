@@ -345,3 +345,32 @@ def test_a_report_where_nothing_was_forgotten_says_so(tmp_path, fake_run):
     report.write([root], tmp_path / "rep")
     md = (tmp_path / "rep" / "report.md").read_text()
     assert f"## Most-forgotten items\n\n{report.NO_ITEMS}" in md and "| probe | item |" not in md
+
+
+def test_a_run_is_named_by_its_folder_everywhere(tmp_path, fake_run, capsys):
+    """Renaming a folder renames the run: load_results, load_items and the report agree, and two
+    runs made by one recipe no longer clash once one folder is renamed."""
+    runs = _two_runs(tmp_path, fake_run)
+    for name in ("gentle", "harsh"):  # as a finished run writes them: the recipe's name in curves.csv
+        forgetscope.load_results([runs / name]).drop(columns="chance").assign(recipe="same", run="same").to_csv(
+            runs / name / "curves.csv", index=False
+        )
+    table = forgetscope.load_results([runs])
+    assert sorted(table["run"].unique()) == ["gentle", "harsh"] and set(table["recipe"]) == {"same"}
+    assert set(forgetscope.load_items([runs])["run"]) == {"gentle", "harsh"}
+    assert cli.main(["report", str(runs), "-o", str(tmp_path / "rep")]) == 0
+    shutil.copytree(runs / "harsh", tmp_path / "elsewhere" / "harsh")
+    for load in (forgetscope.load_results, forgetscope.load_items):
+        with pytest.raises(
+            results.ResultsError,
+            match=r"two runs are both named 'harsh' .*; a run is named by its folder: rename one of the folders",
+        ):
+            load([runs, tmp_path / "elsewhere" / "harsh"])
+    (tmp_path / "elsewhere" / "harsh").rename(tmp_path / "elsewhere" / "harsh2")
+    assert set(forgetscope.load_results([runs, tmp_path / "elsewhere"])["run"]) == {"gentle", "harsh", "harsh2"}
+
+
+def test_load_items_reads_a_run_named_twice_once(tmp_path, fake_run):
+    runs = _two_runs(tmp_path, fake_run)
+    once = forgetscope.load_items([runs / "harsh"])
+    assert len(forgetscope.load_items([runs, runs / "harsh"])) == 2 * len(once)
