@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+import itertools
 from pathlib import Path
 
 import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from forgetscope import io as fileio
 from forgetscope.curves import primary_metric
@@ -40,7 +43,7 @@ def plot_curves(table: pd.DataFrame, title: str = "") -> Figure:
     """One panel per task (three to a row): its primary metric against training step, with a 95%
     band (±1.96 stderr).
 
-    The base (step 0) is marked by a dashed line; x is symlog so dense early snapshots stay readable.
+    The base (step 0) is marked by a dashed line; x is as :func:`step_axis` sets it.
     """
     pairs = primary_metrics(table)
     fig, axes = _panels(len(pairs), 3, (4.4, 3.3))
@@ -57,16 +60,29 @@ def plot_curves(table: pd.DataFrame, title: str = "") -> Figure:
         ax.set_title(f"{task} ({ROLE_TITLES.get(role, role)})")
         ax.set_ylabel(f"{metric} {arrow} better")
         ax.set_xlabel("training step")
-        ax.set_xscale("symlog", linthresh=1)
-        ax.set_xlim(-0.3, rows["step"].max() * 1.15)
-        ax.set_xticks(rows["step"].tolist(), [str(s) for s in rows["step"]], fontsize=8)
-        ax.minorticks_off()
+        step_axis(ax, rows["step"])
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def step_axis(ax, steps: pd.Series) -> None:
+    """Training steps on ``ax``'s x axis: linear when the snapshots are evenly spaced (``every`` and
+    most ``at`` schedules), symlog when their gaps grow (``log`` schedules), so dense early snapshots
+    stay apart. Ticks are round numbers from matplotlib's locators, which never crowd their labels
+    (each snapshot shows as a marker); labelling every snapshot overprinted them."""
+    gaps = np.diff(np.unique(steps))[:-1]  # the last gap is the final step's, often off the schedule
+    if len(gaps) > 1 and gaps.max() > 4 * gaps.min():
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlim(-0.3, steps.max() * 1.15)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # 100, not 10^2
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(nbins="auto", steps=[1, 2, 5, 10], integer=True))
+    ax.tick_params(axis="x", labelsize=8)
+    ax.minorticks_off()
 
 
 def plot_train_log(log: pd.DataFrame, title: str = "") -> Figure:
@@ -103,11 +119,14 @@ def plot_forgetting(drops: pd.DataFrame) -> Figure:
     """One panel per general probe: each run's drop from the base (positive = worse, in the
     probe's own metric) against step, with its paired 95% bootstrap band.
 
-    ``drops`` has columns run, task, metric, step, drop, low, high (the CI of the drop).
+    ``drops`` has columns run, task, metric, step, drop, low, high (the CI of the drop). One legend
+    below the panels names every run, whichever probes it has.
     """
     probes = list(dict.fromkeys(drops["task"]))
-    colors = _run_colors(drops["run"])
+    runs = list(dict.fromkeys(drops["run"]))
+    colors = _run_colors(runs)
     fig, axes = _panels(len(probes), 2, (5.6, 3.6))
+    fig.set_layout_engine("constrained")  # makes room for the figure's legend ("outside" below)
     for ax, probe in zip(axes, probes):
         part = drops[drops["task"] == probe]
         for run, line in part.groupby("run", sort=False):
@@ -119,29 +138,42 @@ def plot_forgetting(drops: pd.DataFrame) -> Figure:
         ax.set_ylabel("drop from base (up = worse)")
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="best")
+    fig.legend(
+        handles=[Line2D([], [], color=colors[run], marker="o", markersize=3, label=run) for run in runs],
+        loc="outside lower center",
+        ncols=min(len(runs), 4),
+        fontsize=8,
+    )
     fig.suptitle("Forgetting curves: general probes, paired 95% CI over items")
-    fig.tight_layout()
     return fig
 
 
 def plot_learning(rows: pd.DataFrame, target: float | None = None) -> Figure:
-    """The new task's primary metric against step, one line per run (``rows``: primary rows of
-    the new-task evals), with the target score if one is set."""
+    """New tasks' primary metric against step (``rows``: primary rows of new-task evals), one line
+    per run and task (a run's colour; a task's line style when there are several tasks), with the
+    target score if one is set. The title names the tasks shown."""
     colors = _run_colors(rows["run"])
+    tasks = list(dict.fromkeys(rows["task"]))
+    styles = dict(zip(tasks, itertools.cycle(["-", "--", ":", "-."])))
     fig = Figure(figsize=(6.4, 3.8))
     ax = fig.subplots()
-    for run, line in rows.groupby("run", sort=False):
+    for (run, task), line in rows.groupby(["run", "task"], sort=False):
         line = line.sort_values("step")
-        ax.plot(line["step"], line["value"], marker="o", markersize=3, color=colors[run], label=run)
+        label = run if len(tasks) == 1 else f"{run}: {task}"
+        ax.plot(line["step"], line["value"], marker="o", markersize=3, color=colors[run], ls=styles[task], label=label)
         if line["stderr"].notna().any():
             half = 1.96 * line["stderr"].fillna(0)
             ax.fill_between(line["step"], line["value"] - half, line["value"] + half, color=colors[run], alpha=0.15)
     if target is not None:
         ax.axhline(target, color="black", linewidth=1, linestyle=":", label=f"target {target:g}")
-    first = rows.iloc[0]
-    ax.set_title(f"New task: {first['task']}")
-    ax.set_ylabel(f"{first['metric']} ({'up' if first['higher_is_better'] else 'down'} = better)")
+    ax.set_title(f"New task{'s' if len(tasks) > 1 else ''}: {', '.join(tasks)}")
+    scores = rows.drop_duplicates(["metric", "higher_is_better"])
+    one = scores.iloc[0]
+    ax.set_ylabel(
+        f"{one['metric']} ({'up' if one['higher_is_better'] else 'down'} = better)"
+        if len(scores) == 1
+        else "score (each task's primary metric)"
+    )
     ax.set_xlabel("training step")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -152,8 +184,9 @@ def plot_learning(rows: pd.DataFrame, target: float | None = None) -> Figure:
 def plot_frontier(summary: pd.DataFrame) -> Figure:
     """Learning vs forgetting: each run's final new-task gain against its general forgetting
     (mean relative drop), the Pareto frontier joined by a line (``summary`` from
-    :func:`forgetscope.metrics.rank_runs`)."""
+    :func:`forgetscope.metrics.rank_runs`); a run without a new task or general probes has no point."""
     colors = _run_colors(summary["run"])
+    summary = summary.dropna(subset=["gain_final", "forgetting_final"])
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.subplots()
     front = summary[summary["pareto"]].sort_values("forgetting_final")
@@ -181,7 +214,7 @@ def plot_frontier(summary: pd.DataFrame) -> Figure:
     ax.set_ylabel("new-task gain at the end (up = better)")
     ax.set_title("Learning vs forgetting (upper left is best)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     return fig
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -24,7 +25,7 @@ class Analysis:
     """Everything a report shows, as tables (also handy in a notebook)."""
 
     table: pd.DataFrame  # tidy curves of all runs
-    summary: pd.DataFrame  # one row per run, ranked (metrics.run_summary + rank_runs)
+    summary: pd.DataFrame  # one row per run, ranked (metrics.run_summary + rank_runs), + status, planned_steps
     drops: pd.DataFrame  # run, task, metric, step, drop, low, high: general probes, paired 95% CI
     finals: (
         pd.DataFrame
@@ -36,6 +37,8 @@ class Analysis:
     drift: pd.DataFrame  # run, step, drift, forgetting: the KL probe against general forgetting, per snapshot
     cascades: list[dict]  # runs with a cascade: run, probe steps, full-battery steps and why, evaluation time
     replay: dict[str, pd.DataFrame] = field(default_factory=dict)  # runs with replay: their training log (replay_logs)
+    weights: dict[str, float] = field(default_factory=dict)  # general probe -> weight in general forgetting (else 1)
+    keep_at_chance: bool = False  # probes at chance kept in general forgetting
 
 
 def analyse(
@@ -69,6 +72,10 @@ def analyse(
     summary = metrics.rank_runs(
         metrics.run_summary(table, target=target, weights=weights, keep_at_chance=keep_at_chance, new_task=last_stage)
     )
+    summary["pareto"] &= summary["new_task"].notna()  # no new task (an audit without --new): no gain to be on it
+    manifests = {root.name: RunLayout(root).read_manifest() for root, _ in runs}
+    summary["status"] = [manifests[run].get("status") or "unfinished" for run in summary["run"]]
+    summary["planned_steps"] = [max(manifests[run].get("snapshot_steps") or [0]) or None for run in summary["run"]]
     drops, finals, forgotten, sequences, cascades = [], [], [], [], []
     for root, run_table in runs:
         layout = RunLayout(root)
@@ -151,6 +158,8 @@ def analyse(
         drift,
         cascades,
         replay_logs([root for root, _ in runs]),
+        dict(weights or {}),
+        keep_at_chance,
     )
 
 
@@ -267,12 +276,10 @@ def write(
     analysis = analyse(paths, target, weights, correction, keep_at_chance)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = metrics.primary_rows(analysis.table)
+    earlier = _earlier_figures(out)
     pngs = {}
-    if (rows["role"] == "new").any():  # audits score a new task only when asked
-        pngs["learning"] = figures.save(
-            figures.plot_learning(rows[rows["role"] == "new"], target), out / "learning.png"
-        )
+    if _has_new_task(analysis):  # audits score a new task only when asked
+        pngs["learning"] = figures.save(learning_figure(analysis, target), out / "learning.png")
         pngs["frontier"] = figures.save(figures.plot_frontier(analysis.summary), out / "frontier.png")
     if not analysis.drops.empty:
         pngs["forgetting"] = figures.save(figures.plot_forgetting(analysis.drops), out / "forgetting.png")
@@ -290,7 +297,34 @@ def write(
     html_path, md_path = out / "report.html", out / "report.md"
     io.write_text(html_path, render_html(analysis, pngs, title, target))
     io.write_text(md_path, render_markdown(analysis, title, target))
+    for path in earlier - set(pngs.values()):
+        path.unlink(missing_ok=True)
     return html_path, md_path
+
+
+FIGURES = ("learning.png", "frontier.png", "forgetting.png", "drift.png", "replay.png")
+"""The report's figures, beside ``sequence-<run>.png`` for each sequence."""
+
+
+def _earlier_figures(out: Path) -> set[Path]:
+    """The figures an earlier report in ``out`` wrote: those its ``report.md`` links to, named as
+    the report names its figures (a report written again removes the ones it no longer writes, and
+    never a file of anyone else's)."""
+    old = out / "report.md"
+    linked = re.findall(r"\]\(([^()/\\]+\.png)\)", old.read_text(errors="replace")) if old.is_file() else []
+    return {out / name for name in linked if name in FIGURES or name.startswith("sequence-")}
+
+
+def _has_new_task(analysis: Analysis) -> bool:
+    """Whether any run scored a new task (audits do only when asked)."""
+    return bool(analysis.summary["new_task"].notna().any())
+
+
+def learning_figure(analysis: Analysis, target: float | None) -> figures.Figure:
+    """The new task of each run, the one its summary row shows (a sequence's last stage), against step."""
+    rows = metrics.primary_rows(analysis.table)
+    shown = set(zip(analysis.summary["run"], analysis.summary["new_task"]))
+    return figures.plot_learning(rows[[pair in shown for pair in zip(rows["run"], rows["task"])]], target)
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -308,6 +342,15 @@ def _pct(value) -> str:
     return "–" if value is None or pd.isna(value) else f"{round(value * 100, 1) + 0.0:+.1f}%"
 
 
+def _steps(r: dict) -> str:
+    """A run's last step; for a run not finished, its status and the steps it planned, as in
+    "failed at step 90 of 300", so an unfinished run is never read as a finished one."""
+    if r["status"] == "finished":
+        return str(r["steps"])
+    planned = f" of {int(r['planned_steps'])}" if pd.notna(r["planned_steps"]) else ""
+    return f"{r['status']} at step {r['steps']}{planned}"
+
+
 def _summary_rows(analysis: Analysis, target: float | None) -> tuple[list[str], list[list[str]]]:
     head = ["rank", "run", "method", "steps", "new task (base → final)", "general forgetting: final", "max", "AUC"]
     if target is not None:
@@ -315,12 +358,17 @@ def _summary_rows(analysis: Analysis, target: float | None) -> tuple[list[str], 
     head += ["Pareto"]
     body = []
     for r in analysis.summary.to_dict("records"):
+        new = (
+            f"{r['new_task']} {r['new_metric']}: {_fmt(r['new_base'])} → {_fmt(r['new_final'])}"
+            if pd.notna(r["new_task"])
+            else "no new task"
+        )
         line = [
             str(r["rank"]),
             r["run"],
             r["method"],
-            str(r["steps"]),
-            f"{r['new_task']} {r['new_metric']}: {_fmt(r['new_base'])} → {_fmt(r['new_final'])}",
+            _steps(r),
+            new,
             _pct(r["forgetting_final"]),
             _pct(r["forgetting_max"]),
             _pct(r["forgetting_auc"]),
@@ -328,7 +376,7 @@ def _summary_rows(analysis: Analysis, target: float | None) -> tuple[list[str], 
         if target is not None:
             reached = r.get("steps_to_target") is not None and not pd.isna(r.get("steps_to_target"))
             line += [
-                _fmt(r.get("steps_to_target"), 1) if reached else "not reached",
+                _fmt(r.get("steps_to_target"), 1) if reached else "not reached" if pd.notna(r["new_task"]) else "–",
                 _pct(r.get("forgetting_at_target")) if reached else "–",
             ]
         line += ["✓" if r["pareto"] else ""]
@@ -478,13 +526,26 @@ def _md_table(head: list[str], body: list[list[str]]) -> str:
 
 ALPHA = 0.05  # level of the report's "worse / better beyond noise" verdicts, after adjustment
 NO_ITEMS = "No item of a general probe was forgotten, or scored worse, by a run's last step."
-METHOD_NOTE = (
-    "General forgetting = mean relative drop of the general probes' primary metrics from the base "
-    "(positive = worse), probes at chance left out; AUC = its average over training; drops carry paired 95% "
-    "bootstrap CIs over items; verdicts use bootstrap p-values adjusted across each run's general probes "
-    "(at 5%); McNemar's exact test and flips for accuracies, with the flips guessing alone explains taken out "
-    "(chance-adjusted); above-chance skill lost = drop / (base - chance). Formulas: docs/METRICS.md."
-)
+
+
+def method_note(analysis: Analysis) -> str:
+    """How the report's numbers were computed, with the options that made it (weights, probes at
+    chance, the p-value adjustment)."""
+    weights = ", ".join(f"{probe}={w:g}" for probe, w in analysis.weights.items())
+    adjusted = {
+        "holm": "adjusted across each run's general probes (Holm)",
+        "bh": "adjusted across each run's general probes (Benjamini-Hochberg, false discovery rate)",
+        "none": "unadjusted",
+    }[analysis.correction]
+    return (
+        "General forgetting = mean relative drop of the general probes' primary metrics from the base "
+        f"(positive = worse), {f'weights {weights}, the others 1' if weights else 'equal weights'}, "
+        f"{'probes at chance kept (--keep-at-chance)' if analysis.keep_at_chance else 'probes at chance left out'}; "
+        "AUC = its average over training; drops carry paired 95% bootstrap CIs over items; verdicts use "
+        f"bootstrap p-values {adjusted}, at {ALPHA:.0%}; McNemar's exact test and flips for accuracies, with the flips "
+        "guessing alone explains taken out (chance-adjusted); above-chance skill lost = drop / (base - chance). "
+        "Formulas: docs/METRICS.md."
+    )
 
 
 def render_html(analysis: Analysis, pngs: dict[str, Path], title: str, target: float | None) -> str:
@@ -510,7 +571,7 @@ def render_html(analysis: Analysis, pngs: dict[str, Path], title: str, target: f
         f"<p class='note'>Runs: {html.escape(runs)}. Generated {datetime.now():%Y-%m-%d %H:%M} by forgetscope.</p>",
         "<h2>Summary</h2>",
         _html_table(*_summary_rows(analysis, target)),
-        f"<p class='note'>{html.escape(METHOD_NOTE)}</p>",
+        f"<p class='note'>{html.escape(method_note(analysis))}</p>",
         *([f"<p class='note'>{html.escape(_left_out_note(analysis))}</p>"] if analysis.left_out else []),
         *(
             [
@@ -574,11 +635,11 @@ def render_markdown(analysis: Analysis, title: str, target: float | None) -> str
             [
                 f"# {title}",
                 _md_table(*_summary_rows(analysis, target)),
-                f"_{METHOD_NOTE}_",
+                f"_{method_note(analysis)}_",
                 *([f"_{_left_out_note(analysis)}_"] if analysis.left_out else []),
                 *(
                     ["![learning vs forgetting](frontier.png)", "![new task](learning.png)"]
-                    if (analysis.table["role"] == "new").any()
+                    if _has_new_task(analysis)
                     else []
                 ),
                 *(["![forgetting curves](forgetting.png)"] if not analysis.drops.empty else []),

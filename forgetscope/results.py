@@ -18,12 +18,16 @@ from forgetscope.snapshots import RunLayout
 
 
 class ResultsError(UserError):
-    """A path given as a run is not one."""
+    """A path given as a run is not one, or two runs share a name."""
 
 
 def run_folders(paths: list[str | Path]) -> list[Path]:
     """Run folders (holding ``manifest.json``) named by ``paths``: a run itself, or a folder of
-    runs (every run directly inside, in name order)."""
+    runs (every run directly inside, in name order); each once, however often it is named.
+
+    A run's name, in every table and report, is its folder's name: for runs made by forgetscope
+    that is the recipe's ``name``, and renaming a folder renames the run. Two runs must not share it.
+    """
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
@@ -35,19 +39,28 @@ def run_folders(paths: list[str | Path]) -> list[Path]:
             what = "not a forgetscope run (no manifest.json) and no runs inside" if path.exists() else "no such folder"
             raise ResultsError(f"{path}: {what}; pass a folder made by `forgetscope run` or `forgetscope audit`")
         found.extend(inside)
-    return found
+    roots = list(dict.fromkeys(p.resolve() for p in found))  # a run named twice is read once
+    by_name: dict[str, Path] = {}
+    for root in roots:
+        if (other := by_name.setdefault(root.name, root)) != root:
+            raise ResultsError(
+                f"two runs are both named {root.name!r} ({other} and {root}); a run is named by its folder: "
+                "rename one of the folders"
+            )
+    return roots
 
 
 def load_runs(paths: list[str | Path]) -> list[tuple[Path, pd.DataFrame]]:
-    """(folder, tidy curves) of every run in ``paths``: its ``curves.csv``, or for a run still
-    going (or stopped) the evaluations it has so far, plus a ``chance`` column (the accuracy of
-    guessing, for 0/1 metrics: :func:`forgetscope.stats.chance_level`). Run names must be distinct."""
+    """(folder, tidy curves) of every run in ``paths`` (see :func:`run_folders`): its ``curves.csv``,
+    or for a run still going (or stopped) the evaluations it has so far, with ``run`` its folder's
+    name, plus a ``chance`` column (the accuracy of guessing, for 0/1 metrics:
+    :func:`forgetscope.stats.chance_level`)."""
     runs = []
-    for root in dict.fromkeys(p.resolve() for p in run_folders(paths)):  # a run named twice is read once
+    for root in run_folders(paths):
         layout = RunLayout(root)
         status = layout.read_manifest().get("status")
         if layout.curves.is_file():
-            table = _read_curves(layout.curves)
+            table = _read_curves(layout.curves).assign(run=root.name)
         else:
             method = str(layout.read_manifest().get("method", ""))
             table = curves.build_table(layout, run=root.name, recipe=root.name, method=method)
@@ -71,11 +84,6 @@ def load_runs(paths: list[str | Path]) -> list[tuple[Path, pd.DataFrame]]:
         )
     if not runs:
         raise ResultsError(f"{', '.join(map(str, paths))}: no run with an evaluation yet; nothing to show")
-    names = [t["run"].iloc[0] for _, t in runs]
-    if len(names) != len(set(names)):
-        raise ResultsError(
-            f"two runs share the name {max(names, key=names.count)!r}; give them distinct names (`name:` in the recipe)"
-        )
     return runs
 
 
@@ -102,7 +110,7 @@ def load_items(paths: list[str | Path], tasks: list[str] | None = None) -> pd.Da
     """Per-item results of every run, step and task: one row per item and metric, with columns
     run, step, task, item_id, metric, value (the item's score: 0/1 for accuracy; a log-likelihood
     for perplexity-type metrics), weight (1, or the item's words/bytes) and text (the prompt, or
-    the scored text, and the right answer)."""
+    the scored text, and the right answer). Runs are named and found as :func:`run_folders` says."""
     rows = []
     for root in run_folders(paths):
         layout = RunLayout(root)

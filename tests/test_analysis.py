@@ -12,6 +12,7 @@ import pytest
 
 import forgetscope
 from forgetscope import cli, metrics, report, results, stats
+from forgetscope.snapshots import RunLayout
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -345,3 +346,117 @@ def test_a_report_where_nothing_was_forgotten_says_so(tmp_path, fake_run):
     report.write([root], tmp_path / "rep")
     md = (tmp_path / "rep" / "report.md").read_text()
     assert f"## Most-forgotten items\n\n{report.NO_ITEMS}" in md and "| probe | item |" not in md
+
+
+def test_a_run_is_named_by_its_folder_everywhere(tmp_path, fake_run, capsys):
+    """Renaming a folder renames the run: load_results, load_items and the report agree, and two
+    runs made by one recipe no longer clash once one folder is renamed."""
+    runs = _two_runs(tmp_path, fake_run)
+    for name in ("gentle", "harsh"):  # as a finished run writes them: the recipe's name in curves.csv
+        forgetscope.load_results([runs / name]).drop(columns="chance").assign(recipe="same", run="same").to_csv(
+            runs / name / "curves.csv", index=False
+        )
+    table = forgetscope.load_results([runs])
+    assert sorted(table["run"].unique()) == ["gentle", "harsh"] and set(table["recipe"]) == {"same"}
+    assert set(forgetscope.load_items([runs])["run"]) == {"gentle", "harsh"}
+    assert cli.main(["report", str(runs), "-o", str(tmp_path / "rep")]) == 0
+    shutil.copytree(runs / "harsh", tmp_path / "elsewhere" / "harsh")
+    for load in (forgetscope.load_results, forgetscope.load_items):
+        with pytest.raises(
+            results.ResultsError,
+            match=r"two runs are both named 'harsh' .*; a run is named by its folder: rename one of the folders",
+        ):
+            load([runs, tmp_path / "elsewhere" / "harsh"])
+    (tmp_path / "elsewhere" / "harsh").rename(tmp_path / "elsewhere" / "harsh2")
+    assert set(forgetscope.load_results([runs, tmp_path / "elsewhere"])["run"]) == {"gentle", "harsh", "harsh2"}
+
+
+def test_load_items_reads_a_run_named_twice_once(tmp_path, fake_run):
+    runs = _two_runs(tmp_path, fake_run)
+    once = forgetscope.load_items([runs / "harsh"])
+    assert len(forgetscope.load_items([runs, runs / "harsh"])) == 2 * len(once)
+
+
+def _without_new_task(layout) -> None:
+    """A fake run turned into an audit scored without --new: no new-task eval at any step."""
+    for step in layout.eval_steps():
+        folder = layout.eval_dir(step)
+        (folder / "samples_new.jsonl").unlink()
+        result = json.loads((folder / "results.json").read_text())
+        del result["tasks"]["new"]
+        (folder / "results.json").write_text(json.dumps(result))
+
+
+def test_a_run_without_new_task_shows_none_and_gets_no_learning_tick(tmp_path, fake_run):
+    runs = _two_runs(tmp_path, fake_run)
+    _without_new_task(RunLayout(runs / "harsh"))
+    report.write([runs / "harsh"], tmp_path / "alone")
+    md = (tmp_path / "alone" / "report.md").read_text()
+    assert "| harsh | full | 10 | no new task |" in md and "None" not in md
+    assert not (tmp_path / "alone" / "learning.png").exists()
+    report.write([runs], tmp_path / "mixed", target=0.5)
+    md = (tmp_path / "mixed" / "report.md").read_text()
+    harsh = next(line for line in md.splitlines() if "| harsh |" in line)
+    assert "| no new task |" in harsh and "nan" not in harsh and not harsh.endswith("✓ |")
+    assert "not reached" not in harsh  # with a target: nothing to reach
+    assert next(line for line in md.splitlines() if "| gentle |" in line).endswith("✓ |")
+
+
+def test_the_learning_figure_shows_each_runs_summary_task(tmp_path, fake_run, fake_probe):
+    """A sequence scores every stage's task; the report's learning figure shows the task each run is
+    summarised on, one line per run, and names it."""
+    runs = _two_runs(tmp_path, fake_run)
+    seq = RunLayout(runs / "gentle")
+    fake_probe(seq, "second", {s: {"n0": float(s == 10)} for s in (0, 5, 10)}, role="new")
+    seq.update_manifest(stages=[{"evals": ["new"]}, {"evals": ["second"]}])
+    analysis = report.analyse([runs])
+    assert analysis.summary.set_index("run")["new_task"].to_dict() == {"gentle": "second", "harsh": "new"}
+    fig = report.learning_figure(analysis, None)
+    assert sorted(line.get_label() for line in fig.axes[0].get_lines()) == ["gentle: second", "harsh: new"]
+    assert fig.axes[0].get_title() == "New tasks: second, new"
+
+
+def test_the_method_note_says_which_options_made_the_report(tmp_path, fake_run):
+    runs = _two_runs(tmp_path, fake_run)
+    report.write([runs], tmp_path / "plain")
+    plain = (tmp_path / "plain" / "report.md").read_text()
+    assert "probes at chance left out" in plain and "Holm" in plain and "equal weights" in plain
+    flags = ["--keep-at-chance", "--weight", "facts=2", "--correction", "bh"]
+    assert cli.main(["report", str(runs), "-o", str(tmp_path / "opts"), *flags]) == 0
+    note = (tmp_path / "opts" / "report.md").read_text()
+    assert "probes at chance kept" in note and "Benjamini-Hochberg" in note and "weights facts=2" in note
+    assert "Holm" not in note and "left out" not in note
+    none = report.analyse([runs], correction="none")
+    assert "unadjusted" in report.method_note(none)
+
+
+def test_unfinished_runs_are_marked_in_the_summary(tmp_path, fake_run):
+    runs = _two_runs(tmp_path, fake_run)
+    manifest = runs / "harsh" / "manifest.json"
+    manifest.write_text(json.dumps({"status": "failed", "method": "full", "snapshot_steps": [0, 5, 10, 15, 20]}))
+    (runs / "gentle" / "manifest.json").write_text(json.dumps({"status": "running", "method": "full"}))
+    report.write([runs], tmp_path / "rep")
+    for page in ("report.md", "report.html"):
+        text = (tmp_path / "rep" / page).read_text()
+        assert "failed at step 10 of 20" in text and "running at step 10" in text
+    manifest.write_text(json.dumps({"status": "finished", "method": "full", "snapshot_steps": [0, 5, 10]}))
+    (runs / "gentle" / "manifest.json").write_text(json.dumps({"status": "finished", "method": "full"}))
+    report.write([runs], tmp_path / "rep")
+    assert "failed" not in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_a_report_written_again_removes_only_its_own_stale_figures(tmp_path, fake_run):
+    runs = _two_runs(tmp_path, fake_run)
+    seq = runs / "gentle"
+    RunLayout(seq).update_manifest(sequence={k: 0.0 for k in report.SEQUENCE_KEYS})
+    (seq / "sequence.png").write_bytes(b"\x89PNG made by the run")
+    out = tmp_path / "rep"
+    report.write([runs], out)
+    assert (out / "sequence-gentle.png").is_file() and (out / "learning.png").is_file()
+    mine = ["notes.png", "sequence-mine.png", "plan.md"]
+    for name in mine:
+        (out / name).write_text("the user's")
+    _without_new_task(RunLayout(runs / "harsh"))
+    report.write([runs / "harsh"], out)
+    written = {"report.html", "report.md", "forgetting.png"}
+    assert {p.name for p in out.iterdir()} == written | set(mine)

@@ -1,0 +1,107 @@
+"""Figures drawn from hand-made tables: what each line and legend shows, and that labels stay readable."""
+
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+from forgetscope import figures
+
+
+def _rows(run: str, task: str, steps, values, metric="acc") -> list[dict]:
+    return [
+        {
+            "run": run,
+            "recipe": run,
+            "method": "full",
+            "step": s,
+            "tokens": s * 10,
+            "task": task,
+            "role": "new",
+            "metric": metric,
+            "value": v,
+            "stderr": 0.01,
+            "n": 20,
+            "higher_is_better": True,
+        }
+        for s, v in zip(steps, values)
+    ]
+
+
+def _drawn(fig):
+    """``fig`` laid out and drawn (Agg), so text extents are known."""
+    FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    return fig
+
+
+def test_learning_draws_one_line_per_run_and_task_and_its_title_names_them():
+    """A sequence scores every stage's task at every step; one line per run zigzagged between them."""
+    steps = [0, 50, 100, 150]
+    rows = pd.DataFrame(
+        _rows("seq2", "digits_reverse", steps, [0, 1, 1, 0.5])
+        + _rows("seq2", "digits_inc", steps, [0, 0, 0.5, 1])
+        + _rows("kint", "digits_reverse", steps, [0, 0.2, 0.9, 1])
+    )
+    fig = figures.plot_learning(rows, target=0.9)
+    [ax] = fig.axes
+    lines = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("target")}
+    assert sorted(lines) == ["kint: digits_reverse", "seq2: digits_inc", "seq2: digits_reverse"]
+    for line in lines.values():
+        assert list(line.get_xdata()) == steps  # never back in step: each line is one task
+    assert ax.get_title() == "New tasks: digits_reverse, digits_inc"
+    one = figures.plot_learning(rows[rows["task"] == "digits_reverse"])
+    assert one.axes[0].get_title() == "New task: digits_reverse"
+    assert sorted(line.get_label() for line in one.axes[0].get_lines()) == ["kint", "seq2"]
+
+
+def test_forgetting_has_one_legend_naming_every_run():
+    """A run without the first panel's probe was missing from the only legend."""
+    drops = pd.DataFrame(
+        [
+            {"run": run, "task": task, "metric": "acc", "step": s, "drop": 0.1 * s, "low": 0.0, "high": 0.2 * s}
+            for run, tasks in (("a", ["facts", "prose"]), ("b", ["prose"]), ("c", ["facts"]))
+            for task in tasks
+            for s in (0, 1, 2)
+        ]
+    )
+    fig = _drawn(figures.plot_forgetting(drops))
+    legends = fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+    assert len(legends) == 1
+    assert [t.get_text() for t in legends[0].get_texts()] == ["a", "b", "c"]
+    boxes = [ax.get_window_extent() for ax in fig.axes]
+    legend = legends[0].get_window_extent()
+    assert not any(legend.overlaps(box) for box in boxes)  # beside the panels, covering no curve
+
+
+def _tick_labels_overlap(ax) -> list[str]:
+    """Pairs of neighbouring x tick labels of ``ax`` closer than 2 pixels (drawn figure)."""
+    labels = [t for t in ax.get_xticklabels() if t.get_visible() and t.get_text()]
+    boxes = sorted((t.get_window_extent().x0, t.get_window_extent().x1, t.get_text()) for t in labels)
+    return [f"{a[2]}/{b[2]}" for a, b in itertools.pairwise(boxes) if b[0] < a[1] + 2]
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [
+        list(range(0, 601, 50)),  # every 50 up to 600
+        list(range(0, 401, 5)),  # 80 snapshots
+        sorted({0, *np.unique(np.round(np.geomspace(1, 1000, 19)).astype(int)).tolist()}),  # log schedule
+        [0, 1, 3],
+    ],
+    ids=["every50", "80snapshots", "log", "at"],
+)
+def test_curves_tick_labels_never_overlap(steps):
+    rows = _rows("r", "new", steps, np.linspace(0, 1, len(steps)))
+    general = [
+        dict(r, task="facts", role="general") for r in _rows("r", "facts", steps, np.linspace(1, 0.5, len(steps)))
+    ]
+    fig = _drawn(figures.plot_curves(pd.DataFrame(rows + general)))
+    for ax in fig.axes:
+        shown = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+        assert len(shown) >= 3, shown
+        assert _tick_labels_overlap(ax) == [], shown
+        lo, hi = ax.get_xlim()
+        assert lo <= 0 and hi >= steps[-1]  # every snapshot inside the axes
