@@ -4,9 +4,10 @@ A checkpoint is a folder holding a full model (``config.json`` + weights, sharde
 peft adapter (``adapter_config.json``, also with ``modules_to_save`` or resized embeddings), or
 a Hugging Face id of either. A folder of them (the ``output_dir`` of HF Trainer, TRL or axolotl,
 with ``checkpoint-*`` inside) is expanded; the final model such a trainer saves beside its
-checkpoints is scored too when it is not one of them. A checkpoint without tokenizer files is
-scored with its base's tokenizer. The base is step 0 and is loaded once; adapters are swapped
-into it one after another, full checkpoints are loaded one at a time. The run folder is written
+checkpoints is scored too, at the step where training ended, when that is not a checkpoint's. A
+checkpoint without tokenizer files is scored with its base's tokenizer. The base is step 0 and
+is loaded once; adapters are swapped into it one after another (a fresh base after one that
+changed base weights), full checkpoints are loaded one at a time. The run folder is written
 through a :class:`forgetscope.session.RunSession`, with the same layout as ``forgetscope run``.
 """
 
@@ -14,8 +15,10 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -59,24 +62,65 @@ def _step_of(path: Path) -> int | None:
     return int(match[1]) if match else None
 
 
-def _final_step(folder: Path, inside: list[Path]) -> int | None:
-    """The step of the final model a trainer saved in its output folder beside ``checkpoint-*``:
-    from its own trainer_state.json, else the run's ``max_steps`` recorded by its checkpoints."""
-    own = _trainer_state(folder).get("global_step")
-    if own is not None:
-        return int(own)
-    steps = [_trainer_state(p).get("max_steps") for p in inside]
-    return int(max(s for s in steps if s)) if any(steps) else None
+def _final_step(folder: Path, inside: list[Path]) -> tuple[int | None, str]:
+    """The step where training ended, for the final model a trainer saved in its output folder
+    beside ``checkpoint-*``; None, and why, when no file records it.
+
+    From the folder's own trainer_state.json (``trainer.save_state()``), else from its latest
+    checkpoint: transformers' Trainer saves a checkpoint at the step where training stops when it
+    saves by steps or epochs (at ``max_steps``, and where EarlyStoppingCallback stopped it if that
+    is a save step; that checkpoint records ``should_training_stop``). A run that kept a best
+    checkpoint (``best_model_checkpoint``: early stopping, ``load_best_model_at_end``) may have
+    stopped between checkpoints, so without that record its end is unknown; any other ran its
+    planned ``max_steps``, and its checkpoint there was removed."""
+    own = _trainer_state(folder)
+    if "global_step" in own:
+        return int(own["global_step"]), ""
+    states = [s for s in map(_trainer_state, inside) if "global_step" in s]
+    if not states:
+        return None, "no trainer_state.json records its step"
+    latest = max(states, key=lambda s: s["global_step"])
+    step, planned = int(latest["global_step"]), int(latest.get("max_steps") or 0)
+    stopped = latest.get("stateful_callbacks", {}).get("TrainerControl", {}).get("args", {}).get("should_training_stop")
+    if step >= planned or stopped:
+        return step, ""
+    if latest.get("best_model_checkpoint"):
+        return None, f"training kept a best checkpoint and may have stopped after step {step}, its latest checkpoint"
+    return planned, ""
+
+
+def _best_checkpoint(folder: Path, inside: list[Path]) -> str | None:
+    """The best checkpoint a trainer recorded (``best_model_checkpoint`` in the output folder's
+    trainer_state.json, else in its latest checkpoint's), whose weights the final model holds
+    when the run set ``load_best_model_at_end``."""
+    states = [_trainer_state(p) for p in [folder, *reversed(inside)]]
+    return next((s["best_model_checkpoint"] for s in states if s.get("best_model_checkpoint")), None)
+
+
+def _numbered_by_order(found: list[tuple[Path, str, int | None]]) -> str | None:
+    """Why the checkpoints cannot be ordered by their own steps (None when they can)."""
+    steps = [step for _, _, step in found]
+    missing = next((source for _, source, step in found if step is None), None)
+    if missing is not None:
+        return f"{missing} has no step number (no trainer_state.json, no trailing number in its name)"
+    twice = next((step for i, step in enumerate(steps) if step in steps[:i]), None)
+    if twice is not None:
+        return f"{' and '.join(source for _, source, step in found if step == twice)} are both step {twice}"
+    zero = next((source for _, source, step in found if step == 0), None)
+    return f"{zero} is step 0, the base's step" if zero is not None else None
 
 
 def find_checkpoints(refs: list[str], allow_pickle: bool = False) -> list[Checkpoint]:
     """Every checkpoint that ``refs`` name, sorted by step.
 
     The step comes from ``trainer_state.json``, else from the trailing number of the folder name
-    (``checkpoint-500``, ``step-000050``); when some have none (a Hugging Face id, a folder
-    named ``final``) or two share one, the checkpoints are numbered 1, 2, ... in the order given.
+    (``checkpoint-500``, ``step-000050``); when one has none (a Hugging Face id, a folder named
+    ``final``), two share one or one is 0, all are numbered 1, 2, ... in the order given, with a
+    warning naming it. Checkpoints of several trainer output folders make one curve by step, with
+    a warning naming the folders.
     """
     found: list[tuple[Path, str, int | None]] = []
+    runs: list[str] = []  # the folders whose checkpoints are merged: each output folder, each checkpoint's parent
     for ref in refs:
         folder = Path(ref)
         if not folder.is_dir():
@@ -99,24 +143,50 @@ def find_checkpoints(refs: list[str], allow_pickle: bool = False) -> list[Checkp
                 "adapter_config.json, or subfolders such as checkpoint-100/ that have one)"
             )
         found.extend((p, str(p), _step_of(p)) for p in inside)
+        if inside:
+            runs.append(ref)
+        elif (folder / "trainer_state.json").is_file():
+            runs.append(str(folder.parent))
         if _is_checkpoint(folder) and not inside:
             found.append((folder, ref, _step_of(folder)))
         elif _is_checkpoint(folder):  # the final model, saved beside the checkpoints
-            final = _final_step(folder, inside)
+            final, why = _final_step(folder, inside)
+            scored = next((p for p in inside if _step_of(p) == final), None)
+            best = _best_checkpoint(folder, inside)
+            note = f"; best_model_checkpoint {best}: with load_best_model_at_end it holds those weights" if best else ""
             if final is None:
+                print(f"forgetscope: {ref}: its final model is left out: {why}; give it alone to score it")
+            elif scored is not None:
+                note = "" if best and Path(best).name == scored.name else note  # those weights are the ones scored
                 print(
-                    f"forgetscope: {ref} also holds a model, left out: its step is unknown (no trainer_state.json); "
-                    "give it alone to score it"
+                    f"forgetscope: {ref}: its final model is left out: training ended at step {final}, "
+                    f"scored from {scored.name}{note}"
                 )
-            elif final not in {_step_of(p) for p in inside}:
+            else:
                 found.append((folder, ref, final))
+                if note:
+                    print(f"forgetscope: {ref}: its final model is step {final}{note}")
     folders = [folder.resolve() for folder, _, _ in found]
     twice = next((source for i, (_, source, _) in enumerate(found) if folders[i] in folders[:i]), None)
     if twice is not None:
         raise AuditError(f"--checkpoints: {twice} is given twice (itself, or inside a folder given too); give it once")
-    steps = [step for _, _, step in found]
-    if None in steps or len(set(steps)) != len(steps) or 0 in steps:
-        steps = list(range(1, len(found) + 1))  # no usable step numbers: order as given
+    why = _numbered_by_order(found)
+    if why is not None:
+        steps = list(range(1, len(found) + 1))
+        if len(found) > 1:  # one checkpoint is step 1 whatever its name
+            print(
+                f"forgetscope: warning: {why}, so all {len(found)} checkpoints are numbered "
+                f"{', '.join(map(str, steps[:3]))}{', ...' if len(steps) > 3 else ''} in the order given",
+                file=sys.stderr,
+            )
+    else:
+        steps = [step for _, _, step in found]
+        if len(set(runs)) > 1:
+            print(
+                f"forgetscope: warning: the checkpoints of {' and '.join(dict.fromkeys(runs))} are merged into one "
+                "curve, ordered by their steps; audit each run under its own --name to compare them",
+                file=sys.stderr,
+            )
     return sorted(
         (Checkpoint(step, folder, source) for step, (folder, source, _) in zip(steps, found)), key=lambda c: c.step
     )
@@ -139,6 +209,9 @@ def audit(
     if problems:
         raise AuditError("\n".join(problems))
     found = find_checkpoints(checkpoints, allow_pickle)
+    problems = _check_weights(found, allow_pickle)
+    if problems:
+        raise AuditError("\n".join(problems))
     settings = {
         "base": base,
         "checkpoints": [str(c.folder.resolve()) if Path(c.source).is_dir() else c.source for c in found],
@@ -154,9 +227,11 @@ def audit(
         base_path = models.resolve(base)
         model, tokenizer = models.load(base_path, trust_remote_code, allow_pickle)
         chat = data.uses_chat_template(TaskConfig(chat_template=chat_template), tokenizer)
-        _check_vocabularies(found, tokenizer, trust_remote_code)
-        _check_adapter_shapes(found, model)
-        _check_architectures(found, model, trust_remote_code)
+        problems = _check_vocabularies(found, tokenizer, trust_remote_code) + _check_adapter_shapes(found, model)
+        problems += _check_architectures(found, model, trust_remote_code)
+        if problems:
+            raise AuditError("\n".join(problems))
+        _warn_other_bases(found, base, base_path)
         suite = evaluate.prepare_suite(evals, Path.cwd(), chat, model, tokenizer)
         kinds = {"lora" if c.adapter else "full" for c in found}
         method = kinds.pop() if len(kinds) == 1 else "mixed"
@@ -175,19 +250,41 @@ def audit(
         )
         with session.failing():
             session.score(model, 0, meta={"source": base}, label=f" ({base})")
-            _score_checkpoints(session, model, tokenizer, found, trust_remote_code, allow_pickle)
+            held = _Base(model, base_path, trust_remote_code, allow_pickle)
+            del model  # the adapters take it over, and drop it when one changes it
+            _score_checkpoints(session, held, tokenizer, found, trust_remote_code, allow_pickle)
             session.finish(name, "audit", method, title=f"{name}: audit of {len(found)} checkpoints against {base}")
     return session.root
 
 
+@dataclass
+class _Base:
+    """The base model the adapters are loaded into, and where to load a fresh one from."""
+
+    model: Any  # the one in memory (step 0's), until taken
+    path: str
+    trust_remote_code: bool
+    allow_pickle: bool
+
+    def take(self):
+        """The base in memory the first time (it is then the caller's); a freshly loaded one after."""
+        model, self.model = self.model, None
+        return model if model is not None else models.load(self.path, self.trust_remote_code, self.allow_pickle)[0]
+
+
 def _score_checkpoints(
-    session: RunSession, model, tokenizer, found: list[Checkpoint], trust_remote_code: bool, allow_pickle: bool
+    session: RunSession, base: _Base, tokenizer, found: list[Checkpoint], trust_remote_code: bool, allow_pickle: bool
 ) -> None:
-    """Score every checkpoint: adapters in the base loaded once (its embeddings resized first when
-    the adapters saved resized ones), full models one at a time."""
+    """Score every checkpoint: full models one at a time; adapters one after another in one base,
+    each as ``PeftModel.from_pretrained`` on a fresh base scores it. An adapter that saves more
+    than LoRA matrices (modules_to_save copies, embeddings, a resized vocabulary) overwrites base
+    weights as it loads, so it gets a freshly loaded base (resized first when it saved resized
+    embeddings), and so does the adapter after it."""
     from peft import PeftModel
 
-    adapters, active = None, None  # the base wrapped by peft once the first adapter arrives; its adapter
+    model, adapters, active = None, None, None  # the base and its peft wrapper; the adapter loaded in it
+    changed = False  # whether the adapter loaded in it changed base weights
+    base_fingerprint = session.suite.base_fingerprint
     for checkpoint in found:
         folder, step = checkpoint.folder, checkpoint.step
         has_own = models.has_tokenizer(folder)
@@ -199,8 +296,15 @@ def _score_checkpoints(
             del full
             continue
         own = models.load_tokenizer(str(folder), trust_remote_code) if has_own else tokenizer
-        _fit_vocabulary(session, model, folder, adapters is not None)
+        lora_only = _lora_only(folder)
+        if adapters is not None and (changed or not lora_only):
+            model = adapters = None  # the previous adapter or this one changes the base: drop it before loading
+        changed = not lora_only
+        # an adapter that overwrites base weights is hashed whole, the others as the base's hash + theirs
+        session.suite.base_fingerprint = base_fingerprint if lora_only else None
         if adapters is None:
+            model = base.take()
+            _fit_vocabulary(model, folder)
             active = f"step{step}"
             try:
                 adapters = PeftModel.from_pretrained(model, str(folder), adapter_name=active)
@@ -223,11 +327,57 @@ def _score_checkpoints(
             active = f"step{step}"
         models.check_vocabulary(adapters, own, str(folder), "its own" if has_own else "its base's")
         session.score(adapters, step, tokens, meta, tokenizer=own, label=label)
+    session.suite.base_fingerprint = base_fingerprint
 
 
-def _check_vocabularies(found: list[Checkpoint], tokenizer, trust_remote_code: bool) -> None:
-    """Before anything is written: every full checkpoint without tokenizer files must have an
-    embedding for every token of the base's tokenizer, which it is scored with."""
+def _check_weights(found: list[Checkpoint], allow_pickle: bool) -> list[str]:
+    """Before anything is written: every full checkpoint has safetensors weights (pickle-based
+    ones only with ``allow_pickle``: loading them can run code). Adapters load as peft loads them
+    (pickled ones as tensors only)."""
+    problems = []
+    for checkpoint in (c for c in found if not c.adapter and not allow_pickle):
+        files = [p.name for p in checkpoint.folder.iterdir() if p.is_file()]
+        if any(name.endswith(".safetensors") for name in files):
+            continue
+        pickled = sorted(name for name in files if Path(name).suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        if pickled:
+            problems.append(
+                f"--checkpoints: {checkpoint.source} has no safetensors weights, only pickle-based ones "
+                f"({', '.join(pickled)}), which can run code when loaded; add --allow-pickle if you trust the source"
+            )
+        else:
+            problems.append(
+                f"--checkpoints: {checkpoint.source}: no model weights in this folder (no model.safetensors)"
+            )
+    return problems
+
+
+def _warn_other_bases(found: list[Checkpoint], base: str, base_path: str) -> None:
+    """Warn, one line per other base, about adapters whose adapter_config.json names a base other
+    than ``--base`` (by its name as given, its folder, or its last path part: the same model often
+    sits under other paths, so this is no error)."""
+    ours = {base.rstrip("/"), str(Path(base_path)), Path(base).name, Path(base_path).name}
+    others: dict[str, list[str]] = {}
+    for checkpoint in (c for c in found if c.adapter):
+        config = json.loads((checkpoint.folder / "adapter_config.json").read_text())
+        theirs = str(config.get("base_model_name_or_path") or "").rstrip("/")
+        folder = Path(theirs).expanduser()
+        same = folder.is_dir() and str(folder.resolve()) == str(Path(base_path).resolve())
+        if theirs and not same and not {theirs, Path(theirs).name} & ours:
+            others.setdefault(theirs, []).append(checkpoint.source)
+    for theirs, sources in others.items():
+        which = f"{sources[0]} was" if len(sources) == 1 else f"{len(sources)} adapters ({sources[0]}, ...) were"
+        print(
+            f"forgetscope: warning: {which} trained on {theirs!r} (its adapter_config.json), not --base "
+            f"{base!r}; scored against another base, the change is not forgetting (ignore this if it is the same "
+            "model in another folder)",
+            file=sys.stderr,
+        )
+
+
+def _check_vocabularies(found: list[Checkpoint], tokenizer, trust_remote_code: bool) -> list[str]:
+    """Problems found before anything is written: every full checkpoint without tokenizer files
+    must have an embedding for every token of the base's tokenizer, which it is scored with."""
     from transformers import AutoConfig
 
     problems = []
@@ -244,21 +394,21 @@ def _check_vocabularies(found: list[Checkpoint], tokenizer, trust_remote_code: b
                 "with into the folder (tokenizer.save_pretrained, or pass processing_class to the Trainer) or give "
                 "the --base it was trained from"
             )
-    if problems:
-        raise AuditError("\n".join(problems))
+    return problems
 
 
 SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 """Config fields a fine-tune keeps: a full checkpoint that differs in one was not made from the base."""
 
 
-def _check_architectures(found: list[Checkpoint], model, trust_remote_code: bool) -> None:
-    """Before anything is written: every full checkpoint has the base's architecture
+def _check_architectures(found: list[Checkpoint], model, trust_remote_code: bool) -> list[str]:
+    """Problems found before anything is written: every full checkpoint has the base's architecture
     (:data:`SHAPE_FIELDS`; the vocabulary may have grown), else the audit would report the
     difference between two unrelated models as forgetting."""
     from transformers import AutoConfig
 
     base = model.config.get_text_config()
+    problems = []
     for checkpoint in (c for c in found if not c.adapter):
         config = AutoConfig.from_pretrained(str(checkpoint.folder), trust_remote_code=trust_remote_code)
         config = config.get_text_config()
@@ -266,19 +416,22 @@ def _check_architectures(found: list[Checkpoint], model, trust_remote_code: bool
         if differ:
             theirs = ", ".join(f"{f} {getattr(config, f, None)}" for f in differ)
             ours = ", ".join(f"{f} {getattr(base, f, None)}" for f in differ)
-            raise AuditError(
+            problems.append(
                 f"--checkpoints: {checkpoint.source}: not a fine-tune of the --base ({theirs}; the base has {ours}); "
                 "give the base it was trained from"
             )
+    return problems
 
 
-def _check_adapter_shapes(found: list[Checkpoint], model) -> None:
-    """Before anything is written: every LoRA matrix of every adapter must fit the base's linear
-    layer it targets (A: r x the layer's inputs, B: the layer's outputs x r), as it does on the
-    base it was trained from. The output embeddings are left to peft (a resized vocabulary)."""
+def _check_adapter_shapes(found: list[Checkpoint], model) -> list[str]:
+    """Problems found before anything is written (one per adapter): every LoRA matrix of every
+    adapter must fit the base's linear layer it targets (A: r x the layer's inputs, B: the layer's
+    outputs x r), as it does on the base it was trained from. The output embeddings are left to
+    peft (a resized vocabulary)."""
     import torch
 
     head = model.get_output_embeddings()
+    problems = []
     for checkpoint in (c for c in found if c.adapter):
         for key, shape in _adapter_shapes(checkpoint.folder).items():
             target, _, matrix = key.rpartition(".lora_")
@@ -292,11 +445,13 @@ def _check_adapter_shapes(found: list[Checkpoint], model) -> None:
                 continue
             fits = shape[1] == layer.in_features if matrix == "A.weight" else shape[0] == layer.out_features
             if not fits:
-                raise AuditError(
+                problems.append(
                     f"--checkpoints: {checkpoint.source}: its adapter does not fit the --base (size mismatch for "
                     f"{key}: {tuple(shape)}, where the base's layer maps {layer.in_features} to {layer.out_features}); "
                     "give the base it was trained from"
                 )
+                break
+    return problems
 
 
 def _adapter_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
@@ -313,28 +468,29 @@ def _adapter_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
         return {k: tuple(weights.get_slice(k).get_shape()) for k in weights.keys()}  # noqa: SIM118 (not iterable)
 
 
-def _fit_vocabulary(session: RunSession, model, folder: Path, wrapped: bool) -> None:
-    """Resize the base's embeddings to those an adapter saved (peft saves them when training
-    resized the vocabulary), before the first adapter is loaded. Such adapters overwrite base
-    weights, so from then on snapshots are fingerprinted whole, not as base + adapter."""
+def _lora_only(folder: Path) -> bool:
+    """Whether an adapter saved LoRA matrices only (``lora_A``, ``lora_B``, DoRA's magnitudes),
+    which peft keeps beside the base's weights; anything else (modules_to_save copies, embeddings,
+    other peft methods' tensors) is loaded over or around base layers."""
+    return all("lora_" in key for key in _adapter_shapes(folder))
+
+
+def _fit_vocabulary(model, folder: Path) -> None:
+    """Resize a fresh base's embeddings to those an adapter saved (peft saves them when training
+    resized the vocabulary), before the adapter is loaded."""
     embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
     rows = {
         shape[0]
         for k, shape in _adapter_shapes(folder).items()
         if f"{embedding}." in k and "lora_" not in k and len(shape) == 2
     }
-    if not rows:
-        return
-    session.suite.base_fingerprint = None  # the adapter replaces base weights (embeddings): hash whole models
-    current = model.get_input_embeddings().weight.shape[0]
-    if rows == {current}:
-        return
-    if wrapped or len(rows) > 1:
+    if len(rows) > 1:
         raise AuditError(
-            f"--checkpoints: {folder} has embeddings of {sorted(rows)} tokens, unlike the adapters before it "
-            f"({current}); audit adapters of different vocabularies separately"
+            f"--checkpoints: {folder} has embeddings of {sorted(rows)} tokens in one adapter; give the adapter as "
+            "peft saved it"
         )
-    model.resize_token_embeddings(rows.pop())
+    if rows and rows != {model.get_input_embeddings().weight.shape[0]}:
+        model.resize_token_embeddings(rows.pop())
 
 
 def _same_shape(config, folder: Path) -> bool:

@@ -21,6 +21,7 @@ Under ``accelerate launch`` every process scores its share of each snapshot; the
 from __future__ import annotations
 
 import atexit
+import functools
 import sys
 import weakref
 from dataclasses import asdict
@@ -37,6 +38,21 @@ from forgetscope.train import SnapshotCallback
 
 class CallbackError(UserError):
     """The callback's settings cannot be used; one line per problem."""
+
+
+def _log_scores(trainer_ref: weakref.ref, scores: dict[str, float]) -> None:
+    """Log a snapshot's scores through the Trainer's own ``log`` with its model in eval mode, as
+    ``Trainer.evaluate`` logs. TRL's trainers add the metrics they accumulate (SFTTrainer: entropy,
+    mean_token_accuracy, num_tokens) to whatever is logged next and clear them, choosing train or
+    eval ones by ``model.training``: in training mode the scores would take the train ones away
+    from that step's loss record. The Trainer puts the model back in training mode each step."""
+    trainer = trainer_ref()
+    training = trainer.model.training
+    trainer.model.eval()
+    try:
+        trainer.log(scores)
+    finally:
+        trainer.model.train(training)
 
 
 class ForgettingCallback(SnapshotCallback):
@@ -61,14 +77,19 @@ class ForgettingCallback(SnapshotCallback):
         runs_dir: str = "runs",
         chat_template: str = "auto",
     ):
-        problems: list[str] = []
-        self.evals = build(EvalConfig, {"new": [], **(evals or {})}, "evals.", problems)
-        self.schedule = build(SnapshotConfig, snapshots or {}, "snapshots.", problems)
-        problems += validate.check_name(name, "name")
+        evals = {} if evals is None else evals
+        evals = {"new": [], **evals} if isinstance(evals, dict) else evals  # not a mapping: build says so
+        evals_problems: list[str] = []
+        self.evals = build(EvalConfig, evals, "evals.", evals_problems)
+        if not evals_problems:  # the names and values of evals that built
+            evals_problems = validate.check_evals(self.evals, Path.cwd())
+        snapshot_problems: list[str] = []
+        self.schedule = build(SnapshotConfig, snapshots or {}, "snapshots.", snapshot_problems)
+        if not snapshot_problems:
+            snapshot_problems = validate.check_snapshots(self.schedule, None)
+        problems = evals_problems + snapshot_problems + validate.check_name(name, "name")
         if chat_template not in ("auto", "on", "off"):
             problems.append(f"chat_template: expected 'auto' | 'on' | 'off', got {chat_template!r}")
-        if not problems:
-            problems += validate.check_evals(self.evals, Path.cwd()) + validate.check_snapshots(self.schedule, None)
         tokenizer = trainer.processing_class
         if tokenizer is None:
             problems.append("the Trainer has no tokenizer; hand it over: Trainer(..., processing_class=tokenizer)")
@@ -78,8 +99,7 @@ class ForgettingCallback(SnapshotCallback):
         # The scores reach report_to's integrations through the Trainer's own log. A weak reference:
         # the Trainer holds this callback, and the cycle would keep the model (and a process group)
         # alive until the garbage collector runs, or until exit.
-        trainer_ref = weakref.ref(trainer)
-        self.report = lambda scores: trainer_ref().log(scores)
+        self.report = functools.partial(_log_scores, weakref.ref(trainer))
         model = trainer.model
         self.method = "lora" if hasattr(model, "peft_config") else "full"
         self.base = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
@@ -122,9 +142,14 @@ class ForgettingCallback(SnapshotCallback):
         )
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        problems = validate.check_snapshots(self.schedule, state.max_steps)
-        if problems:
-            raise CallbackError("\n".join(f"ForgettingCallback: {p}" for p in problems))
+        at = self.schedule.at if self.schedule.schedule == "at" else []
+        beyond = [s for s in at if s < 0 or s > state.max_steps]
+        if beyond:
+            self.session.release()  # nothing written: the script may build the callback again
+            raise CallbackError(
+                f"ForgettingCallback: snapshots.at: steps {beyond} fall outside 0..{state.max_steps}, the Trainer's "
+                "max_steps; list steps from 0 to max_steps"
+            )
         steps = snapshots.schedule(self.schedule, state.max_steps)
         self.steps = {s for s in steps if s > 0 or state.global_step == 0}  # resumed: the base is no longer in memory
         self.session.start(

@@ -139,19 +139,9 @@ def _adapter_with_resized_vocabulary(folder):
 
 
 def test_adapter_with_modules_to_save_and_resized_embeddings(tmp_path, capsys):
-    from peft import PeftModel
-
     _adapter_with_resized_vocabulary(tmp_path / "adapter")
     assert _audit(tmp_path, [str(tmp_path / "adapter")]) == 0, capsys.readouterr().err
-    base, _ = models.load(models.resolve("tiny-random"))
-    base.resize_token_embeddings(261)
-    fresh = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
-    tokenizer = models.load_tokenizer(str(tmp_path / "adapter"))
-    suite = evaluate.prepare_suite(EvalConfig(new=[], general=["prose_ppl"], limit=3), tmp_path, False)
-    direct = evaluate.evaluate_model(fresh, tokenizer, suite)["results"]["prose_ppl"]["metrics"]["bits_per_byte"][
-        "value"
-    ]
-    assert _bits(tmp_path)[1] == pytest.approx(direct, rel=1e-9)
+    assert _bits(tmp_path)[1] == pytest.approx(_fresh_bits(tmp_path / "adapter", tmp_path), rel=1e-9)
     assert _bits(tmp_path)[1] != _bits(tmp_path)[0]
 
 
@@ -342,3 +332,161 @@ def test_a_checkpoint_given_twice_is_refused(tmp_path):
     model.save_pretrained(tmp_path / "out" / "checkpoint-2")
     with pytest.raises(audit.AuditError, match="checkpoint-2 is given twice"):
         audit.find_checkpoints([str(tmp_path / "out"), str(tmp_path / "out" / "checkpoint-2")])
+
+
+def _early_stopped_trainer(out, model, tokenizer) -> Trainer:
+    """A plain Trainer planned for 40 steps, evaluated and saved every 2, that EarlyStoppingCallback
+    stops at step 4 (no improvement counts); load_best_model_at_end keeps the highest eval loss,
+    step 2's, so the final model saved into ``out`` holds checkpoint-2's weights."""
+    from transformers import EarlyStoppingCallback
+
+    examples = datasets.Dataset.from_list(_examples(tokenizer))
+    args = TrainingArguments(
+        str(out),
+        max_steps=40,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=True,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=examples,
+        eval_dataset=examples.select(range(4)),
+        data_collator=default_data_collator,
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=1, early_stopping_threshold=100.0)],
+    )
+    trainer.train()
+    trainer.save_model(str(out))
+    return trainer
+
+
+def test_an_early_stopped_runs_final_model_takes_the_step_where_training_ended(tmp_path, capsys):
+    """Not max_steps (40, a step that never ran): the Trainer saved checkpoint-4 where it stopped,
+    so the final model is that step, already scored, and left out with one line naming the best
+    checkpoint whose weights load_best_model_at_end gave it."""
+    model, tokenizer = models.load(models.resolve("tiny-random"))
+    trainer = _early_stopped_trainer(tmp_path / "out", model, tokenizer)
+    assert trainer.state.global_step == 4 and trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+    assert _audit(tmp_path, [str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    assert list(_bits(tmp_path).index) == [0, 2, 4]
+    manifest = json.loads((tmp_path / "runs" / "a" / "manifest.json").read_text())
+    assert manifest["snapshot_steps"] == [0, 2, 4] and {row["step"] for row in manifest["final_vs_base"]} == {4}
+    [line] = [line for line in capsys.readouterr().out.splitlines() if "final model" in line]
+    assert "training ended at step 4, scored from checkpoint-4" in line
+    assert f"best_model_checkpoint {trainer.state.best_model_checkpoint}" in line
+
+
+def _fake_checkpoint(folder, **state) -> None:
+    """A folder that looks like a model (config.json), with ``state`` as its trainer_state.json."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    if state:
+        (folder / "trainer_state.json").write_text(json.dumps(state))
+
+
+def test_a_final_model_past_the_latest_checkpoint_of_an_early_stopping_run_is_left_out(tmp_path, capsys):
+    """An early-stopping run (best_model_checkpoint set) whose latest checkpoint is not where it
+    stopped: the final model's step is not recorded anywhere, so it is left out, in one line."""
+    _fake_checkpoint(tmp_path / "out", global_step=None)  # the final model, no trainer_state.json
+    (tmp_path / "out" / "trainer_state.json").unlink()
+    _fake_checkpoint(
+        tmp_path / "out" / "checkpoint-6", global_step=6, max_steps=40, best_model_checkpoint="x/checkpoint-6"
+    )
+    found = audit.find_checkpoints([str(tmp_path / "out")])
+    assert [(c.step, c.folder.name) for c in found] == [(6, "checkpoint-6")]
+    [line] = [line for line in capsys.readouterr().out.splitlines() if "final model" in line]
+    assert "left out" in line and "after step 6" in line and "give it alone to score it" in line
+
+
+def test_checkpoints_numbered_by_order_or_merged_from_several_runs_are_named(tmp_path, capsys):
+    _fake_checkpoint(tmp_path / "run" / "checkpoint-3")
+    _fake_checkpoint(tmp_path / "final")
+    found = audit.find_checkpoints([str(tmp_path / "run"), str(tmp_path / "final")])
+    assert [(c.step, c.folder.name) for c in found] == [(1, "checkpoint-3"), (2, "final")]
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("forgetscope: warning:")]
+    assert f"{tmp_path / 'final'} has no step number" in line and "numbered 1, 2 in the order given" in line
+
+    _fake_checkpoint(tmp_path / "other" / "checkpoint-2")
+    found = audit.find_checkpoints([str(tmp_path / "run"), str(tmp_path / "other")])
+    assert [(c.step, c.folder.parent.name) for c in found] == [(2, "other"), (3, "run")]
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("forgetscope: warning:")]
+    assert f"the checkpoints of {tmp_path / 'run'} and {tmp_path / 'other'} are merged into one curve" in line
+
+
+def _lora_adapter(folder, seed: int = 1, modules_to_save: list[str] | None = None) -> None:
+    """A LoRA adapter on tiny-random with random updates (and its ``modules_to_save`` copies)."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = models.load(models.resolve("tiny-random"))
+    config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=modules_to_save)
+    model = get_peft_model(model, config)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(folder)
+
+
+def _fresh_bits(folder, tmp_path) -> float:
+    """prose_ppl's bits per byte of an adapter as peft loads it on a freshly loaded base (resized
+    to its own tokenizer when it saved one), the reference an audit must match."""
+    from peft import PeftModel
+
+    base, tokenizer = models.load(models.resolve("tiny-random"))
+    if models.has_tokenizer(folder):
+        tokenizer = models.load_tokenizer(str(folder))
+        base.resize_token_embeddings(len(tokenizer))
+    fresh = PeftModel.from_pretrained(base, str(folder)).eval()
+    suite = evaluate.prepare_suite(EvalConfig(new=[], general=["prose_ppl"], limit=3), tmp_path, False)
+    return evaluate.evaluate_model(fresh, tokenizer, suite)["results"]["prose_ppl"]["metrics"]["bits_per_byte"]["value"]
+
+
+def test_adapters_of_different_runs_score_each_as_on_a_fresh_base(tmp_path, capsys):
+    """An adapter that saves more than LoRA matrices (resized embeddings, modules_to_save) changes
+    the base it loads into; the adapters after it must not see that, in either order."""
+    _lora_adapter(tmp_path / "plain")
+    _lora_adapter(tmp_path / "head", seed=2, modules_to_save=["lm_head"])
+    _adapter_with_resized_vocabulary(tmp_path / "resized")
+    reference = {name: _fresh_bits(tmp_path / name, tmp_path) for name in ("plain", "head", "resized")}
+    assert len(set(reference.values())) == 3
+    for order in (["plain", "resized", "plain"], ["resized", "head", "plain"]):
+        run = "-".join(order)
+        for i, name in enumerate(order, start=1):
+            shutil.copytree(tmp_path / name, tmp_path / run / f"{name}-{i}")
+        assert _audit(tmp_path, sorted(str(p) for p in (tmp_path / run).iterdir()), name=run) == 0
+        assert "warning" not in capsys.readouterr().err  # each adapter records tiny-random as its base
+        bits = _bits(tmp_path, run)
+        assert [bits[i] for i in range(1, 4)] == pytest.approx([reference[n] for n in order], rel=1e-9, abs=0), run
+
+
+def test_a_pickle_only_checkpoint_is_refused_before_anything_is_written(tmp_path, capsys):
+    model, _ = models.load(models.resolve("tiny-random"))
+    model.save_pretrained(tmp_path / "out" / "checkpoint-2")
+    model.config.save_pretrained(tmp_path / "out" / "checkpoint-4")
+    torch.save(model.state_dict(), tmp_path / "out" / "checkpoint-4" / "pytorch_model.bin")
+    assert _audit(tmp_path, [str(tmp_path / "out")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("forgetscope:")]
+    assert len(err) == 1 and "checkpoint-4 has no safetensors weights, only pickle-based ones" in err[0]
+    assert "--allow-pickle" in err[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_adapter_trained_on_another_named_base_is_scored_with_a_warning(tmp_path, capsys):
+    _lora_adapter(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "org/another-model"
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    assert _audit(tmp_path, [str(tmp_path / "adapter")]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("forgetscope: warning:")]
+    assert len(warnings) == 1 and "was trained on 'org/another-model'" in warnings[0]
+    assert "not --base 'tiny-random'" in warnings[0]

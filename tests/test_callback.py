@@ -201,3 +201,79 @@ def test_the_example_under_accelerate_launch_with_two_processes(tmp_path):
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["processes"] == 2 and manifest["method"] == "lora"
     assert sorted(pd.read_csv(root / "curves.csv")["step"].unique()) == [0, 1, 2, 3, 4]
+
+
+def test_trl_sft_trainers_own_train_metrics_stay_in_its_train_records(tmp_path):
+    """SFTTrainer's log adds the metrics it accumulates (entropy, mean_token_accuracy, num_tokens)
+    to whatever is logged next and clears them, picking train or eval ones by the model's mode:
+    the snapshot's scores are logged as Trainer.evaluate logs, in eval mode, so they take none."""
+    from trl import SFTConfig, SFTTrainer
+
+    model, tokenizer = models.load(models.resolve("tiny-random"))
+    rows = [
+        {"prompt": r["prompt"], "completion": " " + r["completion"]}
+        for r in data.load_records(TaskConfig(max_examples=32), None)
+    ]
+    config = SFTConfig(
+        output_dir=str(tmp_path / "sft"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        max_length=64,
+        bf16=False,
+        save_strategy="no",
+    )
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer
+    )
+    trainer.add_callback(
+        ForgettingCallback(
+            trainer,
+            evals={"general": ["prose_ppl"], "limit": 2},
+            snapshots={"schedule": "at", "at": [2, 4]},
+            runs_dir=str(tmp_path / "runs"),
+        )
+    )
+    trainer.train()
+    trl_metrics = {"entropy", "mean_token_accuracy", "num_tokens"}
+    train = [e for e in trainer.state.log_history if "loss" in e]
+    assert [e["step"] for e in train] == [1, 2, 3, 4] and all(trl_metrics <= set(e) for e in train)
+    scores = [e for e in trainer.state.log_history if "eval_forgetscope/prose_ppl/bits_per_byte" in e]
+    assert [e["step"] for e in scores] == [0, 2, 4]
+    assert not any(key.removeprefix("eval_") in trl_metrics for e in scores for key in e)
+    log = pd.read_csv(tmp_path / "runs" / "forgetting" / "train_log.csv")
+    assert log["mean_token_accuracy"].notna().all() and list(log["step"]) == [1, 2, 3, 4]
+
+
+def test_every_bad_setting_is_one_line_and_steps_are_the_trainers_max_steps(tmp_path):
+    trainer = _trainer(tmp_path)
+    with pytest.raises(CallbackError) as err:
+        ForgettingCallback(trainer, evals=["prose_ppl"], snapshots={"schedule": "every"}, name="../x")
+    lines = str(err.value).splitlines()
+    assert len(lines) == 3 and all(line.startswith("ForgettingCallback: ") for line in lines)
+    assert "evals: expected a mapping of keys (new:, general:" in lines[0]
+    assert any("snapshots.every: set a positive interval" in line for line in lines)
+    assert any("name: '../x' must be ASCII letters" in line for line in lines)
+    with pytest.raises(CallbackError) as err:  # the evals' names are checked beside a bad schedule
+        ForgettingCallback(trainer, evals={"general": ["prose_pp"]}, snapshots={"schedule": "every"})
+    lines = str(err.value).splitlines()
+    assert len(lines) == 2 and "did you mean 'prose_ppl'" in lines[0] and "snapshots.every" in lines[1]
+
+    callback = ForgettingCallback(
+        trainer,
+        evals={"general": ["prose_ppl"], "limit": 2},
+        snapshots={"schedule": "at", "at": [2, 50]},
+        runs_dir=str(tmp_path / "runs"),
+    )
+    trainer.add_callback(callback)
+    with pytest.raises(CallbackError) as err:
+        trainer.train()
+    assert str(err.value) == (
+        "ForgettingCallback: snapshots.at: steps [50] fall outside 0..4, the Trainer's max_steps; "
+        "list steps from 0 to max_steps"
+    )
+    # the run folder was left free: the script can build the callback again
+    ForgettingCallback(trainer, evals={"general": ["prose_ppl"]}, runs_dir=str(tmp_path / "runs")).session.release()
