@@ -34,12 +34,15 @@ COLUMNS = [
 
 
 def build_table(layout: RunLayout, run: str, recipe: str, method: str) -> pd.DataFrame:
-    """Every finished evaluation of a run as tidy rows, sorted by role, task, metric and step."""
-    rows = []
+    """Every finished evaluation of a run as tidy rows, sorted by role, task, metric and step; a
+    task's metrics stay in lm-eval's order (its YAML's metrics and filters), which decides its
+    primary metric (:func:`primary_metric`)."""
+    rows, order = [], {}
     for step in layout.eval_steps():
         result = io.read_json(layout.eval_dir(step) / "results.json")
         for task, entry in result["tasks"].items():
             for metric, m in entry["metrics"].items():
+                order.setdefault((task, metric), len(order))
                 rows.append(
                     {
                         "run": run,
@@ -56,7 +59,9 @@ def build_table(layout: RunLayout, run: str, recipe: str, method: str) -> pd.Dat
                         "higher_is_better": m["higher_is_better"],
                     }
                 )
-    return pd.DataFrame(rows, columns=COLUMNS).sort_values(["role", "task", "metric", "step"], ignore_index=True)
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    table["_order"] = [order[pair] for pair in zip(table["task"], table["metric"])]
+    return table.sort_values(["role", "task", "_order", "step"], ignore_index=True).drop(columns="_order")
 
 
 def write_curves(layout: RunLayout, run: str, recipe: str, method: str) -> pd.DataFrame:
@@ -70,8 +75,10 @@ PRIMARY_METRICS = ("acc", "acc_norm", "exact_match", "bits_per_byte", "word_perp
 
 
 def primary_metric(metrics: list[str]) -> str:
-    """The metric that stands for a task in figures and one-line summaries: the first of
-    ``PRIMARY_METRICS`` it has, under any filter (``exact_match,flexible-extract``), else its first."""
+    """The metric that stands for a task in figures, summaries, reports and the gate: the first of
+    ``PRIMARY_METRICS`` it has, under any filter, taking the task's own order among filters
+    (``metrics`` in lm-eval's order: gsm8k's ``exact_match,strict-match`` before
+    ``exact_match,flexible-extract``), else its first. A gate policy can name another (``metric:``)."""
     return next((m for name in PRIMARY_METRICS for m in metrics if m.partition(",")[0] == name), metrics[0])
 
 

@@ -7,11 +7,13 @@ Policy (YAML; example in examples/release_policy.yaml)::
     correction: holm          # holm | bh | none: adjustment across the general probes tested
     power: 0.8                # for the advice on inconclusive probes: items needed at this power
     at_chance: exclude        # exclude | keep probes whose base is not above chance in max_general_forgetting
-    new:                      # minimum scores of the new task(s) at the checked step
-      numerals: {min: 0.9}
+    new:                      # scores of the new task(s) at the checked step
+      numerals: {min: 0.9}                   # higher-is-better metrics: a minimum
+      prose_lines: {max: 5.0}                # lower-is-better (bits_per_byte): a maximum
     general:                  # allowed drops of the general probes ("default" covers the rest)
       prose_ppl: {max_drop: 0.05}            # absolute, in the metric's units
       world_capitals: {max_relative_drop: 0.05}
+      gsm8k: {max_drop: 0.02, metric: "exact_match,strict-match"}   # a metric other than the primary one
       default: {max_relative_drop: 0.10}
     max_general_forgetting: 0.05   # optional: the mean relative drop over the probes
 
@@ -27,8 +29,15 @@ many items would decide it at ``power`` if the drop and its variance stay as obs
 (The verdict needs every probe to pass, an intersection-union test that holds its level even
 without adjustment; the adjustment is what makes each probe's PASS defensible on its own.)
 ``decide_on: estimate`` compares the point estimate instead (lenient; for exploratory gates).
-New-task minimums compare the point estimate. Drops are sign-correct (positive = worse); a
-relative limit divides the drop and its replicates by ``abs(v_0)``. Every comparison with a limit
+A probe whose change has no bootstrap (a task's own aggregation that the items do not reproduce;
+:func:`forgetscope.stats.paired_bootstrap` says why) has no bound: it is inconclusive under
+``decide_on: upper`` and left out of the adjustment, and decided on its estimate under
+``decide_on: estimate``. Each eval is checked on its primary metric
+(:func:`forgetscope.curves.primary_metric`) unless its entry names one (``metric:``).
+New-task limits compare the point estimate: ``min`` for a higher-is-better metric, ``max`` for a
+lower-is-better one (the other way round is refused: a model that learned would fail it). Drops
+are sign-correct (positive = worse); a relative limit divides the drop and its replicates by
+``abs(v_0)``. Every comparison with a limit
 counts a value within float rounding of it (1e-9, relative) as at the limit, which is within it:
 0.8 -> 0.75 is a drop of 0.05 under ``max_drop: 0.05``, so the test decides it (a drop at the limit
 cannot be shown below it: inconclusive), and ``decide_on: estimate`` passes it. A probe whose base score is
@@ -63,11 +72,19 @@ class GateError(UserError):
 
 @dataclass
 class Limit:
-    """The limit of one probe (give one of max_drop / max_relative_drop) or new task (min)."""
+    """The limit of one probe (give one of max_drop / max_relative_drop) or new task (min, or max for
+    a lower-is-better metric), optionally on a metric named by ``metric``."""
 
     max_drop: float | None = option(None, "the largest drop allowed, in the metric's units; positive = worse")
     max_relative_drop: float | None = option(None, "the largest drop allowed, relative to the base value, e.g. 0.05")
-    min: float | None = option(None, "the smallest score allowed, of a new task")
+    min: float | None = option(None, "the smallest score allowed, of a new task whose metric is higher-is-better")
+    max: float | None = option(
+        None, "the largest value allowed, of a new task whose metric is lower-is-better (bits_per_byte)"
+    )
+    metric: str | None = option(
+        None,
+        "the metric to check, as the run names it (default: the task's primary one), e.g. exact_match,strict-match",
+    )
 
 
 @dataclass
@@ -87,8 +104,12 @@ class Policy:
     at_chance: Literal["exclude", "keep"] = option(
         "exclude", "probes at chance at the base: left out of max_general_forgetting, or kept"
     )
-    new: dict[str, Any] = option({}, "new task -> {min: score}")
-    general: dict[str, Any] = option({}, "general probe (or 'default') -> {max_drop | max_relative_drop}")
+    new: dict[str, Any] = option(
+        {}, "new task -> {min: score} (or {max: value} when lower is better), metric: optional"
+    )
+    general: dict[str, Any] = option(
+        {}, "general probe (or 'default') -> {max_drop | max_relative_drop}, metric: optional"
+    )
     max_general_forgetting: float | None = option(None, "largest allowed mean relative drop over the general probes")
     limits: dict = field(default_factory=dict, metadata={"internal": True})  # (role, name) -> Limit
 
@@ -132,7 +153,7 @@ def load_policy(path: str | Path) -> Policy:
     return policy
 
 
-_LIMIT_KEYS = {"new": ["min"], "general": ["max_drop", "max_relative_drop"]}
+_LIMIT_KEYS = {"new": ["min", "max"], "general": ["max_drop", "max_relative_drop"]}
 
 
 def _limit(where: str, entry: Any, problems: list[str]) -> Limit | None:
@@ -149,17 +170,23 @@ def _limit(where: str, entry: Any, problems: list[str]) -> Limit | None:
     meaning = {f.name: f.metadata["help"] for f in fields(Limit)}
     before = len(problems)
     for key, value in entry.items():
-        if key not in keys:
-            hint = schema.did_you_mean(str(key), keys)
-            problems.append(f"{where}.{key}: unknown key{hint} (allowed under {role}: {', '.join(keys)})")
+        if key == "metric":
+            if where == "general.default":
+                problems.append(f"{where}.metric: name the metric under each probe, not under default")
+            elif not isinstance(value, str) or not value:
+                problems.append(f"{where}.metric: {value!r} must be a metric name ({meaning[key]})")
+        elif key not in keys:
+            hint = schema.did_you_mean(str(key), [*keys, "metric"])
+            problems.append(f"{where}.{key}: unknown key{hint} (allowed under {role}: {', '.join(keys)}, metric)")
         elif _number(value) is None or _number(value) < 0:
             problems.append(f"{where}.{key}: {value!r} must be a number, 0 or more ({meaning[key]})")
     if len(problems) > before:
         return None
-    if len(entry) != 1:
-        problems.append(f"{where}: give exactly one of {' / '.join(keys)}, got {list(entry) or 'none'}")
+    given = [key for key in entry if key != "metric"]
+    if len(given) != 1:
+        problems.append(f"{where}: give exactly one of {' / '.join(keys)}, got {given or 'none'}")
         return None
-    return Limit(**{key: _number(value) for key, value in entry.items()})
+    return Limit(**{key: value if key == "metric" else _number(value) for key, value in entry.items()})
 
 
 def _number(value: Any) -> float | None:
@@ -208,7 +235,8 @@ def check(run: str | Path, policy: Policy, step: int | None = None) -> dict:
     if step not in set(table["step"]):
         raise GateError(f"{root}: no evaluation at step {step}; evaluated steps: {sorted(set(table['step']))}")
     alpha = 1 - policy.confidence
-    rows = metrics.primary_rows(table[table["step"].isin([0, step])], alpha=alpha)
+    chosen = {name: (f"{role}.{name}", limit.metric) for (role, name), limit in policy.limits.items() if limit.metric}
+    rows = metrics.primary_rows(_with_metrics(table[table["step"].isin([0, step])], chosen), alpha=alpha)
     at = rows[rows["step"] == step].set_index("task")
     evals = {role: sorted(at.index[at["role"] == role]) for role in ("new", "general")}
     has = (
@@ -232,7 +260,7 @@ def check(run: str | Path, policy: Policy, step: int | None = None) -> dict:
         raise GateError(f"policy {role}.{name}: the run has no eval {name!r}; {has}")
     if policy.max_general_forgetting is not None and not evals["general"]:
         raise GateError(f"policy max_general_forgetting: the run has no general eval to average at step {step}; {has}")
-    checks, tests = [], []
+    checks, probes = [], []
     for task, row in at.sort_values("role", key=lambda r: r != "new", kind="stable").iterrows():
         limit = policy.limits.get((row["role"], task)) or (
             policy.limits.get(("general", "default")) if row["role"] == "general" else None
@@ -240,27 +268,11 @@ def check(run: str | Path, policy: Policy, step: int | None = None) -> dict:
         if limit is None:
             continue
         if row["role"] == "new":
-            if pd.notna(row.get("chance")) and limit.min > 1:  # a 0/1 metric: a minimum above 1 is a typo
-                raise GateError(
-                    f"policy new.{task}.min: {limit.min:g} is above the highest {row['metric']} (1); "
-                    "scores are fractions, e.g. 0.9 for 90%"
-                )
-            ok = _compare(row["value"], limit.min) >= 0
-            checks.append(
-                {
-                    "name": task,
-                    "role": "new",
-                    "metric": row["metric"],
-                    "value": float(row["value"]),
-                    "limit": f">= {limit.min:g}",
-                    "passed": bool(ok),
-                    "note": "" if ok else "below the minimum score",
-                }
-            )
+            checks.append(_new_check(task, row, limit))
             continue
         checks.append(_probe_check(layout, task, row, limit, step))
-        tests.append(checks[-1])
-    _decide(tests, policy)
+        probes.append(checks[-1])
+    tests = _decide(probes, policy)
     if policy.max_general_forgetting is not None:
         forgetting = metrics.general_forgetting(rows, keep_at_chance=policy.at_chance == "keep")
         value = forgetting[forgetting["step"] == step]["forgetting"]
@@ -305,15 +317,68 @@ def check(run: str | Path, policy: Policy, step: int | None = None) -> dict:
     }
 
 
+def _with_metrics(table: pd.DataFrame, chosen: dict[str, tuple[str, str]]) -> pd.DataFrame:
+    """``table`` keeping, for each eval in ``chosen`` (eval -> (policy key, metric)), only the rows of
+    that metric, so that it stands for the eval; a metric the eval lacks is a :class:`GateError`.
+    (An eval the run lacks is reported by the caller.)"""
+    keep = pd.Series(True, index=table.index)
+    for name, (where, metric) in chosen.items():
+        rows = table["task"] == name
+        have = list(table[rows]["metric"].unique())
+        if have and metric not in have:
+            hint = schema.did_you_mean(metric, have)
+            raise GateError(
+                f"policy {where}.metric: {name} has no metric {metric!r}{hint}; its metrics: {', '.join(have)}"
+            )
+        keep &= ~rows | (table["metric"] == metric)
+    return table[keep]
+
+
+def _new_check(task: str, row, limit: Limit) -> dict:
+    """A new task's score against its ``min`` (higher-is-better metrics) or ``max`` (lower-is-better:
+    bits per byte, perplexity); the other way round is a :class:`GateError`, since a model that
+    learned would fail it."""
+    metric, higher = row["metric"], bool(row["higher_is_better"])
+    if limit.min is not None and not higher:
+        raise GateError(
+            f"policy new.{task}.min: {metric} is lower-is-better, so a minimum would fail a model that learned; "
+            f"give the largest value allowed with max: {limit.min:g}"
+        )
+    if limit.max is not None and higher:
+        raise GateError(
+            f"policy new.{task}.max: {metric} is higher-is-better, so a maximum would fail a model that learned; "
+            f"give the smallest score allowed with min: {limit.max:g}"
+        )
+    if limit.min is not None and pd.notna(row.get("chance")) and limit.min > 1:  # a 0/1 metric: above 1 is a typo
+        raise GateError(
+            f"policy new.{task}.min: {limit.min:g} is above the highest {metric} (1); "
+            "scores are fractions, e.g. 0.9 for 90%"
+        )
+    if limit.min is not None:
+        ok, shown, note = _compare(row["value"], limit.min) >= 0, f">= {limit.min:g}", "below the minimum score"
+    else:
+        ok, shown, note = _compare(row["value"], limit.max) <= 0, f"<= {limit.max:g}", "above the maximum"
+    return {
+        "name": task,
+        "role": "new",
+        "metric": metric,
+        "value": float(row["value"]),
+        "limit": shown,
+        "passed": bool(ok),
+        "note": "" if ok else note,
+    }
+
+
 def _probe_check(layout: RunLayout, task: str, row, limit: Limit, step: int) -> dict:
     """One general probe's drop (relative when its limit is), bootstrap replicates and raw
-    non-inferiority p-value; the decision comes later, across probes (:func:`_decide`)."""
-    delta, boot, n = stats.paired_bootstrap(layout, task, row["metric"], step)
+    non-inferiority p-value; the decision comes later, across probes (:func:`_decide`). A probe
+    whose change has no bootstrap (``why``) has no p-value and is left out of the adjustment."""
+    paired = stats.paired_bootstrap(layout, task, row["metric"], step)
     sign = -1.0 if row["higher_is_better"] else 1.0
     relative = limit.max_relative_drop is not None
     scale = abs(row["v0"]) if relative and row["v0"] else 1.0
-    drop, boot_drop = sign * delta / scale, sign * boot / scale
     allowed = limit.max_relative_drop if relative else limit.max_drop
+    boot_drop = None if paired.boot is None else sign * paired.boot / scale
     chance = None if pd.isna(row["chance"]) else float(row["chance"])
     return {
         "name": task,
@@ -321,12 +386,13 @@ def _probe_check(layout: RunLayout, task: str, row, limit: Limit, step: int) -> 
         "metric": row["metric"],
         "base": float(row["v0"]),
         "value": float(row["value"]),
-        "drop": drop,
-        "se": float(boot_drop.std(ddof=1)),
-        "n": n,
+        "drop": sign * paired.delta / scale,
+        "se": None if boot_drop is None else float(boot_drop.std(ddof=1)),
+        "n": paired.n,
         "relative": relative,
         "allowed": allowed,
-        "p": stats.p_noninferior(boot_drop, allowed),
+        "p": None if boot_drop is None else stats.p_noninferior(boot_drop, allowed),
+        "why": paired.why,
         "chance": chance,
         "at_chance": bool(row["at_chance"]),
         "limit": f"<= {allowed:g}{' relative' if relative else ''}",
@@ -334,22 +400,32 @@ def _probe_check(layout: RunLayout, task: str, row, limit: Limit, step: int) -> 
     }
 
 
-def _decide(tests: list[dict], policy: Policy) -> None:
-    """Adjust the probes' p-values across the family, decide each, show the bound at the matching
-    level, and say how many items would decide an inconclusive probe."""
-    alpha, m = 1 - policy.confidence, len(tests)
+def _decide(checks: list[dict], policy: Policy) -> list[dict]:
+    """Adjust the probes' p-values across the family (the probes with a bootstrap), decide each,
+    show the bound at the matching level, and say how many items would decide an inconclusive
+    probe. A probe without a bootstrap is decided on its estimate with ``decide_on: estimate``,
+    else it is inconclusive. Returns the probes tested."""
+    alpha = 1 - policy.confidence
+    tests = [c for c in checks if c["p"] is not None]
+    m = len(tests)
     for test, p_adj in zip(tests, stats.adjust([t["p"] for t in tests], policy.correction)):
         test["p_adj"] = p_adj
     rejected = sum(t["p_adj"] <= alpha for t in tests)
     level = stats.adjusted_alpha(alpha, m, rejected, policy.correction)
     family_alpha = alpha / m if policy.correction != "none" and m else alpha  # enough for any rank, Holm or BH
-    for t in tests:
-        t["bound"], t["bound_level"] = float(np.percentile(t.pop("_boot"), 100 * (1 - level))), 1 - level
+    for t in checks:
+        boot = t.pop("_boot")
+        t.setdefault("p_adj", None)
+        t["bound"] = None if boot is None else float(np.percentile(boot, 100 * (1 - level)))
+        t["bound_level"] = None if boot is None else 1 - level
         side = _compare(t["drop"], t["allowed"])
-        ok = t["p_adj"] <= alpha if policy.decide_on == "upper" else side <= 0
+        tested = t["p_adj"] is not None and t["p_adj"] <= alpha
+        ok = side <= 0 if policy.decide_on == "estimate" else tested
         notes = []
         if not ok and side > 0:
             notes.append("drop exceeds the limit")
+        elif not ok and boot is None:
+            notes.append(f"inconclusive: no confidence bound ({t['why']}); `decide_on: estimate` decides on the drop")
         elif not ok and side == 0:
             notes.append("inconclusive: the drop is at the limit, so no number of items would show it below")
         elif not ok:
@@ -362,22 +438,26 @@ def _decide(tests: list[dict], policy: Policy) -> None:
                 f"would decide it at {policy.power:.0%} power if the drop stays {t['drop']:+.4f} (raise evals.limit); "
                 f"at {t['n']} items only drops {t['mde']:.4f} or more below the limit pass reliably"
             )
+        if ok and boot is None:
+            notes.append(f"decided on the estimate: no confidence bound ({t['why']})")
         if t["at_chance"]:
             notes.append(
                 f"base at chance ({t['base']:.3g}; guessing {t['chance']:.3g}): this probe cannot show forgetting"
             )
         t["passed"], t["note"] = bool(ok), "; ".join(notes)
+    return tests
 
 
 def _signed(x: float) -> str:
-    """``x`` to 4 decimals with its sign, "+0.0000" for a zero drop (never "-0.0000")."""
-    return f"{round(x, 4) + 0.0:+.4f}"
+    """``x`` to 4 decimals with its sign, "+0.0000" for a zero drop (never "-0.0000"); 4 significant
+    digits when large (a perplexity that exploded)."""
+    return f"{round(x, 4) + 0.0:+.4f}" if abs(x) < 1e5 else f"{x:+.4g}"
 
 
 def _row(c: dict) -> list[str]:
     if "drop" in c:
         value = f"{c['base']:.4g} → {c['value']:.4g}"
-        measured = f"{_signed(c['drop'])} (≤ {_signed(c['bound'])})"
+        measured = f"{_signed(c['drop'])} ({'no bound' if c['bound'] is None else '≤ ' + _signed(c['bound'])})"
         p = stats.format_p(c["p_adj"])
     else:
         value, measured, p = "–" if c["value"] is None else f"{c['value']:.4g}", "", ""

@@ -1,15 +1,18 @@
 """Paired statistics over items: the same items are scored at every step, so deltas pair up.
 
-Per item, lm-eval stores either a value (``acc``: 0/1) or a pair ``[log-likelihood, weight]``
-(``word_perplexity``, ``byte_perplexity``, ``bits_per_byte``: weight = words or bytes). A corpus
-metric is an aggregate of the items; we write each item as (numerator, denominator):
-
-* mean metrics:        value = sum(num) / sum(den), with num = value, den = 1
-* word/byte perplexity: value = exp(-sum(num) / sum(den)),     num = log-likelihood, den = words/bytes
-* bits_per_byte:        value = -sum(num) / sum(den) / ln 2
-
-The paired bootstrap resamples *items* (the same resample at both steps) and recomputes the
-aggregate at each step; the 2.5 and 97.5 percentiles of the difference form the 95% CI.
+A change is lm-eval's own corpus value at one step minus at the other (``results.json``). Its
+uncertainty comes from the per-item values lm-eval logged (``samples_<task>.jsonl``): the paired
+bootstrap resamples *items* (the same resample at both steps) and applies lm-eval's aggregation
+of the metric to each resample at both steps; the 2.5 and 97.5 percentiles of the difference form
+the 95% CI. The aggregation is the one lm-eval registers for the metric (``perplexity``: exp(-mean
+log-likelihood); ``word_perplexity``, ``byte_perplexity``: exp(-sum(ll) / sum(words or bytes));
+``bits_per_byte``: -sum(ll) / sum(bytes) / ln 2; ``mcc``, ``f1``, ``brier_score``, ``bleu``:
+corpus functions of (gold, prediction) items), else a mean, and it is used only when it
+reproduces lm-eval's value at both steps: a task with its own aggregation gets its delta and no
+CI, with the reason. A group's items carry their subtask (``mmlu_anatomy/12``): each subtask is
+aggregated on its own and the subtasks combined as lm-eval combined them (equally, or weighted
+by size: whichever reproduces lm-eval's group value), and the bootstrap resamples within each
+subtask.
 
 Tests on top of it (formulas in docs/METRICS.md): bootstrap p-values (two-sided against no change,
 one-sided against a non-inferiority margin), Holm / Benjamini-Hochberg adjustment across probes,
@@ -20,50 +23,236 @@ flips of multiple-choice probes, and the number of items a test needs (power).
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from statistics import NormalDist
+from typing import Any
 
 import numpy as np
 
 from forgetscope import io
 from forgetscope.snapshots import RunLayout
 
+PAIRED = ("weighted_perplexity", "bits_per_byte")
+"""lm-eval's aggregations whose items are (log-likelihood, words or bytes) pairs."""
+
+
+def _mean(x: np.ndarray) -> np.ndarray:
+    return x.mean(axis=-1)
+
+
+def _perplexity(x: np.ndarray) -> np.ndarray:
+    return np.exp(-x.mean(axis=-1))
+
+
+def _weighted_perplexity(x: np.ndarray) -> np.ndarray:
+    return np.exp(-x[..., 0].sum(axis=-1) / x[..., 1].sum(axis=-1))
+
+
+def _bits_per_byte(x: np.ndarray) -> np.ndarray:
+    return -x[..., 0].sum(axis=-1) / x[..., 1].sum(axis=-1) / math.log(2)
+
+
+VECTORISED: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "mean": _mean,
+    "perplexity": _perplexity,
+    "weighted_perplexity": _weighted_perplexity,
+    "bits_per_byte": _bits_per_byte,
+}
+"""lm-eval's numeric aggregations in numpy, over the items' axis (the last; the one before the
+pair's for ``PAIRED``), so that every bootstrap replicate is computed at once (tested against
+lm-eval's own functions)."""
+
+
+def registered_aggregation(metric: str) -> tuple[str, Callable] | None:
+    """(name, function) of the aggregation lm-eval registers for ``metric`` (its filter dropped:
+    ``exact_match,strict-match`` is ``exact_match``), or None for a metric it does not know."""
+    from lm_eval.api import metrics as _  # noqa: F401  (registers lm-eval's metrics and aggregations)
+    from lm_eval.api.registry import AGGREGATION_REGISTRY, METRIC_AGGREGATION_REGISTRY
+
+    fn = METRIC_AGGREGATION_REGISTRY.get(metric.partition(",")[0], None)
+    if fn is None:
+        return None
+    return next((name for name, known in AGGREGATION_REGISTRY.items() if known is fn), fn.__name__), fn
+
+
+def revived(value: Any) -> Any:
+    """A per-item value as lm-eval computed it, from the JSON forgetscope stored: numpy scalars and
+    arrays were written with ``str`` (``"2"``, ``"[0.9 0.1]"``) and tuples as lists; numbers and
+    arrays come back, other strings stay."""
+    if isinstance(value, list):
+        return tuple(revived(v) for v in value)
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    try:
+        if text.startswith("[") and text.endswith("]"):
+            return np.array(text[1:-1].split(), dtype=float)
+        return int(text) if text.lstrip("-").isdigit() else float(text)
+    except ValueError:
+        return value
+
+
+def raw_items(layout: RunLayout, step: int, task: str, metric: str) -> dict[str, Any]:
+    """{item_id: the item's value of ``metric`` as stored} for one task at one step."""
+    path = layout.eval_dir(step) / f"samples_{task}.jsonl"
+    return {str(s["item_id"]): s[metric] for s in io.read_jsonl(path) if metric in s}
+
 
 def item_values(layout: RunLayout, step: int, task: str, metric: str) -> dict[str, tuple[float, float]]:
-    """{item_id: (numerator, denominator)} for one task and metric at one step."""
-    path = layout.eval_dir(step) / f"samples_{task}.jsonl"
+    """{item_id: (numerator, denominator)} for one task and metric at one step: ``(score, 1)`` for
+    a per-item number (an accuracy, a log-likelihood), ``(log-likelihood, words or bytes)`` for
+    the pairs of word/byte perplexity and bits per byte. Empty for a corpus-level metric, whose
+    items are not scores (``mcc``: (gold, prediction))."""
+    registered = registered_aggregation(metric)
+    paired = registered is not None and registered[0] in PAIRED
     out = {}
-    for sample in io.read_jsonl(path):
-        value = sample[metric]
-        out[str(sample["item_id"])] = (
-            (float(value[0]), float(value[1])) if isinstance(value, list) else (float(value), 1.0)
-        )
+    for item, value in raw_items(layout, step, task, metric).items():
+        if isinstance(value, (int, float)) and not paired:
+            out[item] = (float(value), 1.0)
+        elif paired and isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
+            out[item] = (float(value[0]), float(value[1]))
+        else:
+            return {}
     return out
 
 
-def aggregate(metric: str, num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    """The corpus value from per-item (num, den); works along the last axis (for bootstrap batches)."""
-    ratio = num.sum(axis=-1) / den.sum(axis=-1)
-    if metric in ("word_perplexity", "byte_perplexity"):
-        return np.exp(-ratio)
-    if metric == "bits_per_byte":
-        return -ratio / math.log(2)
-    return ratio
+def lm_eval_value(layout: RunLayout, step: int, task: str, metric: str) -> float:
+    """lm-eval's corpus value of ``metric`` for ``task`` at ``step`` (``results.json``)."""
+    return float(io.read_json(layout.eval_dir(step) / "results.json")["tasks"][task]["metrics"][metric]["value"])
+
+
+@dataclass
+class Aggregation:
+    """How lm-eval's corpus value is computed from the per-item values: ``fn`` over a subtask's
+    items (vectorised over bootstrap replicates when ``vectorised``), the subtasks (lists of item
+    positions; one for a task) combined with ``weights``."""
+
+    name: str  # lm-eval's aggregation ("mean", "perplexity", "matthews_corrcoef", ...)
+    fn: Callable
+    vectorised: bool
+    revive: bool  # the items are read back as numbers first (:func:`revived`)
+    subtasks: list[np.ndarray]
+    weights: np.ndarray  # one per subtask: 1 each (equal), or its number of items (by size)
+
+    def prepare(self, values: list) -> Any:
+        """The items in the form ``fn`` takes: a float array for a vectorised aggregation (of
+        numbers, or of pairs for ``PAIRED``; a ValueError for anything else)."""
+        values = [revived(v) for v in values] if self.revive else values
+        if not self.vectorised:
+            return values
+        array = np.asarray(values, dtype=float)
+        if array.ndim != (2 if self.name in PAIRED else 1):
+            raise ValueError(f"{self.name} takes {'pairs' if self.name in PAIRED else 'numbers'}")
+        return array
+
+    def value(self, items: Any, draws: list[np.ndarray] | None = None) -> np.ndarray:
+        """The corpus value on ``items`` (prepared), or one per bootstrap replicate: ``draws[s]``
+        (replicates x items of subtask ``s``) holds the positions drawn within subtask ``s``."""
+        parts = []
+        for s, positions in enumerate(self.subtasks):
+            rows = positions[None, :] if draws is None else positions[draws[s]]
+            if self.vectorised:
+                parts.append(self.fn(items[rows]))
+            else:
+                parts.append(np.array([self.fn([items[i] for i in row]) for row in rows], dtype=float))
+        combined = np.tensordot(self.weights, np.array(parts), axes=1) / self.weights.sum()
+        return combined if draws is not None else combined[0]
+
+
+def _subtasks(items: list[str]) -> list[tuple[list[np.ndarray], np.ndarray]]:
+    """The ways lm-eval may have combined these items, as (subtasks' item positions, weights): for
+    a group's items (``subtask/id``, two subtasks or more) each subtask weighted by size, or
+    equally; and one pool (a task)."""
+    pool = [([np.arange(len(items))], np.ones(1))]
+    names = [item.partition("/")[0] if "/" in item else None for item in items]
+    if None in names or len(set(names)) < 2:
+        return pool
+    groups = [np.array([i for i, name in enumerate(names) if name == sub]) for sub in dict.fromkeys(names)]
+    sizes = np.array([len(g) for g in groups], dtype=float)
+    return [(groups, sizes), (groups, np.ones(len(groups))), *pool]
+
+
+def _fits(ours: float, theirs: float) -> bool:
+    """``ours`` recomputes lm-eval's ``theirs`` up to float rounding."""
+    return math.isfinite(ours) and math.isclose(ours, theirs, rel_tol=1e-6, abs_tol=1e-12)
+
+
+def find_aggregation(metric: str, items: list[str], steps_values: list[tuple[list, float]]) -> Aggregation | None:
+    """The :class:`Aggregation` that turns each step's per-item values into lm-eval's value of that
+    step (``steps_values``: (values in ``items`` order, lm-eval's value)); None when none does (a
+    task's own aggregation function, items that are not numbers)."""
+    registered = registered_aggregation(metric)
+    candidates = [registered] if registered else []
+    if not registered or registered[0] != "mean":
+        candidates.append(("mean", None))  # a task's own metric under lm-eval's usual aggregation
+    for name, fn in candidates:
+        vectorised = name in VECTORISED
+        for revive in (False, True):
+            for subtasks, weights in _subtasks(items):
+                agg = Aggregation(name, VECTORISED.get(name, fn), vectorised, revive, subtasks, weights)
+                try:
+                    with warnings.catch_warnings(), np.errstate(all="ignore"):
+                        warnings.simplefilter("ignore")
+                        if all(_fits(float(agg.value(agg.prepare(v))), lm) for v, lm in steps_values):
+                            return agg
+                except Exception:  # lm-eval's function refusing these items (or these as numbers): not this one
+                    continue
+    return None
+
+
+def corpus_value(layout: RunLayout, step: int, task: str, metric: str) -> float | None:
+    """``metric`` recomputed from ``task``'s items at ``step`` with lm-eval's aggregation (None when
+    the items do not reproduce lm-eval's value)."""
+    stored = raw_items(layout, step, task, metric)
+    items = sorted(stored)
+    values = [stored[i] for i in items]
+    agg = find_aggregation(metric, items, [(values, lm_eval_value(layout, step, task, metric))])
+    return None if agg is None else float(agg.value(agg.prepare(values)))
+
+
+@dataclass
+class Paired:
+    """The change of one metric between two steps, paired over items."""
+
+    delta: float  # lm-eval's value at the later step minus at the base step
+    boot: np.ndarray | None  # paired bootstrap replicates of the delta; None when they cannot be drawn
+    n: int  # items scored at both steps
+    why: str = ""  # why there are no replicates
 
 
 def paired_bootstrap(
     layout: RunLayout, task: str, metric: str, step: int, base_step: int = 0, iters: int = 2000, seed: int = 0
-) -> tuple[float, np.ndarray, int]:
-    """``value(step) - value(base_step)`` on the items both scored, its ``iters`` paired bootstrap
-    replicates (the same resample of items at both steps), and the number of items."""
-    base = item_values(layout, base_step, task, metric)
-    later = item_values(layout, step, task, metric)
+) -> Paired:
+    """``value(step) - value(base_step)`` from lm-eval's values, and its ``iters`` paired bootstrap
+    replicates (the same resample of items at both steps, within each subtask of a group) computed
+    with lm-eval's aggregation (:func:`find_aggregation`) on the items both steps scored."""
+    values = (lm_eval_value(layout, base_step, task, metric), lm_eval_value(layout, step, task, metric))
+    delta = values[1] - values[0]
+    if not all(map(math.isfinite, values)):
+        return Paired(delta, None, 0, f"lm-eval's {metric} is {values[0]:g} -> {values[1]:g}")
+    base, later = raw_items(layout, base_step, task, metric), raw_items(layout, step, task, metric)
     items = sorted(set(base) & set(later))
-    b = np.array([base[i] for i in items])
-    s = np.array([later[i] for i in items])
-    delta = float(aggregate(metric, s[:, 0], s[:, 1]) - aggregate(metric, b[:, 0], b[:, 1]))
-    idx = np.random.default_rng(seed).integers(0, len(items), size=(iters, len(items)))
-    boot = aggregate(metric, s[idx, 0], s[idx, 1]) - aggregate(metric, b[idx, 0], b[idx, 1])
-    return delta, boot, len(items)
+    if not items:
+        return Paired(delta, None, 0, "no item was scored at both steps")
+    stored = ([base[i] for i in items], [later[i] for i in items])
+    agg = find_aggregation(metric, items, list(zip(stored, values)))
+    if agg is None:
+        return Paired(
+            delta, None, len(items), f"the items do not reproduce lm-eval's {metric} (the task's own aggregation?)"
+        )
+    rng = np.random.default_rng(seed)
+    draws = [rng.integers(0, len(positions), size=(iters, len(positions))) for positions in agg.subtasks]
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            boot = agg.value(agg.prepare(stored[1]), draws) - agg.value(agg.prepare(stored[0]), draws)
+    except Exception as err:  # lm-eval's function refusing a resample (sklearn, sacrebleu): no CI, with the reason
+        return Paired(delta, None, len(items), f"lm-eval's {agg.name} fails on resampled items ({err})")
+    if not np.isfinite(boot).all():
+        return Paired(delta, None, len(items), f"{metric} is not finite on some resamples of the items")
+    return Paired(delta, boot, len(items))
 
 
 def paired_delta(
@@ -75,34 +264,48 @@ def paired_delta(
     iters: int = 2000,
     seed: int = 0,
     confidence: float = 0.95,
-) -> dict[str, float]:
-    """``value(step) - value(base_step)`` on the items both scored, with a paired bootstrap CI
-    (two-sided, at ``confidence``), the bootstrap standard error ``se`` and the two-sided
-    bootstrap p-value ``p`` of "no change" (:func:`p_two_sided`)."""
-    delta, boot, n = paired_bootstrap(layout, task, metric, step, base_step, iters, seed)
+) -> dict[str, Any]:
+    """``value(step) - value(base_step)`` (lm-eval's values), with a paired bootstrap CI (two-sided,
+    at ``confidence``: ``low``, ``high``), the bootstrap standard error ``se``, the two-sided
+    bootstrap p-value ``p`` of "no change" (:func:`p_two_sided`) and the number of items ``n``.
+    Without replicates (:func:`paired_bootstrap`) those are None and ``why`` says why."""
+    paired = paired_bootstrap(layout, task, metric, step, base_step, iters, seed)
+    if paired.boot is None:
+        return {
+            "delta": paired.delta,
+            "low": None,
+            "high": None,
+            "n": paired.n,
+            "se": None,
+            "p": None,
+            "why": paired.why,
+        }
     tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(boot, [tail, 100 - tail])
+    low, high = np.percentile(paired.boot, [tail, 100 - tail])
     return {
-        "delta": delta,
+        "delta": paired.delta,
         "low": float(low),
         "high": float(high),
-        "n": n,
-        "se": float(boot.std(ddof=1)),
-        "p": p_two_sided(boot),
+        "n": paired.n,
+        "se": float(paired.boot.std(ddof=1)),
+        "p": p_two_sided(paired.boot),
+        "why": "",
     }
 
 
 def as_drop(ci: dict, higher_is_better: bool) -> tuple[float, float, float]:
     """A paired delta and its CI (from :func:`paired_delta`) -> the drop (positive = worse, for
-    every metric) and its CI."""
+    every metric) and its CI (NaN where there is no CI)."""
+    low, high = (math.nan if ci[k] is None else ci[k] for k in ("low", "high"))
     if higher_is_better:
-        return -ci["delta"], -ci["high"], -ci["low"]
-    return ci["delta"], ci["low"], ci["high"]
+        return -ci["delta"], -high, -low
+    return ci["delta"], low, high
 
 
 def final_vs_base(layout: RunLayout, table) -> list[dict]:
     """For every task's primary metric: base value, last-step value, paired delta and 95% CI, and
-    ``worse`` = the CI lies entirely on the side of getting worse (sign-correct per metric)."""
+    ``worse`` = the CI lies entirely on the side of getting worse (sign-correct per metric; never
+    without a CI)."""
     from forgetscope.curves import primary_metric
 
     last = int(table["step"].max())
@@ -112,7 +315,7 @@ def final_vs_base(layout: RunLayout, table) -> list[dict]:
         line = group[group["metric"] == metric].set_index("step")
         higher = bool(line["higher_is_better"].iloc[0])
         ci = paired_delta(layout, task, metric, last)
-        worse = bool(ci["high"] < 0 if higher else ci["low"] > 0)
+        worse = ci["low"] is not None and bool(ci["high"] < 0 if higher else ci["low"] > 0)
         rows.append(
             {
                 "task": task,
@@ -129,16 +332,23 @@ def final_vs_base(layout: RunLayout, table) -> list[dict]:
     return sorted(rows, key=lambda r: r["role"] != "new")
 
 
+def _signed(x: float) -> str:
+    """``x`` with its sign to 4 decimals, or to 4 significant digits when large (a perplexity that exploded)."""
+    return f"{x:+.4f}" if abs(x) < 1e5 else f"{x:+.4g}"
+
+
 def format_summary(rows: list[dict]) -> str:
     """The rows of :func:`final_vs_base` as a small aligned text table."""
     lines = [f"{'task':18s} {'role':8s} {'metric':15s} {'base':>9s} {'final':>9s} {'delta [95% CI]':>30s}"]
     for r in rows:
         arrow = "↑" if r["higher_is_better"] else "↓"
         flag = "  worse" if r["worse"] else ""
-        ci = f"{r['delta']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]"
-        lines.append(
-            f"{r['task']:18s} {r['role']:8s} {r['metric'] + arrow:15s} {r['base']:9.4f} {r['final']:9.4f} {ci:>30s}{flag}"
-        )
+        if r["low"] is None:
+            ci = f"{_signed(r['delta'])} (no CI: {r['why']})"
+        else:
+            ci = f"{_signed(r['delta'])} [{_signed(r['low'])}, {_signed(r['high'])}]"
+        base, final = (_signed(r[k]).lstrip("+") for k in ("base", "final"))
+        lines.append(f"{r['task']:18s} {r['role']:8s} {r['metric'] + arrow:15s} {base:>9s} {final:>9s} {ci:>30s}{flag}")
     return "\n".join(lines)
 
 
@@ -168,7 +378,7 @@ def mcnemar(forgotten: int, learned: int) -> float:
 def correctness(layout: RunLayout, step: int, task: str, metric: str) -> dict[str, bool] | None:
     """{item_id: right?} for a 0/1 metric (accuracy, exact match); None for a continuous one."""
     values = item_values(layout, step, task, metric)
-    if any(den != 1.0 or num not in (0.0, 1.0) for num, den in values.values()):
+    if not values or any(den != 1.0 or num not in (0.0, 1.0) for num, den in values.values()):
         return None
     return {item: num == 1.0 for item, (num, _) in values.items()}
 
@@ -278,14 +488,17 @@ def p_noninferior(boot_drop: np.ndarray, margin: float) -> float:
     return (1 + int(np.count_nonzero(_reaches(boot_drop, margin)))) / (len(boot_drop) + 1)
 
 
-def adjust(pvalues: list[float], method: str) -> list[float]:
+def adjust(pvalues: list[float | None], method: str) -> list[float]:
     """Adjusted p-values of a family of tests (reject where adjusted p <= alpha), in input order.
 
     * ``holm`` (family-wise error): with ``p_(1) <= ... <= p_(m)``,
       ``p~_(i) = max_{j <= i} min(1, (m - j + 1) p_(j))``;
     * ``bh`` (Benjamini-Hochberg, false discovery rate): ``p~_(i) = min_{j >= i} min(1, m p_(j) / j)``;
     * ``none``: unchanged.
+
+    A missing p-value (None or NaN: a change without a CI) counts as 1, no evidence.
     """
+    pvalues = [1.0 if p is None or math.isnan(p) else float(p) for p in pvalues]
     m = len(pvalues)
     order = sorted(range(m), key=lambda i: pvalues[i])
     out = list(map(float, pvalues))

@@ -162,3 +162,31 @@ def bf16_accelerator():
     AcceleratorState._reset_state(reset_partial_state=True)
     yield Accelerator(mixed_precision="bf16", cpu=not torch.cuda.is_available())
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def make_probe_run(root: Path, steps: dict, value_of, metric="acc", task="probe", higher=True) -> RunLayout:
+    """A finished run folder with one general probe: ``steps`` maps step -> {item_id: per-item value
+    as forgetscope stores it}, and each step's corpus value is ``value_of(items)`` (lm-eval's
+    aggregation of them)."""
+    layout = RunLayout(root)
+    root.mkdir(parents=True)
+    layout.manifest.write_text(json.dumps({"status": "finished", "method": "full"}))
+    for step, items in steps.items():
+        folder = layout.eval_dir(step)
+        folder.mkdir(parents=True)
+        rows = [{"item_id": k, metric: v, "metrics": [metric], "target": 0} for k, v in items.items()]
+        (folder / f"samples_{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        metrics = {metric: {"value": float(value_of(items)), "stderr": None, "higher_is_better": higher}}
+        result = {
+            "step": step,
+            "tokens": step,
+            "tasks": {task: {"role": "general", "n": len(items), "metrics": metrics}},
+        }
+        (folder / "results.json").write_text(json.dumps(result))
+    return layout
+
+
+@pytest.fixture
+def probe_run():
+    """A factory of run folders of one probe under any metric and aggregation (:func:`make_probe_run`)."""
+    return make_probe_run

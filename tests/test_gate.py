@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import yaml
 
-from forgetscope import cli, gate, stats
+from forgetscope import cli, curves, gate, stats
+from forgetscope.snapshots import RunLayout
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -197,9 +198,24 @@ def test_relative_limits_defaults_new_task_minimum_and_mean_forgetting(tmp_path,
         ),
         (
             {"general": {"new": {"max_drop": 0.1}}},
-            "policy general.new: 'new' is a new eval of this run, not a general one; list it under new: with min",
+            "policy general.new: 'new' is a new eval of this run, not a general one; list it under new: with min or max",
         ),
-        ({"new": {"new": {"max_drop": 0.5}}}, "new.new.max_drop: unknown key (allowed under new: min)"),
+        ({"new": {"new": {"max_drop": 0.5}}}, "new.new.max_drop: unknown key (allowed under new: min, max, metric)"),
+        (
+            {"new": {"new": {"max": 0.5}}},
+            "policy new.new.max: acc is higher-is-better, so a maximum would fail a model that learned; give the "
+            "smallest score allowed with min: 0.5",
+        ),
+        ({"general": {"facts": {"metric": "acc"}}}, "general.facts: give exactly one of max_drop / max_relative_drop"),
+        ({"general": {"facts": {"max_drop": 0.1, "metric": 3}}}, "general.facts.metric: 3 must be a metric name"),
+        (
+            {"general": {"default": {"max_drop": 0.1, "metric": "acc"}}},
+            "general.default.metric: name the metric under each probe, not under default",
+        ),
+        (
+            {"general": {"facts": {"max_drop": 0.1, "metric": "acc_norm"}}},
+            "policy general.facts.metric: facts has no metric 'acc_norm'",
+        ),
         ({"confidence": 1.5, "general": {"facts": {"max_drop": 0.1}}}, "confidence: 1.5 must be in [0.5, 1)"),
         ({"decide_on": "vibes", "general": {"facts": {"max_drop": 0.1}}}, "decide_on: expected"),
         ({"correction": "bonferroni", "general": {"facts": {"max_drop": 0.1}}}, "correction: expected"),
@@ -418,3 +434,87 @@ def test_out_into_another_run_or_inside_a_run_folder_is_refused(tmp_path, runs, 
     assert cli.main(["gate", str(runs["same"]), "--policy", policy, "--out", str(runs["same"])]) == 0
     assert cli.main(["gate", str(runs["same"]), "--policy", policy, "--out", str(tmp_path / "ci")]) == 0
     assert (runs["same"] / "gate.json").exists() and (tmp_path / "ci" / "gate.md").exists()
+
+
+def _over(fn):
+    """An lm-eval aggregation over a step's {item_id: value}."""
+    return lambda items: fn(list(items.values()))
+
+
+def test_a_perplexity_collapse_fails_on_lm_evals_perplexity(tmp_path, probe_run):
+    # lm-eval's `perplexity` is exp(-mean log-likelihood): 65 -> 1e13 is a drop of 1e13, not of the log-likelihoods
+    from lm_eval.api.metrics import perplexity
+
+    rng = np.random.default_rng(0)
+    base = {f"i{k}": float(v) for k, v in enumerate(rng.normal(-4.2, 0.5, 40))}
+    collapsed = {k: v * 7 for k, v in base.items()}
+    run = probe_run(tmp_path / "r", {0: base, 1: collapsed}, _over(perplexity), "perplexity", higher=False)
+    result = gate.check(run.root, gate.load_policy(_policy(tmp_path, general={"probe": {"max_drop": 1.0}})))
+    probe = result["checks"][0]
+    assert result["verdict"] == "fail" and probe["drop"] > 1e12 and probe["note"] == "drop exceeds the limit"
+    assert "68.73 → 7.247e+12  +7.247e+12 (≤ +" in gate.render_text(result)
+
+
+def test_a_probe_without_a_confidence_bound_is_inconclusive_or_decided_on_its_estimate(tmp_path, probe_run):
+    # a task's own aggregation (a median): the drop is lm-eval's, no bootstrap reproduces it
+    from lm_eval.api.metrics import median
+
+    steps = {0: {f"i{k}": float(k * k) for k in range(9)}, 1: {f"i{k}": float(k * k) - 1 for k in range(9)}}
+    run = probe_run(tmp_path / "r", steps, _over(median), "ll_score").root
+    limits = {"probe": {"max_drop": 2.0}}
+    upper = gate.check(run, gate.load_policy(_policy(tmp_path, general=limits)))
+    probe = upper["checks"][0]
+    assert probe["drop"] == pytest.approx(1.0) and probe["bound"] is None and probe["p_adj"] is None
+    assert upper["verdict"] == "fail" and probe["note"].startswith("inconclusive: no confidence bound (the items do")
+    assert upper["probes_tested"] == 0 and "+1.0000 (no bound)" in gate.render_text(upper)
+    estimate = gate.check(run, gate.load_policy(_policy(tmp_path, decide_on="estimate", general=limits)))
+    assert estimate["verdict"] == "pass" and estimate["checks"][0]["note"].startswith("decided on the estimate")
+    json.dumps(estimate)  # gate.json: no NaN
+
+
+def test_a_lower_is_better_new_task_takes_a_maximum(tmp_path, fake_run, capsys):
+    # the new task learned text: bits per byte fell 8.01 -> 4.86; `min: 7` would fail it, so it is refused
+    layout = fake_run(tmp_path / "r", {0: {"a": 1.0}, 5: {"a": 1.0}})
+    for step, value in ((0, 8.01), (5, 4.86)):
+        path = layout.eval_dir(step) / "results.json"
+        result = json.loads(path.read_text())
+        result["tasks"]["new"]["metrics"] = {
+            "bits_per_byte": {"value": value, "stderr": None, "higher_is_better": False}
+        }
+        path.write_text(json.dumps(result))
+    assert cli.main(["gate", str(layout.root), "--policy", _policy(tmp_path, new={"new": {"min": 7.0}})]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "new.new.min: bits_per_byte is lower-is-better" in err[0] and "max: 7" in err[0]
+    assert cli.main(["gate", str(layout.root), "--policy", _policy(tmp_path, new={"new": {"max": 7.0}})]) == 0
+    assert "PASS  new    bits_per_byte  4.86" in capsys.readouterr().out
+    worse = gate.check(layout.root, gate.load_policy(_policy(tmp_path, new={"new": {"max": 4.0}})))
+    assert worse["verdict"] == "fail" and worse["checks"][0]["note"] == "above the maximum"
+    assert worse["checks"][0]["limit"] == "<= 4"
+
+
+def test_the_primary_metric_follows_the_tasks_order_and_a_policy_can_name_one(tmp_path, probe_run):
+    # gsm8k-style filters: lm-eval reports `strict` first, then `loose`; the gate decides on strict (unchanged),
+    # not on loose (alphabetically first, and falling), unless the policy names loose
+    keep = {f"i{k}": float(k % 2) for k in range(40)}
+    run = probe_run(tmp_path / "r", {0: keep, 1: keep}, _over(np.mean), "exact_match,strict").root
+    for step, loose in ((0, 1.0), (1, 0.0)):
+        folder = RunLayout(run).eval_dir(step)
+        result = json.loads((folder / "results.json").read_text())
+        result["tasks"]["probe"]["metrics"]["exact_match,loose"] = {
+            "value": loose,
+            "stderr": None,
+            "higher_is_better": True,
+        }
+        (folder / "results.json").write_text(json.dumps(result))
+        rows = [json.loads(line) for line in (folder / "samples_probe.jsonl").read_text().splitlines()]
+        (folder / "samples_probe.jsonl").write_text(
+            "".join(json.dumps({**r, "exact_match,loose": loose}) + "\n" for r in rows)
+        )
+    table = curves.build_table(RunLayout(run), "r", "r", "full")
+    assert list(table["metric"].unique()) == ["exact_match,strict", "exact_match,loose"]  # lm-eval's order kept
+    plain = gate.check(run, gate.load_policy(_policy(tmp_path, general={"probe": {"max_drop": 0.05}})))
+    assert plain["checks"][0]["metric"] == "exact_match,strict" and plain["checks"][0]["drop"] == 0.0
+    named = {"probe": {"max_drop": 0.05, "metric": "exact_match,loose"}}
+    loose = gate.check(run, gate.load_policy(_policy(tmp_path, general=named)))
+    assert loose["checks"][0]["metric"] == "exact_match,loose" and loose["checks"][0]["drop"] == 1.0
+    assert loose["verdict"] == "fail"

@@ -8,8 +8,10 @@ from statistics import NormalDist
 
 import numpy as np
 import pytest
+from lm_eval.api import metrics as lm_metrics
+from lm_eval.api import registry as lm_registry
 
-from forgetscope import stats
+from forgetscope import curves, stats
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -91,6 +93,7 @@ def test_holm_and_benjamini_hochberg_by_hand():
     assert stats.adjust(p, "bh") == pytest.approx(list(scipy_stats.false_discovery_control(p, method="bh")))
     assert stats.adjust(p, "none") == p
     assert stats.adjust([0.6, 0.9], "holm") == [1.0, 1.0]
+    assert stats.adjust([0.01, None, math.nan], "holm") == [0.03, 1.0, 1.0]  # no CI: no evidence
 
 
 def test_the_bound_level_matches_each_procedure():
@@ -139,7 +142,8 @@ def test_bootstrap_tests_match_the_normal_closed_form(tmp_path, fake_run):
         tmp_path / "r",
         {0: {f"i{k}": float(v) for k, v in enumerate(base)}, 10: {f"i{k}": float(v) for k, v in enumerate(later)}},
     )
-    delta, boot, items = stats.paired_bootstrap(layout, "facts", "acc", 10, iters=8000)
+    paired = stats.paired_bootstrap(layout, "facts", "acc", 10, iters=8000)
+    delta, boot, items = paired.delta, paired.boot, paired.n
     d = base.astype(float) - later.astype(float)  # the drop per item
     se = d.std(ddof=0) / math.sqrt(n)
     assert items == n and -delta == pytest.approx(d.mean()) and (-boot).std() == pytest.approx(se, rel=0.05)
@@ -148,3 +152,112 @@ def test_bootstrap_tests_match_the_normal_closed_form(tmp_path, fake_run):
     assert stats.p_two_sided(boot) == pytest.approx(2 * (1 - NormalDist().cdf(d.mean() / se)), abs=0.002)
     ci = stats.paired_delta(layout, "facts", "acc", 10)
     assert ci["se"] == pytest.approx(se, rel=0.08) and ci["p"] < 0.001
+
+
+def over(fn, revive=False):
+    """``fn`` (an lm-eval aggregation) over a step's items; ``revive``: as lm-eval computed them
+    (numbers, not the strings forgetscope stored)."""
+    return lambda items: fn([stats.revived(v) if revive else v for v in items.values()])
+
+
+def test_a_perplexity_metric_is_lm_evals_exp_of_minus_the_mean_loglikelihood(tmp_path, probe_run):
+    # lm-eval's `perplexity` (loglikelihood tasks): items are log-likelihoods, exp(-mean) is the corpus value
+    rng = np.random.default_rng(0)
+    base = {f"i{k}": float(v) for k, v in enumerate(rng.normal(-4.2, 0.5, 40))}  # perplexity ~ 65
+    collapsed = {k: v * 7 for k, v in base.items()}  # perplexity ~ 1e13: the model collapsed
+    layout = probe_run(tmp_path / "r", {0: base, 1: collapsed}, over(lm_metrics.perplexity), "perplexity", higher=False)
+    ci = stats.paired_delta(layout, "probe", "perplexity", 1, iters=500)
+    expected = lm_metrics.perplexity(list(collapsed.values())) - lm_metrics.perplexity(list(base.values()))
+    assert ci["delta"] == pytest.approx(expected, rel=1e-9) and ci["delta"] > 1e12
+    assert 0 < ci["low"] <= ci["delta"] <= ci["high"]  # worse beyond noise: perplexity went up
+    better = probe_run(tmp_path / "b", {0: collapsed, 1: base}, over(lm_metrics.perplexity), "perplexity", higher=False)
+    ci = stats.paired_delta(better, "probe", "perplexity", 1, iters=500)
+    assert ci["delta"] == pytest.approx(-expected, rel=1e-9) and ci["high"] < 0
+
+
+def test_the_bootstrap_uses_lm_evals_own_aggregations(tmp_path, probe_run):
+    # every numeric aggregation lm-eval registers for a metric gives lm-eval's value on the items
+    rng = np.random.default_rng(1)
+    lls = [float(v) for v in rng.normal(-3, 1, 25)]
+    pairs = [[ll * 4, int(w)] for ll, w in zip(lls, rng.integers(2, 9, 25))]
+    accs = [float(v) for v in rng.random(25) < 0.5]
+    for metric, items in [
+        ("perplexity", lls),
+        ("word_perplexity", pairs),
+        ("byte_perplexity", pairs),
+        ("bits_per_byte", pairs),
+        ("acc", accs),
+    ]:
+        fn = lm_registry.METRIC_AGGREGATION_REGISTRY.get(metric)
+        layout = probe_run(tmp_path / metric, {0: dict(zip(map(str, range(25)), items))}, over(fn), metric)
+        assert stats.corpus_value(layout, 0, "probe", metric) == pytest.approx(fn(items), rel=1e-12)
+
+
+def _mc_items(rng, n, skill):
+    """Per-item (gold, prediction) pairs and (gold, probabilities) pairs as forgetscope stores lm-eval's
+    multiple-choice items: numpy values written with str()."""
+    gold = rng.integers(0, 4, n)
+    pred = np.where(rng.random(n) < skill, gold, rng.integers(0, 4, n))
+    probs = rng.dirichlet(np.ones(4), n) * (1 - skill)
+    probs[np.arange(n), gold] += skill
+    mcc = {f"q{k}": [int(g), str(np.int64(p))] for k, (g, p) in enumerate(zip(gold, pred))}
+    brier = {f"q{k}": [int(g), str(p)] for k, (g, p) in enumerate(zip(gold, probs))}
+    return mcc, brier
+
+
+def test_corpus_metrics_get_lm_evals_delta_and_a_bootstrap_of_its_own_aggregation(tmp_path, probe_run):
+    rng = np.random.default_rng(2)
+    (mcc0, brier0), (mcc1, brier1) = _mc_items(rng, 60, 0.0), _mc_items(rng, 60, 0.6)
+    for metric, steps, fn, higher in [
+        ("mcc", {0: mcc0, 1: mcc1}, lm_metrics.matthews_corrcoef, True),
+        ("brier_score", {0: brier0, 1: brier1}, lm_metrics.brier_score, False),
+    ]:
+        layout = probe_run(tmp_path / metric, steps, over(fn, revive=True), metric, higher=higher)
+        ci = stats.paired_delta(layout, "probe", metric, 1, iters=200)
+        values = [over(fn, revive=True)(steps[s]) for s in (0, 1)]
+        assert ci["delta"] == pytest.approx(values[1] - values[0], rel=1e-9), metric
+        assert math.isfinite(ci["low"]) and ci["low"] <= ci["delta"] <= ci["high"], metric
+        assert stats.item_values(layout, 1, "probe", metric) == {}  # no per-item score to list
+
+
+def test_without_a_reproducible_aggregation_the_delta_has_no_ci_and_says_why(tmp_path, probe_run):
+    # a task's own aggregation (lm-eval's `median` here, under a custom metric name): the delta is lm-eval's,
+    # the bootstrap cannot be drawn, and the summary says so instead of printing inf or nan
+    steps = {0: {f"i{k}": float(k * k) for k in range(9)}, 1: {f"i{k}": float(k * k) * 2 for k in range(9)}}
+    layout = probe_run(tmp_path / "r", steps, over(lm_metrics.median), "ll_score")
+    ci = stats.paired_delta(layout, "probe", "ll_score", 1)
+    assert ci["delta"] == 16.0 and ci["low"] is None and ci["high"] is None and ci["p"] is None
+    assert "reproduce" in ci["why"]
+    rows = stats.final_vs_base(layout, curves.build_table(layout, "r", "r", "full"))
+    assert rows[0]["delta"] == 16.0 and not rows[0]["worse"]
+    text = stats.format_summary(rows)
+    assert "no CI" in text and "nan" not in text and "inf" not in text
+
+
+def group_value(weight_by_size: bool):
+    """lm-eval's value of a group whose items forgetscope stores as ``subtask/id``: each subtask's
+    mean, combined equally or by size."""
+
+    def value_of(items: dict) -> float:
+        subtasks: dict[str, list] = {}
+        for item, value in items.items():
+            subtasks.setdefault(item.split("/")[0], []).append(value)
+        sizes = [len(v) if weight_by_size else 1 for v in subtasks.values()]
+        return float(np.dot([np.mean(v) for v in subtasks.values()], sizes) / sum(sizes))
+
+    return value_of
+
+
+@pytest.mark.parametrize("weight_by_size,expected", [(False, -0.5), (True, -0.2)])
+def test_a_group_is_aggregated_per_subtask_then_weighted_as_lm_eval_weights(
+    tmp_path, probe_run, weight_by_size, expected
+):
+    # 10 items of `small` all forgotten, 40 of `large` kept: equal weights lose half, weights by size a fifth
+    large = {f"large/{k}": float(k % 2) for k in range(40)}
+    base = {**{f"small/{k}": 1.0 for k in range(10)}, **large}
+    final = {**{f"small/{k}": 0.0 for k in range(10)}, **large}
+    layout = probe_run(tmp_path / "r", {0: base, 1: final}, group_value(weight_by_size))
+    ci = stats.paired_delta(layout, "probe", "acc", 1, iters=300)
+    assert ci["delta"] == pytest.approx(expected)
+    # resampled within each subtask: every resample of `small` loses all of it, `large` never changes
+    assert ci["low"] == pytest.approx(expected) and ci["high"] == pytest.approx(expected)
