@@ -190,10 +190,11 @@ def run_summary(
 
 def pareto_front(gain: np.ndarray, forgetting: np.ndarray) -> np.ndarray:
     """Mask of the runs no other run dominates: run j dominates i when ``gain_j >= gain_i`` and
-    ``forgetting_j <= forgetting_i`` with at least one strict inequality."""
+    ``forgetting_j <= forgetting_i`` with at least one strict inequality. A run without a gain or a
+    forgetting (an audit with no new task) cannot be placed, and is not on the frontier."""
     gain, forgetting = np.asarray(gain, float), np.asarray(forgetting, float)
-    front = np.ones(len(gain), dtype=bool)
-    for i in range(len(gain)):
+    front = ~(np.isnan(gain) | np.isnan(forgetting))
+    for i in np.flatnonzero(front):
         better_or_equal = (gain >= gain[i]) & (forgetting <= forgetting[i])
         strictly = (gain > gain[i]) | (forgetting < forgetting[i])
         front[i] = not np.any(better_or_equal & strictly)

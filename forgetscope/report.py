@@ -130,6 +130,7 @@ def analyse(
                             "n": ci["n"],
                             "p": ci["p"],
                             "p_adj": ci["p"],
+                            "why": ci.get("why", ""),  # why there is no CI, when there is none
                             "chance": end["chance"],
                             "adj_drop": end["adj_drop"],
                             "at_chance": bool(end["at_chance"]) and role == "general",
@@ -221,6 +222,8 @@ def _forgotten_items(layout: RunLayout, run: str, task: str, metric: str, higher
         (b_num, b_den), (f_num, f_den) = base[item], final[item]
         if metric in ("bits_per_byte", "byte_perplexity", "word_perplexity"):  # per-item loss: -loglik / size
             change = (-f_num / f_den + b_num / b_den) / (math.log(2) if metric == "bits_per_byte" else 1.0)
+        elif metric == "perplexity":  # per item its log-likelihood: a fall is worse
+            change = b_num / b_den - f_num / f_den
         else:
             change = (f_num / f_den - b_num / b_den) * (-1 if higher else 1)
         out.append(
@@ -405,7 +408,7 @@ def _final_rows(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
     for r in analysis.finals.sort_values(["role", "task", "run"], ascending=[False, True, True]).to_dict("records"):
         sign = -1 if r["higher_is_better"] else 1  # drop -> raw change of the metric
         low, high = sorted((sign * r["low"], sign * r["high"]))
-        significant = r["p_adj"] <= ALPHA
+        significant = r["p_adj"] is not None and not pd.isna(r["p_adj"]) and r["p_adj"] <= ALPHA
         verdict = ("worse" if r["drop"] > 0 else "better") if significant else ""
         verdict = "; ".join(filter(None, [verdict, "base at chance" if r["at_chance"] else ""]))
         arrow = "↑" if r["higher_is_better"] else "↓"
@@ -421,7 +424,9 @@ def _final_rows(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
                 f"{r['metric']} {arrow}",
                 _fmt(r["base"], 4),
                 _fmt(r["final"], 4),
-                f"{sign * r['drop']:+.4f} [{low:+.4f}, {high:+.4f}]",
+                f"{sign * r['drop']:+.4f} (no CI: {r['why']})"
+                if pd.isna(r["low"])
+                else f"{sign * r['drop']:+.4f} [{low:+.4f}, {high:+.4f}]",
                 _pct(r["adj_drop"]) if pd.notna(r["chance"]) else "–",
                 stats.format_p(r["p_adj"]),
                 stats.format_p(r["p_mcnemar"]),

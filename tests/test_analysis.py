@@ -460,3 +460,20 @@ def test_a_report_written_again_removes_only_its_own_stale_figures(tmp_path, fak
     report.write([runs / "harsh"], out)
     written = {"report.html", "report.md", "forgetting.png"}
     assert {p.name for p in out.iterdir()} == written | set(mine)
+
+
+def test_a_change_without_a_ci_reads_no_ci_and_perplexity_items_fall_the_right_way(tmp_path, probe_run):
+    """A probe whose aggregation lm-eval's items cannot reproduce (a task's own median) has a delta
+    and no CI: the report says "no CI" with the reason, never nan; a probe scored in perplexity
+    (items: log-likelihoods) lists the items whose likelihood fell as forgotten (positive change)."""
+    steps = {0: {f"i{k}": float(k * k) for k in range(9)}, 1: {f"i{k}": float(k * k) * 2 for k in range(9)}}
+    probe_run(
+        tmp_path / "median", steps, lambda items: float(np.median(list(items.values()))), "ll_score", higher=False
+    )
+    text = report.render_markdown(report.analyse([tmp_path / "median"]), "t", None)
+    assert "no CI:" in text and "[+nan" not in text
+    lls = {0: {"a": -1.0, "b": -2.0, "c": -1.5}, 1: {"a": -3.0, "b": -2.0, "c": -1.4}}  # a falls, c rises a little
+    probe_run(tmp_path / "ppl", lls, lambda items: math.exp(-np.mean(list(items.values()))), "perplexity", higher=False)
+    items = report.analyse([tmp_path / "ppl"]).items.set_index("item_id")
+    assert items.loc["a", "change"] == pytest.approx(2.0)  # its log-likelihood fell by 2: worse
+    assert metrics.pareto_front([1.0, math.nan], [0.1, 0.0]).tolist() == [True, False]  # no gain: not placed
