@@ -110,7 +110,8 @@ def load_items(paths: list[str | Path], tasks: list[str] | None = None) -> pd.Da
     """Per-item results of every run, step and task: one row per item and metric, with columns
     run, step, task, item_id, metric, value (the item's score: 0/1 for accuracy; a log-likelihood
     for perplexity-type metrics), weight (1, or the item's words/bytes) and text (the prompt, or
-    the scored text, and the right answer). Runs are named and found as :func:`run_folders` says."""
+    the scored text, and the right answer). Metrics whose items are not scores (``mcc``, ``f1``:
+    gold and prediction) have no rows. Runs are named and found as :func:`run_folders` says."""
     rows = []
     for root in run_folders(paths):
         layout = RunLayout(root)
@@ -122,6 +123,8 @@ def load_items(paths: list[str | Path], tasks: list[str] | None = None) -> pd.Da
                 for sample in io.read_jsonl(path):
                     for metric in sample.get("metrics", []):
                         value = sample.get(metric)
+                        if not stats.is_item_score(metric, value):  # corpus-level (mcc: gold, prediction)
+                            continue
                         num, den = (value[0], value[1]) if isinstance(value, list) else (value, 1.0)
                         rows.append(
                             {

@@ -22,6 +22,7 @@ flips of multiple-choice probes, and the number of items a test needs (power).
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -65,6 +66,7 @@ pair's for ``PAIRED``), so that every bootstrap replicate is computed at once (t
 lm-eval's own functions)."""
 
 
+@functools.cache  # asked once per item by results.load_items
 def registered_aggregation(metric: str) -> tuple[str, Callable] | None:
     """(name, function) of the aggregation lm-eval registers for ``metric`` (its filter dropped:
     ``exact_match,strict-match`` is ``exact_match``), or None for a metric it does not know."""
@@ -105,17 +107,22 @@ def item_values(layout: RunLayout, step: int, task: str, metric: str) -> dict[st
     a per-item number (an accuracy, a log-likelihood), ``(log-likelihood, words or bytes)`` for
     the pairs of word/byte perplexity and bits per byte. Empty for a corpus-level metric, whose
     items are not scores (``mcc``: (gold, prediction))."""
-    registered = registered_aggregation(metric)
-    paired = registered is not None and registered[0] in PAIRED
     out = {}
     for item, value in raw_items(layout, step, task, metric).items():
-        if isinstance(value, (int, float)) and not paired:
-            out[item] = (float(value), 1.0)
-        elif paired and isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
-            out[item] = (float(value[0]), float(value[1]))
-        else:
+        if not is_item_score(metric, value):
             return {}
+        out[item] = (float(value[0]), float(value[1])) if isinstance(value, list) else (float(value), 1.0)
     return out
+
+
+def is_item_score(metric: str, value: Any) -> bool:
+    """Whether an item's stored ``value`` of ``metric`` is its score: a number, or a (log-likelihood,
+    words or bytes) pair for the ``PAIRED`` aggregations; not for corpus-level metrics (``mcc``:
+    (gold, prediction)). Booleans count as numbers (lm-eval's exact match)."""
+    registered = registered_aggregation(metric)
+    if registered is not None and registered[0] in PAIRED:
+        return isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
+    return isinstance(value, (int, float))
 
 
 def lm_eval_value(layout: RunLayout, step: int, task: str, metric: str) -> float:

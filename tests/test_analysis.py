@@ -477,3 +477,12 @@ def test_a_change_without_a_ci_reads_no_ci_and_perplexity_items_fall_the_right_w
     items = report.analyse([tmp_path / "ppl"]).items.set_index("item_id")
     assert items.loc["a", "change"] == pytest.approx(2.0)  # its log-likelihood fell by 2: worse
     assert metrics.pareto_front([1.0, math.nan], [0.1, 0.0]).tolist() == [True, False]  # no gain: not placed
+
+
+def test_load_items_leaves_out_items_that_are_not_scores(tmp_path, probe_run):
+    """mcc's items are (gold, prediction): no per-item score, so no rows (they read as value and weight)."""
+    pairs = {0: {"a": [1, 1], "b": [0, 1]}, 1: {"a": [1, 0], "b": [0, 0]}}
+    probe_run(tmp_path / "mcc", pairs, lambda items: 0.0, "mcc")
+    assert results.load_items([tmp_path / "mcc"]).empty
+    probe_run(tmp_path / "acc", {0: {"a": 1.0}, 1: {"a": 0.0}}, lambda items: 0.0)
+    assert results.load_items([tmp_path / "acc"])["value"].tolist() == [1.0, 0.0]
