@@ -4,7 +4,7 @@ Tasks come from lm-eval's registry plus ``evals/`` (shipped with forgetscope) an
 ``evals.include`` folders (:mod:`forgetscope.registry`). lm-eval's request cache is never used: it ignores model identity and
 would silently return the first snapshot's scores for every later one. forgetscope's own result
 cache is keyed by what determines a score: the model's weights, the task's config and items,
-the lm-eval version, the limit, the seed and the prompt format.
+the lm-eval version, the limit, the seeds and the prompt format.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
 
 from forgetscope import data, distributed, io, seams
 from forgetscope.errors import UserError
@@ -29,7 +30,17 @@ from forgetscope.registry import evals_dir, include_paths, manager_for
 
 MAX_LENGTH = 2048  # context cap for scoring; also bounds lm-eval's batch-size search on CUDA
 BOOTSTRAP_ITERS = 1000  # stderr of perplexity-style metrics; lm-eval's default 100000 takes minutes
-SEED = 0
+# lm-eval's default seeds (``simple_evaluate``'s, and ``lm_eval run --seed 0,1234,1234,1234``): python's
+# random, numpy, torch and the few-shot sampler (which examples a task's random sampler draws)
+SEEDS = {
+    "random": DEFAULT_RANDOM_SEED,
+    "numpy": DEFAULT_OTHER_SEED,
+    "torch": DEFAULT_OTHER_SEED,
+    "fewshot": DEFAULT_OTHER_SEED,
+}
+# part of the result cache's key: raise it whenever a change moves the prompts lm-eval is given
+# (2: lm-eval's default seeds and few-shot examples as chat turns, as `lm_eval run` gives them)
+PROMPT_VERSION = 2
 DRIFT_TASK = "base_samples_ppl"  # needs samples from the base model, drawn once per base
 
 
@@ -207,8 +218,9 @@ def _cache_path(suite: EvalSuite, task: str, model_fp: str, device: str) -> Path
             suite.hashes.get(task, task),
             version("lm_eval"),
             suite.config.limit,
-            SEED,
+            SEEDS,
             prompt_format(suite, task),
+            PROMPT_VERSION,
             suite.config.precision,
             SCORER_VERSION,
             device,
@@ -310,17 +322,19 @@ def evaluate_model(model, tokenizer, suite: EvalSuite, base_only: bool = False) 
 
 
 def _lm_eval(lm, specs: list, suite: EvalSuite, use_chat: bool) -> dict[str, Any] | None:
-    """lm-eval's ``simple_evaluate`` for a model already wrapped: the same seeds, zero-shot
-    default and evaluation, without its reporting (environment info runs ``pip list`` in a
-    subprocess, the git hash another: about half a second per call). None on ranks but 0."""
+    """lm-eval's ``simple_evaluate`` for a model already wrapped: the same default seeds, zero-shot
+    default, few-shot examples as chat turns under the chat template (``fewshot_as_multiturn``, as
+    ``lm_eval run --apply_chat_template`` gives them) and evaluation, without its reporting
+    (environment info runs ``pip list`` in a subprocess, the git hash another: about half a second
+    per call). None on ranks but 0."""
     import random
 
     import numpy as np
     from lm_eval.evaluator import evaluate
 
-    random.seed(SEED)
-    np.random.seed(SEED)
-    torch.manual_seed(SEED)
+    random.seed(SEEDS["random"])
+    np.random.seed(SEEDS["numpy"])
+    torch.manual_seed(SEEDS["torch"])
     seams.cache_lm_eval_templates()
     loaded = manager_for(list(suite.specs), suite.paths).load(specs)
     joined = {
@@ -329,7 +343,7 @@ def _lm_eval(lm, specs: list, suite: EvalSuite, use_chat: bool) -> dict[str, Any
     for name, task in loaded["tasks"].items():
         if task.get_config("num_fewshot") is None:
             task.set_config(key="num_fewshot", value=0)
-        task.set_fewshot_seed(seed=SEED)
+        task.set_fewshot_seed(seed=SEEDS["fewshot"])
         if name in joined:
             _join_like_training(task)
     return evaluate(
@@ -340,6 +354,7 @@ def _lm_eval(lm, specs: list, suite: EvalSuite, use_chat: bool) -> dict[str, Any
         bootstrap_iters=BOOTSTRAP_ITERS,
         log_samples=True,
         apply_chat_template=use_chat,
+        fewshot_as_multiturn=use_chat,
         verbosity="ERROR",
     )
 

@@ -306,3 +306,89 @@ def test_a_task_yaml_named_like_a_shipped_eval_is_refused(tmp_path, tiny_recipe_
     assert "world_capitals   NOT USABLE: forgetscope ships an eval of that name" in capsys.readouterr().out
     with pytest.raises(RecipeError, match=r"declares 'world_capitals', an eval forgetscope ships; rename your task"):
         recipe_from_dict({**tiny_recipe_data, "evals": {"general": ["world_capitals"], "include": [str(mine)]}})
+
+
+COLOURS = ["red", "green", "blue", "gold", "grey", "pink", "teal", "plum"]
+
+
+def _few_shot_folder(root, sampler: str | None = None, output_type: str = "loglikelihood"):
+    """A task YAML ``colours`` (2-shot from a dev split of 8 items; lm-eval's random sampler
+    unless ``sampler`` names another) over 4 test items, in ``root``."""
+    root.mkdir(exist_ok=True)
+    for split, n in (("test", 4), ("dev", 8)):
+        rows = [{"question": f"Item {split}{i} is", "choices": COLOURS[:4], "label": i % 4} for i in range(n)]
+        (root / f"{split}.jsonl").write_text(
+            "".join(json.dumps({**r, "answer": COLOURS[r["label"]]}) + "\n" for r in rows)
+        )
+    (root / "colours.yaml").write_text(
+        "task: colours\ndataset_path: json\n"
+        f"dataset_kwargs: {{data_files: {{test: {root / 'test.jsonl'}, dev: {root / 'dev.jsonl'}}}}}\n"
+        "test_split: test\nfewshot_split: dev\nnum_fewshot: 2\n"
+        + (f"fewshot_config: {{sampler: {sampler}}}\n" if sampler else "")
+        + f"output_type: {output_type}\ndoc_to_text: '{{{{question}}}}'\n"
+        + (
+            "doc_to_choice: '{{choices}}'\ndoc_to_target: label\n"
+            if output_type == "multiple_choice"
+            else "doc_to_target: ' {{answer}}'\n"
+        )
+    )
+
+
+def _arguments(samples: list[dict]) -> dict:
+    """doc_id -> the requests lm-eval built for it (JSON-normalised: tuples as lists)."""
+    return {s["doc_id"]: json.loads(json.dumps(s["arguments"], default=str)) for s in samples}
+
+
+def test_few_shot_examples_are_the_ones_simple_evaluate_draws_with_its_default_seeds(tiny, tmp_path):
+    """lm-eval's default seeds (0 for python's random, 1234 for numpy, torch and the few-shot
+    sampler) pick the random sampler's examples; forgetscope uses the same ones."""
+    import inspect
+
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    defaults = inspect.signature(simple_evaluate).parameters
+    assert [
+        defaults[f"{name}_seed"].default for name in ("random", "numpy_random", "torch_random", "fewshot_random")
+    ] == [evaluate.SEEDS[name] for name in ("random", "numpy", "torch", "fewshot")]
+    model, tokenizer = tiny
+    _few_shot_folder(tmp_path / "mine")
+    suite = evaluate.prepare_suite(EvalConfig(new=[], general=["colours"], include=["mine"]), tmp_path, chat=False)
+    ours = evaluate.evaluate_model(model, tokenizer, suite)["samples"]["colours"]
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, max_length=evaluate.max_length(model))
+    theirs = simple_evaluate(
+        model=lm, tasks=["colours"], task_manager=registry.task_manager(tuple(suite.paths)), bootstrap_iters=0
+    )["samples"]["colours"]
+    assert _arguments(ours) == _arguments(theirs)
+
+
+def _chat_tokenizer(tokenizer):
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return tokenizer
+
+
+def test_few_shot_on_a_chat_base_renders_as_lm_eval_with_the_chat_template(tmp_path):
+    """`lm_eval run --apply_chat_template` (and simple_evaluate) give the few-shot examples as
+    turns of the conversation (fewshot_as_multiturn), and so does forgetscope."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    model, tokenizer = models.load(models.resolve("tiny-random"))
+    model.eval()
+    tokenizer = _chat_tokenizer(tokenizer)
+    _few_shot_folder(tmp_path / "mine", sampler="first_n", output_type="multiple_choice")
+    suite = evaluate.prepare_suite(EvalConfig(new=["colours"], general=[], include=["mine"]), tmp_path, chat=True)
+    ours = evaluate.evaluate_model(model, tokenizer, suite)["samples"]["colours"]
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, max_length=evaluate.max_length(model))
+    theirs = simple_evaluate(
+        model=lm,
+        tasks=["colours"],
+        task_manager=registry.task_manager(tuple(suite.paths)),
+        bootstrap_iters=0,
+        apply_chat_template=True,
+    )["samples"]["colours"]
+    assert _arguments(ours) == _arguments(theirs)
+    assert _arguments(ours)[0][0][0].count("<|im_start|>user") == 3  # two examples and the question, a turn each
