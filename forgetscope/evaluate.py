@@ -3,8 +3,9 @@
 Tasks come from lm-eval's registry plus ``evals/`` (shipped with forgetscope) and a recipe's
 ``evals.include`` folders (:mod:`forgetscope.registry`). lm-eval's request cache is never used: it ignores model identity and
 would silently return the first snapshot's scores for every later one. forgetscope's own result
-cache is keyed by what determines a score: the model's weights, the task's config and items,
-the lm-eval version, the limit, the seeds and the prompt format.
+cache is keyed by what determines a score: the model's weights, the task's config, items, few-shot
+items and the source of the modules its ``!function`` hooks live in, the lm-eval version, the limit,
+the seeds and the prompt format.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -149,16 +151,33 @@ def prepare_suite(
         loaded[DRIFT_TASK] = manager.load(spec)
     for scored, name in suite.sources.items():
         leaves = loaded[name]["tasks"]
-        digests = []
-        for leaf in suite.members[scored]:
-            config_dump = leaves[leaf].dump_config()
-            config_dump.get("metadata", {}).pop("config_source", None)
-            config_dump.get("metadata", {}).pop("samples", None)  # a path; the items are hashed below
-            docs = list(leaves[leaf].eval_docs)
-            docs = docs[: config.limit] if config.limit else docs
-            digests.append(json.dumps([leaf, config_dump, docs], sort_keys=True, default=str))
+        digests = [_task_digest(leaf, leaves[leaf], config.limit) for leaf in suite.members[scored]]
         suite.hashes[scored] = hashlib.sha256("".join(digests).encode()).hexdigest()[:20]
     return suite
+
+
+def _task_digest(name: str, task, limit: int | None) -> str:
+    """What fixes a task's prompts and scores, as text: its config (``!function`` hooks by name), its
+    items (up to ``limit``), the items its few-shot examples are drawn from, and the source of each
+    module a hook comes from (a helper a hook calls moves the scores as much as the hook itself)."""
+    config = task.config.to_dict(keep_callable=True)
+    config.get("metadata", {}).pop("config_source", None)
+    config.get("metadata", {}).pop("samples", None)  # a path; the items are hashed below
+    hooks: list[Any] = []
+
+    def hook_name(value: Any) -> str:
+        if not callable(value):
+            return str(value)
+        hooks.append(value)
+        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__name__)}"
+
+    config_text = json.dumps(config, sort_keys=True, default=hook_name)
+    docs = list(task.eval_docs)
+    docs = docs[:limit] if limit else docs
+    shots = list(task.fewshot_docs() or []) if task.get_config("num_fewshot") else []
+    files = {getattr(sys.modules.get(getattr(hook, "__module__", None) or ""), "__file__", None) for hook in hooks}
+    sources = {str(f): Path(f).read_text(errors="replace") for f in files if f and str(f).endswith(".py")}
+    return json.dumps([name, config_text, docs, shots, sources], sort_keys=True, default=str)
 
 
 def _scored_evals(name: str, loaded: dict) -> dict[str, list[str]]:

@@ -392,3 +392,30 @@ def test_few_shot_on_a_chat_base_renders_as_lm_eval_with_the_chat_template(tmp_p
     )["samples"]["colours"]
     assert _arguments(ours) == _arguments(theirs)
     assert _arguments(ours)[0][0][0].count("<|im_start|>user") == 3  # two examples and the question, a turn each
+
+
+def test_task_hash_changes_with_the_few_shot_docs_and_the_functions_module(tmp_path):
+    """The cache must miss when the few-shot split's file changes, or a helper in the module a
+    `!function` loads (not only the function named)."""
+    _few_shot_folder(tmp_path / "mine")
+    yaml_file = tmp_path / "mine" / "colours.yaml"
+    yaml_file.write_text(yaml_file.read_text() + "process_results: !function utils.process_results\n")
+    (tmp_path / "mine" / "utils.py").write_text(
+        "def _scale(x):\n    return 100.0 * x\n\n\n"
+        "def process_results(doc, results):\n    return {'acc': _scale(results[0][0])}\n"
+    )
+    config = EvalConfig(new=[], general=["colours"], include=["mine"])
+
+    def task_hash() -> str:
+        registry.task_manager.cache_clear()
+        return evaluate.prepare_suite(config, tmp_path, chat=False).hashes["colours"]
+
+    first = task_hash()
+    assert task_hash() == first  # stable: nothing in it varies from one load to the next
+    dev = tmp_path / "mine" / "dev.jsonl"
+    dev.write_text(dev.read_text().replace("Item dev3", "Item dev3 (edited)"))
+    second = task_hash()
+    assert second != first
+    utils = tmp_path / "mine" / "utils.py"
+    utils.write_text(utils.read_text().replace("100.0 * x", "10.0 * x"))
+    assert task_hash() != second
