@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jinja2 import TemplateError
 from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
 
 from forgetscope import data, distributed, io, seams
@@ -80,7 +81,7 @@ def fingerprint(model, base_only: bool = False, base: str | None = None) -> str:
 
 
 class EvalError(UserError):
-    """An eval cannot be used as asked (its data is missing, it is listed twice)."""
+    """An eval cannot be used as asked (its data is missing, its YAML is broken, it is listed twice)."""
 
 
 @dataclass
@@ -128,6 +129,19 @@ def prepare_suite(
                     continue
                 except FileNotFoundError as err:  # a task YAML of yours whose data_files are not there
                     problems.append(f"evals: {name!r}: its data is missing ({err}); fix the task's data_files path")
+                    continue
+                # a broken task YAML: a `!function` that does not import (or whose module does not
+                # compile), a split or field its data lacks, a bad value, a template that cannot render
+                except (
+                    ImportError,
+                    AttributeError,
+                    SyntaxError,
+                    KeyError,
+                    ValueError,
+                    TypeError,
+                    TemplateError,
+                ) as err:
+                    problems.append(_unbuildable(name, manager, err))
                     continue
             for scored, leaves in (_scored_evals(name, loaded[name]) if name in loaded else {name: [name]}).items():
                 for leaf in leaves:
@@ -178,6 +192,20 @@ def _task_digest(name: str, task, limit: int | None) -> str:
     files = {getattr(sys.modules.get(getattr(hook, "__module__", None) or ""), "__file__", None) for hook in hooks}
     sources = {str(f): Path(f).read_text(errors="replace") for f in files if f and str(f).endswith(".py")}
     return json.dumps([name, config_text, docs, shots, sources], sort_keys=True, default=str)
+
+
+def _unbuildable(name: str, manager, err: Exception) -> str:
+    """The validation line for an eval whose task YAML lm-eval cannot build (a ``!function`` that does
+    not import, a split or field its data lacks, a misspelt ``output_type``): the eval, its file, why."""
+    entry = manager.task_index.get(name)
+    where = f" ({entry.yaml_path})" if entry is not None and entry.yaml_path else ""
+    config = (entry.cfg if entry is not None else None) or {}
+    splits = {config.get(key) for key in ("test_split", "validation_split", "training_split", "fewshot_split")}
+    if isinstance(err, KeyError) and err.args and err.args[0] in splits:
+        why = f"no split {err.args[0]!r} in its data"
+    else:
+        why = " ".join(f"{type(err).__name__}: {err}".split())
+    return f"evals: {name!r}{where}: lm-eval cannot build it ({why}); fix that file"
 
 
 def _scored_evals(name: str, loaded: dict) -> dict[str, list[str]]:

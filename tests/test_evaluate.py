@@ -419,3 +419,59 @@ def test_task_hash_changes_with_the_few_shot_docs_and_the_functions_module(tmp_p
     utils = tmp_path / "mine" / "utils.py"
     utils.write_text(utils.read_text().replace("100.0 * x", "10.0 * x"))
     assert task_hash() != second
+
+
+BROKEN = {  # a line of a task YAML -> what the one-line error says about it
+    "process_docs: !function nosuchmod.fn": "Cannot import module 'nosuchmod'",
+    "process_docs: !function utils.nope": "has no function 'nope'",
+    "test_split: validation": "no split 'validation'",
+    "output_type: multiple_choise": "invalid output_type 'multiple_choise'",
+    "doc_to_text: '{{questionz}}'": "'questionz' is undefined",
+}
+
+
+@pytest.mark.parametrize("line", list(BROKEN))
+def test_a_broken_task_yaml_is_one_line_naming_the_eval_and_its_file(tmp_path, line):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "test.jsonl").write_text(json.dumps({"question": "Sky?", "choices": ["blue", "red"], "label": 0}) + "\n")
+    (mine / "utils.py").write_text("def process_docs(dataset):\n    return dataset\n")
+    fields = {
+        "task": "mine",
+        "dataset_path": "json",
+        "dataset_kwargs": f"{{data_files: {{test: {mine / 'test.jsonl'}}}}}",
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "'{{question}}'",
+        "doc_to_choice": "'{{choices}}'",
+        "doc_to_target": "label",
+    }
+    key, value = line.split(": ", 1)
+    fields[key] = value
+    (mine / "mine.yaml").write_text("".join(f"{k}: {v}\n" for k, v in fields.items()))
+    with pytest.raises(evaluate.EvalError) as err:
+        evaluate.prepare_suite(EvalConfig(new=[], general=["mine"], include=["mine"]), tmp_path, chat=False)
+    message = str(err.value)
+    assert "\n" not in message and BROKEN[line] in message, message
+    assert message.startswith(f"evals: 'mine' ({mine / 'mine.yaml'}): ") and message.endswith("; fix that file")
+
+
+def test_a_broken_task_yaml_stops_a_run_before_anything_is_written(tmp_path, tiny_recipe_data, capsys):
+    import yaml
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "mine.yaml").write_text(
+        "task: mine\ndataset_path: json\ndataset_kwargs: {data_files: {test: "
+        + str(mine / "test.jsonl")
+        + "}}\ntest_split: test\noutput_type: loglikelihood\nprocess_docs: !function nosuchmod.fn\n"
+        "doc_to_text: '{{q}}'\ndoc_to_target: '{{a}}'\n"
+    )
+    (mine / "test.jsonl").write_text(json.dumps({"q": "Sky?", "a": " blue"}) + "\n")
+    data = {**tiny_recipe_data, "evals": {"new": ["mine"], "include": [str(mine)]}, "runs_dir": str(tmp_path / "runs")}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
+    assert cli.main(["run", str(tmp_path / "r.yaml")]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("forgetscope: error:")]
+    assert len(lines) == 1 and "evals: 'mine' (" in lines[0] and "nosuchmod" in lines[0] and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
