@@ -88,7 +88,7 @@ def _declared(path: Path) -> tuple[str | None, list[str], str]:
     try:
         config = load_yaml(path, resolve_func=False)
     except (yaml.YAMLError, ValueError, OSError):
-        config = {key: _line_value(text, key) for key in ("group", "task") if _line_value(text, key)}
+        config = {key: value for key in ("group", "task") if (value := _line_value(text, key))}
     name = config.get("group", config.get("task"))
     if not isinstance(name, str) or not name:
         return None, [], comment
