@@ -3,8 +3,9 @@
 Tasks come from lm-eval's registry plus ``evals/`` (shipped with forgetscope) and a recipe's
 ``evals.include`` folders (:mod:`forgetscope.registry`). lm-eval's request cache is never used: it ignores model identity and
 would silently return the first snapshot's scores for every later one. forgetscope's own result
-cache is keyed by what determines a score: the model's weights, the task's config and items,
-the lm-eval version, the limit, the seed and the prompt format.
+cache is keyed by what determines a score: the model's weights, the task's config, items, few-shot
+items and the source of the modules its ``!function`` hooks live in, the lm-eval version, the limit,
+the seeds and the prompt format.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -20,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jinja2 import TemplateError
+from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
 
 from forgetscope import data, distributed, io, seams
 from forgetscope.errors import UserError
@@ -29,7 +33,17 @@ from forgetscope.registry import evals_dir, include_paths, manager_for
 
 MAX_LENGTH = 2048  # context cap for scoring; also bounds lm-eval's batch-size search on CUDA
 BOOTSTRAP_ITERS = 1000  # stderr of perplexity-style metrics; lm-eval's default 100000 takes minutes
-SEED = 0
+# lm-eval's default seeds (``simple_evaluate``'s, and ``lm_eval run --seed 0,1234,1234,1234``): python's
+# random, numpy, torch and the few-shot sampler (which examples a task's random sampler draws)
+SEEDS = {
+    "random": DEFAULT_RANDOM_SEED,
+    "numpy": DEFAULT_OTHER_SEED,
+    "torch": DEFAULT_OTHER_SEED,
+    "fewshot": DEFAULT_OTHER_SEED,
+}
+# part of the result cache's key: raise it whenever a change moves the prompts lm-eval is given
+# (2: lm-eval's default seeds and few-shot examples as chat turns, as `lm_eval run` gives them)
+PROMPT_VERSION = 2
 DRIFT_TASK = "base_samples_ppl"  # needs samples from the base model, drawn once per base
 
 
@@ -67,7 +81,7 @@ def fingerprint(model, base_only: bool = False, base: str | None = None) -> str:
 
 
 class EvalError(UserError):
-    """An eval cannot be used as asked (its data is missing, it is listed twice)."""
+    """An eval cannot be used as asked (its data is missing, its YAML is broken, it is listed twice)."""
 
 
 @dataclass
@@ -116,6 +130,19 @@ def prepare_suite(
                 except FileNotFoundError as err:  # a task YAML of yours whose data_files are not there
                     problems.append(f"evals: {name!r}: its data is missing ({err}); fix the task's data_files path")
                     continue
+                # a broken task YAML: a `!function` that does not import (or whose module does not
+                # compile), a split or field its data lacks, a bad value, a template that cannot render
+                except (
+                    ImportError,
+                    AttributeError,
+                    SyntaxError,
+                    KeyError,
+                    ValueError,
+                    TypeError,
+                    TemplateError,
+                ) as err:
+                    problems.append(_unbuildable(name, manager, err))
+                    continue
             for scored, leaves in (_scored_evals(name, loaded[name]) if name in loaded else {name: [name]}).items():
                 for leaf in leaves:
                     if leaf in owners:
@@ -138,16 +165,47 @@ def prepare_suite(
         loaded[DRIFT_TASK] = manager.load(spec)
     for scored, name in suite.sources.items():
         leaves = loaded[name]["tasks"]
-        digests = []
-        for leaf in suite.members[scored]:
-            config_dump = leaves[leaf].dump_config()
-            config_dump.get("metadata", {}).pop("config_source", None)
-            config_dump.get("metadata", {}).pop("samples", None)  # a path; the items are hashed below
-            docs = list(leaves[leaf].eval_docs)
-            docs = docs[: config.limit] if config.limit else docs
-            digests.append(json.dumps([leaf, config_dump, docs], sort_keys=True, default=str))
+        digests = [_task_digest(leaf, leaves[leaf], config.limit) for leaf in suite.members[scored]]
         suite.hashes[scored] = hashlib.sha256("".join(digests).encode()).hexdigest()[:20]
     return suite
+
+
+def _task_digest(name: str, task, limit: int | None) -> str:
+    """What fixes a task's prompts and scores, as text: its config (``!function`` hooks by name), its
+    items (up to ``limit``), the items its few-shot examples are drawn from, and the source of each
+    module a hook comes from (a helper a hook calls moves the scores as much as the hook itself)."""
+    config = task.config.to_dict(keep_callable=True)
+    config.get("metadata", {}).pop("config_source", None)
+    config.get("metadata", {}).pop("samples", None)  # a path; the items are hashed below
+    hooks: list[Any] = []
+
+    def hook_name(value: Any) -> str:
+        if not callable(value):
+            return str(value)
+        hooks.append(value)
+        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__name__)}"
+
+    config_text = json.dumps(config, sort_keys=True, default=hook_name)
+    docs = list(task.eval_docs)
+    docs = docs[:limit] if limit else docs
+    shots = list(task.fewshot_docs() or []) if task.get_config("num_fewshot") else []
+    files = {getattr(sys.modules.get(getattr(hook, "__module__", None) or ""), "__file__", None) for hook in hooks}
+    sources = {str(f): Path(f).read_text(errors="replace") for f in files if f and str(f).endswith(".py")}
+    return json.dumps([name, config_text, docs, shots, sources], sort_keys=True, default=str)
+
+
+def _unbuildable(name: str, manager, err: Exception) -> str:
+    """The validation line for an eval whose task YAML lm-eval cannot build (a ``!function`` that does
+    not import, a split or field its data lacks, a misspelt ``output_type``): the eval, its file, why."""
+    entry = manager.task_index.get(name)
+    where = f" ({entry.yaml_path})" if entry is not None and entry.yaml_path else ""
+    config = (entry.cfg if entry is not None else None) or {}
+    splits = {config.get(key) for key in ("test_split", "validation_split", "training_split", "fewshot_split")}
+    if isinstance(err, KeyError) and err.args and err.args[0] in splits:
+        why = f"no split {err.args[0]!r} in its data"
+    else:
+        why = " ".join(f"{type(err).__name__}: {err}".split())
+    return f"evals: {name!r}{where}: lm-eval cannot build it ({why}); fix that file"
 
 
 def _scored_evals(name: str, loaded: dict) -> dict[str, list[str]]:
@@ -207,8 +265,9 @@ def _cache_path(suite: EvalSuite, task: str, model_fp: str, device: str) -> Path
             suite.hashes.get(task, task),
             version("lm_eval"),
             suite.config.limit,
-            SEED,
+            SEEDS,
             prompt_format(suite, task),
+            PROMPT_VERSION,
             suite.config.precision,
             SCORER_VERSION,
             device,
@@ -310,17 +369,19 @@ def evaluate_model(model, tokenizer, suite: EvalSuite, base_only: bool = False) 
 
 
 def _lm_eval(lm, specs: list, suite: EvalSuite, use_chat: bool) -> dict[str, Any] | None:
-    """lm-eval's ``simple_evaluate`` for a model already wrapped: the same seeds, zero-shot
-    default and evaluation, without its reporting (environment info runs ``pip list`` in a
-    subprocess, the git hash another: about half a second per call). None on ranks but 0."""
+    """lm-eval's ``simple_evaluate`` for a model already wrapped: the same default seeds, zero-shot
+    default, few-shot examples as chat turns under the chat template (``fewshot_as_multiturn``, as
+    ``lm_eval run --apply_chat_template`` gives them) and evaluation, without its reporting
+    (environment info runs ``pip list`` in a subprocess, the git hash another: about half a second
+    per call). None on ranks but 0."""
     import random
 
     import numpy as np
     from lm_eval.evaluator import evaluate
 
-    random.seed(SEED)
-    np.random.seed(SEED)
-    torch.manual_seed(SEED)
+    random.seed(SEEDS["random"])
+    np.random.seed(SEEDS["numpy"])
+    torch.manual_seed(SEEDS["torch"])
     seams.cache_lm_eval_templates()
     loaded = manager_for(list(suite.specs), suite.paths).load(specs)
     joined = {
@@ -329,7 +390,7 @@ def _lm_eval(lm, specs: list, suite: EvalSuite, use_chat: bool) -> dict[str, Any
     for name, task in loaded["tasks"].items():
         if task.get_config("num_fewshot") is None:
             task.set_config(key="num_fewshot", value=0)
-        task.set_fewshot_seed(seed=SEED)
+        task.set_fewshot_seed(seed=SEEDS["fewshot"])
         if name in joined:
             _join_like_training(task)
     return evaluate(
@@ -340,6 +401,7 @@ def _lm_eval(lm, specs: list, suite: EvalSuite, use_chat: bool) -> dict[str, Any
         bootstrap_iters=BOOTSTRAP_ITERS,
         log_samples=True,
         apply_chat_template=use_chat,
+        fewshot_as_multiturn=use_chat,
         verbosity="ERROR",
     )
 

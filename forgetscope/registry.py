@@ -42,14 +42,16 @@ def manager_for(names: list[str], paths: list[str]):
 
 
 def check_eval_names(names: list[str], paths: list[str]) -> list[str]:
-    """Recipe-validation lines for eval names that no registry knows: why, when a YAML in ``paths``
-    declares the name but lm-eval cannot read it, else with a did-you-mean."""
+    """Recipe-validation lines for a task or group name two YAMLs in ``paths`` declare
+    (:func:`declared_twice`), and for eval names that no registry knows: why, when a YAML in
+    ``paths`` declares the name but lm-eval cannot read it, else with a did-you-mean."""
+    problems = declared_twice(paths)
     known = set(manager_for(names, paths).all_tasks)
     missing = [name for name in names if name not in known]
     if not missing:
-        return []
+        return problems
     broken = {name: why for path in reversed(paths) for name, why in unusable(Path(path)).items()}  # first path wins
-    return [
+    return problems + [
         f"evals: eval task {name!r} is declared by {broken[name]}; fix that file"
         if name in broken
         else f"evals: unknown eval task {name!r}{did_you_mean(name, known)} (see `forgetscope tasks`)"
@@ -73,18 +75,71 @@ def metric_names(config: dict) -> list[str]:
     return listed or list(DEFAULT_METRIC_REGISTRY.get(config.get("output_type", "generate_until"), []))
 
 
-def _declared(path: Path) -> tuple[str | None, str]:
-    """The task name a YAML declares (its ``task:`` line) and its first comment line, read as text
-    so that a file lm-eval cannot parse still shows its name."""
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("task:")), None)
-    return name or None, next((line.lstrip("# ") for line in lines if line.startswith("#")), "")
+def _declared(path: Path) -> tuple[str | None, list[str], str]:
+    """The eval a task YAML declares as lm-eval's index reads it (a group's ``group:``, else its
+    ``task:``), the tags it puts that task under, and the file's first comment line. Read with
+    lm-eval's YAML loader, ``include:`` merged and ``!function`` tags left unimported; a file it
+    cannot read still shows the name on its ``group:`` or ``task:`` line."""
+    import yaml
+    from lm_eval.tasks._yaml_loader import load_yaml  # lm-eval 0.4.13's loader, as its TaskIndex calls it
+
+    text = path.read_text(encoding="utf-8", errors="replace")
+    comment = next((line.lstrip("# ") for line in text.splitlines() if line.startswith("#")), "")
+    try:
+        config = load_yaml(path, resolve_func=False)
+    except (yaml.YAMLError, ValueError, OSError):
+        config = {key: value for key in ("group", "task") if (value := _line_value(text, key))}
+    name = config.get("group", config.get("task"))
+    if not isinstance(name, str) or not name:
+        return None, [], comment
+    tags = config.get("tag") if "group" not in config else None
+    return name, [tags] if isinstance(tags, str) else [t for t in tags or [] if isinstance(t, str)], comment
+
+
+def _line_value(text: str, key: str) -> str | None:
+    """The value of a top-level ``key:`` line in YAML text that does not parse as a whole."""
+    import yaml
+
+    for line in text.splitlines():
+        if line.startswith(f"{key}:"):
+            try:
+                value = yaml.safe_load(line).get(key)
+            except yaml.YAMLError:
+                value = line.split(":", 1)[1].strip()
+            return value if isinstance(value, str) else None
+    return None
 
 
 def folder_evals(folder: Path) -> dict[str, str]:
-    """Eval tasks declared by the YAMLs in ``folder``, with the first comment line of each."""
-    declared = (_declared(path) for path in sorted(Path(folder).glob("*.yaml")))
-    return {name: comment for name, comment in declared if name}
+    """Evals declared by the YAMLs in ``folder`` (tasks, groups, tags), each with the first comment
+    line of its file (a tag: the tasks under it)."""
+    evals: dict[str, str] = {}
+    tagged: dict[str, list[str]] = {}
+    for path in sorted(Path(folder).glob("*.yaml")):
+        name, tags, comment = _declared(path)
+        if name:
+            evals.setdefault(name, comment)
+            for tag in tags:
+                tagged.setdefault(tag, []).append(name)
+    return {**evals, **{tag: f"tag of {', '.join(names)}" for tag, names in tagged.items() if tag not in evals}}
+
+
+def declared_twice(paths: list[str]) -> list[str]:
+    """Validation lines for a task or group name that two YAMLs in the folders ``paths`` declare:
+    lm-eval keeps one of them without a word (the last folder's), so the other is never scored."""
+    first: dict[str, Path] = {}
+    problems = []
+    for folder in dict.fromkeys(str(Path(p).resolve()) for p in paths):
+        for path in sorted(Path(folder).glob("*.yaml")):
+            name, _, _ = _declared(path)
+            if name and name in first:
+                problems.append(
+                    f"evals: {name!r} is declared by {first[name]} and by {path}; rename one of them "
+                    "(lm-eval would score only one, without a word)"
+                )
+            elif name:
+                first[name] = path
+    return problems
 
 
 def unusable(folder: Path) -> dict[str, str]:
@@ -98,7 +153,7 @@ def unusable(folder: Path) -> dict[str, str]:
 
     out = {}
     for path in sorted(Path(folder).glob("*.yaml")):
-        name, _ = _declared(path)
+        name, _, _ = _declared(path)
         try:
             seams.load_task_yaml(path)
         except yaml.YAMLError as err:

@@ -306,3 +306,172 @@ def test_a_task_yaml_named_like_a_shipped_eval_is_refused(tmp_path, tiny_recipe_
     assert "world_capitals   NOT USABLE: forgetscope ships an eval of that name" in capsys.readouterr().out
     with pytest.raises(RecipeError, match=r"declares 'world_capitals', an eval forgetscope ships; rename your task"):
         recipe_from_dict({**tiny_recipe_data, "evals": {"general": ["world_capitals"], "include": [str(mine)]}})
+
+
+COLOURS = ["red", "green", "blue", "gold", "grey", "pink", "teal", "plum"]
+
+
+def _few_shot_folder(root, sampler: str | None = None, output_type: str = "loglikelihood"):
+    """A task YAML ``colours`` (2-shot from a dev split of 8 items; lm-eval's random sampler
+    unless ``sampler`` names another) over 4 test items, in ``root``."""
+    root.mkdir(exist_ok=True)
+    for split, n in (("test", 4), ("dev", 8)):
+        rows = [{"question": f"Item {split}{i} is", "choices": COLOURS[:4], "label": i % 4} for i in range(n)]
+        (root / f"{split}.jsonl").write_text(
+            "".join(json.dumps({**r, "answer": COLOURS[r["label"]]}) + "\n" for r in rows)
+        )
+    (root / "colours.yaml").write_text(
+        "task: colours\ndataset_path: json\n"
+        f"dataset_kwargs: {{data_files: {{test: {root / 'test.jsonl'}, dev: {root / 'dev.jsonl'}}}}}\n"
+        "test_split: test\nfewshot_split: dev\nnum_fewshot: 2\n"
+        + (f"fewshot_config: {{sampler: {sampler}}}\n" if sampler else "")
+        + f"output_type: {output_type}\ndoc_to_text: '{{{{question}}}}'\n"
+        + (
+            "doc_to_choice: '{{choices}}'\ndoc_to_target: label\n"
+            if output_type == "multiple_choice"
+            else "doc_to_target: ' {{answer}}'\n"
+        )
+    )
+
+
+def _arguments(samples: list[dict]) -> dict:
+    """doc_id -> the requests lm-eval built for it (JSON-normalised: tuples as lists)."""
+    return {s["doc_id"]: json.loads(json.dumps(s["arguments"], default=str)) for s in samples}
+
+
+def test_few_shot_examples_are_the_ones_simple_evaluate_draws_with_its_default_seeds(tiny, tmp_path):
+    """lm-eval's default seeds (0 for python's random, 1234 for numpy, torch and the few-shot
+    sampler) pick the random sampler's examples; forgetscope uses the same ones."""
+    import inspect
+
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    defaults = inspect.signature(simple_evaluate).parameters
+    assert [
+        defaults[f"{name}_seed"].default for name in ("random", "numpy_random", "torch_random", "fewshot_random")
+    ] == [evaluate.SEEDS[name] for name in ("random", "numpy", "torch", "fewshot")]
+    model, tokenizer = tiny
+    _few_shot_folder(tmp_path / "mine")
+    suite = evaluate.prepare_suite(EvalConfig(new=[], general=["colours"], include=["mine"]), tmp_path, chat=False)
+    ours = evaluate.evaluate_model(model, tokenizer, suite)["samples"]["colours"]
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, max_length=evaluate.max_length(model))
+    theirs = simple_evaluate(
+        model=lm, tasks=["colours"], task_manager=registry.task_manager(tuple(suite.paths)), bootstrap_iters=0
+    )["samples"]["colours"]
+    assert _arguments(ours) == _arguments(theirs)
+
+
+def _chat_tokenizer(tokenizer):
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return tokenizer
+
+
+def test_few_shot_on_a_chat_base_renders_as_lm_eval_with_the_chat_template(tmp_path):
+    """`lm_eval run --apply_chat_template` (and simple_evaluate) give the few-shot examples as
+    turns of the conversation (fewshot_as_multiturn), and so does forgetscope."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    model, tokenizer = models.load(models.resolve("tiny-random"))
+    model.eval()
+    tokenizer = _chat_tokenizer(tokenizer)
+    _few_shot_folder(tmp_path / "mine", sampler="first_n", output_type="multiple_choice")
+    suite = evaluate.prepare_suite(EvalConfig(new=["colours"], general=[], include=["mine"]), tmp_path, chat=True)
+    ours = evaluate.evaluate_model(model, tokenizer, suite)["samples"]["colours"]
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, max_length=evaluate.max_length(model))
+    theirs = simple_evaluate(
+        model=lm,
+        tasks=["colours"],
+        task_manager=registry.task_manager(tuple(suite.paths)),
+        bootstrap_iters=0,
+        apply_chat_template=True,
+    )["samples"]["colours"]
+    assert _arguments(ours) == _arguments(theirs)
+    assert _arguments(ours)[0][0][0].count("<|im_start|>user") == 3  # two examples and the question, a turn each
+
+
+def test_task_hash_changes_with_the_few_shot_docs_and_the_functions_module(tmp_path):
+    """The cache must miss when the few-shot split's file changes, or a helper in the module a
+    `!function` loads (not only the function named)."""
+    _few_shot_folder(tmp_path / "mine")
+    yaml_file = tmp_path / "mine" / "colours.yaml"
+    yaml_file.write_text(yaml_file.read_text() + "process_results: !function utils.process_results\n")
+    (tmp_path / "mine" / "utils.py").write_text(
+        "def _scale(x):\n    return 100.0 * x\n\n\n"
+        "def process_results(doc, results):\n    return {'acc': _scale(results[0][0])}\n"
+    )
+    config = EvalConfig(new=[], general=["colours"], include=["mine"])
+
+    def task_hash() -> str:
+        registry.task_manager.cache_clear()
+        return evaluate.prepare_suite(config, tmp_path, chat=False).hashes["colours"]
+
+    first = task_hash()
+    assert task_hash() == first  # stable: nothing in it varies from one load to the next
+    dev = tmp_path / "mine" / "dev.jsonl"
+    dev.write_text(dev.read_text().replace("Item dev3", "Item dev3 (edited)"))
+    second = task_hash()
+    assert second != first
+    utils = tmp_path / "mine" / "utils.py"
+    utils.write_text(utils.read_text().replace("100.0 * x", "10.0 * x"))
+    assert task_hash() != second
+
+
+BROKEN = {  # a line of a task YAML -> what the one-line error says about it
+    "process_docs: !function nosuchmod.fn": "Cannot import module 'nosuchmod'",
+    "process_docs: !function utils.nope": "has no function 'nope'",
+    "test_split: validation": "no split 'validation'",
+    "output_type: multiple_choise": "invalid output_type 'multiple_choise'",
+    "doc_to_text: '{{questionz}}'": "'questionz' is undefined",
+}
+
+
+@pytest.mark.parametrize("line", list(BROKEN))
+def test_a_broken_task_yaml_is_one_line_naming_the_eval_and_its_file(tmp_path, line):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "test.jsonl").write_text(json.dumps({"question": "Sky?", "choices": ["blue", "red"], "label": 0}) + "\n")
+    (mine / "utils.py").write_text("def process_docs(dataset):\n    return dataset\n")
+    fields = {
+        "task": "mine",
+        "dataset_path": "json",
+        "dataset_kwargs": f"{{data_files: {{test: {mine / 'test.jsonl'}}}}}",
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "'{{question}}'",
+        "doc_to_choice": "'{{choices}}'",
+        "doc_to_target": "label",
+    }
+    key, value = line.split(": ", 1)
+    fields[key] = value
+    (mine / "mine.yaml").write_text("".join(f"{k}: {v}\n" for k, v in fields.items()))
+    with pytest.raises(evaluate.EvalError) as err:
+        evaluate.prepare_suite(EvalConfig(new=[], general=["mine"], include=["mine"]), tmp_path, chat=False)
+    message = str(err.value)
+    assert "\n" not in message and BROKEN[line] in message, message
+    assert message.startswith(f"evals: 'mine' ({mine / 'mine.yaml'}): ") and message.endswith("; fix that file")
+
+
+def test_a_broken_task_yaml_stops_a_run_before_anything_is_written(tmp_path, tiny_recipe_data, capsys):
+    import yaml
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "mine.yaml").write_text(
+        "task: mine\ndataset_path: json\ndataset_kwargs: {data_files: {test: "
+        + str(mine / "test.jsonl")
+        + "}}\ntest_split: test\noutput_type: loglikelihood\nprocess_docs: !function nosuchmod.fn\n"
+        "doc_to_text: '{{q}}'\ndoc_to_target: '{{a}}'\n"
+    )
+    (mine / "test.jsonl").write_text(json.dumps({"q": "Sky?", "a": " blue"}) + "\n")
+    data = {**tiny_recipe_data, "evals": {"new": ["mine"], "include": [str(mine)]}, "runs_dir": str(tmp_path / "runs")}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
+    assert cli.main(["run", str(tmp_path / "r.yaml")]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("forgetscope: error:")]
+    assert len(lines) == 1 and "evals: 'mine' (" in lines[0] and "nosuchmod" in lines[0] and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
