@@ -81,12 +81,13 @@ def _declared(path: Path) -> tuple[str | None, list[str], str]:
     lm-eval's YAML loader, ``include:`` merged and ``!function`` tags left unimported; a file it
     cannot read still shows the name on its ``group:`` or ``task:`` line."""
     import yaml
-    from lm_eval.tasks._yaml_loader import load_yaml  # lm-eval 0.4.13's loader, as its TaskIndex calls it
+
+    from forgetscope import seams
 
     text = path.read_text(encoding="utf-8", errors="replace")
     comment = next((line.lstrip("# ") for line in text.splitlines() if line.startswith("#")), "")
     try:
-        config = load_yaml(path, resolve_func=False)
+        config = seams.load_task_yaml(path, resolve_func=False)
     except (yaml.YAMLError, ValueError, OSError):
         config = {key: value for key in ("group", "task") if (value := _line_value(text, key))}
     name = config.get("group", config.get("task"))

@@ -17,8 +17,10 @@ import contextlib
 import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 CHECKED = {
     "lm_eval": "0.4.13",
@@ -32,11 +34,12 @@ CHECKED = {
 # ---------------------------------------------------------------- lm-eval
 
 
-def load_task_yaml(path: Path) -> dict:
-    """A task YAML as lm-eval reads it (its ``!function`` tags resolved): ``lm_eval.tasks._yaml_loader``."""
+def load_task_yaml(path: Path, resolve_func: bool = True) -> dict:
+    """A task YAML as lm-eval reads it (``include:`` merged; its ``!function`` tags resolved, or
+    left unimported as its task index reads them): ``lm_eval.tasks._yaml_loader``."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    return load_yaml(path)
+    return load_yaml(path, resolve_func=resolve_func)
 
 
 @contextlib.contextmanager
@@ -131,6 +134,8 @@ def plain_forward(model) -> Iterator[None]:
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU runs bf16 natively (AVX512-BF16 or AMX): ``torch.ops.mkldnn``'s check."""
+    import torch  # in each function: recipe validation reads task YAMLs through this module, without torch
+
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
@@ -148,6 +153,8 @@ def attention_mask(model, allowed: torch.Tensor) -> torch.Tensor:
     """A boolean ``[batch, 1, queries, keys]`` mask as the model's attention takes it when handed a
     4D mask, which transformers passes through unchanged: boolean for SDPA, additive (0 or the
     dtype's minimum) for the eager implementation (``config._attn_implementation``)."""
+    import torch
+
     if model.config._attn_implementation == "sdpa":
         return allowed
     return torch.zeros(allowed.shape, dtype=model.dtype, device=allowed.device).masked_fill(
@@ -170,6 +177,8 @@ def compile_loss(model) -> None:
     into one kernel each way, so the fp32 logits (batch x length x vocabulary) are never written.
     SmolLM2-135M at 64 x 512 on an H100, blocks compiled: 123.5 → 97.3 ms a step in a plain loop,
     peak memory 39 → 24 GB."""
+    import torch
+
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     inner.loss_function = torch.compile(inner.loss_function)
 

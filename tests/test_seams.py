@@ -21,6 +21,8 @@ def tiny():
 def test_lm_eval_reads_task_yamls_with_its_private_loader():
     spec = seams.load_task_yaml(registry.evals_dir() / "base_samples_ppl.yaml")
     assert spec.get("task") == "base_samples_ppl", f"lm_eval.tasks._yaml_loader.load_yaml changed {UPGRADE}"
+    unresolved = seams.load_task_yaml(registry.evals_dir() / "base_samples_ppl.yaml", resolve_func=False)
+    assert unresolved.get("task") == "base_samples_ppl", f"load_yaml(resolve_func=False) changed {UPGRADE}"
 
 
 def test_hflm_takes_its_batch_size_ranks_and_scoring_hook_where_we_set_them(tiny):
