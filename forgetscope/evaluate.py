@@ -293,6 +293,24 @@ def max_length(model) -> int:
     return min(MAX_LENGTH, getattr(model.config, "max_position_embeddings", MAX_LENGTH) or MAX_LENGTH)
 
 
+@contextlib.contextmanager
+def random_state_kept() -> Iterator[None]:
+    """Python's, numpy's and torch's (CPU and CUDA) random states as the block found them. Scoring
+    seeds them as lm-eval does; without this, training after a snapshot (its dropout) would depend on
+    whether the snapshot's scores came from the result cache."""
+    import random
+
+    import numpy as np
+
+    kept = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        try:
+            yield
+        finally:
+            random.setstate(kept[0])
+            np.random.set_state(kept[1])
+
+
 def evaluate_model(model, tokenizer, suite: EvalSuite, base_only: bool = False) -> dict[str, Any] | None:
     """Score ``model`` on the suite; reuse cached results for tasks already scored on these weights.
 
@@ -342,6 +360,7 @@ def evaluate_model(model, tokenizer, suite: EvalSuite, base_only: bool = False) 
                 scoring_precision(model, suite.config.precision),
                 merged_adapters(model, enabled=not base_only),
                 torch.compiler.set_stance("force_eager"),
+                random_state_kept(),
             ):
                 for use_chat, names in todo.items():
                     if not names:

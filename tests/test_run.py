@@ -305,3 +305,14 @@ def test_a_run_is_its_data_and_its_recipe_yaml_reads_the_same_files_from_anywher
     assert moved.evals.include == [str(tmp_path / "a" / "evals")]
     assert recipe_hash(moved) == recipe_hash(a)  # the same run, wherever its recipe is read from
     assert a.absolute().to_yaml() == moved.to_yaml()  # what the run folder keeps
+
+
+def test_training_does_not_depend_on_whether_scores_came_from_the_cache(tmp_path, tiny_recipe_data, monkeypatch):
+    """Scoring seeds the random generators as lm-eval does; a cached score does not. With dropout,
+    training after a snapshot drew other masks on a warm cache, so a re-run gave other curves."""
+    monkeypatch.setenv("FORGETSCOPE_CACHE", str(tmp_path / "cache"))  # cold for the first run
+    lora = {**tiny_recipe_data["lora"], "dropout": 0.3}
+    _, cold = _run(tmp_path, tiny_recipe_data, name="cold", lora=lora)
+    _, warm = _run(tmp_path, tiny_recipe_data, name="warm", lora=lora)
+    columns = ["step", "task", "metric", "value"]
+    pd.testing.assert_frame_equal(pd.read_csv(cold / "curves.csv")[columns], pd.read_csv(warm / "curves.csv")[columns])
