@@ -155,17 +155,21 @@ def find_checkpoints(refs: list[str], allow_pickle: bool = False) -> list[Checkp
             best = _best_checkpoint(folder, inside)
             note = f"; best_model_checkpoint {best}: with load_best_model_at_end it holds those weights" if best else ""
             if final is None:
-                print(f"forgetscope: {ref}: its final model is left out: {why}; give it alone to score it")
+                print(
+                    f"forgetscope: {ref}: its final model is left out: {why}; give it alone to score it",
+                    file=sys.stderr,
+                )
             elif scored is not None:
                 note = "" if best and Path(best).name == scored.name else note  # those weights are the ones scored
                 print(
                     f"forgetscope: {ref}: its final model is left out: training ended at step {final}, "
-                    f"scored from {scored.name}{note}"
+                    f"scored from {scored.name}{note}",
+                    file=sys.stderr,
                 )
             else:
                 found.append((folder, ref, final))
                 if note:
-                    print(f"forgetscope: {ref}: its final model is step {final}{note}")
+                    print(f"forgetscope: {ref}: its final model is step {final}{note}", file=sys.stderr)
     folders = [folder.resolve() for folder, _, _ in found]
     twice = next((source for i, (_, source, _) in enumerate(found) if folders[i] in folders[:i]), None)
     if twice is not None:

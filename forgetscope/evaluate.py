@@ -41,9 +41,6 @@ SEEDS = {
     "torch": DEFAULT_OTHER_SEED,
     "fewshot": DEFAULT_OTHER_SEED,
 }
-# part of the result cache's key: raise it whenever a change moves the prompts lm-eval is given
-# (2: lm-eval's default seeds and few-shot examples as chat turns, as `lm_eval run` gives them)
-PROMPT_VERSION = 2
 DRIFT_TASK = "base_samples_ppl"  # needs samples from the base model, drawn once per base
 
 
@@ -267,7 +264,6 @@ def _cache_path(suite: EvalSuite, task: str, model_fp: str, device: str) -> Path
             suite.config.limit,
             SEEDS,
             prompt_format(suite, task),
-            PROMPT_VERSION,
             suite.config.precision,
             SCORER_VERSION,
             device,

@@ -13,7 +13,7 @@ Policy (YAML; example in examples/release_policy.yaml)::
     general:                  # allowed drops of the general probes ("default" covers the rest)
       prose_ppl: {max_drop: 0.05}            # absolute, in the metric's units
       world_capitals: {max_relative_drop: 0.05}
-      gsm8k: {max_drop: 0.02, metric: "exact_match,strict-match"}   # a metric other than the primary one
+      gsm8k: {max_drop: 0.02, metric: "exact_match,flexible-extract"}   # a metric other than the primary one
       default: {max_relative_drop: 0.10}
     max_general_forgetting: 0.05   # optional: the mean relative drop over the probes
 
@@ -83,7 +83,7 @@ class Limit:
     )
     metric: str | None = option(
         None,
-        "the metric to check, as the run names it (default: the task's primary one), e.g. exact_match,strict-match",
+        "the metric to check, as the run names it (default: the task's primary one), e.g. exact_match,flexible-extract",
     )
 
 
@@ -448,16 +448,10 @@ def _decide(checks: list[dict], policy: Policy) -> list[dict]:
     return tests
 
 
-def _signed(x: float) -> str:
-    """``x`` to 4 decimals with its sign, "+0.0000" for a zero drop (never "-0.0000"); 4 significant
-    digits when large (a perplexity that exploded)."""
-    return f"{round(x, 4) + 0.0:+.4f}" if abs(x) < 1e5 else f"{x:+.4g}"
-
-
 def _row(c: dict) -> list[str]:
     if "drop" in c:
         value = f"{c['base']:.4g} → {c['value']:.4g}"
-        measured = f"{_signed(c['drop'])} ({'no bound' if c['bound'] is None else '≤ ' + _signed(c['bound'])})"
+        measured = f"{stats.format_signed(c['drop'])} ({'no bound' if c['bound'] is None else '≤ ' + stats.format_signed(c['bound'])})"
         p = stats.format_p(c["p_adj"])
     else:
         value, measured, p = "–" if c["value"] is None else f"{c['value']:.4g}", "", ""

@@ -72,7 +72,6 @@ def analyse(
     summary = metrics.rank_runs(
         metrics.run_summary(table, target=target, weights=weights, keep_at_chance=keep_at_chance, new_task=last_stage)
     )
-    summary["pareto"] &= summary["new_task"].notna()  # no new task (an audit without --new): no gain to be on it
     manifests = {root.name: RunLayout(root).read_manifest() for root, _ in runs}
     summary["status"] = [manifests[run].get("status") or "unfinished" for run in summary["run"]]
     summary["planned_steps"] = [max(manifests[run].get("snapshot_steps") or [0]) or None for run in summary["run"]]
@@ -143,7 +142,8 @@ def analyse(
                     )
             if role == "general":
                 forgotten.extend(_forgotten_items(layout, run, task, metric, bool(higher), sorted(line["step"])))
-        family = [f for f in finals if f["run"] == run and f["role"] == "general"]
+        # probes without a CI have no test, and stay out of the family (as in the gate)
+        family = [f for f in finals if f["run"] == run and f["role"] == "general" and f["p"] is not None]
         for entry, p_adj in zip(family, stats.adjust([f["p"] for f in family], correction)):
             entry["p_adj"] = p_adj
     drift = metrics.drift_vs_forgetting(table, metrics.KL_PROBE, weights, keep_at_chance)
@@ -424,9 +424,9 @@ def _final_rows(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
                 f"{r['metric']} {arrow}",
                 _fmt(r["base"], 4),
                 _fmt(r["final"], 4),
-                f"{sign * r['drop']:+.4f} (no CI: {r['why']})"
+                f"{stats.format_signed(sign * r['drop'])} (no CI: {r['why']})"
                 if pd.isna(r["low"])
-                else f"{sign * r['drop']:+.4f} [{low:+.4f}, {high:+.4f}]",
+                else f"{stats.format_signed(sign * r['drop'])} [{stats.format_signed(low)}, {stats.format_signed(high)}]",
                 _pct(r["adj_drop"]) if pd.notna(r["chance"]) else "–",
                 stats.format_p(r["p_adj"]),
                 stats.format_p(r["p_mcnemar"]),

@@ -122,10 +122,10 @@ def load_items(paths: list[str | Path], tasks: list[str] | None = None) -> pd.Da
                     continue
                 for sample in io.read_jsonl(path):
                     for metric in sample.get("metrics", []):
-                        value = sample.get(metric)
-                        if not stats.is_item_score(metric, value):  # corpus-level (mcc: gold, prediction)
+                        score = stats.item_score(metric, sample.get(metric))
+                        if score is None:  # corpus-level (mcc: gold, prediction)
                             continue
-                        num, den = (value[0], value[1]) if isinstance(value, list) else (value, 1.0)
+                        num, den = score
                         rows.append(
                             {
                                 "run": root.name,

@@ -44,7 +44,9 @@ LINE_TOKENS = 128  # requests are taken into a line while its prefix tree stays 
 SLACK_TOKENS = 16  # a line joins a forward pass only if at most this much shorter than its longest
 HEAD_ROWS = 1024  # scored positions per chunk of output layer + log-softmax (bounds the logits' memory)
 MAX_AUTO_LINES = 512  # `auto` on CUDA: at most this many lines (65k tokens) per forward pass
-SCORER_VERSION = 2  # part of the result cache's key: raise it whenever a change may move a score
+# part of the result cache's key: raise it whenever a change may move a score or a prompt
+# (3: lm-eval's default seeds and few-shot examples as chat turns, as `lm_eval run` gives them)
+SCORER_VERSION = 3
 
 Request = tuple[tuple[str, str], list[int], list[int]]
 Pair = tuple[list[int], list[int]]  # a request's context and continuation tokens

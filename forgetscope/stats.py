@@ -81,13 +81,15 @@ def registered_aggregation(metric: str) -> tuple[str, Callable] | None:
 
 def revived(value: Any) -> Any:
     """A per-item value as lm-eval computed it, from the JSON forgetscope stored: numpy scalars and
-    arrays were written with ``str`` (``"2"``, ``"[0.9 0.1]"``) and tuples as lists; numbers and
-    arrays come back, other strings stay."""
+    arrays were written with ``str`` (``"2"``, ``"True"``, ``"[0.9 0.1]"``) and tuples as lists;
+    numbers, booleans and arrays come back, other strings stay."""
     if isinstance(value, list):
         return tuple(revived(v) for v in value)
     if not isinstance(value, str):
         return value
     text = value.strip()
+    if text in ("True", "False"):  # a numpy bool
+        return text == "True"
     try:
         if text.startswith("[") and text.endswith("]"):
             return np.array(text[1:-1].split(), dtype=float)
@@ -109,20 +111,24 @@ def item_values(layout: RunLayout, step: int, task: str, metric: str) -> dict[st
     items are not scores (``mcc``: (gold, prediction))."""
     out = {}
     for item, value in raw_items(layout, step, task, metric).items():
-        if not is_item_score(metric, value):
+        score = item_score(metric, value)
+        if score is None:
             return {}
-        out[item] = (float(value[0]), float(value[1])) if isinstance(value, list) else (float(value), 1.0)
+        out[item] = score
     return out
 
 
-def is_item_score(metric: str, value: Any) -> bool:
-    """Whether an item's stored ``value`` of ``metric`` is its score: a number, or a (log-likelihood,
-    words or bytes) pair for the ``PAIRED`` aggregations; not for corpus-level metrics (``mcc``:
-    (gold, prediction)). Booleans count as numbers (lm-eval's exact match)."""
+def item_score(metric: str, value: Any) -> tuple[float, float] | None:
+    """An item's stored ``value`` of ``metric`` as (numerator, denominator): ``(score, 1)`` for a
+    number (booleans and numbers stored as text included), the pair itself for the ``PAIRED``
+    aggregations' (log-likelihood, words or bytes); None where items are not scores (``mcc``:
+    (gold, prediction))."""
+    value = revived(value)
     registered = registered_aggregation(metric)
     if registered is not None and registered[0] in PAIRED:
-        return isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
-    return isinstance(value, (int, float))
+        pair = isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
+        return (float(value[0]), float(value[1])) if pair else None
+    return (float(value), 1.0) if isinstance(value, (int, float)) else None
 
 
 def lm_eval_value(layout: RunLayout, step: int, task: str, metric: str) -> float:
@@ -339,9 +345,10 @@ def final_vs_base(layout: RunLayout, table) -> list[dict]:
     return sorted(rows, key=lambda r: r["role"] != "new")
 
 
-def _signed(x: float) -> str:
-    """``x`` with its sign to 4 decimals, or to 4 significant digits when large (a perplexity that exploded)."""
-    return f"{x:+.4f}" if abs(x) < 1e5 else f"{x:+.4g}"
+def format_signed(x: float) -> str:
+    """``x`` to 4 decimals with its sign, "+0.0000" for zero (never "-0.0000"); 4 significant digits
+    when large (a perplexity that exploded). As the run summary, the report and the gate print changes."""
+    return f"{round(x, 4) + 0.0:+.4f}" if abs(x) < 1e5 else f"{x:+.4g}"
 
 
 def format_summary(rows: list[dict]) -> str:
@@ -351,10 +358,10 @@ def format_summary(rows: list[dict]) -> str:
         arrow = "↑" if r["higher_is_better"] else "↓"
         flag = "  worse" if r["worse"] else ""
         if r["low"] is None:
-            ci = f"{_signed(r['delta'])} (no CI: {r['why']})"
+            ci = f"{format_signed(r['delta'])} (no CI: {r['why']})"
         else:
-            ci = f"{_signed(r['delta'])} [{_signed(r['low'])}, {_signed(r['high'])}]"
-        base, final = (_signed(r[k]).lstrip("+") for k in ("base", "final"))
+            ci = f"{format_signed(r['delta'])} [{format_signed(r['low'])}, {format_signed(r['high'])}]"
+        base, final = (format_signed(r[k]).lstrip("+") for k in ("base", "final"))
         lines.append(f"{r['task']:18s} {r['role']:8s} {r['metric'] + arrow:15s} {base:>9s} {final:>9s} {ci:>30s}{flag}")
     return "\n".join(lines)
 

@@ -470,8 +470,10 @@ def test_a_change_without_a_ci_reads_no_ci_and_perplexity_items_fall_the_right_w
     probe_run(
         tmp_path / "median", steps, lambda items: float(np.median(list(items.values()))), "ll_score", higher=False
     )
-    text = report.render_markdown(report.analyse([tmp_path / "median"]), "t", None)
+    analysis = report.analyse([tmp_path / "median"])
+    text = report.render_markdown(analysis, "t", None)
     assert "no CI:" in text and "[+nan" not in text
+    assert analysis.finals["p_adj"].isna().all()  # untested: out of the adjusted family, shown as "–"
     lls = {0: {"a": -1.0, "b": -2.0, "c": -1.5}, 1: {"a": -3.0, "b": -2.0, "c": -1.4}}  # a falls, c rises a little
     probe_run(tmp_path / "ppl", lls, lambda items: math.exp(-np.mean(list(items.values()))), "perplexity", higher=False)
     items = report.analyse([tmp_path / "ppl"]).items.set_index("item_id")
@@ -486,3 +488,7 @@ def test_load_items_leaves_out_items_that_are_not_scores(tmp_path, probe_run):
     assert results.load_items([tmp_path / "mcc"]).empty
     probe_run(tmp_path / "acc", {0: {"a": 1.0}, 1: {"a": 0.0}}, lambda items: 0.0)
     assert results.load_items([tmp_path / "acc"])["value"].tolist() == [1.0, 0.0]
+    # numpy scores a task's own process_results returned, stored as text: still scores
+    probe_run(tmp_path / "text", {0: {"a": "1", "b": "True"}, 1: {"a": "0", "b": "1"}}, lambda items: 0.0)
+    assert results.load_items([tmp_path / "text"])["value"].tolist() == [1.0, 1.0, 0.0, 1.0]
+    assert stats.flips(RunLayout(tmp_path / "text"), "probe", "acc", 1)["forgotten"] == ["a"]

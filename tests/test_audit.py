@@ -380,7 +380,7 @@ def test_an_early_stopped_runs_final_model_takes_the_step_where_training_ended(t
     assert list(_bits(tmp_path).index) == [0, 2, 4]
     manifest = json.loads((tmp_path / "runs" / "a" / "manifest.json").read_text())
     assert manifest["snapshot_steps"] == [0, 2, 4] and {row["step"] for row in manifest["final_vs_base"]} == {4}
-    [line] = [line for line in capsys.readouterr().out.splitlines() if "final model" in line]
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "final model" in line]
     assert "training ended at step 4, scored from checkpoint-4" in line
     assert f"best_model_checkpoint {trainer.state.best_model_checkpoint}" in line
 
@@ -403,7 +403,7 @@ def test_a_final_model_past_the_latest_checkpoint_of_an_early_stopping_run_is_le
     )
     found = audit.find_checkpoints([str(tmp_path / "out")])
     assert [(c.step, c.folder.name) for c in found] == [(6, "checkpoint-6")]
-    [line] = [line for line in capsys.readouterr().out.splitlines() if "final model" in line]
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "final model" in line]
     assert "left out" in line and "after step 6" in line and "give it alone to score it" in line
 
 
