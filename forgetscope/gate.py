@@ -273,7 +273,8 @@ def check(run: str | Path, policy: Policy, step: int | None = None) -> dict:
         checks.append(_probe_check(layout, task, row, limit, step))
         probes.append(checks[-1])
     tests = _decide(probes, policy)
-    if policy.max_general_forgetting is not None:
+    if policy.max_general_forgetting is not None:  # on the primary metrics, as the report's general forgetting
+        rows = metrics.primary_rows(table[table["step"].isin([0, step])], alpha=alpha)
         forgetting = metrics.general_forgetting(rows, keep_at_chance=policy.at_chance == "keep")
         value = forgetting[forgetting["step"] == step]["forgetting"]
         ok = len(value) and _compare(float(value.iloc[0]), policy.max_general_forgetting) <= 0

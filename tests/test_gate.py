@@ -518,3 +518,7 @@ def test_the_primary_metric_follows_the_tasks_order_and_a_policy_can_name_one(tm
     loose = gate.check(run, gate.load_policy(_policy(tmp_path, general=named)))
     assert loose["checks"][0]["metric"] == "exact_match,loose" and loose["checks"][0]["drop"] == 1.0
     assert loose["verdict"] == "fail"
+    # the mean relative drop stays on the primary metrics (the report's general forgetting), whatever metric: says
+    both = gate.check(run, gate.load_policy(_policy(tmp_path, general=named, max_general_forgetting=0.5)))
+    [mean] = [c for c in both["checks"] if c["name"] == "general forgetting"]
+    assert mean["value"] == 0.0 and mean["passed"]
