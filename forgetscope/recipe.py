@@ -361,12 +361,12 @@ class Recipe:
         ``base_dir``: the same recipe read from any folder, as the run folder's ``recipe.yaml``."""
 
         def fix(path: str | None) -> str | None:
-            return str((self.base_dir / path).expanduser().resolve()) if path else path
+            return str((self.base_dir / Path(path).expanduser()).resolve()) if path else path
 
         def task(t: TaskConfig) -> TaskConfig:
             return dataclasses.replace(t, path=fix(t.path))
 
-        local_base = (self.base_dir / self.base).expanduser()
+        local_base = self.base_dir / Path(self.base).expanduser()
         evals = dataclasses.replace(self.evals, include=[fix(p) for p in self.evals.include])
         return dataclasses.replace(
             self,
@@ -376,12 +376,6 @@ class Recipe:
             replay=dataclasses.replace(self.replay, path=fix(self.replay.path)) if self.replay else None,
             evals=evals,
         )
-
-    def data_files(self) -> list[Path]:
-        """The data files this recipe reads (its tasks' and its replay's ``path``), absolute."""
-        r = self.absolute()
-        paths = [r.task.path, *(s.task.path for s in r.stages), r.replay.path if r.replay else None]
-        return [Path(p) for p in dict.fromkeys(p for p in paths if p)]
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain data (every default filled in; with ``stages``, ``evals.new``

@@ -21,15 +21,32 @@ from forgetscope.session import RunSession
 
 
 def recipe_hash(recipe: Recipe) -> str:
-    """Hash of the resolved recipe (relative paths made absolute), minus fields that do not change
-    results (name, runs_dir), and of the contents of the data files it reads: the same recipe file
-    beside other data, or data edited after an interrupted run, is another run."""
+    """Hash of the resolved recipe, minus fields that do not change results (name, runs_dir), with
+    each file it reads as its contents: the same recipe file beside other data, or data edited
+    after an interrupted run, is another run; the same files read from another folder (the run
+    folder's ``recipe.yaml``, a moved project) are the same run."""
     data = recipe.absolute().to_dict()
     data.pop("name")
     data.pop("runs_dir")
-    if files := recipe.data_files():
-        data["data_sha256"] = {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+    for task in [data["task"], *(stage["task"] for stage in data["stages"])]:
+        task["path"] = _contents(task["path"])
+    if data["replay"]:
+        data["replay"]["path"] = _contents(data["replay"]["path"])
+    data["evals"]["include"] = [_contents(folder) for folder in data["evals"]["include"]]
     return hashlib.sha256(repr(data).encode()).hexdigest()[:16]
+
+
+def _contents(path: str | None) -> str | None:
+    """A hash of a file's bytes, or of a folder's task YAMLs and Python modules (names and bytes)."""
+    if path is None:
+        return None
+    root = Path(path)
+    files = sorted(p for p in root.rglob("*") if p.suffix in (".yaml", ".py")) if root.is_dir() else [root]
+    digest = hashlib.sha256()
+    for file in files:
+        name = str(file.relative_to(root)) if root.is_dir() else ""
+        digest.update(name.encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def run(recipe: Recipe) -> Path:

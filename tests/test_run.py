@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -304,6 +305,10 @@ def test_a_run_is_its_data_and_its_recipe_yaml_reads_the_same_files_from_anywher
     assert moved.task.path == str(tmp_path / "a" / "my.jsonl")
     assert moved.evals.include == [str(tmp_path / "a" / "evals")]
     assert recipe_hash(moved) == recipe_hash(a)  # the same run, wherever its recipe is read from
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")  # a moved project: the same files, elsewhere
+    assert recipe_hash(load_recipe(tmp_path / "copy" / "r.yaml")) == recipe_hash(a)
+    (tmp_path / "copy" / "evals" / "t.yaml").write_text("task: t\n")  # an eval folder that changed
+    assert recipe_hash(load_recipe(tmp_path / "copy" / "r.yaml")) != recipe_hash(a)
     assert a.absolute().to_yaml() == moved.to_yaml()  # what the run folder keeps
 
 
