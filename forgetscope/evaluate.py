@@ -494,7 +494,8 @@ def _summarise(task: str, raw: dict[str, Any], role: str, leaves: list[str]) -> 
             "higher_is_better": bool(higher.get(name, True)),
         }
     counts = [raw.get("n-samples", {}).get(leaf, {}).get("effective") for leaf in leaves]
-    return {"role": role, "n": None if None in counts else sum(counts), "metrics": summary}
+    entry = {"role": role, "n": None if None in counts else sum(counts), "metrics": summary}
+    return {**entry, "subtasks": leaves} if len(leaves) > 1 else entry
 
 
 def _item_rows(samples: list[dict[str, Any]], subtask: str | None = None) -> list[dict[str, Any]]:

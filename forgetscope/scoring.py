@@ -45,8 +45,9 @@ SLACK_TOKENS = 16  # a line joins a forward pass only if at most this much short
 HEAD_ROWS = 1024  # scored positions per chunk of output layer + log-softmax (bounds the logits' memory)
 MAX_AUTO_LINES = 512  # `auto` on CUDA: at most this many lines (65k tokens) per forward pass
 # part of the result cache's key: raise it whenever a change may move a score or a prompt
-# (3: lm-eval's default seeds and few-shot examples as chat turns, as `lm_eval run` gives them)
-SCORER_VERSION = 3
+# (3: lm-eval's default seeds and few-shot examples as chat turns, as `lm_eval run` gives them;
+# 4: a group's results record its subtasks)
+SCORER_VERSION = 4
 
 Request = tuple[tuple[str, str], list[int], list[int]]
 Pair = tuple[list[int], list[int]]  # a request's context and continuation tokens

@@ -131,6 +131,12 @@ def item_score(metric: str, value: Any) -> tuple[float, float] | None:
     return (float(value), 1.0) if isinstance(value, (int, float)) else None
 
 
+def is_group(layout: RunLayout, task: str) -> bool:
+    """Whether ``task`` is a group of lm-eval tasks scored as one eval (its ``subtasks`` recorded
+    in ``results.json`` at step 0)."""
+    return bool(io.read_json(layout.eval_dir(0) / "results.json")["tasks"][task].get("subtasks"))
+
+
 def lm_eval_value(layout: RunLayout, step: int, task: str, metric: str) -> float:
     """lm-eval's corpus value of ``metric`` for ``task`` at ``step`` (``results.json``)."""
     return float(io.read_json(layout.eval_dir(step) / "results.json")["tasks"][task]["metrics"][metric]["value"])
@@ -174,13 +180,13 @@ class Aggregation:
         return combined if draws is not None else combined[0]
 
 
-def _subtasks(items: list[str]) -> list[tuple[list[np.ndarray], np.ndarray]]:
+def _subtasks(items: list[str], group: bool) -> list[tuple[list[np.ndarray], np.ndarray]]:
     """The ways lm-eval may have combined these items, as (subtasks' item positions, weights): for
     a group's items (``subtask/id``, two subtasks or more) each subtask weighted by size, or
-    equally; and one pool (a task)."""
+    equally; and one pool (a task, whose own ids may hold a "/" too)."""
     pool = [([np.arange(len(items))], np.ones(1))]
     names = [item.partition("/")[0] if "/" in item else None for item in items]
-    if None in names or len(set(names)) < 2:
+    if not group or None in names or len(set(names)) < 2:
         return pool
     groups = [np.array([i for i, name in enumerate(names) if name == sub]) for sub in dict.fromkeys(names)]
     sizes = np.array([len(g) for g in groups], dtype=float)
@@ -192,10 +198,13 @@ def _fits(ours: float, theirs: float) -> bool:
     return math.isfinite(ours) and math.isclose(ours, theirs, rel_tol=1e-6, abs_tol=1e-12)
 
 
-def find_aggregation(metric: str, items: list[str], steps_values: list[tuple[list, float]]) -> Aggregation | None:
+def find_aggregation(
+    metric: str, items: list[str], steps_values: list[tuple[list, float]], group: bool = False
+) -> Aggregation | None:
     """The :class:`Aggregation` that turns each step's per-item values into lm-eval's value of that
-    step (``steps_values``: (values in ``items`` order, lm-eval's value)); None when none does (a
-    task's own aggregation function, items that are not numbers)."""
+    step (``steps_values``: (values in ``items`` order, lm-eval's value); ``group``: the eval is a
+    group, its items ``subtask/id``); None when none does (a task's own aggregation function, items
+    that are not numbers)."""
     registered = registered_aggregation(metric)
     candidates = [registered] if registered else []
     if not registered or registered[0] != "mean":
@@ -203,7 +212,7 @@ def find_aggregation(metric: str, items: list[str], steps_values: list[tuple[lis
     for name, fn in candidates:
         vectorised = name in VECTORISED
         for revive in (False, True):
-            for subtasks, weights in _subtasks(items):
+            for subtasks, weights in _subtasks(items, group):
                 agg = Aggregation(name, VECTORISED.get(name, fn), vectorised, revive, subtasks, weights)
                 try:
                     with warnings.catch_warnings(), np.errstate(all="ignore"):
@@ -221,7 +230,7 @@ def corpus_value(layout: RunLayout, step: int, task: str, metric: str) -> float 
     stored = raw_items(layout, step, task, metric)
     items = sorted(stored)
     values = [stored[i] for i in items]
-    agg = find_aggregation(metric, items, [(values, lm_eval_value(layout, step, task, metric))])
+    agg = find_aggregation(metric, items, [(values, lm_eval_value(layout, step, task, metric))], is_group(layout, task))
     return None if agg is None else float(agg.value(agg.prepare(values)))
 
 
@@ -250,7 +259,7 @@ def paired_bootstrap(
     if not items:
         return Paired(delta, None, 0, "no item was scored at both steps")
     stored = ([base[i] for i in items], [later[i] for i in items])
-    agg = find_aggregation(metric, items, list(zip(stored, values)))
+    agg = find_aggregation(metric, items, list(zip(stored, values)), is_group(layout, task))
     if agg is None:
         return Paired(
             delta, None, len(items), f"the items do not reproduce lm-eval's {metric} (the task's own aggregation?)"

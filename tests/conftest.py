@@ -164,10 +164,12 @@ def bf16_accelerator():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def make_probe_run(root: Path, steps: dict, value_of, metric="acc", task="probe", higher=True) -> RunLayout:
+def make_probe_run(
+    root: Path, steps: dict, value_of, metric="acc", task="probe", higher=True, subtasks=None
+) -> RunLayout:
     """A finished run folder with one general probe: ``steps`` maps step -> {item_id: per-item value
     as forgetscope stores it}, and each step's corpus value is ``value_of(items)`` (lm-eval's
-    aggregation of them)."""
+    aggregation of them); ``subtasks``: the probe is a group of these tasks."""
     layout = RunLayout(root)
     root.mkdir(parents=True)
     layout.manifest.write_text(json.dumps({"status": "finished", "method": "full"}))
@@ -180,7 +182,14 @@ def make_probe_run(root: Path, steps: dict, value_of, metric="acc", task="probe"
         result = {
             "step": step,
             "tokens": step,
-            "tasks": {task: {"role": "general", "n": len(items), "metrics": metrics}},
+            "tasks": {
+                task: {
+                    "role": "general",
+                    "n": len(items),
+                    "metrics": metrics,
+                    **({"subtasks": subtasks} if subtasks else {}),
+                }
+            },
         }
         (folder / "results.json").write_text(json.dumps(result))
     return layout

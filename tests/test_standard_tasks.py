@@ -196,6 +196,8 @@ def test_standard_tasks_through_audit_stats_report_and_gate(fixtures, tmp_path, 
     assert "mmlu3" in (tmp_path / "report" / "report.md").read_text()
     items = [json.loads(line) for line in (root / "evals" / "step-000010" / "samples_mmlu3.jsonl").open()]
     assert len(items) == 6 and items[0]["item_id"] == "mmlu_anatomy/0"
+    group = json.loads((root / "evals" / "step-000010" / "results.json").read_text())["tasks"]["mmlu3"]
+    assert "mmlu_anatomy" in group["subtasks"] and len(group["subtasks"]) >= 2  # the bootstrap's strata
     policy = tmp_path / "policy.yaml"
     policy.write_text("general:\n  mmlu3: {max_drop: 1.0}\n  default: {max_drop: 1.0}\n")
     assert cli.main(["gate", str(root), "--policy", str(policy)]) == 0

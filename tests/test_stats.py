@@ -256,8 +256,12 @@ def test_a_group_is_aggregated_per_subtask_then_weighted_as_lm_eval_weights(
     large = {f"large/{k}": float(k % 2) for k in range(40)}
     base = {**{f"small/{k}": 1.0 for k in range(10)}, **large}
     final = {**{f"small/{k}": 0.0 for k in range(10)}, **large}
-    layout = probe_run(tmp_path / "r", {0: base, 1: final}, group_value(weight_by_size))
+    layout = probe_run(tmp_path / "r", {0: base, 1: final}, group_value(weight_by_size), subtasks=["small", "large"])
     ci = stats.paired_delta(layout, "probe", "acc", 1, iters=300)
     assert ci["delta"] == pytest.approx(expected)
     # resampled within each subtask: every resample of `small` loses all of it, `large` never changes
     assert ci["low"] == pytest.approx(expected) and ci["high"] == pytest.approx(expected)
+    if weight_by_size:  # a plain task whose own ids hold a "/": one pool, resampled as a whole
+        plain = probe_run(tmp_path / "plain", {0: base, 1: final}, group_value(True))
+        ci = stats.paired_delta(plain, "probe", "acc", 1, iters=300)
+        assert ci["delta"] == pytest.approx(expected) and ci["low"] < expected < ci["high"]
