@@ -138,7 +138,10 @@ def prepare_suite(
                     TypeError,
                     TemplateError,
                 ) as err:
-                    problems.append(_unbuildable(name, manager, err))
+                    problem = _unbuildable(name, manager, err, suite.paths[1:])
+                    if problem is None:  # one of forgetscope's own evals: a bug, with its traceback
+                        raise
+                    problems.append(problem)
                     continue
             for scored, leaves in (_scored_evals(name, loaded[name]) if name in loaded else {name: [name]}).items():
                 for leaf in leaves:
@@ -191,18 +194,24 @@ def _task_digest(name: str, task, limit: int | None) -> str:
     return json.dumps([name, config_text, docs, shots, sources], sort_keys=True, default=str)
 
 
-def _unbuildable(name: str, manager, err: Exception) -> str:
+def _unbuildable(name: str, manager, err: Exception, include: list[str]) -> str | None:
     """The validation line for an eval whose task YAML lm-eval cannot build (a ``!function`` that does
-    not import, a split or field its data lacks, a misspelt ``output_type``): the eval, its file, why."""
+    not import, a split or field its data lacks, a misspelt ``output_type``): the eval, its file, why;
+    "fix that file" for a YAML in the ``include`` folders. None for one of forgetscope's own evals."""
     entry = manager.task_index.get(name)
-    where = f" ({entry.yaml_path})" if entry is not None and entry.yaml_path else ""
+    path = Path(entry.yaml_path) if entry is not None and entry.yaml_path else None
+    if path is not None and path.resolve().is_relative_to(evals_dir().resolve()):
+        return None
+    yours = path is None or any(path.resolve().is_relative_to(Path(folder).resolve()) for folder in include)
+    where = f" ({path})" if path else ""
     config = (entry.cfg if entry is not None else None) or {}
     splits = {config.get(key) for key in ("test_split", "validation_split", "training_split", "fewshot_split")}
     if isinstance(err, KeyError) and err.args and err.args[0] in splits:
         why = f"no split {err.args[0]!r} in its data"
     else:
         why = " ".join(f"{type(err).__name__}: {err}".split())
-    return f"evals: {name!r}{where}: lm-eval cannot build it ({why}); fix that file"
+    fix = "fix that file" if yours else "a task lm-eval ships: check its data in the HF datasets cache"
+    return f"evals: {name!r}{where}: lm-eval cannot build it ({why}); {fix}"
 
 
 def _scored_evals(name: str, loaded: dict) -> dict[str, list[str]]:

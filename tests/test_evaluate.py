@@ -475,3 +475,19 @@ def test_a_broken_task_yaml_stops_a_run_before_anything_is_written(tmp_path, tin
     lines = [line for line in err.splitlines() if line.startswith("forgetscope: error:")]
     assert len(lines) == 1 and "evals: 'mine' (" in lines[0] and "nosuchmod" in lines[0] and "Traceback" not in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_shipped_eval_lm_eval_cannot_build_is_a_bug_shown_with_its_traceback(monkeypatch):
+    """The one-line "fix that file" is for your task YAMLs; forgetscope's own evals failing is ours to fix."""
+    from pathlib import Path
+
+    real = evaluate.manager_for
+
+    def broken(*args, **kwargs):
+        manager = real(*args, **kwargs)
+        manager.load = lambda name: {}["missing"]  # a KeyError from inside lm-eval
+        return manager
+
+    monkeypatch.setattr(evaluate, "manager_for", broken)
+    with pytest.raises(KeyError):
+        evaluate.prepare_suite(EvalConfig(new=[], general=["prose_ppl"]), Path.cwd(), False)
