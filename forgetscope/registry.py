@@ -111,12 +111,18 @@ def _line_value(text: str, key: str) -> str | None:
     return None
 
 
+def task_yamls(folder: str | Path) -> list[Path]:
+    """The task YAMLs lm-eval indexes in ``folder``: every ``*.yaml`` below it, subfolders included."""
+    skipped = {"__pycache__", ".ipynb_checkpoints"}  # as lm-eval's index skips them
+    return sorted(p for p in Path(folder).rglob("*.yaml") if not skipped & set(p.relative_to(folder).parts))
+
+
 def folder_evals(folder: Path) -> dict[str, str]:
     """Evals declared by the YAMLs in ``folder`` (tasks, groups, tags), each with the first comment
     line of its file (a tag: the tasks under it)."""
     evals: dict[str, str] = {}
     tagged: dict[str, list[str]] = {}
-    for path in sorted(Path(folder).glob("*.yaml")):
+    for path in task_yamls(folder):
         name, tags, comment = _declared(path)
         if name:
             evals.setdefault(name, comment)
@@ -127,11 +133,11 @@ def folder_evals(folder: Path) -> dict[str, str]:
 
 def declared_twice(paths: list[str]) -> list[str]:
     """Validation lines for a task or group name that two YAMLs in the folders ``paths`` declare:
-    lm-eval keeps one of them without a word (the last folder's), so the other is never scored."""
+    lm-eval keeps one of them without a word, so the other is never scored."""
     first: dict[str, Path] = {}
     problems = []
     for folder in dict.fromkeys(str(Path(p).resolve()) for p in paths):
-        for path in sorted(Path(folder).glob("*.yaml")):
+        for path in task_yamls(folder):
             name, _, _ = _declared(path)
             if name and name in first:
                 problems.append(
@@ -153,7 +159,7 @@ def unusable(folder: Path) -> dict[str, str]:
     from forgetscope.schema import yaml_problem
 
     out = {}
-    for path in sorted(Path(folder).glob("*.yaml")):
+    for path in task_yamls(folder):
         name, _, _ = _declared(path)
         try:
             seams.load_task_yaml(path)

@@ -48,3 +48,15 @@ def test_two_include_folders_declaring_one_name_are_refused(tmp_path, tiny_recip
     (tmp_path / "a" / "dupe2.yaml").write_text((tmp_path / "a" / "dupe.yaml").read_text())  # in one folder too
     [line] = registry.declared_twice([str(tmp_path / "a")])
     assert f"by {tmp_path / 'a' / 'dupe.yaml'} and by {tmp_path / 'a' / 'dupe2.yaml'}" in line
+
+
+def test_task_yamls_in_subfolders_count_as_lm_eval_indexes_them(tmp_path):
+    """lm-eval indexes every YAML below an include folder (its own `task/name.yaml` layout)."""
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "t.yaml").write_text("task: same\n")
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "__pycache__" / "x.yaml").write_text("task: hidden\n")
+    assert set(registry.folder_evals(tmp_path)) == {"same"}
+    [line] = registry.declared_twice([str(tmp_path)])
+    assert str(tmp_path / "a" / "t.yaml") in line and str(tmp_path / "b" / "t.yaml") in line
