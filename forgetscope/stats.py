@@ -224,16 +224,6 @@ def find_aggregation(
     return None
 
 
-def corpus_value(layout: RunLayout, step: int, task: str, metric: str) -> float | None:
-    """``metric`` recomputed from ``task``'s items at ``step`` with lm-eval's aggregation (None when
-    the items do not reproduce lm-eval's value)."""
-    stored = raw_items(layout, step, task, metric)
-    items = sorted(stored)
-    values = [stored[i] for i in items]
-    agg = find_aggregation(metric, items, [(values, lm_eval_value(layout, step, task, metric))], is_group(layout, task))
-    return None if agg is None else float(agg.value(agg.prepare(values)))
-
-
 @dataclass
 class Paired:
     """The change of one metric between two steps, paired over items."""

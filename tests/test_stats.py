@@ -189,8 +189,8 @@ def test_the_bootstrap_uses_lm_evals_own_aggregations(tmp_path, probe_run):
         ("acc", accs),
     ]:
         fn = lm_registry.METRIC_AGGREGATION_REGISTRY.get(metric)
-        layout = probe_run(tmp_path / metric, {0: dict(zip(map(str, range(25)), items))}, over(fn), metric)
-        assert stats.corpus_value(layout, 0, "probe", metric) == pytest.approx(fn(items), rel=1e-12)
+        agg = stats.find_aggregation(metric, [str(i) for i in range(25)], [(items, fn(items))])
+        assert float(agg.value(agg.prepare(items))) == pytest.approx(fn(items), rel=1e-12)
 
 
 def _mc_items(rng, n, skill):
