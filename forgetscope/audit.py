@@ -340,19 +340,10 @@ def _check_weights(found: list[Checkpoint], allow_pickle: bool) -> list[str]:
     (pickled ones as tensors only)."""
     problems = []
     for checkpoint in (c for c in found if not c.adapter and not allow_pickle):
-        files = [p.name for p in checkpoint.folder.iterdir() if p.is_file()]
-        if any(name.endswith(".safetensors") for name in files):
-            continue
-        pickled = sorted(name for name in files if Path(name).suffix in (".bin", ".pt", ".pth", ".ckpt"))
-        if pickled:
-            problems.append(
-                f"--checkpoints: {checkpoint.source} has no safetensors weights, only pickle-based ones "
-                f"({', '.join(pickled)}), which can run code when loaded; add --allow-pickle if you trust the source"
-            )
-        else:
-            problems.append(
-                f"--checkpoints: {checkpoint.source}: no model weights in this folder (no model.safetensors)"
-            )
+        problem = models.weights_problem(checkpoint.folder)
+        if problem is not None:
+            trust = "; add --allow-pickle if you trust the source" if "pickle" in problem else ""
+            problems.append(f"--checkpoints: {checkpoint.source}{problem}{trust}")
     return problems
 
 

@@ -306,6 +306,20 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def weights_problem(folder: Path) -> str | None:
+    """What stops ``folder`` (or a Hugging Face id without safetensors) from loading with
+    safetensors only, worded to follow its name: no weights at all, or pickle-based ones only
+    (``pytorch_model.bin``: loading them can run code). None when it has safetensors weights."""
+    files = [p.name for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
+    if any(name.endswith(".safetensors") for name in files):
+        return None
+    pickled = sorted(name for name in files if Path(name).suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if folder.is_dir() and not pickled:
+        return ": no model weights in this folder (no model.safetensors)"
+    named = f" ({', '.join(pickled)})" if pickled else ""  # none named: a Hugging Face id
+    return f" has no safetensors weights, only pickle-based ones{named}, which can run code when loaded"
+
+
 def load(path: str, trust_remote_code: bool = False, allow_pickle: bool = False, tokenizer=None):
     """Load a resolved model folder (or HF id) and its tokenizer: fp32 weights, on this process's
     GPU when there is one (sampling and scoring before training then run there too).
@@ -326,18 +340,11 @@ def load(path: str, trust_remote_code: bool = False, allow_pickle: bool = False,
                 path, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle or None
             )
         except OSError as err:
-            if allow_pickle or "safetensors" not in str(err).lower():
+            problem = None if allow_pickle else weights_problem(Path(path))
+            if problem is None or "safetensors" not in str(err).lower():
                 raise
-            folder = Path(path)
-            pickled = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-            if folder.is_dir() and not pickled:
-                raise ModelError(f"{path}: no model weights in this folder (no model.safetensors)") from None
-            named = f" ({', '.join(pickled)})" if pickled else ""
-            raise ModelError(
-                f"{path} has no safetensors weights, only pickle-based ones{named}, "
-                "which can run code when loaded; set allow_pickle: true in the recipe (or --allow-pickle) "
-                "if you trust the source"
-            ) from None
+            trust = "; set allow_pickle: true in the recipe (or --allow-pickle) if you trust the source"
+            raise ModelError(f"{path}{problem}{trust if 'pickle' in problem else ''}") from None
     check_vocabulary(model, tokenizer, path, "its own" if own_tokenizer else "its base's (it has no tokenizer files)")
     if torch.cuda.is_available():  # this process's GPU; several processes may share one
         model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}")
