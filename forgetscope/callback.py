@@ -142,14 +142,10 @@ class ForgettingCallback(SnapshotCallback):
         )
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        at = self.schedule.at if self.schedule.schedule == "at" else []
-        beyond = [s for s in at if s < 0 or s > state.max_steps]
-        if beyond:
+        problems = validate.check_snapshots(self.schedule, state.max_steps, "the Trainer's max_steps")
+        if problems:
             self.session.release()  # nothing written: the script may build the callback again
-            raise CallbackError(
-                f"ForgettingCallback: snapshots.at: steps {beyond} fall outside 0..{state.max_steps}, the Trainer's "
-                "max_steps; list steps from 0 to max_steps"
-            )
+            raise CallbackError("\n".join(f"ForgettingCallback: {p}" for p in problems))
         steps = snapshots.schedule(self.schedule, state.max_steps)
         self.steps = {s for s in steps if s > 0 or state.global_step == 0}  # resumed: the base is no longer in memory
         self.session.start(

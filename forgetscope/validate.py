@@ -162,8 +162,9 @@ def check_target(recipes: list[Recipe], target: float | None) -> list[str]:
     return []
 
 
-def check_snapshots(s: SnapshotConfig, steps: int | None) -> list[str]:
-    """Problems with a snapshot schedule (``steps``: the training length, when known)."""
+def check_snapshots(s: SnapshotConfig, steps: int | None, length: str = "train.steps") -> list[str]:
+    """Problems with a snapshot schedule (``steps``: the training length, when known; ``length``:
+    what the user calls it, ``train.steps`` in a recipe, the Trainer's ``max_steps`` in a script)."""
     problems = []
     if s.schedule == "log" and s.count < 2:
         problems.append(f"snapshots.count: needs at least 2 (step 0 and the last step), got {s.count}")
@@ -175,7 +176,7 @@ def check_snapshots(s: SnapshotConfig, steps: int | None) -> list[str]:
         elif steps is not None and steps > 0:
             bad = [x for x in s.at if x < 0 or x > steps]
             if bad:
-                problems.append(f"snapshots.at: steps {bad} fall outside 0..train.steps={steps}")
+                problems.append(f"snapshots.at: steps {bad} fall outside 0..{length}={steps}; list steps 0 to {steps}")
     for key in ("every", "at"):
         if getattr(s, key) is not None and s.schedule != key:
             problems.append(

@@ -272,8 +272,7 @@ def test_every_bad_setting_is_one_line_and_steps_are_the_trainers_max_steps(tmp_
     with pytest.raises(CallbackError) as err:
         trainer.train()
     assert str(err.value) == (
-        "ForgettingCallback: snapshots.at: steps [50] fall outside 0..4, the Trainer's max_steps; "
-        "list steps from 0 to max_steps"
+        "ForgettingCallback: snapshots.at: steps [50] fall outside 0..the Trainer's max_steps=4; list steps 0 to 4"
     )
     # the run folder was left free: the script can build the callback again
     ForgettingCallback(trainer, evals={"general": ["prose_ppl"]}, runs_dir=str(tmp_path / "runs")).session.release()
