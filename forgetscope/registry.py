@@ -139,7 +139,12 @@ def declared_twice(paths: list[str]) -> list[str]:
     for folder in dict.fromkeys(str(Path(p).resolve()) for p in paths):
         for path in task_yamls(folder):
             name, _, _ = _declared(path)
-            if name and name in first:
+            if name and name in first and first[name].is_relative_to(evals_dir().resolve()):
+                problems.append(
+                    f"evals: {path} declares {name!r}, an eval forgetscope ships; rename your task "
+                    "(under one name, its scores would mix with the shipped eval's in reports)"
+                )
+            elif name and name in first:
                 problems.append(
                     f"evals: {name!r} is declared by {first[name]} and by {path}; rename one of them "
                     "(lm-eval would score only one, without a word)"

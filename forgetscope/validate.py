@@ -195,17 +195,9 @@ def check_evals(e: EvalConfig, base_dir: Path) -> list[str]:
         problems.append(f"evals.limit: must be positive or null, got {e.limit}")
     if isinstance(e.batch_size, int) and e.batch_size <= 0:
         problems.append(f"evals.batch_size: must be positive or 'auto', got {e.batch_size}")
-    embedded = registry.folder_evals(registry.evals_dir())
     for folder in e.include:
         if not (base_dir / folder).is_dir():
             problems.append(f"evals.include: no such folder {str(base_dir / folder)!r}")
-            continue
-        same = (base_dir / folder).resolve() == registry.evals_dir().resolve()  # the shipped folder itself
-        for name in [] if same else sorted(set(registry.folder_evals(base_dir / folder)) & set(embedded)):
-            problems.append(
-                f"evals.include: {str(base_dir / folder)!r} declares {name!r}, an eval forgetscope ships; rename "
-                "your task (under one name, its scores would mix with the shipped eval's in reports)"
-            )
     if not problems:
         problems += registry.check_eval_names([*e.new, *e.general], registry.include_paths(e, base_dir))
     return problems
