@@ -219,13 +219,7 @@ def _forgotten_items(layout: RunLayout, run: str, task: str, metric: str, higher
     base, final = stats.item_values(layout, 0, task, metric), stats.item_values(layout, last, task, metric)
     out = []
     for item in set(base) & set(final):
-        (b_num, b_den), (f_num, f_den) = base[item], final[item]
-        if metric in ("bits_per_byte", "byte_perplexity", "word_perplexity"):  # per-item loss: -loglik / size
-            change = (-f_num / f_den + b_num / b_den) / (math.log(2) if metric == "bits_per_byte" else 1.0)
-        elif metric == "perplexity":  # per item its log-likelihood: a fall is worse
-            change = b_num / b_den - f_num / f_den
-        else:
-            change = (f_num / f_den - b_num / b_den) * (-1 if higher else 1)
+        change = stats.item_change(metric, base[item], final[item], higher)
         out.append(
             {
                 "probe": task,

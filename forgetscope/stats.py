@@ -131,6 +131,21 @@ def item_score(metric: str, value: Any) -> tuple[float, float] | None:
     return (float(value), 1.0) if isinstance(value, (int, float)) else None
 
 
+def item_change(metric: str, base: tuple[float, float], final: tuple[float, float], higher: bool) -> float:
+    """One item's change between two of its :func:`item_score` values, positive = worse: for the
+    perplexity-type aggregations, whose items are log-likelihoods (per word or byte for ``PAIRED``),
+    the fall of the log-likelihood (in bits for ``bits_per_byte``); else the score's change, signed
+    by ``higher`` (higher is better)."""
+    registered = registered_aggregation(metric)
+    kind = registered[0] if registered else "mean"
+    fall = base[0] / base[1] - final[0] / final[1]
+    if kind in PAIRED:
+        return fall / (math.log(2) if metric.partition(",")[0] == "bits_per_byte" else 1.0)
+    if kind == "perplexity":
+        return fall
+    return fall if higher else -fall
+
+
 def is_group(layout: RunLayout, task: str) -> bool:
     """Whether ``task`` is a group of lm-eval tasks scored as one eval (its ``subtasks`` recorded
     in ``results.json`` at step 0)."""
