@@ -199,3 +199,36 @@ def make_probe_run(
 def probe_run():
     """A factory of run folders of one probe under any metric and aggregation (:func:`make_probe_run`)."""
     return make_probe_run
+
+
+def tiny_sft_trainer(out: Path, save_steps: int | None = None, **kwargs):
+    """TRL's SFTTrainer as a user builds it: 4 steps of the tiny model on the numerals task's
+    prompt-completion rows (completions led by a space), saving every ``save_steps`` (never: None);
+    ``kwargs`` go to SFTTrainer (``peft_config``)."""
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    from forgetscope import data, models
+    from forgetscope.recipe import TaskConfig
+
+    model, tokenizer = models.load(models.resolve("tiny-random"))
+    rows = [
+        {"prompt": r["prompt"], "completion": " " + r["completion"]}
+        for r in data.load_records(TaskConfig(max_examples=32), None)
+    ]
+    saving = {"save_steps": save_steps} if save_steps else {"save_strategy": "no"}
+    config = SFTConfig(
+        output_dir=str(out),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        max_length=64,
+        bf16=False,
+        **saving,
+    )
+    return SFTTrainer(
+        model=model, args=config, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer, **kwargs
+    )

@@ -12,6 +12,7 @@ import datasets
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_sft_trainer
 from transformers import Trainer, TrainingArguments, default_data_collator
 
 from forgetscope import audit, cli, data, evaluate, io, models, session
@@ -180,31 +181,9 @@ def test_axolotl_layout_checkpoints_and_the_final_adapter_beside_them(tmp_path, 
 def test_trl_sft_trainer_checkpoints(tmp_path, capsys):
     """TRL's SFTTrainer with a LoRA config: its checkpoint-N folders hold adapters."""
     from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
 
-    model, tokenizer = models.load(models.resolve("tiny-random"))
-    rows = [
-        {"prompt": r["prompt"], "completion": " " + r["completion"]}
-        for r in data.load_records(TaskConfig(max_examples=32), None)
-    ]
-    config = SFTConfig(
-        output_dir=str(tmp_path / "sft"),
-        max_steps=4,
-        save_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        logging_steps=1,
-        max_length=64,
-        bf16=False,
-    )
-    trainer = SFTTrainer(
-        model=model,
-        args=config,
-        train_dataset=datasets.Dataset.from_list(rows),
-        processing_class=tokenizer,
-        peft_config=LoraConfig(r=2, target_modules=["q_proj", "v_proj"]),
+    trainer = tiny_sft_trainer(
+        tmp_path / "sft", save_steps=2, peft_config=LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
     )
     trainer.train()
     assert (tmp_path / "sft" / "checkpoint-4" / "adapter_config.json").is_file()

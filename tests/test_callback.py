@@ -10,7 +10,7 @@ import datasets
 import pandas as pd
 import pytest
 from at_exit import threads_left
-from conftest import ROOT, accelerate_launch
+from conftest import ROOT, accelerate_launch, tiny_sft_trainer
 from transformers import Trainer, TrainingArguments
 
 from forgetscope import ForgettingCallback, cli, data, load_results, models
@@ -207,28 +207,7 @@ def test_trl_sft_trainers_own_train_metrics_stay_in_its_train_records(tmp_path):
     """SFTTrainer's log adds the metrics it accumulates (entropy, mean_token_accuracy, num_tokens)
     to whatever is logged next and clears them, picking train or eval ones by the model's mode:
     the snapshot's scores are logged as Trainer.evaluate logs, in eval mode, so they take none."""
-    from trl import SFTConfig, SFTTrainer
-
-    model, tokenizer = models.load(models.resolve("tiny-random"))
-    rows = [
-        {"prompt": r["prompt"], "completion": " " + r["completion"]}
-        for r in data.load_records(TaskConfig(max_examples=32), None)
-    ]
-    config = SFTConfig(
-        output_dir=str(tmp_path / "sft"),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        logging_steps=1,
-        max_length=64,
-        bf16=False,
-        save_strategy="no",
-    )
-    trainer = SFTTrainer(
-        model=model, args=config, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer
-    )
+    trainer = tiny_sft_trainer(tmp_path / "sft")
     trainer.add_callback(
         ForgettingCallback(
             trainer,
