@@ -481,13 +481,15 @@ def test_a_shipped_eval_lm_eval_cannot_build_is_a_bug_shown_with_its_traceback(m
     """The one-line "fix that file" is for your task YAMLs; forgetscope's own evals failing is ours to fix."""
     from pathlib import Path
 
-    real = evaluate.manager_for
+    real = evaluate.manager_for  # cached: its managers are shared, so wrapped here, not changed
 
-    def broken(*args, **kwargs):
-        manager = real(*args, **kwargs)
-        manager.load = lambda name: {}["missing"]  # a KeyError from inside lm-eval
-        return manager
+    class Broken:
+        def __init__(self, manager):
+            self.task_index = manager.task_index
 
-    monkeypatch.setattr(evaluate, "manager_for", broken)
+        def load(self, name):
+            raise KeyError("missing")  # as from inside lm-eval
+
+    monkeypatch.setattr(evaluate, "manager_for", lambda *args, **kwargs: Broken(real(*args, **kwargs)))
     with pytest.raises(KeyError):
         evaluate.prepare_suite(EvalConfig(new=[], general=["prose_ppl"]), Path.cwd(), False)
