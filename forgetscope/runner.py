@@ -15,7 +15,7 @@ import hashlib
 import time
 from pathlib import Path
 
-from forgetscope import cascade, data, distributed, evaluate, models, replay, sequence, snapshots, train
+from forgetscope import cascade, data, distributed, evaluate, models, registry, replay, sequence, snapshots, train
 from forgetscope.recipe import Recipe
 from forgetscope.session import RunSession
 
@@ -37,11 +37,14 @@ def recipe_hash(recipe: Recipe) -> str:
 
 
 def _contents(path: str | None) -> str | None:
-    """A hash of a file's bytes, or of a folder's task YAMLs and Python modules (names and bytes)."""
+    """A hash of a file's bytes, or of a folder's task YAMLs and the Python modules beside them
+    (their ``!function`` hooks), names and bytes."""
     if path is None:
         return None
     root = Path(path)
-    files = sorted(p for p in root.rglob("*") if p.suffix in (".yaml", ".py")) if root.is_dir() else [root]
+    yamls = registry.task_yamls(root) if root.is_dir() else []
+    files = sorted({*yamls, *(py for folder in {y.parent for y in yamls} for py in folder.glob("*.py"))})
+    files = files if root.is_dir() else [root]
     digest = hashlib.sha256()
     for file in files:
         name = str(file.relative_to(root)) if root.is_dir() else ""
