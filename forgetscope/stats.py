@@ -140,7 +140,7 @@ def item_change(metric: str, base: tuple[float, float], final: tuple[float, floa
     kind = registered[0] if registered else "mean"
     fall = base[0] / base[1] - final[0] / final[1]
     if kind in PAIRED:
-        return fall / (math.log(2) if metric.partition(",")[0] == "bits_per_byte" else 1.0)
+        return fall / (math.log(2) if kind == "bits_per_byte" else 1.0)
     if kind == "perplexity":
         return fall
     return fall if higher else -fall
