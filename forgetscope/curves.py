@@ -35,14 +35,12 @@ COLUMNS = [
 
 def build_table(layout: RunLayout, run: str, recipe: str, method: str) -> pd.DataFrame:
     """Every finished evaluation of a run as tidy rows, sorted by role, task, metric and step; a
-    task's metrics stay in lm-eval's order (its YAML's metrics and filters), which decides its
-    primary metric (:func:`primary_metric`)."""
-    rows, order = [], {}
+    task's metrics stay in lm-eval's order (:func:`in_lm_eval_order`)."""
+    rows = []
     for step in layout.eval_steps():
         result = io.read_json(layout.eval_dir(step) / "results.json")
         for task, entry in result["tasks"].items():
             for metric, m in entry["metrics"].items():
-                order.setdefault((task, metric), len(order))
                 rows.append(
                     {
                         "run": run,
@@ -59,9 +57,25 @@ def build_table(layout: RunLayout, run: str, recipe: str, method: str) -> pd.Dat
                         "higher_is_better": m["higher_is_better"],
                     }
                 )
-    table = pd.DataFrame(rows, columns=COLUMNS)
-    table["_order"] = [order[pair] for pair in zip(table["task"], table["metric"])]
-    return table.sort_values(["role", "task", "_order", "step"], ignore_index=True).drop(columns="_order")
+    return in_lm_eval_order(pd.DataFrame(rows, columns=COLUMNS), layout)
+
+
+def in_lm_eval_order(table: pd.DataFrame, layout: RunLayout) -> pd.DataFrame:
+    """``table`` sorted by role, task, metric and step, each task's metrics in lm-eval's order (its
+    YAML's metrics and filters, as the run's ``results.json`` files list them), which decides its
+    primary metric (:func:`primary_metric`). Also for a ``curves.csv`` written before the table kept
+    that order (it sorted metrics by name, so gsm8k's primary metric was ``flexible-extract``)."""
+    order: dict[tuple[str, str], int] = {}
+    for step in layout.eval_steps():
+        for task, entry in io.read_json(layout.eval_dir(step) / "results.json")["tasks"].items():
+            for metric in entry["metrics"]:
+                order.setdefault((task, metric), len(order))
+    rank = [order.get(pair, len(order)) for pair in zip(table["task"], table["metric"])]
+    return (
+        table.assign(_order=rank)
+        .sort_values(["role", "task", "_order", "step"], ignore_index=True, kind="stable")
+        .drop(columns="_order")
+    )
 
 
 def write_curves(layout: RunLayout, run: str, recipe: str, method: str) -> pd.DataFrame:

@@ -60,7 +60,7 @@ def load_runs(paths: list[str | Path]) -> list[tuple[Path, pd.DataFrame]]:
         layout = RunLayout(root)
         status = layout.read_manifest().get("status")
         if layout.curves.is_file():
-            table = _read_curves(layout.curves).assign(run=root.name)
+            table = curves.in_lm_eval_order(_read_curves(layout.curves), layout).assign(run=root.name)
         else:
             method = str(layout.read_manifest().get("method", ""))
             table = curves.build_table(layout, run=root.name, recipe=root.name, method=method)

@@ -38,7 +38,7 @@ import pandas as pd
 import yaml
 
 from forgetscope import figures, io, metrics, validate
-from forgetscope.curves import primary_metric
+from forgetscope.curves import in_lm_eval_order, primary_metric
 from forgetscope.errors import UserError
 from forgetscope.load import RecipeError, load_recipe, overlaps
 from forgetscope.recipe import Recipe
@@ -58,7 +58,7 @@ def measure(root: Path, target: float | None) -> dict:
         raise UserError(
             f"{root}: a sweep measures runs with at least 2 stages (what the model knew, then the fine-tune)"
         )
-    table = pd.read_csv(RunLayout(root).curves)
+    table = in_lm_eval_order(pd.read_csv(RunLayout(root).curves), RunLayout(root))
 
     def series(stage: dict) -> pd.DataFrame:
         rows = table[table["task"] == stage["evals"][0]]

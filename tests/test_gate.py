@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from forgetscope import cli, curves, gate, stats
+from forgetscope import cli, curves, gate, results, stats
 from forgetscope.snapshots import RunLayout
 
 scipy_stats = pytest.importorskip("scipy.stats")
@@ -512,6 +512,10 @@ def test_the_primary_metric_follows_the_tasks_order_and_a_policy_can_name_one(tm
         )
     table = curves.build_table(RunLayout(run), "r", "r", "full")
     assert list(table["metric"].unique()) == ["exact_match,strict", "exact_match,loose"]  # lm-eval's order kept
+    # a curves.csv written before the table kept that order (metrics sorted by name) is read back in it
+    old = table.sort_values(["role", "task", "metric", "step"])
+    RunLayout(run).curves.write_text(old.to_csv(index=False))
+    assert list(results.load_results([run])["metric"].unique()) == ["exact_match,strict", "exact_match,loose"]
     plain = gate.check(run, gate.load_policy(_policy(tmp_path, general={"probe": {"max_drop": 0.05}})))
     assert plain["checks"][0]["metric"] == "exact_match,strict" and plain["checks"][0]["drop"] == 0.0
     named = {"probe": {"max_drop": 0.05, "metric": "exact_match,loose"}}

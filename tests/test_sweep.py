@@ -30,6 +30,7 @@ def fake_sequence(root, curve=CURVE, base="tiny-random"):
             "run": root.name,
             "step": step,
             "task": task,
+            "role": "new",
             "metric": metric,
             "value": value if metric == "acc" else -1.0,
             "higher_is_better": True,
