@@ -402,7 +402,7 @@ def _final_rows(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
     for r in analysis.finals.sort_values(["role", "task", "run"], ascending=[False, True, True]).to_dict("records"):
         sign = -1 if r["higher_is_better"] else 1  # drop -> raw change of the metric
         low, high = sorted((sign * r["low"], sign * r["high"]))
-        significant = r["p_adj"] is not None and not pd.isna(r["p_adj"]) and r["p_adj"] <= ALPHA
+        significant = r["p_adj"] is not None and not pd.isna(r["p_adj"]) and r["p_adj"] <= stats.ALPHA
         verdict = ("worse" if r["drop"] > 0 else "better") if significant else ""
         verdict = "; ".join(filter(None, [verdict, "base at chance" if r["at_chance"] else ""]))
         arrow = "↑" if r["higher_is_better"] else "↓"
@@ -523,7 +523,6 @@ def _md_table(head: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-ALPHA = 0.05  # level of the report's "worse / better beyond noise" verdicts, after adjustment
 NO_ITEMS = "No item of a general probe was forgotten, or scored worse, by a run's last step."
 
 
@@ -541,7 +540,7 @@ def method_note(analysis: Analysis) -> str:
         f"(positive = worse), {f'weights {weights}, the others 1' if weights else 'equal weights'}, "
         f"{'probes at chance kept (--keep-at-chance)' if analysis.keep_at_chance else 'probes at chance left out'}; "
         "AUC = its average over training; drops carry paired 95% bootstrap CIs over items; verdicts use "
-        f"bootstrap p-values {adjusted}, at {ALPHA:.0%}; McNemar's exact test and flips for accuracies, with the flips "
+        f"bootstrap p-values {adjusted}, at {stats.ALPHA:.0%}; McNemar's exact test and flips for accuracies, with the flips "
         "guessing alone explains taken out (chance-adjusted); above-chance skill lost = drop / (base - chance). "
         "Formulas: docs/METRICS.md."
     )

@@ -329,10 +329,15 @@ def as_drop(ci: dict, higher_is_better: bool) -> tuple[float, float, float]:
     return ci["delta"], low, high
 
 
+ALPHA = 0.05
+"""Level of the "worse / better beyond noise" verdicts (run summary and report), after adjustment."""
+
+
 def final_vs_base(layout: RunLayout, table) -> list[dict]:
-    """For every task's primary metric: base value, last-step value, paired delta and 95% CI, and
-    ``worse`` = the CI lies entirely on the side of getting worse (sign-correct per metric; never
-    without a CI)."""
+    """For every task's primary metric: base value, last-step value, paired delta, 95% CI and
+    p-value, ``p_adj`` (Holm across the general probes with a CI, the report's default; the new
+    task's own p) and ``worse`` = ``p_adj <= ALPHA`` on the side of getting worse (sign-correct per
+    metric; never without a CI), so the run's summary and its report give the same verdicts."""
     from forgetscope.curves import primary_metric
 
     last = int(table["step"].max())
@@ -340,22 +345,24 @@ def final_vs_base(layout: RunLayout, table) -> list[dict]:
     for task, group in table.groupby("task", sort=False):
         metric = primary_metric(list(group["metric"].unique()))
         line = group[group["metric"] == metric].set_index("step")
-        higher = bool(line["higher_is_better"].iloc[0])
-        ci = paired_delta(layout, task, metric, last)
-        worse = ci["low"] is not None and bool(ci["high"] < 0 if higher else ci["low"] > 0)
         rows.append(
             {
                 "task": task,
                 "role": line["role"].iloc[0],
                 "metric": metric,
-                "higher_is_better": higher,
+                "higher_is_better": bool(line["higher_is_better"].iloc[0]),
                 "base": float(line.loc[0, "value"]),
                 "final": float(line.loc[last, "value"]),
                 "step": last,
-                **ci,
-                "worse": worse,
+                **paired_delta(layout, task, metric, last),
             }
         )
+    family = [r for r in rows if r["role"] == "general" and r["low"] is not None]
+    for r, p_adj in zip(family, adjust([r["p"] for r in family], "holm")):
+        r["p_adj"] = p_adj
+    for r in rows:
+        r.setdefault("p_adj", r.get("p"))
+        r["worse"] = r["low"] is not None and r["p_adj"] <= ALPHA and as_drop(r, r["higher_is_better"])[0] > 0
     return sorted(rows, key=lambda r: r["role"] != "new")
 
 
@@ -366,8 +373,11 @@ def format_signed(x: float) -> str:
 
 
 def format_summary(rows: list[dict]) -> str:
-    """The rows of :func:`final_vs_base` as a small aligned text table."""
-    lines = [f"{'task':18s} {'role':8s} {'metric':15s} {'base':>9s} {'final':>9s} {'delta [95% CI]':>30s}"]
+    """The rows of :func:`final_vs_base` as a small aligned text table, with what "worse" means."""
+    head = (
+        f"{'task':18s} {'role':8s} {'metric':15s} {'base':>9s} {'final':>9s} {'delta [95% CI]':>30s} {'p (Holm)':>8s}"
+    )
+    lines = [head]
     for r in rows:
         arrow = "↑" if r["higher_is_better"] else "↓"
         flag = "  worse" if r["worse"] else ""
@@ -376,7 +386,14 @@ def format_summary(rows: list[dict]) -> str:
         else:
             ci = f"{format_signed(r['delta'])} [{format_signed(r['low'])}, {format_signed(r['high'])}]"
         base, final = (format_signed(r[k]).lstrip("+") for k in ("base", "final"))
-        lines.append(f"{r['task']:18s} {r['role']:8s} {r['metric'] + arrow:15s} {base:>9s} {final:>9s} {ci:>30s}{flag}")
+        p = format_p(r["p_adj"]) if r["role"] == "general" else ""
+        lines.append(
+            f"{r['task']:18s} {r['role']:8s} {r['metric'] + arrow:15s} {base:>9s} {final:>9s} {ci:>30s} {p:>8s}{flag}"
+        )
+    if any(r["role"] == "general" and r["low"] is not None for r in rows):
+        lines.append(
+            f"worse: beyond noise, p <= {ALPHA:g} (general probes: adjusted across them by Holm, as the report does)"
+        )
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ from lm_eval.api import metrics as lm_metrics
 from lm_eval.api import registry as lm_registry
 
 from forgetscope import curves, stats
+from forgetscope.snapshots import RunLayout
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -265,3 +266,43 @@ def test_a_group_is_aggregated_per_subtask_then_weighted_as_lm_eval_weights(
         plain = probe_run(tmp_path / "plain", {0: base, 1: final}, group_value(True))
         ci = stats.paired_delta(plain, "probe", "acc", 1, iters=300)
         assert ci["delta"] == pytest.approx(expected) and ci["low"] < expected < ci["high"]
+
+
+def test_the_run_summary_and_the_report_call_the_same_probes_worse(tmp_path, probe_run):
+    # four general probes of 100 items; `slip` loses 7 items and gains 1: a single test calls that real
+    # (p < 0.05), Holm across the four does not, so neither the summary nor the report says "worse";
+    # `fall` loses 25 items: worse in both
+    from forgetscope import report
+
+    right = {f"i{k}": 1.0 for k in range(100)}
+    changed = {
+        "slip": {**right, **{f"i{k}": 0.0 for k in range(7)}, "i99": 1.0},
+        "fall": {**right, **{f"i{k}": 0.0 for k in range(25)}},
+        "same": right,
+        "also": right,
+    }
+    start = {**right, "i99": 0.0}  # slip's one wrong->right item
+    root = tmp_path / "run"
+    for task, end in changed.items():
+        layout = probe_run(tmp_path / task, {0: start if task == "slip" else right, 1: end}, over(np.mean), task=task)
+        for step in (0, 1):
+            folder = RunLayout(root).eval_dir(step)
+            folder.mkdir(parents=True, exist_ok=True)
+            source = layout.eval_dir(step)
+            (folder / f"samples_{task}.jsonl").write_text((source / f"samples_{task}.jsonl").read_text())
+            merged = folder / "results.json"
+            result = json.loads(merged.read_text()) if merged.is_file() else {"step": step, "tokens": step, "tasks": {}}
+            result["tasks"].update(json.loads((source / "results.json").read_text())["tasks"])
+            merged.write_text(json.dumps(result))
+    (root / "manifest.json").write_text(json.dumps({"status": "finished", "method": "full"}))
+    rows = {
+        r["task"]: r
+        for r in stats.final_vs_base(RunLayout(root), curves.build_table(RunLayout(root), "r", "r", "full"))
+    }
+    assert rows["slip"]["p"] < stats.ALPHA < rows["slip"]["p_adj"] and rows["slip"]["high"] < 0  # its own CI excludes 0
+    assert not rows["slip"]["worse"] and rows["fall"]["worse"]
+    assert not rows["same"]["worse"] and rows["same"]["p_adj"] == 1.0
+    finals = report.analyse([root]).finals.set_index("task")
+    for task, row in rows.items():
+        assert finals.loc[task, "p_adj"] == pytest.approx(row["p_adj"]), task
+    assert "worse: beyond noise" in stats.format_summary(list(rows.values()))
