@@ -51,12 +51,12 @@ nothing in the run).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import pandas as pd
 import yaml
 
@@ -260,17 +260,22 @@ def check(run: str | Path, policy: Policy, step: int | None = None) -> dict:
         raise GateError(f"policy {role}.{name}: the run has no eval {name!r}; {has}")
     if policy.max_general_forgetting is not None and not evals["general"]:
         raise GateError(f"policy max_general_forgetting: the run has no general eval to average at step {step}; {has}")
+    limits = {
+        task: policy.limits.get((role, task))
+        or (policy.limits.get(("general", "default")) if role == "general" else None)
+        for task, role in at["role"].items()
+    }
+    tested = sum(1 for task, limit in limits.items() if limit and at.loc[task, "role"] == "general")
+    # bootstrap replicates: enough for the smallest adjusted level (alpha / m) to be reachable, 20 times over
+    iters = max(2000, math.ceil(20 * (tested if policy.correction != "none" else 1) / alpha))
     checks, probes = [], []
     for task, row in at.sort_values("role", key=lambda r: r != "new", kind="stable").iterrows():
-        limit = policy.limits.get((row["role"], task)) or (
-            policy.limits.get(("general", "default")) if row["role"] == "general" else None
-        )
-        if limit is None:
+        if limits[task] is None:
             continue
         if row["role"] == "new":
-            checks.append(_new_check(task, row, limit))
+            checks.append(_new_check(task, row, limits[task]))
             continue
-        checks.append(_probe_check(layout, task, row, limit, step))
+        checks.append(_probe_check(layout, task, row, limits[task], step, iters))
         probes.append(checks[-1])
     tests = _decide(probes, policy)
     if policy.max_general_forgetting is not None:  # on the primary metrics, as the report's general forgetting
@@ -278,15 +283,15 @@ def check(run: str | Path, policy: Policy, step: int | None = None) -> dict:
         forgetting = metrics.general_forgetting(rows, keep_at_chance=policy.at_chance == "keep")
         value = forgetting[forgetting["step"] == step]["forgetting"]
         ok = len(value) and _compare(float(value.iloc[0]), policy.max_general_forgetting) <= 0
-        note = (
-            ""
-            if ok
-            else (
-                "mean relative drop exceeds the limit"
-                if len(value)
-                else "no general probe is above chance at the base: nothing can show forgetting"
-            )
-        )
+        ok = ok and not math.isnan(value.iloc[0])
+        if ok:
+            note = ""
+        elif not len(value):
+            note = "no general probe is above chance at the base: nothing can show forgetting"
+        elif math.isnan(value.iloc[0]):
+            note = "a probe's score is not a number: the model's outputs are undefined"
+        else:
+            note = "mean relative drop exceeds the limit"
         left = metrics.left_out(rows).get(str(at["run"].iloc[0]), []) if policy.at_chance == "exclude" else []
         note = "; ".join(filter(None, [note, f"leaves out {', '.join(left)} (at chance)" if left else ""]))
         checks.append(
@@ -359,6 +364,8 @@ def _new_check(task: str, row, limit: Limit) -> dict:
         ok, shown, note = _compare(row["value"], limit.min) >= 0, f">= {limit.min:g}", "below the minimum score"
     else:
         ok, shown, note = _compare(row["value"], limit.max) <= 0, f"<= {limit.max:g}", "above the maximum"
+    if math.isnan(row["value"]):
+        ok, note = False, "the score is not a number: the model's outputs are undefined"
     return {
         "name": task,
         "role": "new",
@@ -370,16 +377,21 @@ def _new_check(task: str, row, limit: Limit) -> dict:
     }
 
 
-def _probe_check(layout: RunLayout, task: str, row, limit: Limit, step: int) -> dict:
-    """One general probe's drop (relative when its limit is), bootstrap replicates and raw
-    non-inferiority p-value; the decision comes later, across probes (:func:`_decide`). A probe
-    whose change has no bootstrap (``why``) has no p-value and is left out of the adjustment."""
-    paired = stats.paired_bootstrap(layout, task, row["metric"], step)
-    sign = -1.0 if row["higher_is_better"] else 1.0
+def _probe_check(layout: RunLayout, task: str, row, limit: Limit, step: int, iters: int) -> dict:
+    """One general probe's drop (relative when its limit is) and raw non-inferiority p-value
+    (:func:`forgetscope.stats.drop_p`: the score test for accuracies, ``iters`` bootstrap replicates
+    otherwise); the decision comes later, across probes (:func:`_decide`). A probe whose change
+    has no test (``why``) has no p-value and is left out of the adjustment."""
     relative = limit.max_relative_drop is not None
-    scale = abs(row["v0"]) if relative and row["v0"] else 1.0
+    if relative and row["v0"] == 0:
+        raise GateError(
+            f"policy general.{task}.max_relative_drop: {task}'s base {row['metric']} is 0, so a relative drop "
+            f"is undefined; give an absolute limit with max_drop"
+        )
+    paired = stats.paired_bootstrap(layout, task, row["metric"], step, iters=iters)
+    sign = -1.0 if row["higher_is_better"] else 1.0
+    scale = abs(row["v0"]) if relative else 1.0
     allowed = limit.max_relative_drop if relative else limit.max_drop
-    boot_drop = None if paired.boot is None else sign * paired.boot / scale
     chance = None if pd.isna(row["chance"]) else float(row["chance"])
     return {
         "name": task,
@@ -388,16 +400,17 @@ def _probe_check(layout: RunLayout, task: str, row, limit: Limit, step: int) -> 
         "base": float(row["v0"]),
         "value": float(row["value"]),
         "drop": sign * paired.delta / scale,
-        "se": None if boot_drop is None else float(boot_drop.std(ddof=1)),
+        "se": stats.drop_se(paired, sign, scale, allowed),
         "n": paired.n,
         "relative": relative,
         "allowed": allowed,
-        "p": None if boot_drop is None else stats.p_noninferior(boot_drop, allowed),
+        "p": stats.drop_p(paired, sign, scale, allowed),
+        "test": "score" if paired.flips else ("bootstrap" if paired.boot is not None else None),
         "why": paired.why,
         "chance": chance,
         "at_chance": bool(row["at_chance"]),
         "limit": f"<= {allowed:g}{' relative' if relative else ''}",
-        "_boot": boot_drop,
+        "_bound": functools.partial(stats.drop_bound, paired, sign, scale),
     }
 
 
@@ -415,17 +428,20 @@ def _decide(checks: list[dict], policy: Policy) -> list[dict]:
     level = stats.adjusted_alpha(alpha, m, rejected, policy.correction)
     family_alpha = alpha / m if policy.correction != "none" and m else alpha  # enough for any rank, Holm or BH
     for t in checks:
-        boot = t.pop("_boot")
+        bound_at = t.pop("_bound")
         t.setdefault("p_adj", None)
-        t["bound"] = None if boot is None else float(np.percentile(boot, 100 * (1 - level)))
-        t["bound_level"] = None if boot is None else 1 - level
+        t["bound"] = None if t["p"] is None else bound_at(level)
+        t["bound_level"] = None if t["p"] is None else 1 - level
         side = _compare(t["drop"], t["allowed"])
         tested = t["p_adj"] is not None and t["p_adj"] <= alpha
         ok = side <= 0 if policy.decide_on == "estimate" else tested
         notes = []
-        if not ok and side > 0:
+        if math.isnan(t["drop"]):
+            ok = False
+            notes.append(f"the score is not a number ({t['why']}): the model's outputs are undefined")
+        elif not ok and side > 0:
             notes.append("drop exceeds the limit")
-        elif not ok and boot is None:
+        elif not ok and t["p"] is None:
             notes.append(f"inconclusive: no confidence bound ({t['why']}); `decide_on: estimate` decides on the drop")
         elif not ok and side == 0:
             notes.append("inconclusive: the drop is at the limit, so no number of items would show it below")
@@ -439,7 +455,7 @@ def _decide(checks: list[dict], policy: Policy) -> list[dict]:
                 f"would decide it at {policy.power:.0%} power if the drop stays {t['drop']:+.4f} (raise evals.limit); "
                 f"at {t['n']} items only drops {t['mde']:.4f} or more below the limit pass reliably"
             )
-        if ok and boot is None:
+        if ok and t["p"] is None:
             notes.append(f"decided on the estimate: no confidence bound ({t['why']})")
         if t["at_chance"]:
             notes.append(
@@ -468,7 +484,7 @@ def _method(result: dict) -> str:
         result["correction"]
     ]
     return (
-        f"non-inferiority at {result['confidence']:.0%}, one-sided, {adjusted} across {result['probes_tested']} "
+        f"non-inferiority at {100 * result['confidence']:g}%, one-sided, {adjusted} across {result['probes_tested']} "
         f"probes; decided on the {'test' if result['decide_on'] == 'upper' else 'estimate'}"
     )
 

@@ -43,7 +43,8 @@ def primary_rows(table: pd.DataFrame, alpha: float = CHANCE_ALPHA) -> pd.DataFra
         v0 = float(base["value"].iloc[0]) if len(base) else math.nan
         chance = float(rows["chance"].iloc[0]) if "chance" in rows else math.nan
         n0 = base["n"].iloc[0] if len(base) else math.nan
-        known = not (math.isnan(v0) or math.isnan(chance) or pd.isna(n0))
+        higher = bool(rows["higher_is_better"].iloc[0])  # guessing is a floor of scores that rise only
+        known = higher and not (math.isnan(v0) or math.isnan(chance) or pd.isna(n0))
         p = stats.above_chance_p(v0, int(n0), chance) if known else math.nan
         rows["v0"], rows["p_above_chance"], rows["at_chance"] = v0, p, known and p >= alpha
         parts.append(rows)
@@ -67,8 +68,9 @@ def general_forgetting(
 
     ``rows`` comes from :func:`primary_rows`; ``weights`` maps probe -> weight (missing: 1; a
     probe with weight 0 is left out). Probes at chance at the base are left out unless
-    ``keep_at_chance``. Steps where only some probes were scored (the cheap steps of a cascade)
-    get no ``F_t``. Returns columns run, step, tokens, forgetting.
+    ``keep_at_chance``, and probes whose base is 0 (no relative drop). Steps where only some probes
+    were scored (the cheap steps of a cascade) get no ``F_t``; a step where a probe's score is not a
+    number gets NaN. Returns columns run, step, tokens, forgetting.
     """
     general = rows[rows["role"] == "general"].copy()
     general["w"] = general["task"].map(lambda t: (weights or {}).get(t, 1.0)).astype(float)
@@ -76,9 +78,11 @@ def general_forgetting(
     general["w"] /= general["w"].max() if len(general) else 1.0  # only ratios matter; huge weights would overflow
     counts = general.groupby(["run", "step"])["task"].transform("nunique")
     general = general[counts == general.groupby("run")["task"].transform("nunique")]
+    general = general[general["v0"] != 0]  # no relative drop from a base of 0: such a probe cannot weigh in
     general["wx"] = general["w"] * general["rel_drop"]
     grouped = general.groupby(["run", "step"], sort=True)
-    out = (grouped["wx"].sum() / grouped["w"].sum()).rename("forgetting").reset_index()
+    undefined = grouped["wx"].agg(lambda wx: wx.isna().any())  # a score that is not a number (NaN weights)
+    out = (grouped["wx"].sum() / grouped["w"].sum()).mask(undefined).rename("forgetting").reset_index()
     return out.merge(grouped["tokens"].first().reset_index(), on=["run", "step"])
 
 

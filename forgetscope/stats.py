@@ -247,6 +247,11 @@ class Paired:
     boot: np.ndarray | None  # paired bootstrap replicates of the delta; None when they cannot be drawn
     n: int  # items scored at both steps
     why: str = ""  # why there are no replicates
+    flips: tuple[int, int] | None = None
+    """(right -> wrong, wrong -> right) items when the metric is the mean of 0/1 items over one pool
+    (an accuracy): its tests and intervals then come from the score statistic (:func:`score_z`),
+    sound at any number of items, where the bootstrap is not (with no item changed, every
+    replicate is 0 and a 5-item probe would "show" that it forgot nothing)."""
 
 
 def paired_bootstrap(
@@ -260,6 +265,9 @@ def paired_bootstrap(
     if not all(map(math.isfinite, values)):
         return Paired(delta, None, 0, f"lm-eval's {metric} is {values[0]:g} -> {values[1]:g}")
     base, later = raw_items(layout, base_step, task, metric), raw_items(layout, step, task, metric)
+    for at, stored_items in ((base_step, base), (step, later)):
+        if not stored_items and io.read_json(layout.eval_dir(at) / "results.json")["tasks"][task].get("n"):
+            raise io.damaged(layout.eval_dir(at) / f"samples_{task}.jsonl", f"holds no item's {metric}")
     items = sorted(set(base) & set(later))
     if not items:
         return Paired(delta, None, 0, "no item was scored at both steps")
@@ -279,7 +287,88 @@ def paired_bootstrap(
         return Paired(delta, None, len(items), f"lm-eval's {agg.name} fails on resampled items ({err})")
     if not np.isfinite(boot).all():
         return Paired(delta, None, len(items), f"{metric} is not finite on some resamples of the items")
-    return Paired(delta, boot, len(items))
+    return Paired(delta, boot, len(items), flips=_binary_flips(agg, stored))
+
+
+def _binary_flips(agg: Aggregation, stored: tuple[list, list]) -> tuple[int, int] | None:
+    """(right -> wrong, wrong -> right) counts when ``agg`` is the mean of one pool of items (a task,
+    or a group weighted by size) and every item is 0 or 1 at both steps; else None."""
+    sizes = np.array([len(p) for p in agg.subtasks], dtype=float)
+    if agg.name != "mean" or not np.allclose(agg.weights / agg.weights.sum(), sizes / sizes.sum()):
+        return None
+    try:
+        before, after = (np.asarray(agg.prepare(v), dtype=float) for v in stored)
+    except (TypeError, ValueError):
+        return None
+    if before.ndim != 1 or not (np.isin(before, (0, 1)).all() and np.isin(after, (0, 1)).all()):
+        return None
+    return int(np.sum((before == 1) & (after == 0))), int(np.sum((before == 0) & (after == 1)))
+
+
+def score_z(lost: int, gained: int, n: int, d0: float) -> float:
+    """Tango's (1998) score statistic of H0 "the paired change of a proportion is ``d0``", where
+    ``lost`` items went right -> wrong and ``gained`` wrong -> right of ``n``, so the change is
+    ``(gained - lost) / n``: ``(gained - lost - n d0) / sqrt(v)`` (:func:`score_variance`).
+    Decreasing in ``d0``; at ``d0 = 0`` it is McNemar's ``(gained - lost) / sqrt(gained + lost)``."""
+    gap, variance = gained - lost - n * d0, score_variance(lost, gained, n, d0)
+    if variance <= 1e-12 * n:
+        return 0.0 if abs(gap) <= 1e-9 * n else math.copysign(math.inf, gap)
+    return gap / math.sqrt(variance)
+
+
+def score_variance(lost: int, gained: int, n: int, d0: float) -> float:
+    """The variance of ``gained - lost`` under H0 (see :func:`score_z`): ``n (2 q + d0 (1 - d0))``,
+    ``q`` the maximum-likelihood share of right -> wrong items when the change is ``d0``, the root
+    of ``2n q^2 + (d0 (2n - gained + lost) - gained - lost) q - lost d0 (1 - d0) = 0``."""
+    b = d0 * (2 * n - gained + lost) - gained - lost
+    q = (math.sqrt(max(b * b + 8 * n * lost * d0 * (1 - d0), 0.0)) - b) / (4 * n)
+    return n * (2 * q + d0 * (1 - d0))
+
+
+def score_bound(lost: int, gained: int, n: int, z: float) -> float:
+    """The change ``d0`` in [-1, 1] where :func:`score_z` equals ``z`` (bisection): with
+    ``z = z_{1-a}`` the one-sided ``1 - a`` lower bound of the change, with ``-z_{1-a}`` the upper."""
+    low, high = -1.0, 1.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if score_z(lost, gained, n, middle) > z else (low, middle)
+    return (low + high) / 2
+
+
+def drop_p(paired: Paired, sign: float, scale: float, margin: float) -> float | None:
+    """One-sided p-value of the non-inferiority test H0: drop >= ``margin`` (drop = ``sign *
+    change / scale``; ``sign`` -1 for a higher-is-better metric, ``scale`` the base value for a
+    relative limit, else 1): the score test for accuracies (:attr:`Paired.flips`), the bootstrap
+    otherwise (:func:`p_noninferior`); None without either."""
+    if paired.flips:
+        lost, gained = paired.flips
+        d0 = min(max(sign * margin * scale, -1.0), 1.0)
+        return NormalDist().cdf(sign * score_z(lost, gained, paired.n, d0))
+    return None if paired.boot is None else p_noninferior(sign * paired.boot / scale, margin)
+
+
+def drop_bound(paired: Paired, sign: float, scale: float, level: float) -> float | None:
+    """The one-sided ``1 - level`` upper bound of the drop (see :func:`drop_p`): below ``margin``
+    exactly when ``drop_p(margin) <= level``. For the bootstrap, the replicate ranked so that at most
+    ``floor(level (B + 1)) - 1`` replicates lie above it (``inf`` when ``B`` is too small for ``level``)."""
+    if paired.flips:
+        lost, gained = paired.flips
+        return sign * score_bound(lost, gained, paired.n, -sign * NormalDist().inv_cdf(1 - level)) / scale
+    if paired.boot is None:
+        return None
+    drops = np.sort(sign * paired.boot / scale)
+    above = math.floor(level * (len(drops) + 1) + 1e-9) - 1  # replicates allowed at or above the margin
+    return float(drops[len(drops) - 1 - above]) if above >= 0 else math.inf
+
+
+def drop_se(paired: Paired, sign: float, scale: float, margin: float) -> float | None:
+    """The drop's standard error, for power: under H0 at ``margin`` for the score test (an
+    accuracy whose items did not change still has one), else the bootstrap's."""
+    if paired.flips:
+        lost, gained = paired.flips
+        d0 = min(max(sign * margin * scale, -1.0), 1.0)
+        return math.sqrt(max(score_variance(lost, gained, paired.n, d0), 0.0)) / paired.n / scale
+    return None if paired.boot is None else float((paired.boot / scale).std(ddof=1))
 
 
 def paired_delta(
@@ -292,10 +381,13 @@ def paired_delta(
     seed: int = 0,
     confidence: float = 0.95,
 ) -> dict[str, Any]:
-    """``value(step) - value(base_step)`` (lm-eval's values), with a paired bootstrap CI (two-sided,
-    at ``confidence``: ``low``, ``high``), the bootstrap standard error ``se``, the two-sided
-    bootstrap p-value ``p`` of "no change" (:func:`p_two_sided`) and the number of items ``n``.
-    Without replicates (:func:`paired_bootstrap`) those are None and ``why`` says why."""
+    """``value(step) - value(base_step)`` (lm-eval's values), with a paired CI (two-sided, at
+    ``confidence``: ``low``, ``high``) and the two-sided p-value ``p`` of "no change": for an
+    accuracy Tango's score interval and its test at 0 (McNemar's score test; :func:`score_z`), for
+    other metrics the paired bootstrap's percentile interval and :func:`p_two_sided`; the standard
+    error ``se`` (for an accuracy ``sqrt(((lost + gained) / n - delta^2) / n)``, else the bootstrap's);
+    the number of items ``n``. Without replicates (:func:`paired_bootstrap`)
+    those are None and ``why`` says why."""
     paired = paired_bootstrap(layout, task, metric, step, base_step, iters, seed)
     if paired.boot is None:
         return {
@@ -307,15 +399,23 @@ def paired_delta(
             "p": None,
             "why": paired.why,
         }
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(paired.boot, [tail, 100 - tail])
+    if paired.flips:  # an accuracy: Tango's score interval and McNemar's score test
+        lost, gained = paired.flips
+        z = NormalDist().inv_cdf(1 - (1 - confidence) / 2)
+        low, high = (score_bound(lost, gained, paired.n, side * z) for side in (1, -1))
+        p = min(1.0, 2 * NormalDist().cdf(-abs(score_z(lost, gained, paired.n, 0.0))))
+        se = math.sqrt(max((lost + gained) / paired.n - paired.delta**2, 0.0) / paired.n)
+    else:
+        tail = (1 - confidence) / 2 * 100
+        low, high = np.percentile(paired.boot, [tail, 100 - tail])
+        p, se = p_two_sided(paired.boot), float(paired.boot.std(ddof=1))
     return {
         "delta": paired.delta,
         "low": float(low),
         "high": float(high),
         "n": paired.n,
-        "se": float(paired.boot.std(ddof=1)),
-        "p": p_two_sided(paired.boot),
+        "se": se,
+        "p": p,
         "why": "",
     }
 

@@ -232,3 +232,53 @@ def tiny_sft_trainer(out: Path, save_steps: int | None = None, **kwargs):
     return SFTTrainer(
         model=model, args=config, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer, **kwargs
     )
+
+
+class Tango:
+    """Tango's (1998) score test of a paired change of a proportion, computed independently of
+    forgetscope: the maximum-likelihood share of right -> wrong items under H0 found numerically
+    (scipy), not by the closed form forgetscope uses."""
+
+    def __init__(self, lost: int, gained: int, n: int):
+        self.lost, self.gained, self.n = lost, gained, n
+
+    def z(self, d0: float) -> float:
+        from scipy.optimize import minimize_scalar
+
+        lost, gained, rest = self.lost, self.gained, self.n - self.lost - self.gained
+
+        def minus_loglik(q: float) -> float:
+            terms = [(gained, q + d0), (lost, q), (rest, 1 - 2 * q - d0)]
+            return -sum(count * math.log(p) for count, p in terms if count)
+
+        low, high = max(0.0, -d0), (1 - d0) / 2
+        bounds = (low + 1e-13, high - 1e-13)
+        q = minimize_scalar(minus_loglik, bounds=bounds, method="bounded", options={"xatol": 1e-14}).x
+        return (gained - lost - self.n * d0) / math.sqrt(self.n * (2 * q + d0 * (1 - d0)))
+
+    def p_noninferior(self, margin: float) -> float:
+        """One-sided p of H0: the accuracy fell by ``margin`` or more."""
+        from scipy.stats import norm
+
+        return float(norm.sf(self.z(-margin)))
+
+    def interval(self, confidence: float = 0.95) -> tuple[float, float]:
+        """The two-sided score interval of the change (new accuracy minus old)."""
+        from scipy.optimize import brentq
+        from scipy.stats import norm
+
+        z, change = norm.isf((1 - confidence) / 2), (self.gained - self.lost) / self.n
+        return brentq(lambda d: self.z(d) - z, -0.999, change), brentq(lambda d: self.z(d) + z, change, 0.999)
+
+    def drop_bound(self, level: float) -> float:
+        """The one-sided ``1 - level`` upper bound of the drop (the accuracy's fall)."""
+        from scipy.optimize import brentq
+        from scipy.stats import norm
+
+        return -brentq(lambda d: self.z(d) - norm.isf(level), -0.999, (self.gained - self.lost) / self.n)
+
+
+@pytest.fixture
+def tango():
+    """Tango's score test, independently (:class:`Tango`): ``tango(lost, gained, n)``."""
+    return Tango

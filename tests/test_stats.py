@@ -251,7 +251,7 @@ def group_value(weight_by_size: bool):
 
 @pytest.mark.parametrize("weight_by_size,expected", [(False, -0.5), (True, -0.2)])
 def test_a_group_is_aggregated_per_subtask_then_weighted_as_lm_eval_weights(
-    tmp_path, probe_run, weight_by_size, expected
+    tmp_path, probe_run, tango, weight_by_size, expected
 ):
     # 10 items of `small` all forgotten, 40 of `large` kept: equal weights lose half, weights by size a fifth
     large = {f"large/{k}": float(k % 2) for k in range(40)}
@@ -260,12 +260,14 @@ def test_a_group_is_aggregated_per_subtask_then_weighted_as_lm_eval_weights(
     layout = probe_run(tmp_path / "r", {0: base, 1: final}, group_value(weight_by_size), subtasks=["small", "large"])
     ci = stats.paired_delta(layout, "probe", "acc", 1, iters=300)
     assert ci["delta"] == pytest.approx(expected)
-    # resampled within each subtask: every resample of `small` loses all of it, `large` never changes
-    assert ci["low"] == pytest.approx(expected) and ci["high"] == pytest.approx(expected)
-    if weight_by_size:  # a plain task whose own ids hold a "/": one pool, resampled as a whole
-        plain = probe_run(tmp_path / "plain", {0: base, 1: final}, group_value(True))
-        ci = stats.paired_delta(plain, "probe", "acc", 1, iters=300)
-        assert ci["delta"] == pytest.approx(expected) and ci["low"] < expected < ci["high"]
+    if not weight_by_size:
+        # resampled within each subtask: every resample of `small` loses all of it, `large` never changes
+        assert ci["low"] == pytest.approx(expected) and ci["high"] == pytest.approx(expected)
+    else:  # weighted by size, the group is one pool of 0/1 items: the score interval of 10 lost of 50
+        assert (ci["low"], ci["high"]) == pytest.approx(tango(10, 0, 50).interval(), abs=1e-7)
+        assert ci["low"] < expected < ci["high"]
+        plain = probe_run(tmp_path / "plain", {0: base, 1: final}, group_value(True))  # a task whose ids hold "/"
+        assert stats.paired_delta(plain, "probe", "acc", 1, iters=300) == ci
 
 
 def test_the_run_summary_and_the_report_call_the_same_probes_worse(tmp_path, probe_run):
