@@ -28,7 +28,8 @@ def accuracy_matrix(table: pd.DataFrame, stages: list[dict]) -> pd.DataFrame:
     task (its first eval's primary metric), from a run's tidy table and its manifest ``stages``."""
     rows = {}
     evals = [stage["evals"][0] for stage in stages]
-    for label, step in [("base", 0)] + [(f"after {s['task']}", s["end"]) for s in stages]:
+    for k, (label, step) in enumerate([("base", 0)] + [(f"after {s['task']}", s["end"]) for s in stages]):
+        label = f"{label} (stage {k})" if label in rows else label  # two stages of one task (or file)
         row = {}
         for name in evals:
             part = table[(table["task"] == name) & (table["step"] == step)]
@@ -37,6 +38,19 @@ def accuracy_matrix(table: pd.DataFrame, stages: list[dict]) -> pd.DataFrame:
             row[name] = float(values.iloc[0]) if len(values) else np.nan
         rows[label] = row
     return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def summary(table: pd.DataFrame, stages: list[dict]) -> tuple[pd.DataFrame, dict]:
+    """A finished sequence's :func:`accuracy_matrix` and its :func:`sequence_metrics`, each column
+    read in the direction of its primary metric (a task whose eval lists ``perplexity`` before
+    ``acc`` is still scored, and read, by ``acc``)."""
+    matrix = accuracy_matrix(table, stages)
+    higher = []
+    for name in matrix.columns:
+        rows = table[table["task"] == name]
+        metric = primary_metric(list(rows["metric"].unique()))
+        higher.append(bool(rows[rows["metric"] == metric]["higher_is_better"].iloc[0]))
+    return matrix, sequence_metrics(matrix.to_numpy(float), higher)
 
 
 def sequence_metrics(matrix: np.ndarray, higher_is_better: bool | list[bool] = True) -> dict:

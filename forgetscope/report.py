@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from forgetscope import curves, figures, io, metrics, results, stats
+from forgetscope import continual, curves, figures, io, metrics, results, stats
 from forgetscope.errors import UserError
 from forgetscope.snapshots import RunLayout
 
@@ -82,8 +82,8 @@ def analyse(
         manifest = layout.read_manifest()
         if manifest.get("cascade"):
             cascades.append(_cascade_entry(run, manifest["cascade"]))
-        sequence = manifest.get("sequence")
-        if sequence and (root / "sequence.png").is_file():
+        if manifest.get("sequence") and (root / "sequence.png").is_file():  # recomputed: older runs' may be wrong
+            sequence = continual.summary(run_table, manifest["stages"])[1]
             sequences.append({"run": run, "figure": root / "sequence.png", **sequence})
         mine = rows[rows["run"] == run]
         last = int(mine["step"].max())

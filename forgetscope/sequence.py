@@ -174,11 +174,9 @@ def write_summary(layout: snapshots.RunLayout, table: pd.DataFrame, title: str =
     """Write ``matrix.csv`` and ``sequence.png`` for a finished sequence, print the matrix and its
     metrics, and return them (for the manifest)."""
     stages = layout.read_manifest()["stages"]
-    matrix = continual.accuracy_matrix(table, stages)
+    matrix, result = continual.summary(table, stages)
     io.write_text(layout.root / "matrix.csv", matrix.to_csv(index_label="after"))
     figures.save(figures.plot_sequence(table, stages, matrix, title), layout.root / "sequence.png")
-    higher = [bool(table[table["task"] == column]["higher_is_better"].iloc[0]) for column in matrix.columns]
-    result = continual.sequence_metrics(matrix.to_numpy(float), higher)
     print(
         "\nforgetscope: accuracy matrix R[i][j] (rows: after each stage; columns: tasks):\n"
         + matrix.round(3).to_string()

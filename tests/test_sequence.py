@@ -51,6 +51,19 @@ def test_accuracy_matrix_is_read_at_the_stage_ends():
     matrix = continual.accuracy_matrix(pd.DataFrame(rows), stages)
     assert list(matrix.index) == ["base", "after a", "after b", "after c"]
     assert np.allclose(matrix.to_numpy(), R)
+    # an eval whose metrics list perplexity (lower is better) before acc: read by acc, in acc's direction
+    noisy = rows + [{**r, "metric": "perplexity", "value": 5.0, "higher_is_better": False} for r in rows]
+    noisy.sort(key=lambda r: r["metric"] != "perplexity")
+    matrix, result = continual.summary(pd.DataFrame(noisy), stages)
+    assert np.allclose(matrix.to_numpy(), R) and result == continual.sequence_metrics(R)
+    # two stages of one task (or file): each keeps its own row
+    twice = [*stages[:2], {**stages[2], "task": "a"}]
+    assert list(continual.accuracy_matrix(pd.DataFrame(rows), twice).index) == [
+        "base",
+        "after a",
+        "after b",
+        "after a (stage 3)",
+    ]
 
 
 def _stages_recipe(**changes) -> dict:
