@@ -470,14 +470,23 @@ def merged_adapters(model, enabled: bool = True) -> Iterator[None]:
 
 
 def _join_like_training(task) -> None:
-    """Make a ``loglikelihood`` task join its context and target as training joins a plain-text
-    prompt and completion (:func:`forgetscope.data.completion_delimiter`: a space, unless one side
-    has whitespace there). lm-eval puts nothing between them, so a task written like
-    ``doc_to_text: "{{prompt}}"``, ``doc_to_target: "{{completion}}"`` would score text that
-    training never showed."""
-    seams.rewrite_loglikelihood_requests(
-        task, lambda context, target: (context, data.completion_delimiter(context, target) + target)
-    )
+    """Make a ``loglikelihood`` or ``multiple_choice`` task join its context and each target as
+    training joins a plain-text prompt and completion (:func:`forgetscope.data.completion_delimiter`:
+    a space, unless one side has whitespace there). lm-eval puts nothing between a
+    ``loglikelihood`` task's context and target, so ``doc_to_text: "{{prompt}}"``,
+    ``doc_to_target: "{{completion}}"`` would score text that training never showed; it puts
+    ``target_delimiter`` (a space) before each choice, so choices that start with a space (lm-eval's
+    convention for completions) would score two. A multiple-choice target loses that delimiter
+    first; requests without a context (mutual information's) stay as they are."""
+    delimiter = task.config.target_delimiter if task.OUTPUT_TYPE == "multiple_choice" else ""
+
+    def join(context: str, target: str) -> tuple[str, str]:
+        if not context:
+            return context, target
+        answer = target[len(delimiter) :] if delimiter and target.startswith(delimiter) else target
+        return context, data.completion_delimiter(context, answer) + answer
+
+    seams.rewrite_loglikelihood_requests(task, join)
 
 
 def _metric_name(metric: str, filter_name: str) -> str:

@@ -77,9 +77,10 @@ def tie_weights_skipped(model) -> Iterator[None]:
 
 
 def rewrite_loglikelihood_requests(task, rewrite: Callable[[str, str], tuple[str, str]]) -> None:
-    """Have a ``loglikelihood`` task pass each request's (context, target) through ``rewrite``
-    as it builds them: wraps the task's ``construct_requests`` and rewrites ``Instance.arguments``."""
-    if task.OUTPUT_TYPE != "loglikelihood":
+    """Have a ``loglikelihood`` or ``multiple_choice`` task pass each request's (context, target)
+    through ``rewrite`` as it builds them: wraps the task's ``construct_requests`` and rewrites
+    ``Instance.arguments`` (a multiple-choice target is the task's ``target_delimiter`` and a choice)."""
+    if task.OUTPUT_TYPE not in ("loglikelihood", "multiple_choice"):
         return
     construct = task.construct_requests
 

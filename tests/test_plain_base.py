@@ -5,6 +5,7 @@ like ``doc_to_text: "{{prompt}}"`` / ``doc_to_target: "{{completion}}"`` scores 
 import json
 
 import pandas as pd
+import pytest
 import yaml
 
 from forgetscope import data, evaluate, models, registry
@@ -108,3 +109,38 @@ def test_on_a_chat_base_the_tokens_trained_are_the_tokens_lm_eval_scores():
         _, scored = lm._encode_pair(context, completion)
         trained = [t for t, label in zip(ex["input_ids"], ex["labels"]) if label != -100]
         assert trained == [*scored, tokenizer.eos_token_id] and tokenizer.decode(scored) == "\n" + completion
+
+
+@pytest.mark.parametrize("delimiter", [None, ""])
+def test_a_multiple_choice_eval_joins_each_choice_as_training_does(tmp_path, delimiter):
+    """lm-eval puts `target_delimiter` (a space) before each choice: choices led by a space (its
+    convention for completions) scored two spaces, text training never showed, and a task learned
+    to 1.0 read 0.01. Each choice is now joined as training joins a completion, with or without
+    its own space, whatever the delimiter."""
+    rows = [
+        {"prompt": "rev 056 =", "choices": [" 650", "560"], "label": 0},
+        {"prompt": "rev 306 =", "choices": ["603", " 063"], "label": 0},
+    ]
+    (tmp_path / "evals").mkdir()
+    (tmp_path / "rev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task_yaml = {
+        "task": "rev_mc",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(tmp_path / "rev.jsonl")}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{prompt}}",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{label}}",
+        **({} if delimiter is None else {"target_delimiter": delimiter}),
+    }
+    (tmp_path / "evals" / "rev_mc.yaml").write_text(yaml.safe_dump(task_yaml))
+    config = EvalConfig(new=["rev_mc"], general=[], include=[str(tmp_path / "evals")], limit=None)
+    suite = evaluate.prepare_suite(config, tmp_path, chat=False)
+    task = registry.manager_for(["rev_mc"], suite.paths).load(["rev_mc"])["tasks"]["rev_mc"]
+    evaluate._join_like_training(task)
+    for doc, row in zip(task.eval_docs, rows):
+        requests = task.construct_requests(doc, task.doc_to_text(doc), metadata=("rev_mc", 0, 1))
+        assert [r.arguments for r in requests] == [
+            data.split_pair(row["prompt"], choice, chat=False) for choice in row["choices"]
+        ]
