@@ -156,6 +156,15 @@ class RunSession:
         self.suite, self.tokenizer = suite, tokenizer
         if not self.main:
             return
+        hashes = dict(suite.hashes) if suite else {}
+        scored = self.layout.read_manifest().get("eval_hashes") or {}
+        changed = sorted(n for n in set(scored) & set(hashes) if scored[n] != hashes[n] and self.layout.eval_steps())
+        if changed:
+            raise RunError(
+                f"{self.root}: the items or config of {', '.join(changed)} changed since steps "
+                f"{self.layout.eval_steps()} were scored (a data file edited?), so its curve would mix two test sets; "
+                "restore them, or start a new run (--set name=...)"
+            )
         if self.root.is_dir():
             io.sweep(self.root)  # we hold the lock: no live writer's temporary files are there
         self.root.mkdir(parents=True, exist_ok=True)
@@ -165,6 +174,7 @@ class RunSession:
             status="running",
             **self.identity,
             **manifest,
+            **({"eval_hashes": hashes} if hashes else {}),
             versions=versions(),
             started=time.strftime("%Y-%m-%dT%H:%M:%S"),
         )

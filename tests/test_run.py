@@ -321,3 +321,46 @@ def test_training_does_not_depend_on_whether_scores_came_from_the_cache(tmp_path
     _, warm = _run(tmp_path, tiny_recipe_data, name="warm", lora=lora)
     columns = ["step", "task", "metric", "value"]
     pd.testing.assert_frame_equal(pd.read_csv(cold / "curves.csv")[columns], pd.read_csv(warm / "curves.csv")[columns])
+
+
+def test_a_run_whose_eval_items_changed_before_it_resumed_is_refused(tmp_path, tiny_recipe_data, monkeypatch):
+    # the eval's data file lives outside the recipe's folders (so the recipe's hash cannot see it): edited
+    # between a killed attempt and its resumption, the curve would mix two test sets
+    from forgetscope.session import RunSession
+
+    rows = [{"prompt": f"rev {i:03d} =", "completion": f" {str(i)[::-1]}"} for i in range(100, 108)]
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "evals").mkdir()
+    (tmp_path / "evals" / "rev.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "task": "rev",
+                "dataset_path": "json",
+                "dataset_kwargs": {"data_files": {"test": str(held_out)}},
+                "test_split": "test",
+                "output_type": "loglikelihood",
+                "doc_to_text": "{{prompt}}",
+                "doc_to_target": "{{completion}}",
+                "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+            }
+        )
+    )
+    evals = {"new": ["rev"], "general": [], "include": [str(tmp_path / "evals")], "limit": 8}
+    original = RunSession.score
+
+    def stop_at_3(self, model, step, *args, **kwargs):
+        if step == 3:
+            raise KeyboardInterrupt
+        return original(self, model, step, *args, **kwargs)
+
+    monkeypatch.setattr(RunSession, "score", stop_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, tiny_recipe_data, name="edited", evals=evals)
+    monkeypatch.setattr(RunSession, "score", original)
+    held_out.write_text("".join(json.dumps({**r, "completion": " xyz"}) + "\n" for r in rows))
+    with pytest.raises(RunError, match=r"the items or config of rev changed since steps \[0, 1\] were scored"):
+        _run(tmp_path, tiny_recipe_data, name="edited", evals=evals)
+    held_out.write_text("".join(json.dumps(r) + "\n" for r in rows))  # restored: it resumes
+    recipe, root = _run(tmp_path, tiny_recipe_data, name="edited", evals=evals)
+    assert json.loads((root / "manifest.json").read_text())["status"] == "finished"
