@@ -397,7 +397,8 @@ class ReplayTrainer(Trainer):
 
     def _maybe_refresh(self) -> None:
         """Every ``refresh_every`` steps, draw the buffer anew from the reference (the draw is a
-        function of the step, so a resumed run redraws the buffer it had); log every draw."""
+        function of the step, so a resumed run redraws the buffer it had); log every draw at the
+        step it belongs to (a resumed run's redraw of the buffer it had is not a new draw)."""
         every, step = self.config.refresh_every, self.state.global_step
         draw = step // every if every else 0
         if draw == self.drawn:
@@ -407,7 +408,8 @@ class ReplayTrainer(Trainer):
                 examples = sample_examples(reference, self.processing_class, self.recipe, self.buffer.prompts, draw)
             self.buffer = ReplayBuffer(examples, self.buffer.prompts)
         self.drawn = draw
-        self.log({"replay_refresh": len(self.buffer.examples)})
+        if step == draw * (every or 0):
+            self.log({"replay_refresh": len(self.buffer.examples)})
 
 
 def _pad_to(tensor: torch.Tensor, length: int, value) -> torch.Tensor:

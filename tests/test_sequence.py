@@ -238,6 +238,11 @@ def test_a_sequence_stopped_inside_a_stage_resumes_there_to_the_same_curves(tmp_
     )
     assert [e["step"] for e in manifest["train_log"] if "loss" in e] == list(range(1, 9))
     assert not (root / "trainer").exists()
+    draws = [
+        [e["step"] for e in json.loads((r / "manifest.json").read_text())["train_log"] if "replay_refresh" in e]
+        for r in (root, straight)
+    ]
+    assert draws[0] == draws[1] == [4]  # stage 2's buffer, drawn once: the resumed run's redraw is not a draw
 
 
 @pytest.mark.slow
