@@ -229,7 +229,7 @@ class Cascade:
         several processes every one calls this and scores its share of each suite; rank 0 measures
         the KL, decides, records and returns the evaluation (the others get None)."""
         tick = time.time()
-        out = evaluate.evaluate_model(model, tokenizer, self.cheap, base_only=step == 0)
+        out = evaluate.evaluate_model(model, tokenizer, self.cheap)
         cheap_s = time.time() - tick
         full, reason, values = False, "", {}
         if distributed.is_main():
@@ -246,7 +246,7 @@ class Cascade:
         full = distributed.broadcast(full)
         tick = time.time()
         if full:
-            rest = evaluate.evaluate_model(model, tokenizer, self.rest, base_only=step == 0)
+            rest = evaluate.evaluate_model(model, tokenizer, self.rest)
             if rest is not None:
                 for key in ("results", "samples"):
                     out[key].update(rest[key])

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import sys
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -75,6 +76,31 @@ def fingerprint(model, base_only: bool = False, base: str | None = None) -> str:
         digest.update(_normalise(name).encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:20]
+
+
+_TOKENIZER_FPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (what may change, hash)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of what a tokenizer does to text: its class, its whole pipeline (vocabulary, merges,
+    normalizer, pre- and post-processor: the fast tokenizer's serialisation, without the
+    truncation and padding state calls leave on it; a slow one's vocabulary), special tokens and
+    chat template. Two tokenizers of the same weights that differ here score differently. Kept per
+    tokenizer while its size, special tokens and template stay (hashing SmolLM2's takes ~1 s)."""
+    mutable = json.dumps([len(tokenizer), tokenizer.special_tokens_map, tokenizer.chat_template], default=str)
+    known = _TOKENIZER_FPS.get(tokenizer)
+    if known and known[0] == mutable:
+        return known[1]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        pipeline = json.loads(backend.to_str())
+        for state in ("truncation", "padding"):
+            pipeline.pop(state, None)
+    else:
+        pipeline = sorted(tokenizer.get_vocab().items())
+    digest = hashlib.sha256(json.dumps([type(tokenizer).__name__, pipeline, mutable]).encode()).hexdigest()[:20]
+    _TOKENIZER_FPS[tokenizer] = (mutable, digest)
+    return digest
 
 
 class EvalError(UserError):
@@ -261,8 +287,9 @@ def prompt_format(suite: EvalSuite, task: str) -> str:
 
 
 def _cache_path(suite: EvalSuite, task: str, model_fp: str, device: str) -> Path:
-    """Where the result of ``task`` on the weights ``model_fp`` is cached: keyed by everything that
-    moves a score (the scorer's version and the device kind too: CUDA and CPU kernels round differently)."""
+    """Where the result of ``task`` on the model ``model_fp`` (its weights' and its tokenizer's
+    fingerprints) is cached: keyed by everything that moves a score (the scorer's version and the
+    device kind too: CUDA and CPU kernels round differently)."""
     from forgetscope.scoring import SCORER_VERSION
 
     key = json.dumps(
@@ -316,26 +343,29 @@ def random_state_kept() -> Iterator[None]:
             np.random.set_state(kept[1])
 
 
-def evaluate_model(model, tokenizer, suite: EvalSuite, base_only: bool = False) -> dict[str, Any] | None:
-    """Score ``model`` on the suite; reuse cached results for tasks already scored on these weights.
+def evaluate_model(model, tokenizer, suite: EvalSuite) -> dict[str, Any] | None:
+    """Score ``model`` on the suite; reuse cached results for tasks already scored on these weights
+    with this tokenizer.
 
     New-task evals see prompts exactly as training did: rendered with the chat template when
     training used it (``suite.chat``), else with context and target joined as training joined
-    them; general probes use each task's own format.
-    ``base_only`` marks a model whose adapters have no effect yet (step 0 of a LoRA run), so that it
-    shares its cache entries with the plain base. Returns ``{"results", "samples", "cached"}``.
+    them; general probes use each task's own format. A peft model whose LoRA adapters change
+    nothing yet (every ``lora_B`` zero: step 0 of a LoRA run) shares its cache entries with the
+    plain base; any other adapter counts in the key (an adapter handed over to train on is not the
+    base). Returns ``{"results", "samples", "cached"}``.
 
     Under several processes every process calls this with the same weights: rank 0 looks the
     results up in the cache, every rank scores its share of the rest, and rank 0 gathers, caches
     and returns them (the other ranks get None).
     """
     lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
-    base_only = base_only or (bool(lora_b) and all(not p.any() for p in lora_b))  # adapters that change nothing yet
+    base_only = bool(lora_b) and all(not p.any() for p in lora_b)  # adapters that change nothing yet
     device = model.device.type
     out: dict[str, Any] = {"results": {}, "samples": {}, "cached": []}
     todo: dict[bool, list[str]] = {True: [], False: []}
     if distributed.is_main():
-        model_fp = fingerprint(model, base_only=base_only, base=suite.base_fingerprint if lora_b else None)
+        weights = fingerprint(model, base_only=base_only, base=suite.base_fingerprint if lora_b else None)
+        model_fp = f"{weights}-{tokenizer_fingerprint(tokenizer)}"
         for task, role in suite.roles.items():
             path = _cache_path(suite, task, model_fp, device)
             if path.is_file():

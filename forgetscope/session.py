@@ -210,7 +210,7 @@ class RunSession:
         if self.cascade is not None:
             evaluation = self.cascade.score(model, tokenizer, step)
         else:
-            evaluation = evaluate.evaluate_model(model, tokenizer, self.suite, base_only=step == 0)
+            evaluation = evaluate.evaluate_model(model, tokenizer, self.suite)
         if not self.main:
             return None
         snapshots.save_eval(self.layout, step, tokens, evaluation)

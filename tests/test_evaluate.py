@@ -63,6 +63,40 @@ def test_cache_hits_only_for_same_weights_task_and_limit(tiny, monkeypatch, tmp_
     evaluate.evaluate_model(model, tokenizer, suite)  # a scorer fix: old scores are not returned
     assert len(calls) == 5 and calls[-1] == ["numerals", "world_capitals"]
 
+    templated = models.load(models.resolve("tiny-random"))[1]
+    templated.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    evaluate.evaluate_model(model, templated, suite)  # the same weights, another tokenizer: miss
+    assert len(calls) == 6
+
+
+def test_an_adapter_handed_over_is_not_the_base_in_the_cache(monkeypatch, tmp_path):
+    # a LoRA adapter loaded to train on further (its lora_B not zero) changes the scores: its step 0 must be
+    # scored as it is, and not filed under (or served from) the plain base's entry; a fresh adapter may be
+    from peft import LoraConfig, get_peft_model
+
+    from forgetscope.session import RunSession
+
+    monkeypatch.setenv("FORGETSCOPE_CACHE", str(tmp_path))
+    suite = _suite(EvalConfig(new=[], general=["prose_ppl"], limit=3))
+    base, tokenizer = models.load(models.resolve("tiny-random"))
+    fresh, _ = models.load(models.resolve("tiny-random"))
+    fresh = get_peft_model(fresh, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
+    trained, _ = models.load(models.resolve("tiny-random"))
+    trained = get_peft_model(trained, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
+    with torch.no_grad():
+        for name, param in trained.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    session = RunSession(tmp_path / "run", {}, "another run")
+    with session.locked():
+        session.start(suite, tokenizer)
+        first = session.score(trained, 0)  # step 0 of a callback's run that continues the adapter
+    plain = evaluate.evaluate_model(base.eval(), tokenizer, suite)
+    assert first["cached"] == [] and plain["cached"] == []  # not served the adapter's scores
+    value = lambda out: out["results"]["prose_ppl"]["metrics"]["bits_per_byte"]["value"]  # noqa: E731
+    assert value(first) != value(plain)
+    assert evaluate.evaluate_model(fresh, tokenizer, suite)["cached"] == ["prose_ppl"]  # B = 0: the base
+
 
 def test_cache_key_holds_the_device_kind(monkeypatch, tmp_path):
     monkeypatch.setenv("FORGETSCOPE_CACHE", str(tmp_path))
