@@ -423,7 +423,16 @@ class Terminated(KeyboardInterrupt):
     stops as Ctrl-C stops it: the run is marked failed and resumes when the command runs again."""
 
 
+_main_pid = os.getpid()  # the process whose SIGTERM stops the command (set again where main installs the handler)
+
+
 def _terminate(signum: int, frame: object) -> NoReturn:
+    """SIGTERM in the command's process: raise :class:`Terminated`. A forked child inherits the
+    handler (lm-eval's bootstrap pool forks workers, and ends them with SIGTERM): there it dies as
+    SIGTERM's default action would, without a traceback."""
+    if os.getpid() != _main_pid:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)  # delivered at once: the process ends here, killed by the signal
     raise Terminated(signal.Signals(signum).name)
 
 
@@ -434,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv)
     on_main_thread = threading.current_thread() is threading.main_thread()  # where handlers can be set
+    global _main_pid
+    _main_pid = os.getpid()
     previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
         code = args.func(args) or 0

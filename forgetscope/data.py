@@ -1,6 +1,7 @@
 """New-task data -> tokenized training examples.
 
-Records come from an embedded task, a .jsonl/.json/.csv/.parquet file or a Hugging Face dataset.
+Records come from an embedded task, a .jsonl/.json/.csv/.parquet file, a folder written by
+``datasets``' ``save_to_disk`` or a Hugging Face dataset.
 A record is a prompt/completion pair (loss on the completion only: prompt tokens get label -100),
 plain text (loss on every token), or a conversation: a list of ``{role, content}`` messages
 (OpenAI / TRL format), rendered with the chat template, loss on the assistant's turns. When the
@@ -23,7 +24,7 @@ import torch
 
 from forgetscope import tasks
 from forgetscope.errors import UserError
-from forgetscope.recipe import TaskConfig
+from forgetscope.recipe import DATA_FILES, TaskConfig
 
 IGNORE_INDEX = -100  # the label of a token that is not trained on
 
@@ -33,18 +34,26 @@ class DataError(UserError):
 
 
 def load_records(task: TaskConfig, base_dir: Path) -> list[dict[str, Any]]:
-    """The raw training records of the recipe's new task (at most ``task.max_examples``)."""
+    """The raw training records of the recipe's new task: at most ``task.max_examples``, taken from
+    the top of a file or dataset in its order (training shuffles the ones kept; the cut is not a
+    random sample), with a warning when rows are left out. Embedded tasks are shuffled by ``task.seed``."""
     if task.name:
         records = tasks.EMBEDDED_TASKS[task.name]("train", seed=task.seed)
     elif task.path:
         records = read_file(base_dir / task.path)
     else:
-        import datasets
-
-        records = list(datasets.load_dataset(task.hf_dataset, task.hf_config, split=task.split))
+        records = _load_hf_dataset(task)
     if not records:
         raise DataError(f"task: the data has no records; add examples to {task.path or task.hf_dataset}")
-    records = records[: task.max_examples] if task.max_examples else records
+    if task.max_examples and len(records) > task.max_examples:
+        if not task.name:  # an embedded task is a seeded sample already; a user's rows are cut from the top
+            print(
+                f"forgetscope: warning: task: {task.path or task.hf_dataset} has {len(records)} records; "
+                f"task.max_examples={task.max_examples} keeps the first {task.max_examples} (from the top, not a "
+                f"random sample); to train on more raise it, e.g. --set task.max_examples={len(records)} (null: all)",
+                file=sys.stderr,
+            )
+        records = records[: task.max_examples]
     blank = sum(isinstance(r.get(task.prompt_field), str) and not r[task.prompt_field].strip() for r in records)
     if blank:
         print(
@@ -55,9 +64,29 @@ def load_records(task: TaskConfig, base_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
+def _load_hf_dataset(task: TaskConfig) -> list[dict[str, Any]]:
+    """The records of ``task.hf_dataset`` (from the hub, or the HF datasets cache when offline)."""
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(task.hf_dataset, task.hf_config, split=task.split))
+    except ConnectionError as err:  # offline, or no network, and not in the HF datasets cache
+        why = "offline: HF_DATASETS_OFFLINE or HF_HUB_OFFLINE is set" if datasets.config.HF_HUB_OFFLINE else str(err)
+        config = f", {task.hf_config!r}" if task.hf_config else ""
+        raise DataError(
+            f"task.hf_dataset: could not reach {task.hf_dataset!r} on the Hugging Face hub ({why}) and it is not in "
+            f"the HF datasets cache; on a machine that is online save it, e.g. datasets.load_dataset("
+            f"{task.hf_dataset!r}{config}, split={task.split!r}).to_json('train.jsonl'), and set task.path to that "
+            "file instead"
+        ) from None
+
+
 def read_file(path: Path) -> list[dict[str, Any]]:
-    """Records of a .csv file (by header), a .parquet file, a .jsonl file (one JSON object a line) or a
-    .json file (that, or one array of objects), checked record by record."""
+    """Records of a .csv file (by header), a .parquet file, a .jsonl file (one JSON object a line), a
+    .json file (that, or one array of objects), or a folder of one dataset written by ``datasets``'
+    ``save_to_disk``, checked record by record."""
+    if path.is_dir():
+        return _read_saved_dataset(path)
     try:
         return _read_file(path)
     except UnicodeDecodeError as err:
@@ -73,6 +102,11 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
         with open(path, newline="", encoding="utf-8-sig") as fh:  # a byte-order mark is not part of the header
             reader = csv.DictReader(fh)
             header = reader.fieldnames or []
+            if len(header) == 1 and "\t" in header[0]:
+                raise DataError(
+                    f"{path}:1: the file looks tab-separated (one column, {header[0]!r}); "
+                    "save it with commas between values, or as .jsonl"
+                )
             if twice := next((name for i, name in enumerate(header) if name in header[:i]), None):
                 raise DataError(f"{path}:1: the header names the column `{twice}` twice; rename one")
             rows = []
@@ -96,6 +130,27 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
                 raise DataError(f'{path}:{number}: expected a JSON object like {{"prompt": ..., "completion": ...}}')
             records.append(record)
     return records
+
+
+def _read_saved_dataset(path: Path) -> list[dict[str, Any]]:
+    """The rows of a folder that ``datasets``' ``save_to_disk`` wrote for one dataset (a dataset
+    dict's folder holds one such folder a split)."""
+    import datasets
+
+    try:
+        saved = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise DataError(
+            f"{path}: a folder, but not a dataset written by datasets' save_to_disk; give a "
+            f"{', '.join(DATA_FILES)} file or such a folder"
+        ) from None
+    if isinstance(saved, datasets.DatasetDict):
+        splits = ", ".join(saved)
+        raise DataError(
+            f"{path}: a saved dataset of several splits ({splits}); point the path at one split's folder, "
+            f"e.g. {path / next(iter(saved), 'train')}"
+        )
+    return saved.to_list()
 
 
 def _read_parquet(path: Path) -> list[dict[str, Any]]:
@@ -299,6 +354,12 @@ def _encode_records(
 ) -> list[tuple[list[int], list[int]]]:
     """Prompt/completion records (the prompt masked) or text records (every token trained), each checked first."""
     has_prompt = task.prompt_field in records[0]
+    if not has_prompt and task.text_field not in records[0]:
+        raise DataError(
+            f"{where}: record 1 has no `{task.prompt_field}` (task.prompt_field, with `{task.completion_field}`) "
+            f"and no `{task.text_field}` (task.text_field); its columns: {_columns(records[0])}; "
+            "set task.prompt_field/completion_field/text_field/messages_field to your column names"
+        )
     field = task.completion_field if has_prompt else task.text_field
     fields = [task.prompt_field, field] if has_prompt else [field]
     missing = [i for i, r in enumerate(records) if any(f not in r for f in fields)]
@@ -307,6 +368,7 @@ def _encode_records(
         lacks = ", ".join(f"`{f}`" for f in fields if f not in records[missing[0]])
         raise DataError(
             f"{where}: record {missing[0] + 1} lacks {lacks} ({len(missing)} of {len(records)} records lack {need}); "
+            f"its columns: {_columns(records[missing[0]])}; "
             "set task.prompt_field/completion_field/text_field/messages_field to your column names"
         )
     not_text = [(i, f) for i, r in enumerate(records) for f in fields if not isinstance(r[f], str)]
@@ -334,6 +396,13 @@ def _encode_records(
             full = tokenizer(record[field] + end).input_ids
             encoded.append((full, full))
     return encoded
+
+
+def _columns(record: dict[str, Any], most: int = 12) -> str:
+    """A record's column names for a message: `a`, `b` (the first ``most`` of many)."""
+    names = [f"`{name}`" for name in record]
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return (", ".join(names[:most]) or "none") + more
 
 
 def tokenize(records: list[dict[str, Any]], tokenizer, task: TaskConfig, seq_len: int) -> list[dict[str, list[int]]]:

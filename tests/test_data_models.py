@@ -332,3 +332,65 @@ def test_conversation_errors_name_the_record_and_the_fields_it_came_from():
         data.DataError, match=r"record 2: `prompt` \+ `completion` has no assistant message to train on"
     ):
         data.tokenize(trl, _chat_tokenizer(), TaskConfig(name=None), 256)
+
+
+def test_a_file_cut_at_max_examples_says_so(tmp_path, capsys):
+    """`task.max_examples` (2000 by default) keeps a file's top rows, in order; a file with more says
+    which setting to raise instead of training on a part of it in silence."""
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(5)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert data.load_records(TaskConfig(name=None, path="d.jsonl", max_examples=3), tmp_path) == rows[:3]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("forgetscope: warning: task: d.jsonl has 5 records; ")
+    assert "task.max_examples=3 keeps the first 3 (from the top, not a random sample)" in err
+    assert "--set task.max_examples=5" in err
+    assert data.load_records(TaskConfig(name=None, path="d.jsonl", max_examples=5), tmp_path) == rows
+    assert len(data.load_records(TaskConfig(), tmp_path)) == TaskConfig().max_examples  # numerals: a seeded sample
+    assert capsys.readouterr().err == ""
+
+
+def test_column_errors_name_the_columns_asked_for_and_found(tmp_path):
+    tokenizer = models.byte_tokenizer()
+    records = [{"prompt": "a", "completion": "b"}]
+    with pytest.raises(
+        data.DataError,
+        match=r"^task: record 1 has no `nope` \(task.prompt_field, with `completion`\) and no `text` "
+        r"\(task.text_field\); its columns: `prompt`, `completion`; set task.prompt_field",
+    ):
+        data.tokenize(records, tokenizer, TaskConfig(name=None, prompt_field="nope"), 8)
+    with pytest.raises(data.DataError, match=r"record 2 lacks `prompt`, `completion` .*; its columns: `text`; set"):
+        data.tokenize([*records, {"text": "hello"}], tokenizer, TaskConfig(name=None), 8)
+    (tmp_path / "tsv.csv").write_text("prompt\tcompletion\nu abc =\t ABC\n")
+    with pytest.raises(data.DataError, match=r"tsv.csv:1: the file looks tab-separated \(one column, 'prompt\\tcomp"):
+        data.load_records(TaskConfig(name=None, path="tsv.csv"), tmp_path)
+
+
+def test_a_saved_dataset_folder_loads_as_a_file_does(tmp_path):
+    import datasets
+
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    assert data.load_records(TaskConfig(name=None, path="saved"), tmp_path) == rows
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "splits"))
+    assert data.load_records(TaskConfig(name=None, path="splits/train"), tmp_path) == rows
+    with pytest.raises(data.DataError, match=r"splits: a saved dataset of several splits \(train\); point the path"):
+        data.load_records(TaskConfig(name=None, path="splits"), tmp_path)
+    (tmp_path / "other").mkdir()
+    with pytest.raises(data.DataError, match=r"other: a folder, but not a dataset written by datasets' save_to_disk"):
+        data.load_records(TaskConfig(name=None, path="other"), tmp_path)
+
+
+def test_an_hf_dataset_out_of_reach_offline_is_one_line_and_writes_nothing(tmp_path, tiny_recipe_data, capsys):
+    import yaml
+
+    from forgetscope import cli
+
+    recipe = {**tiny_recipe_data, "task": {"hf_dataset": "org/never-downloaded"}, "runs_dir": str(tmp_path / "runs")}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert cli.main(["run", str(tmp_path / "r.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    [line] = [line for line in err.splitlines() if line.startswith("forgetscope")]
+    assert line.startswith("forgetscope: error: task.hf_dataset: could not reach 'org/never-downloaded' on the ")
+    assert "HF_DATASETS_OFFLINE" in line and "set task.path to that file" in line
+    assert not (tmp_path / "runs").exists()

@@ -236,6 +236,32 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, tiny_recipe_data):
     assert json.loads((root / "manifest.json").read_text())["status"] == "finished"
 
 
+def test_sigterm_ends_a_forked_child_quietly(capfd, monkeypatch):
+    """A process forked under `forgetscope` (lm-eval's bootstrap pool for perplexity metrics)
+    inherits the SIGTERM handler; the pool ends its workers with SIGTERM at every snapshot. The
+    worker dies as SIGTERM's default action kills it, without a `Terminated` traceback."""
+    import multiprocessing
+    import signal
+
+    exitcodes = []
+
+    def command(args):
+        ctx = multiprocessing.get_context("fork")
+        ready = ctx.Event()
+        child = ctx.Process(target=lambda: (ready.set(), time.sleep(60)))
+        child.start()
+        assert ready.wait(30)
+        child.terminate()  # SIGTERM, as multiprocessing.Pool.terminate sends it
+        child.join(30)
+        exitcodes.append(child.exitcode)
+
+    monkeypatch.setattr(cli, "_cmd_fields", command)
+    assert cli.main(["fields"]) == 0
+    assert exitcodes == [-signal.SIGTERM]
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Terminated" not in err, err
+
+
 def test_nothing_touches_the_network_when_offline(tmp_path, tiny_recipe_data):
     """A whole run with every socket connection refused (HF offline variables set, as `make` does)."""
     path = _write(tmp_path, tiny_recipe_data)
