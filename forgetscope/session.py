@@ -252,15 +252,16 @@ class RunSession:
             self.layout.update_manifest(status="failed", error=error, failed=time.strftime("%Y-%m-%dT%H:%M:%S"))
 
     def write_train_log(self, log_history: list[dict[str, Any]], title: str) -> None:
-        """The Trainer's log as ``train_log.csv`` and ``train_loss.png`` (main process)."""
+        """The Trainer's log as ``train_log.csv`` (its training steps, and the replay buffer's draws:
+        ``replay_refresh``) and ``train_loss.png`` (main process)."""
         if not self.main:
             return
-        log = pd.DataFrame([entry for entry in log_history if "loss" in entry])
+        log = pd.DataFrame([entry for entry in log_history if "loss" in entry or "replay_refresh" in entry])
         first = [c for c in TRAIN_LOG_FIRST if c in log.columns]  # one order, resumed or not
         log = log[first + sorted(set(log.columns) - set(first))]
         io.write_text(self.root / "train_log.csv", log.to_csv(index=False))
-        if not log.empty:
-            figures.save(figures.plot_train_log(log, title=title), self.root / "train_loss.png")
+        if "loss" in log:
+            figures.save(figures.plot_train_log(log.dropna(subset=["loss"]), title=title), self.root / "train_loss.png")
 
     def finish(self, run: str, recipe: str, method: str, title: str, **manifest: Any) -> pd.DataFrame | None:
         """Write ``curves.csv`` and ``curves.png``, print and record each eval's paired change

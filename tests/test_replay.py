@@ -156,7 +156,8 @@ def test_replay_run_logs_both_losses(tmp_path, replay_data):
 
     root = run(load_recipe(path))
     log = pd.read_csv(root / "train_log.csv")
-    assert {"step", "loss", "new_loss", "replay_loss"} <= set(log.columns) and len(log) >= 1
+    assert {"step", "loss", "new_loss", "replay_loss", "replay_refresh"} <= set(log.columns) and len(log) >= 1
+    assert log["replay_refresh"].notna().sum() == 1 and log.loc[log["replay_refresh"].notna(), "loss"].isna().all()
     assert (root / "train_loss.png").stat().st_size > 5_000
     assert json.loads((root / "manifest.json").read_text())["replay"]["coeff"] == 10.0
 
