@@ -367,9 +367,8 @@ def evaluate_model(model, tokenizer, suite: EvalSuite) -> dict[str, Any] | None:
         weights = fingerprint(model, base_only=base_only, base=suite.base_fingerprint if lora_b else None)
         model_fp = f"{weights}-{tokenizer_fingerprint(tokenizer)}"
         for task, role in suite.roles.items():
-            path = _cache_path(suite, task, model_fp, device)
-            if path.is_file():
-                hit = json.loads(path.read_text())
+            hit = _cached(_cache_path(suite, task, model_fp, device))
+            if hit:
                 out["results"][task], out["samples"][task] = hit["result"], hit["samples"]
                 out["cached"].append(task)
             else:
@@ -420,6 +419,16 @@ def evaluate_model(model, tokenizer, suite: EvalSuite) -> dict[str, Any] | None:
         finally:
             model.train(was_training)
     return out if distributed.is_main() else None
+
+
+def _cached(path: Path) -> dict[str, Any] | None:
+    """A cache entry (``{"result", "samples"}``), or None when there is none or it is damaged (cut
+    short by a full disk, edited): then the task is scored again and the entry rewritten."""
+    try:
+        hit = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return hit if isinstance(hit, dict) and {"result", "samples"} <= set(hit) else None
 
 
 def _lm_eval(lm, specs: list, suite: EvalSuite, use_chat: bool) -> dict[str, Any] | None:

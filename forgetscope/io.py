@@ -83,8 +83,12 @@ def write_bytes(path: Path, content: bytes) -> None:
     """Write ``content`` to ``path`` atomically (a temporary name, then a rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(content)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(content)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a kill: no half-written temporary stays behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_text(path: Path, text: str) -> None:
@@ -128,8 +132,15 @@ def exclusive(lock_file: Path, what: str) -> Iterator[None]:
     """
     import fcntl
 
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_file, "a+") as fh:
+    try:
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_file, "a+")  # noqa: SIM115 (closed by the with below)
+    except OSError as err:
+        raise UserError(
+            f"cannot write forgetscope's cache at {lock_file.parent.parent} ({err.strerror}); "
+            "point FORGETSCOPE_CACHE at a folder you can write"
+        ) from None
+    with handle as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

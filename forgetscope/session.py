@@ -27,6 +27,7 @@ import errno
 import hashlib
 import platform
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from importlib.metadata import version
@@ -167,7 +168,13 @@ class RunSession:
             )
         if self.root.is_dir():
             io.sweep(self.root)  # we hold the lock: no live writer's temporary files are there
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RunError(
+                f"{self.root}: cannot create the run folder ({err.strerror}); choose a folder you can write "
+                "(runs_dir in the recipe, --runs-dir for an audit)"
+            ) from None
         for name, text in (files or {}).items():
             io.write_text(self.root / name, text)
         self.layout.update_manifest(
@@ -249,7 +256,14 @@ class RunSession:
         """Mark the run ``failed`` with the error (main process, once the manifest exists)."""
         if self.main and self.layout.manifest.is_file():
             error = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
-            self.layout.update_manifest(status="failed", error=error, failed=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            try:
+                self.layout.update_manifest(status="failed", error=error, failed=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            except OSError as again:  # the disk that stopped the run is still full: say so, keep the first error
+                print(
+                    f"forgetscope: warning: could not mark {self.root} failed ({again.strerror}); "
+                    "it still reads `running`",
+                    file=sys.stderr,
+                )
 
     def write_train_log(self, log_history: list[dict[str, Any]], title: str) -> None:
         """The Trainer's log as ``train_log.csv`` (its training steps, and the replay buffer's draws:

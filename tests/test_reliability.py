@@ -283,3 +283,58 @@ def test_nothing_touches_the_network_when_offline(tmp_path, tiny_recipe_data):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "network access attempted" not in proc.stderr
     assert json.loads((tmp_path / "runs" / "t" / "manifest.json").read_text())["status"] == "finished"
+
+
+def test_a_full_disk_leaves_no_temporary_and_a_clear_failure(tmp_path, monkeypatch, capsys):
+    # the write that fills the disk leaves no half-written temporary; marking the run failed on that disk
+    # fails too: a warning, and the first error (with its advice) is what the user sees
+    import errno
+
+    from forgetscope.session import RunError, RunSession
+
+    target = tmp_path / "manifest.json"
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(io.os, "replace", full)
+        with pytest.raises(OSError):
+            io.write_text(target, "{}")
+    assert list(tmp_path.iterdir()) == []
+    session = RunSession(tmp_path / "run", {}, "another run")
+    with session.locked():
+        session.start(None, None)
+        monkeypatch.setattr(io.os, "replace", full)
+        with pytest.raises(RunError, match="the disk is full"), session.failing():
+            full()
+    assert "could not mark" in capsys.readouterr().err
+    assert not list((tmp_path / "run").glob("*.tmp-*"))
+
+
+def test_unwritable_run_and_cache_folders_are_one_line(tmp_path, monkeypatch):
+    from forgetscope.errors import UserError
+    from forgetscope.session import RunError, RunSession
+
+    (tmp_path / "file").write_text("")
+    session = RunSession(tmp_path / "file" / "run", {}, "another run")
+    with session.locked(), pytest.raises(RunError, match="cannot create the run folder"):
+        session.start(None, None)
+    monkeypatch.setenv("FORGETSCOPE_CACHE", str(tmp_path / "file" / "cache"))
+    with pytest.raises(UserError, match=r"cannot write forgetscope's cache .* FORGETSCOPE_CACHE"):
+        RunSession(tmp_path / "run", {}, "another run").acquire()
+
+
+def test_a_damaged_result_cache_entry_is_scored_again(tmp_path, monkeypatch):
+    from forgetscope import evaluate
+    from forgetscope.recipe import EvalConfig
+
+    monkeypatch.setenv("FORGETSCOPE_CACHE", str(tmp_path))
+    model, tokenizer = models.load(models.resolve("tiny-random"))
+    suite = evaluate.prepare_suite(EvalConfig(new=[], general=["world_capitals"], limit=3), tmp_path, chat=False)
+    first = evaluate.evaluate_model(model.eval(), tokenizer, suite)
+    [entry] = (tmp_path / "results").glob("*.json")
+    entry.write_text(entry.read_text()[:40])  # cut short
+    again = evaluate.evaluate_model(model, tokenizer, suite)
+    assert again["cached"] == [] and again["results"] == first["results"]
+    assert evaluate.evaluate_model(model, tokenizer, suite)["cached"] == ["world_capitals"]  # rewritten

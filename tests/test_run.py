@@ -362,5 +362,5 @@ def test_a_run_whose_eval_items_changed_before_it_resumed_is_refused(tmp_path, t
     with pytest.raises(RunError, match=r"the items or config of rev changed since steps \[0, 1\] were scored"):
         _run(tmp_path, tiny_recipe_data, name="edited", evals=evals)
     held_out.write_text("".join(json.dumps(r) + "\n" for r in rows))  # restored: it resumes
-    recipe, root = _run(tmp_path, tiny_recipe_data, name="edited", evals=evals)
+    _, root = _run(tmp_path, tiny_recipe_data, name="edited", evals=evals)
     assert json.loads((root / "manifest.json").read_text())["status"] == "finished"
