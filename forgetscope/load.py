@@ -39,8 +39,10 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             continue
         node = nested
         parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
+        for part in parts[:-1]:  # a key inside one an earlier pair gave a value (`replay=null`, then `replay.ratio`)
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
         try:
             node[parts[-1]] = load_yaml(raw) if raw.strip() else None
         except yaml.YAMLError as err:
@@ -131,14 +133,47 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError([f"expected a mapping of keys at the top level, got {type(data).__name__}"], str(path))
     parse_overrides(overrides or [])  # every malformed --set at once
+    refused = []
     for pair in overrides or []:  # then in turn, so that the last --set of a setting holds (stages.0 = stages.-2)
+        if problem := _turns_replay_on(pair, data):
+            refused.append(problem)  # not merged: the rest is checked as if it had not been given
+            continue
         data = _merge(data, parse_overrides([pair]))
     try:
-        return recipe_from_dict(data, str(path))
+        recipe = recipe_from_dict(data, str(path))
     except RecipeError as err:
         raise RecipeError(
-            [_blame(problem, overrides or [], str(path), data) for problem in err.problems], None
+            [*refused, *(_blame(problem, overrides or [], str(path), data) for problem in err.problems)], None
         ) from None
+    if refused:
+        raise RecipeError(refused, None)
+    return recipe
+
+
+NO_REPLAY = "the recipe has no replay"
+"""How :func:`_turns_replay_on` opens its problem (``forgetscope sweep`` says it of ``--key``)."""
+
+
+def _turns_replay_on(pair: str, data: dict[str, Any]) -> str | None:
+    """The problem, if any, with a ``--set`` of a key inside ``replay`` when ``data`` (the recipe with
+    the ``--set`` before this one) has none: it would turn replay on with every other setting at its
+    default (KL, coeff 10, 256 samples from BOS), a method the user never chose. Giving the whole
+    section (``--set replay={source: self, ...}``) turns it on. Not for ``cascade``: ``--set
+    cascade.every=4`` is how a recipe without one is calibrated (README, "Cheap probes"), its
+    defaults being its design; nor ``lora``, on with ``method: lora`` and refused by validation
+    with ``method: full``."""
+    key, _, value = pair.partition("=")
+    section, dot, inner = key.strip().partition(".")
+    if section != "replay" or not dot or data.get("replay") is not None:
+        return None
+    example = {"source": "self", "ratio": "0.25", "loss": "kl", inner: value.strip()}
+    whole = "{" + ", ".join(f"{k}: {v}" for k, v in example.items()) + "}"
+    state = "replay: null" if "replay" in data else "no `replay:` section"
+    return (
+        f"--set {pair}: {NO_REPLAY} ({state}), so this would turn replay on with every other "
+        f"replay setting at its default; to turn it on, give the whole section (--set 'replay={whole}'; "
+        "every field: forgetscope fields) or add a `replay:` section to the recipe"
+    )
 
 
 def overlaps(key: str, other: str) -> bool:

@@ -51,7 +51,8 @@ class TaskConfig:
     )
     chat_template: Literal["auto", "on", "off"] = option(
         "auto",
-        "Wrap prompt/completion pairs in the base model's chat template: `auto` uses it when the tokenizer has one.",
+        "Wrap prompt/completion pairs in the base model's chat template: `auto` uses it when the tokenizer has one. "
+        "With `stages`: the same in every stage.",
     )
     max_examples: int | None = option(2000, "Use at most this many training examples (null: all).")
     too_long: Literal["warn", "error"] = option(

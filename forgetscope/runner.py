@@ -29,21 +29,24 @@ def recipe_hash(recipe: Recipe) -> str:
     data.pop("name")
     data.pop("runs_dir")
     for task in [data["task"], *(stage["task"] for stage in data["stages"])]:
-        task["path"] = _contents(task["path"])
+        task["path"] = _contents(task["path"], every_file=True)
     if data["replay"]:
-        data["replay"]["path"] = _contents(data["replay"]["path"])
+        data["replay"]["path"] = _contents(data["replay"]["path"], every_file=True)
     data["evals"]["include"] = [_contents(folder) for folder in data["evals"]["include"]]
     return hashlib.sha256(repr(data).encode()).hexdigest()[:16]
 
 
-def _contents(path: str | None) -> str | None:
-    """A hash of a file's bytes, or of a folder's task YAMLs and the Python modules beside them
-    (their ``!function`` hooks), names and bytes."""
+def _contents(path: str | None, every_file: bool = False) -> str | None:
+    """A hash of a file's bytes, or of a folder's files, names and bytes: with ``every_file`` all of
+    them (a dataset ``save_to_disk`` wrote), else its task YAMLs and the Python modules beside them
+    (their ``!function`` hooks)."""
     if path is None:
         return None
     root = Path(path)
-    yamls = registry.task_yamls(root) if root.is_dir() else []
+    yamls = registry.task_yamls(root) if root.is_dir() and not every_file else []
     files = sorted({*yamls, *(py for folder in {y.parent for y in yamls} for py in folder.glob("*.py"))})
+    if every_file and root.is_dir():
+        files = sorted(p for p in root.rglob("*") if p.is_file())
     files = files if root.is_dir() else [root]
     digest = hashlib.sha256()
     for file in files:

@@ -175,7 +175,10 @@ def build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
         if ok:
             kwargs[key] = converted
         else:
-            quote = "; YAML read it as a number or a boolean: quote it" if hint is str and value is not None else ""
+            words = hint is str or (  # `off` unquoted is YAML's false: say so where a word is meant
+                typing.get_origin(hint) is Literal and all(isinstance(a, str) for a in typing.get_args(hint))
+            )
+            quote = "; YAML read it as a number or a boolean: quote it" if words and value is not None else ""
             problems.append(f"{prefix}{key}: expected {type_name(hint)}, got {value!r}{quote}")
     return cls(**kwargs)
 

@@ -40,7 +40,7 @@ import yaml
 from forgetscope import figures, io, metrics, validate
 from forgetscope.curves import in_lm_eval_order, primary_metric
 from forgetscope.errors import UserError
-from forgetscope.load import RecipeError, load_recipe, overlaps
+from forgetscope.load import NO_REPLAY, RecipeError, load_recipe, overlaps
 from forgetscope.recipe import Recipe
 from forgetscope.schema import load_yaml
 from forgetscope.snapshots import RunLayout
@@ -178,8 +178,14 @@ def _load_at(path: str, overrides: list[str], key: str, value: str) -> Recipe:
             if problem.startswith(own):
                 rest = problem.removeprefix(own)
                 field = rest.partition(":")[0]  # the key the problem is about: the swept key or a section of it
-                if "unknown key" in rest and f"{key}.".startswith(field + "."):
-                    problems.append(f"--key {key}: {rest.removeprefix(key + ': ')}")
+                dotted = field.replace("[", ".").replace("]", "")  # validation writes stages[1].lr, --key stages.1.lr
+                if "unknown key" in rest and f"{key}.".startswith(dotted + "."):
+                    problems.append(f"--key {key}: {rest.removeprefix(field + ': ') if dotted == key else rest}")
+                elif rest.startswith(NO_REPLAY):  # a --set would turn replay on; here no --set can give it whole
+                    problems.append(
+                        f"--key {key}: {path} has no replay, so the sweep would turn replay on with every other "
+                        "replay setting at its default; add a `replay:` section to the recipe"
+                    )
                 else:
                     problems.append(f"--values {value}: {rest}")
             elif given.startswith("--set ") and "=" not in given and f"{key}.".startswith(given[6:] + "."):

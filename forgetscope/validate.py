@@ -10,6 +10,7 @@ without a recipe.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -41,10 +42,13 @@ def _check_task(task: TaskConfig, prefix: str, base_dir: Path) -> list[str]:
         )
     if task.path:
         file = base_dir / task.path
-        if not file.is_file():
+        if not file.exists():
             where = "" if Path(task.path).is_absolute() else " (a relative path is read from the recipe's folder)"
-            problems.append(f"{prefix}.path: no such file {str(file)!r}{where}; give a {', '.join(DATA_FILES)} file")
-        elif file.suffix not in DATA_FILES:
+            problems.append(
+                f"{prefix}.path: no such file {str(file)!r}{where}; give a {', '.join(DATA_FILES)} file "
+                "or a folder datasets' save_to_disk wrote"
+            )
+        elif file.is_file() and file.suffix not in DATA_FILES:
             problems.append(f"{prefix}.path: {file.name!r} is not one of {', '.join(DATA_FILES)}")
     if task.max_examples is not None and task.max_examples <= 0:
         problems.append(f"{prefix}.max_examples: must be positive or null, got {task.max_examples}")
@@ -76,6 +80,14 @@ def _check_stages(recipe: Recipe, data: dict[str, Any]) -> tuple[list[str], list
         new += [e for e in evals if e not in new]
     if len(recipe.stages) < 2:
         problems.append("stages: a sequence needs at least 2 stages (one new task: use `task:`)")
+    settings = [stage.task.chat_template for stage in recipe.stages]
+    if differing := [i for i, setting in enumerate(settings) if setting != settings[0]]:
+        i = differing[0]
+        problems.append(
+            f"stages[{i}].task.chat_template: {settings[i]!r}, but {settings[0]!r} in stages[0]; all stages must "
+            "share one chat_template setting (every snapshot scores every stage's evals in one prompt format, and "
+            f"replay renders earlier stages' prompts as the current stage does); set {settings[0]!r} in every stage"
+        )
     if recipe.replay and recipe.replay.loss == "kl" and recipe.method == "lora":
         problems.append(
             "replay.loss: kl with method: lora compares with the base, not with the model before each "
@@ -139,7 +151,12 @@ def check(recipe: Recipe, data: dict[str, Any]) -> list[str]:
     else:
         problems += _check_task(recipe.task, "task", recipe.base_dir)
 
-    problems += check_snapshots(recipe.snapshots, t.steps)
+    if recipe.stages:  # each stage snapshots on the schedule applied to its own steps (sequence.schedule)
+        shortest = min(range(len(recipe.stages)), key=lambda i: recipe.stages[i].steps)
+        note = " (with stages, `at` counts the steps into each stage, and this is the shortest)"
+        problems += check_snapshots(recipe.snapshots, recipe.stages[shortest].steps, f"stages[{shortest}].steps", note)
+    else:
+        problems += check_snapshots(recipe.snapshots, t.steps)
     problems += check_evals(evals, recipe.base_dir)
     return problems
 
@@ -162,9 +179,10 @@ def check_target(recipes: list[Recipe], target: float | None) -> list[str]:
     return []
 
 
-def check_snapshots(s: SnapshotConfig, steps: int | None, length: str = "train.steps") -> list[str]:
+def check_snapshots(s: SnapshotConfig, steps: int | None, length: str = "train.steps", note: str = "") -> list[str]:
     """Problems with a snapshot schedule (``steps``: the training length, when known; ``length``:
-    what the user calls it, ``train.steps`` in a recipe, the Trainer's ``max_steps`` in a script)."""
+    what the user calls it, ``train.steps`` in a recipe, the Trainer's ``max_steps`` in a script,
+    ``stages[i].steps`` with stages; ``note``: said after it)."""
     problems = []
     if s.schedule == "log" and s.count < 2:
         problems.append(f"snapshots.count: needs at least 2 (step 0 and the last step), got {s.count}")
@@ -176,7 +194,9 @@ def check_snapshots(s: SnapshotConfig, steps: int | None, length: str = "train.s
         elif steps is not None and steps > 0:
             bad = [x for x in s.at if x < 0 or x > steps]
             if bad:
-                problems.append(f"snapshots.at: steps {bad} fall outside 0..{length}={steps}; list steps 0 to {steps}")
+                problems.append(
+                    f"snapshots.at: steps {bad} fall outside 0..{length}={steps}{note}; list steps 0 to {steps}"
+                )
     for key in ("every", "at"):
         if getattr(s, key) is not None and s.schedule != key:
             problems.append(
@@ -324,4 +344,40 @@ def _check_replay(recipe: Recipe, given: dict[str, Any]) -> list[str]:
             f"replay.ratio: {r.ratio} of train.batch_size={t.batch_size} leaves no room for "
             "replay or for new-task examples; change one of them"
         )
+    elif not recipe.stages or any(stage.replay for stage in recipe.stages[1:]):
+        problems += _check_replay_batch(recipe)
     return problems
+
+
+def _check_replay_batch(recipe: Recipe) -> list[str]:
+    """Problems of the replay share of each batch, found before any stage trains (else they stop the
+    run where replay starts, in a sequence after stage 1). The arithmetic of
+    :func:`forgetscope.replay.split_batch` and :meth:`~forgetscope.replay.ReplayTrainer.compute_loss`:
+    ``round(batch_size * ratio)`` replay examples a step, the rest new-task ones, both split evenly
+    over grad_accum x processes micro-batches; each micro-batch draws its replay examples from the
+    buffer without repeats, so the buffer (``samples`` of them) must hold that many. Stages share
+    batch_size and grad_accum (a stage sets only its steps and lr): one check covers them all."""
+    t, r = recipe.train, recipe.replay
+    if t.batch_size <= 0 or t.grad_accum <= 0 or r.samples <= 0 or t.batch_size % t.grad_accum or not 0 < r.ratio < 1:
+        return []  # said already
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # as forgetscope.distributed.launched (no torch import here)
+    slots = t.grad_accum * processes
+    micro = f"the {slots} micro-batches of a step (train.grad_accum={t.grad_accum}" + (
+        f" x {processes} processes)" if processes > 1 else ")"
+    )
+    replay = round(t.batch_size * r.ratio)
+    new = t.batch_size - replay
+    if new % slots or replay % slots:
+        return [
+            f"replay.ratio: {r.ratio} of train.batch_size={t.batch_size} gives {new} new-task and {replay} replay "
+            f"examples a step, which must each split evenly over {micro}; "
+            "change train.batch_size, train.grad_accum or replay.ratio"
+        ]
+    if replay // slots > r.samples:
+        drawn = f"{replay} a step, {replay // slots} in each of {micro}" if slots > 1 else f"{replay} a step"
+        return [
+            f"replay.samples: the buffer's {r.samples} samples are fewer than the replay examples drawn from it "
+            f"without repeats (train.batch_size={t.batch_size} x replay.ratio={r.ratio}: {drawn}); "
+            f"give replay.samples: {replay // slots} or more, or a smaller replay.ratio or train.batch_size"
+        ]
+    return []

@@ -378,6 +378,14 @@ def test_a_saved_dataset_folder_loads_as_a_file_does(tmp_path):
     (tmp_path / "other").mkdir()
     with pytest.raises(data.DataError, match=r"other: a folder, but not a dataset written by datasets' save_to_disk"):
         data.load_records(TaskConfig(name=None, path="other"), tmp_path)
+    # a recipe takes the folder, and its hash follows the dataset's contents
+    from forgetscope.load import recipe_from_dict
+    from forgetscope.runner import recipe_hash
+
+    recipe = {"name": "r", "base": "tiny-random", "task": {"name": None, "path": "saved"}}
+    before = recipe_hash(recipe_from_dict(recipe, str(tmp_path / "r.yaml")))
+    datasets.Dataset.from_list(rows[:1]).save_to_disk(str(tmp_path / "saved"))
+    assert recipe_hash(recipe_from_dict(recipe, str(tmp_path / "r.yaml"))) != before
 
 
 def test_an_hf_dataset_out_of_reach_offline_is_one_line_and_writes_nothing(tmp_path, tiny_recipe_data, capsys):

@@ -224,8 +224,8 @@ def test_a_task_that_gives_data_needs_no_name_null(tmp_path, tiny_recipe_data):
     assert recipe.task.name is None and recipe.task.path == "mine.jsonl"
     staged = {k: v for k, v in tiny_recipe_data.items() if k not in ("task", "train", "evals")}
     staged["stages"] = [
-        {"task": {"name": "numerals"}, "steps": 2},
-        {"task": {"path": "mine.jsonl"}, "steps": 2, "evals": ["digits_reverse"]},
+        {"task": {"name": "numerals"}, "steps": 3},  # at: [1, 3] counts into each stage
+        {"task": {"path": "mine.jsonl"}, "steps": 3, "evals": ["digits_reverse"]},
     ]
     recipe = recipe_from_dict(staged, str(tmp_path / "r.yaml"))
     assert [s.task.name for s in recipe.stages] == ["numerals", None]
@@ -312,3 +312,110 @@ def test_output_piped_into_head_ends_quietly():
         timeout=300,
     )
     assert len(out.stdout.splitlines()) == 1 and "Traceback" not in out.stderr, out.stderr[-500:]
+
+
+def test_a_replay_share_that_cannot_be_drawn_is_refused_before_stage_1_trains(monkeypatch, tmp_path, capsys):
+    """Replay starts at stage 2: a buffer smaller than a micro-batch's replay share (drawn without
+    repeats) or a share that does not split over the micro-batches stopped the run there, after
+    stage 1 had trained (a numpy traceback, or an error). Both are validation now, as in replay.split_batch."""
+    with pytest.raises(RecipeError) as err:  # 64 x 0.5 = 32 replay examples a step, from a buffer of 8
+        load_recipe(RECIPES / "sequence_replay.yaml", ["replay.samples=8"])
+    assert err.value.problems == [
+        "--set replay.samples=8: replay.samples: the buffer's 8 samples are fewer than the replay examples drawn "
+        "from it without repeats (train.batch_size=64 x replay.ratio=0.5: 32 a step); give replay.samples: 32 or "
+        "more, or a smaller replay.ratio or train.batch_size"
+    ]
+    assert load_recipe(
+        RECIPES / "sequence_replay.yaml", ["replay.samples=16", "train.grad_accum=2"]
+    )  # 16 a micro-batch
+    with pytest.raises(RecipeError) as err:  # 15 + 15 over 2 micro-batches
+        load_recipe(RECIPES / "sequence_replay.yaml", ["train.batch_size=30", "train.grad_accum=2"])
+    assert err.value.problems == [
+        "--set train.grad_accum=2: replay.ratio: 0.5 of train.batch_size=30 gives 15 new-task and 15 replay examples "
+        "a step, which must each split evenly over the 2 micro-batches of a step (train.grad_accum=2); change "
+        "train.batch_size, train.grad_accum or replay.ratio"
+    ]
+    monkeypatch.setenv("WORLD_SIZE", "3")  # under a launcher the processes split the batch too
+    with pytest.raises(RecipeError, match=r"over the 6 micro-batches of a step \(train.grad_accum=2 x 3 processes\)"):
+        load_recipe(RECIPES / "sequence_replay.yaml", ["train.grad_accum=2"])
+    monkeypatch.delenv("WORLD_SIZE")
+    # a single task with replay is checked alike, and `forgetscope run` writes nothing
+    argv = ["run", str(RECIPES / "tiny.yaml"), "--set", f"runs_dir={tmp_path / 'runs'}", "--set", "train.batch_size=8"]
+    assert cli.main([*argv, "--set", "replay={source: self, ratio: 0.5, samples: 2}"]) == 2
+    assert "replay.samples: the buffer's 2 samples are fewer" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_snapshot_steps_at_are_checked_against_each_stage():
+    """Each stage snapshots on the schedule applied to its own steps (sequence.schedule): an `at`
+    step beyond a stage's length was accepted and listed in the manifest, never reached."""
+    at = "snapshots={schedule: at, at: [15, 300], every: null}"
+    assert sorted(load_recipe(RECIPES / "sequence.yaml", [at]).snapshots.at) == [15, 300]
+    with pytest.raises(RecipeError) as err:
+        load_recipe(RECIPES / "sequence.yaml", ["snapshots={schedule: at, at: [15, 301], every: null}"])
+    assert err.value.problems == [
+        "--set snapshots={schedule: at, at: [15, 301], every: null}: snapshots.at: steps [301] fall outside "
+        "0..stages[0].steps=300 "
+        "(with stages, `at` counts the steps into each stage, and this is the shortest); list steps 0 to 300"
+    ]
+    with pytest.raises(RecipeError) as err:  # the shortest stage bounds it, blamed on the --set that shortened it
+        load_recipe(RECIPES / "sequence.yaml", [at, "stages.1.steps=20"])
+    assert err.value.problems[0].startswith(
+        "--set stages.1.steps=20: snapshots.at: steps [300] fall outside 0..stages[1].steps=20"
+    )
+
+
+def test_stages_share_one_chat_template_setting():
+    """The run scores every stage's evals with stage 1's setting, and replay renders the earlier
+    stages' prompts with the current stage's: a stage's own setting was silently ignored."""
+    with pytest.raises(RecipeError) as err:
+        load_recipe(RECIPES / "sequence.yaml", ["stages.0.task.chat_template='off'"])
+    assert err.value.problems == [
+        "--set stages.0.task.chat_template='off': stages[1].task.chat_template: 'auto', but 'off' in stages[0]; all "
+        "stages must share one chat_template setting (every snapshot scores every stage's evals in one prompt "
+        "format, and replay renders earlier stages' prompts as the current stage does); set 'off' in every stage"
+    ]
+    with pytest.raises(RecipeError, match="got False; YAML read it as a number or a boolean: quote it"):
+        load_recipe(RECIPES / "sequence.yaml", ["stages.0.task.chat_template=off"])  # YAML's false
+    same = [f"stages.{i}.task.chat_template='off'" for i in range(3)]
+    assert [s.task.chat_template for s in load_recipe(RECIPES / "sequence.yaml", same).stages] == ["off"] * 3
+
+
+def test_a_set_inside_replay_does_not_turn_replay_on():
+    """`--set replay.ratio=0.5` on a recipe without replay ran replay with every other default (KL,
+    coeff 10, 256 samples from BOS); the whole section turns it on, and `--set replay=null` (make
+    sequence-paper) still turns it off."""
+    for recipe, argv, state in (
+        ("sequence.yaml", ["replay.ratio=0.5"], "no `replay:` section"),
+        ("sequence_paper.yaml", ["replay=null", "replay.ratio=0.5"], "replay: null"),
+    ):
+        with pytest.raises(RecipeError) as err:
+            load_recipe(RECIPES / recipe, argv)
+        assert err.value.problems == [
+            f"--set replay.ratio=0.5: the recipe has no replay ({state}), so this would turn replay on with every "
+            "other replay setting at its default; to turn it on, give the whole section (--set 'replay={source: "
+            "self, ratio: 0.5, loss: kl}'; every field: forgetscope fields) or add a `replay:` section to the recipe"
+        ]
+    whole = "replay={source: self, prompts: tasks, loss: ntp, ratio: 0.5}"
+    recipe = load_recipe(RECIPES / "sequence.yaml", [whole, "replay.samples=64"])
+    assert (recipe.replay.loss, recipe.replay.ratio, recipe.replay.samples) == ("ntp", 0.5, 64)
+    assert load_recipe(RECIPES / "sequence_paper.yaml", ["replay=null"]).replay is None
+    assert load_recipe(RECIPES / "sequence_replay.yaml", ["replay.ratio=0.25"]).replay.ratio == 0.25
+    assert load_recipe(RECIPES / "full_ft.yaml", ["cascade.every=4"]).cascade.every == 4  # README's calibration
+
+
+def test_sweep_blames_a_misspelt_or_replay_key_on_key_not_values(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert (
+        cli.main(["sweep", str(RECIPES / "sequence.yaml"), "--key", "stages.1.lrr", "--values", "1e-3", "-o", out]) == 2
+    )
+    assert capsys.readouterr().err.strip() == (
+        "forgetscope: error: --key stages.1.lrr: unknown key; did you mean 'lr'? (allowed: task, steps, lr, evals, replay)"
+    )
+    argv = ["sweep", str(RECIPES / "sequence.yaml"), "--key", "replay.ratio", "--values", "0.5", "-o", out]
+    assert cli.main([*argv, "--set", f"runs_dir={tmp_path / 'runs'}"]) == 2  # (unfixed, it ran)
+    assert capsys.readouterr().err.strip() == (
+        f"forgetscope: error: --key replay.ratio: {RECIPES / 'sequence.yaml'} has no replay, so the sweep would turn "
+        "replay on with every other replay setting at its default; add a `replay:` section to the recipe"
+    )
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()

@@ -192,7 +192,7 @@ def test_a_stage_can_train_on_the_users_file(tmp_path):
     rows = [{"prompt": f"X {w} =", "completion": w.upper()} for w in ("abcd", "bcda", "cdab")]
     (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     data = _stages_recipe()
-    data["stages"][2] = {"task": {"name": None, "path": "mine.jsonl"}, "steps": 2}
+    data["stages"][2] = {"task": {"name": None, "path": "mine.jsonl"}, "steps": 3}
     with pytest.raises(RecipeError, match=r"stages\[2\].evals: list the evals"):
         recipe_from_dict(data, str(tmp_path / "r.yaml"))
     data["stages"][2]["evals"] = ["sym_rotate"]  # any eval task: evals/, evals.include or lm-eval's
