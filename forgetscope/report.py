@@ -82,8 +82,8 @@ def analyse(
         manifest = layout.read_manifest()
         if manifest.get("cascade"):
             cascades.append(_cascade_entry(run, manifest["cascade"]))
-        if manifest.get("sequence") and (root / "sequence.png").is_file():  # recomputed: older runs' may be wrong
-            sequence = continual.summary(run_table, manifest["stages"])[1]
+        if manifest.get("stages") and manifest.get("sequence") and (root / "sequence.png").is_file():
+            sequence = continual.summary(run_table, manifest["stages"])[1]  # recomputed: older runs' may be wrong
             sequences.append({"run": run, "figure": root / "sequence.png", **sequence})
         mine = rows[rows["run"] == run]
         last = int(mine["step"].max())

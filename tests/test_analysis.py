@@ -448,7 +448,11 @@ def test_unfinished_runs_are_marked_in_the_summary(tmp_path, fake_run):
 def test_a_report_written_again_removes_only_its_own_stale_figures(tmp_path, fake_run):
     runs = _two_runs(tmp_path, fake_run)
     seq = runs / "gentle"
-    RunLayout(seq).update_manifest(sequence={k: 0.0 for k in report.SEQUENCE_KEYS})
+    stages = [
+        {"task": "facts", "evals": ["facts"], "start": 0, "end": 5},
+        {"task": "n", "evals": ["new"], "start": 5, "end": 10},
+    ]
+    RunLayout(seq).update_manifest(stages=stages, sequence={k: 0.0 for k in report.SEQUENCE_KEYS})
     (seq / "sequence.png").write_bytes(b"\x89PNG made by the run")
     out = tmp_path / "rep"
     report.write([runs], out)
