@@ -195,7 +195,7 @@ class RunSession:
         self,
         model,
         step: int,
-        tokens: int = 0,
+        tokens: int | None = 0,
         meta: dict[str, Any] | None = None,
         weights: bool = False,
         tokenizer=None,

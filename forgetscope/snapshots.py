@@ -104,8 +104,9 @@ def save_snapshot(layout: RunLayout, step: int, model, tokenizer, meta: dict[str
     return target
 
 
-def save_eval(layout: RunLayout, step: int, tokens: int, evaluation: dict[str, Any]) -> Path:
-    """Write ``evals/step-N``: results.json (summary per task) and samples_<task>.jsonl (per item)."""
+def save_eval(layout: RunLayout, step: int, tokens: int | None, evaluation: dict[str, Any]) -> Path:
+    """Write ``evals/step-N``: results.json (summary per task, and the tokens trained on: None when
+    the trainer did not count them) and samples_<task>.jsonl (per item)."""
     target = layout.eval_dir(step)
     with io.atomic_dir(target) as tmp:
         for task, samples in evaluation["samples"].items():

@@ -3,6 +3,7 @@ included), peft models, the Trainer's log, bad settings, a crashing script, acce
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -11,10 +12,11 @@ import pandas as pd
 import pytest
 from at_exit import threads_left
 from conftest import ROOT, accelerate_launch, tiny_sft_trainer
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from forgetscope import ForgettingCallback, cli, data, load_results, models
+from forgetscope import ForgettingCallback, cli, data, load_results, models, session
 from forgetscope.callback import CallbackError
+from forgetscope.io import BusyError
 from forgetscope.recipe import TaskConfig
 
 EXAMPLE = ROOT / "examples" / "trainer_callback.py"
@@ -71,7 +73,9 @@ def test_the_example_script_writes_a_run_that_report_gate_and_tensorboard_read(t
     assert json.loads((tmp_path / "ci" / "gate.json").read_text())["verdict"] in ("pass", "fail")
 
 
-def _trainer(tmp_path, lora: bool = False, steps: int = 4, callbacks=()) -> Trainer:
+def _trainer(tmp_path, lora: bool = False, steps: int = 4, callbacks=(), **settings) -> Trainer:
+    """A plain Trainer of the tiny model, as a user's script builds it; ``settings`` override its
+    TrainingArguments."""
     model, tokenizer = models.load(models.resolve("tiny-random"))
     if lora:
         from peft import LoraConfig, get_peft_model
@@ -81,13 +85,16 @@ def _trainer(tmp_path, lora: bool = False, steps: int = 4, callbacks=()) -> Trai
     examples = data.tokenize(data.load_records(task, None), tokenizer, task, 48)
     args = TrainingArguments(
         str(tmp_path / "out"),
-        max_steps=steps,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        logging_steps=1,
-        save_strategy="no",
+        **{
+            "max_steps": steps,
+            "per_device_train_batch_size": 4,
+            "learning_rate": 1e-2,
+            "report_to": [],
+            "use_cpu": True,
+            "logging_steps": 1,
+            "save_strategy": "no",
+            **settings,
+        },
     )
     from transformers import DataCollatorForSeq2Seq
 
@@ -255,3 +262,170 @@ def test_every_bad_setting_is_one_line_and_steps_are_the_trainers_max_steps(tmp_
     )
     # the run folder was left free: the script can build the callback again
     ForgettingCallback(trainer, evals={"general": ["prose_ppl"]}, runs_dir=str(tmp_path / "runs")).session.release()
+
+
+EVALS = {"general": ["prose_ppl"], "limit": 2}
+AT_2_4 = {"schedule": "at", "at": [2, 4]}
+
+
+class _Boom(TrainerCallback):
+    """The user's script breaks after step ``at`` (in this process: a notebook's cell fails)."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            raise RuntimeError("the user's script broke")
+
+
+def _evals(root) -> list[str]:
+    return sorted(p.name for p in (root / "evals").iterdir())
+
+
+def test_a_training_begun_again_from_step_0_is_refused_and_a_resumed_one_goes_on(tmp_path):
+    runs, root = str(tmp_path / "runs"), tmp_path / "runs" / "twice"
+    counting = {"include_num_input_tokens_seen": True, "save_strategy": "steps", "save_steps": 2}
+    trainer = _trainer(tmp_path, callbacks=[_Boom(3)], **counting)
+    trainer.add_callback(ForgettingCallback(trainer, evals=EVALS, snapshots=AT_2_4, name="twice", runs_dir=runs))
+    with pytest.raises(RuntimeError, match="the user's script broke"):
+        trainer.train()
+    assert _evals(root) == ["step-000000", "step-000002"]
+
+    # the same script again from scratch (another learning rate): its steps 4 would follow the other's step 2
+    trainer = _trainer(tmp_path, learning_rate=1e-4)
+    trainer.add_callback(ForgettingCallback(trainer, evals=EVALS, snapshots=AT_2_4, name="twice", runs_dir=runs))
+    with pytest.raises(CallbackError) as err:
+        trainer.train()
+    assert str(err.value) == (
+        f"ForgettingCallback: {root} holds snapshots of an earlier training (steps [2]) and this training starts "
+        "at step 0; give another name= (or remove that folder), or continue that training with "
+        "trainer.train(resume_from_checkpoint=...)"
+    )
+    assert _evals(root) == ["step-000000", "step-000002"] and not (root / "curves.csv").exists()
+    assert json.loads((root / "manifest.json").read_text())["status"] == "failed"  # the crashed training's
+
+    # resumed from its checkpoint, the first training goes on where it stopped
+    trainer = _trainer(tmp_path, **counting)
+    trainer.add_callback(ForgettingCallback(trainer, evals=EVALS, snapshots=AT_2_4, name="twice", runs_dir=runs))
+    trainer.train(resume_from_checkpoint=True)
+    assert json.loads((root / "manifest.json").read_text())["status"] == "finished"
+    tokens = pd.read_csv(root / "curves.csv").groupby("step")["tokens"].first()
+    assert list(tokens.index) == [0, 2, 4] and tokens[0] == 0 < tokens[2] < tokens[4]
+
+
+def test_a_training_resumed_into_a_new_run_folder_is_refused_before_anything_is_written(tmp_path):
+    trainer = _trainer(tmp_path, callbacks=[_Boom(3)], save_strategy="steps", save_steps=2)
+    with pytest.raises(RuntimeError, match="the user's script broke"):
+        trainer.train()  # without the callback: checkpoint-2 is all there is
+    runs, root = str(tmp_path / "runs"), tmp_path / "runs" / "late"
+    trainer = _trainer(tmp_path)
+    trainer.add_callback(ForgettingCallback(trainer, evals=EVALS, snapshots=AT_2_4, name="late", runs_dir=runs))
+    with pytest.raises(CallbackError) as err:
+        trainer.train(resume_from_checkpoint=True)
+    assert str(err.value) == (
+        f"ForgettingCallback: {root} has no step 0 (the base) and this training resumes at step 2: there is no "
+        "base to measure forgetting from; add the callback from the training's first step, or score the base "
+        "and the checkpoints with `forgetscope audit --base ... --checkpoints ...`"
+    )
+    assert not (tmp_path / "runs").exists()
+    ForgettingCallback(trainer, evals=EVALS, name="late", runs_dir=runs)  # the folder was left free
+
+
+def test_a_callback_built_again_in_the_same_process_takes_the_folder_over(tmp_path):
+    runs, root = str(tmp_path / "runs"), tmp_path / "runs" / "nb"
+
+    def build() -> Trainer:
+        trainer = _trainer(tmp_path, steps=2)
+        trainer.add_callback(
+            ForgettingCallback(trainer, evals=EVALS, snapshots={"schedule": "at", "at": [2]}, name="nb", runs_dir=runs)
+        )
+        return trainer
+
+    first = build()
+    second = build()  # a notebook's cell run again, the first Trainer still alive
+    with pytest.raises(CallbackError, match=f"this callback no longer holds {root} .*took it over"):
+        first.train()
+    second.train()
+    assert json.loads((root / "manifest.json").read_text())["status"] == "finished"
+    assert _evals(root) == ["step-000000", "step-000002"]
+
+    # a folder that another process holds is still refused
+    lock = session.lock_file(tmp_path / "runs" / "other")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    hold = (
+        "import fcntl, os, sys; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "f.write(f'forgetscope process {os.getpid()}'); f.flush(); print('held', flush=True); sys.stdin.read()"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(lock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(BusyError, match=f"in use by forgetscope process {holder.pid};"):
+            ForgettingCallback(_trainer(tmp_path), evals=EVALS, name="other", runs_dir=runs)
+    finally:
+        holder.stdin.close()
+        holder.wait()
+
+
+def test_sigterm_marks_the_run_failed_unless_the_script_handles_sigterm_itself(tmp_path):
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(ROOT / "tests")!r})
+from pathlib import Path
+from transformers import TrainerCallback
+from test_callback import EVALS, AT_2_4, _trainer
+from forgetscope import ForgettingCallback
+
+class Stop(TrainerCallback):  # docker stop, a SLURM time limit
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+trainer = _trainer(Path({str(tmp_path)!r}), callbacks=[Stop()])
+trainer.add_callback(ForgettingCallback(trainer, evals=EVALS, snapshots=AT_2_4, runs_dir={str(tmp_path / "runs")!r}))
+trainer.train()
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == -signal.SIGTERM, proc.stderr[-3000:]  # killed by it, as without the callback
+    root = tmp_path / "runs" / "forgetting"
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["error"] == "stopped by SIGTERM"
+    assert _evals(root) == ["step-000000", "step-000002"]
+
+    # in this process: the callback's handler only while it trains, and a script's own handler is left alone
+    seen = []
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    def handler(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        for name, before in (("default", signal.SIG_DFL), ("own", handler)):
+            signal.signal(signal.SIGTERM, before)
+            trainer = _trainer(tmp_path, steps=1, callbacks=[Probe()])
+            trainer.add_callback(ForgettingCallback(trainer, evals=EVALS, name=name, runs_dir=str(tmp_path / "runs")))
+            trainer.train()
+            assert signal.getsignal(signal.SIGTERM) is before
+        assert seen[0] not in (signal.SIG_DFL, handler) and seen[1] is handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_tokens_a_plain_trainer_does_not_count_are_recorded_as_unknown_not_0(tmp_path):
+    trainer = _trainer(tmp_path)  # include_num_input_tokens_seen is off by default
+    trainer.add_callback(ForgettingCallback(trainer, evals=EVALS, snapshots=AT_2_4, runs_dir=str(tmp_path / "runs")))
+    trainer.train()
+    root = tmp_path / "runs" / "forgetting"
+    recorded = {
+        s: json.loads((root / "evals" / f"step-00000{s}" / "results.json").read_text())["tokens"] for s in (0, 2, 4)
+    }
+    assert recorded == {0: 0, 2: None, 4: None}
+    tokens = pd.read_csv(root / "curves.csv").groupby("step", dropna=False)["tokens"].agg(lambda t: list(t.unique()))
+    assert tokens[0] == [0] and all(pd.isna(t) for t in tokens[2] + tokens[4])
