@@ -13,9 +13,13 @@ through a :class:`forgetscope.session.RunSession`, with the same layout as ``for
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +29,7 @@ import yaml
 from forgetscope import data, evaluate, io, models, registry, validate
 from forgetscope.errors import UserError
 from forgetscope.recipe import EvalConfig, TaskConfig
-from forgetscope.session import RunSession
+from forgetscope.session import RunSession, resource_advice
 
 
 class AuditError(UserError):
@@ -50,16 +54,44 @@ def _is_checkpoint(path: Path) -> bool:
 
 
 def _trainer_state(path: Path) -> dict:
+    """The ``trainer_state.json`` a Trainer saved in ``path`` ({} when there is none)."""
     state = path / "trainer_state.json"
-    return json.loads(state.read_text()) if state.is_file() else {}
+    if not state.is_file():
+        return {}
+    try:
+        parsed = json.loads(state.read_bytes())
+        if not isinstance(parsed, dict):
+            raise ValueError("not a JSON object")
+        if "global_step" in parsed and not isinstance(parsed["global_step"], int):
+            raise ValueError(f"global_step {parsed['global_step']!r} is not a whole number")
+    except ValueError as err:
+        raise AuditError(
+            f"--checkpoints: {state} is not a trainer state ({_first_line(err)}); restore it, or remove it to "
+            "take the step from the folder's name"
+        ) from None
+    return parsed
+
+
+STEP_NAME = re.compile(r"(?:.*[-_])?(?:global_step|step|iteration|iter)?(\d+)", re.IGNORECASE)
+"""A folder name that carries a step: a number standing alone at its end after ``-`` or ``_``
+(``checkpoint-500``, ``step_000050``, ``iter_0001000``, ``run-3``), one right after ``step``,
+``global_step`` or ``iter`` (``step50``, ``global_step50``), or a name of only digits. Digits glued
+to other letters are no step: ``final_bf16``, ``model-fp16``, ``lora_r16``, ``model-v2``."""
 
 
 def _step_of(path: Path) -> int | None:
+    """A checkpoint's step: from its ``trainer_state.json``, else from its name (:data:`STEP_NAME`)."""
     state = _trainer_state(path)
     if "global_step" in state:
         return int(state["global_step"])
-    match = re.search(r"(\d+)$", path.name)
+    match = STEP_NAME.fullmatch(path.name)
     return int(match[1]) if match else None
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _final_step(folder: Path, inside: list[Path]) -> tuple[int | None, str]:
@@ -102,7 +134,7 @@ def _numbered_by_order(found: list[tuple[Path, str, int | None]]) -> str | None:
     steps = [step for _, _, step in found]
     missing = next((source for _, source, step in found if step is None), None)
     if missing is not None:
-        return f"{missing} has no step number (no trainer_state.json, no trailing number in its name)"
+        return f"{missing} has no step number (no trainer_state.json, no step in its name such as checkpoint-500)"
     twice = next((step for i, step in enumerate(steps) if step in steps[:i]), None)
     if twice is not None:
         return f"{' and '.join(source for _, source, step in found if step == twice)} are both step {twice}"
@@ -110,14 +142,49 @@ def _numbered_by_order(found: list[tuple[Path, str, int | None]]) -> str | None:
     return f"{zero} is step 0, the base's step" if zero is not None else None
 
 
+def _final_models(
+    folder: Path, ref: str, inside: list[Path], unnumbered: list[Path]
+) -> list[tuple[Path, str, int | None]]:
+    """The final models of a trainer's output folder beside its numbered checkpoints ``inside``:
+    the model saved into the folder itself, then each checkpoint subfolder without a step in its
+    name (``unnumbered``: axolotl's ``merged/``, a ``final/`` or ``*-bf16/`` copy), all at the step
+    where training ended (:func:`_final_step`). One whose step is already scored (a checkpoint's,
+    or an earlier final model's) or unknown is left out, in one line."""
+    final, why = _final_step(folder, inside)
+    best = _best_checkpoint(folder, inside)
+    note = f"; best_model_checkpoint {best}: with load_best_model_at_end it holds those weights" if best else ""
+    scored = {step: p.name for p in inside if (step := _step_of(p)) is not None}
+    found: list[tuple[Path, str, int | None]] = []
+    for model in ([folder] if _is_checkpoint(folder) else []) + unnumbered:
+        source = ref if model == folder else str(model)
+        what = f"{ref}: its final model" if model == folder else f"{source}: a final model (no step in its name)"
+        if final is None:
+            print(f"forgetscope: {what} is left out: {why}; give it alone to score it", file=sys.stderr)
+        elif final in scored:
+            same = "" if best and Path(best).name == scored[final] else note  # those weights are the ones scored
+            print(
+                f"forgetscope: {what} is left out: training ended at step {final}, scored from {scored[final]}{same}",
+                file=sys.stderr,
+            )
+        else:
+            found.append((model, source, final))
+            scored[final] = source
+            if note:
+                print(f"forgetscope: {what} is step {final}{note}", file=sys.stderr)
+    return found
+
+
 def find_checkpoints(refs: list[str], allow_pickle: bool = False) -> list[Checkpoint]:
     """Every checkpoint that ``refs`` name, sorted by step.
 
-    The step comes from ``trainer_state.json``, else from the trailing number of the folder name
-    (``checkpoint-500``, ``step-000050``); when one has none (a Hugging Face id, a folder named
-    ``final``), two share one or one is 0, all are numbered 1, 2, ... in the order given, with a
-    warning naming it. Checkpoints of several trainer output folders make one curve by step, with
-    a warning naming the folders.
+    The step comes from ``trainer_state.json``, else from the folder name (:data:`STEP_NAME`:
+    ``checkpoint-500``, ``step-000050``, not ``final_bf16``). In a trainer's output folder, the
+    final model saved into the folder and the subfolders without a step (axolotl's ``merged/``)
+    are the end of training (:func:`_final_models`). When a checkpoint given has no step (a Hugging
+    Face id, a folder named ``final``), two share one or one is 0, all are numbered 1, 2, ... in
+    the order given, those without a step last, with a warning naming it.
+    Checkpoints of several trainer output folders make one curve by step, with a warning naming
+    the folders.
     """
     found: list[tuple[Path, str, int | None]] = []
     runs: list[str] = []  # the folders whose checkpoints are merged: each output folder, each checkpoint's parent
@@ -134,9 +201,11 @@ def find_checkpoints(refs: list[str], allow_pickle: bool = False) -> list[Checkp
             except models.ModelError as err:
                 raise AuditError(f"--checkpoints: {err}") from None
             continue
-        inside = sorted(
-            (p for p in folder.iterdir() if p.is_dir() and _is_checkpoint(p)), key=lambda p: (_step_of(p) or 0, p.name)
-        )
+        subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and _is_checkpoint(p))
+        inside = sorted((p for p in subfolders if _step_of(p) is not None), key=lambda p: (_step_of(p), p.name))
+        unnumbered = [p for p in subfolders if p not in inside]
+        if not inside:  # a folder of models none of which has a step: numbered by name below
+            inside, unnumbered = unnumbered, []
         if not inside and not _is_checkpoint(folder):
             raise AuditError(
                 f"--checkpoints: {ref!r} holds no checkpoint (a folder with config.json or "
@@ -149,38 +218,22 @@ def find_checkpoints(refs: list[str], allow_pickle: bool = False) -> list[Checkp
             runs.append(str(folder.parent))
         if _is_checkpoint(folder) and not inside:
             found.append((folder, ref, _step_of(folder)))
-        elif _is_checkpoint(folder):  # the final model, saved beside the checkpoints
-            final, why = _final_step(folder, inside)
-            scored = next((p for p in inside if _step_of(p) == final), None)
-            best = _best_checkpoint(folder, inside)
-            note = f"; best_model_checkpoint {best}: with load_best_model_at_end it holds those weights" if best else ""
-            if final is None:
-                print(
-                    f"forgetscope: {ref}: its final model is left out: {why}; give it alone to score it",
-                    file=sys.stderr,
-                )
-            elif scored is not None:
-                note = "" if best and Path(best).name == scored.name else note  # those weights are the ones scored
-                print(
-                    f"forgetscope: {ref}: its final model is left out: training ended at step {final}, "
-                    f"scored from {scored.name}{note}",
-                    file=sys.stderr,
-                )
-            else:
-                found.append((folder, ref, final))
-                if note:
-                    print(f"forgetscope: {ref}: its final model is step {final}{note}", file=sys.stderr)
+        elif _is_checkpoint(folder) or unnumbered:  # the final models, saved beside the checkpoints
+            found.extend(_final_models(folder, ref, inside, unnumbered))
     folders = [folder.resolve() for folder, _, _ in found]
     twice = next((source for i, (_, source, _) in enumerate(found) if folders[i] in folders[:i]), None)
     if twice is not None:
         raise AuditError(f"--checkpoints: {twice} is given twice (itself, or inside a folder given too); give it once")
     why = _numbered_by_order(found)
     if why is not None:
+        unnumbered_last = sorted(found, key=lambda entry: entry[2] is None)  # stable: else the order given
+        order = "in the order given" if unnumbered_last == found else "in the order given, those without one last"
+        found = unnumbered_last
         steps = list(range(1, len(found) + 1))
         if len(found) > 1:  # one checkpoint is step 1 whatever its name
             print(
                 f"forgetscope: warning: {why}, so all {len(found)} checkpoints are numbered "
-                f"{', '.join(map(str, steps[:3]))}{', ...' if len(steps) > 3 else ''} in the order given",
+                f"{', '.join(map(str, steps[:3]))}{', ...' if len(steps) > 3 else ''} {order}",
                 file=sys.stderr,
             )
     else:
@@ -213,52 +266,110 @@ def audit(
     if problems:
         raise AuditError("\n".join(problems))
     found = find_checkpoints(checkpoints, allow_pickle)
-    problems = _check_weights(found, allow_pickle)
+    problems = _check_weights(found, allow_pickle) + _check_files(found)
     if problems:
         raise AuditError("\n".join(problems))
-    settings = {
-        "base": base,
-        "checkpoints": [str(c.folder.resolve()) if Path(c.source).is_dir() else c.source for c in found],
-        "evals": asdict(evals),
-        "chat_template": chat_template,
-    }
+    keys = [str(c.folder.resolve()) if Path(c.source).is_dir() else c.source for c in found]
+    settings = {"base": base, "checkpoints": keys, "evals": asdict(evals), "chat_template": chat_template}
+    contents = {key: _contents(c.folder) for key, c in zip(keys, found)}
     session = RunSession(
         Path(runs_dir) / name, {"audit": settings}, "a different run; choose another --name or remove that folder"
     )
     with session.locked():
+        _check_unchanged(session, found, contents)
         if session.finished():
             return session.root
         base_path = models.resolve(base)
         model, tokenizer = models.load(base_path, trust_remote_code, allow_pickle)
+        if chat_template == "on" and not getattr(tokenizer, "chat_template", None):
+            raise AuditError("--chat-template on: the base's tokenizer has no chat template; use auto or off")
         chat = data.uses_chat_template(TaskConfig(chat_template=chat_template), tokenizer)
-        problems = _check_vocabularies(found, tokenizer, trust_remote_code) + _check_adapter_shapes(found, model)
-        problems += _check_architectures(found, model, trust_remote_code)
+        problems = _check_vocabularies(found, model, tokenizer, trust_remote_code)
+        problems += _check_adapter_shapes(found, model) + _check_architectures(found, model, trust_remote_code)
         if problems:
             raise AuditError("\n".join(problems))
         _warn_other_bases(found, base, base_path)
         suite = evaluate.prepare_suite(evals, Path.cwd(), chat, model, tokenizer)
         kinds = {"lora" if c.adapter else "full" for c in found}
         method = kinds.pop() if len(kinds) == 1 else "mixed"
-        session.start(
-            suite,
-            tokenizer,
-            {"audit.yaml": yaml.safe_dump(settings, sort_keys=False)},
-            kind="audit",
-            base=base,
-            base_path=base_path,
-            method=method,
-            snapshot_steps=[0, *(c.step for c in found)],
-            chat_template=chat,
-            trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle,
-        )
-        with session.failing():
+        with _said_with_flags(session.root):
+            session.start(
+                suite,
+                tokenizer,
+                {"audit.yaml": yaml.safe_dump(settings, sort_keys=False)},
+                kind="audit",
+                base=base,
+                base_path=base_path,
+                method=method,
+                snapshot_steps=[0, *(c.step for c in found)],
+                chat_template=chat,
+                trust_remote_code=trust_remote_code,
+                allow_pickle=allow_pickle,
+                checkpoint_files=contents,
+            )
+        with session.failing(), _said_with_flags(session.root):
             session.score(model, 0, meta={"source": base}, label=f" ({base})")
             held = _Base(model, base_path, trust_remote_code, allow_pickle)
             del model  # the adapters take it over, and drop it when one changes it
             _score_checkpoints(session, held, tokenizer, found, trust_remote_code, allow_pickle)
             session.finish(name, "audit", method, title=f"{name}: audit of {len(found)} checkpoints against {base}")
     return session.root
+
+
+@contextlib.contextmanager
+def _said_with_flags(root: Path) -> Iterator[None]:
+    """Running out of disk or memory in the block becomes an :class:`AuditError` that says what to
+    change with the audit's own flags (:func:`forgetscope.session.resource_advice` names a recipe's
+    keys, which an audit does not have); inside :meth:`RunSession.failing`, the run is marked failed."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
+        if resource_advice(err) is None:
+            raise
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            advice = (
+                "the disk is full; free space, or point --runs-dir (and FORGETSCOPE_CACHE, which holds the "
+                "result cache) at a larger disk"
+            )
+        else:
+            advice = "out of memory; free the GPU of other processes, or audit on a larger GPU"
+        raise AuditError(
+            f"{root}: {advice}; finished snapshots and results are kept, run the same command to resume"
+        ) from err
+
+
+CONTENT_SUFFIXES = (".safetensors", ".json", ".bin", ".model", ".txt", ".tiktoken", ".jinja")
+"""The files of a checkpoint that scoring it reads or that record its step: weights, configs,
+tokenizer files, ``trainer_state.json`` (not ``training_args.bin``, nor the optimizer's state)."""
+
+
+def _contents(folder: Path) -> str:
+    """A cheap fingerprint of what a checkpoint folder holds: the name, size and ``mtime_ns`` of
+    each of its :data:`CONTENT_SUFFIXES` files, not their bytes (hashing gigabytes of weights
+    takes minutes). Saving into the folder again (retraining) changes it; reading does not."""
+    entries = []
+    for file in sorted(folder.iterdir()):
+        if file.is_file() and file.name.endswith(CONTENT_SUFFIXES) and file.name != "training_args.bin":
+            stat = file.stat()
+            entries.append(f"{file.name} {stat.st_size} {stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
+
+
+def _check_unchanged(session: RunSession, found: list[Checkpoint], contents: dict[str, str]) -> None:
+    """Refuse an audit whose checkpoints were rewritten (retrained into the same folders) since it
+    scored them (:func:`_contents`): finished, it would show the old ones' results; resumed, one
+    curve would mix old and new steps. Nothing is written."""
+    before = session.layout.read_manifest().get("checkpoint_files")
+    if not isinstance(before, dict):  # a new audit, or one from a version that did not record them
+        return
+    changed = [c.source for c, (key, files) in zip(found, contents.items()) if before.get(key) != files]
+    if changed:
+        which = changed[0] if len(changed) == 1 else f"{changed[0]} and {len(changed) - 1} more"
+        raise AuditError(
+            f"--checkpoints: the checkpoints changed since the audit in {session.root} scored them ({which}: "
+            f"weights, config or tokenizer files saved again); pass another --name to audit them afresh, or remove "
+            f"{session.root}"
+        )
 
 
 @dataclass
@@ -347,6 +458,66 @@ def _check_weights(found: list[Checkpoint], allow_pickle: bool) -> list[str]:
     return problems
 
 
+JSON_FILES = (
+    "config.json",
+    "adapter_config.json",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+"""The JSON files of a checkpoint that loading it reads (``generation_config.json`` is skipped when
+it does not load, so it is not checked)."""
+
+
+def _check_files(found: list[Checkpoint]) -> list[str]:
+    """Before anything is loaded or written, and cheaply (one line per checkpoint, naming the
+    file): its JSON files parse as objects, every shard its index names is there, and its
+    safetensors files are whole (their headers read and cover the files: a copy cut short fails
+    here). Loading them stays wrapped too (:func:`forgetscope.models.unloadable`)."""
+    problems = []
+    for checkpoint in found:
+        problem = _files_problem(checkpoint.folder, Path(checkpoint.source))
+        if problem is not None:
+            problems.append(f"--checkpoints: {problem}")
+    return problems
+
+
+def _files_problem(folder: Path, where: Path) -> str | None:
+    """The first damaged file of :func:`_check_files` in ``folder`` (given as ``where``), as
+    "<file> <what is wrong>; <the fix>", or None."""
+    from safetensors import SafetensorError, safe_open
+
+    again = "save the checkpoint again, or copy it again from where it was saved"
+    parsed = {}
+    for name in (n for n in JSON_FILES if (folder / n).is_file()):
+        try:
+            parsed[name] = json.loads((folder / name).read_bytes())
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+            return f"{where / name} is not valid JSON ({_first_line(err)}); {again}"
+        if not isinstance(parsed[name], dict):
+            return f"{where / name} is not a JSON object; {again}"
+    weights = [n for n in ("model.safetensors", "adapter_model.safetensors") if (folder / n).is_file()]
+    index = "model.safetensors.index.json"
+    if index in parsed:
+        shards = parsed[index].get("weight_map")
+        if not isinstance(shards, dict) or not all(isinstance(shard, str) for shard in shards.values()):
+            return f"{where / index} has no weight_map of tensor names to shard files; {again}"
+        missing = sorted(shard for shard in set(shards.values()) if not (folder / shard).is_file())
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            return f"{where / index} names {missing[0]}{more}, which is not in the folder; copy every shard of it"
+        weights += sorted(set(shards.values()))
+    for name in weights:
+        try:
+            with safe_open(str(folder / name), "pt") as opened:
+                opened.keys()  # the header is read and checked against the file's size when it opens
+        except (SafetensorError, OSError) as err:
+            return f"{where / name} is damaged or cut short ({_first_line(err)}); {again}"
+    return None
+
+
 def _warn_other_bases(found: list[Checkpoint], base: str, base_path: str) -> None:
     """Warn, one line per other base, about adapters whose adapter_config.json names a base other
     than ``--base`` (by its name as given, its folder, or its last path part: the same model often
@@ -370,25 +541,47 @@ def _warn_other_bases(found: list[Checkpoint], base: str, base_path: str) -> Non
         )
 
 
-def _check_vocabularies(found: list[Checkpoint], tokenizer, trust_remote_code: bool) -> list[str]:
-    """Problems found before anything is written: every full checkpoint without tokenizer files
-    must have an embedding for every token of the base's tokenizer, which it is scored with."""
+def _text_config(checkpoint: Checkpoint, trust_remote_code: bool):
+    """A full checkpoint's (text) config, read from its config.json; one line when it does not load."""
     from transformers import AutoConfig
 
+    with models.unloadable(checkpoint.source):
+        return AutoConfig.from_pretrained(str(checkpoint.folder), trust_remote_code=trust_remote_code).get_text_config()
+
+
+def _check_vocabularies(found: list[Checkpoint], model, tokenizer, trust_remote_code: bool) -> list[str]:
+    """Problems found before anything is written: every token of the tokenizer a checkpoint is
+    scored with (its own, which must load, else its base's) has an embedding in it: a full
+    checkpoint's ``vocab_size``, the embeddings an adapter saved, else the base's. Checked again
+    as each one loads."""
+    base_rows = model.get_input_embeddings().weight.shape[0]
     problems = []
     for checkpoint in found:
-        if checkpoint.adapter or models.has_tokenizer(checkpoint.folder):
+        if checkpoint.adapter:
+            rows = _saved_embedding_rows(model, checkpoint.folder) or base_rows
+        else:
+            rows = getattr(_text_config(checkpoint, trust_remote_code), "vocab_size", None)
+        if not models.has_tokenizer(checkpoint.folder):
+            if rows and rows < len(tokenizer):
+                problems.append(
+                    f"--checkpoints: {checkpoint.source}: has no tokenizer files, and its vocabulary ({rows} "
+                    f"tokens) is smaller than its base's tokenizer ({len(tokenizer)}); save the tokenizer it was "
+                    "trained with into the folder (tokenizer.save_pretrained, or pass processing_class to the "
+                    "Trainer) or give the --base it was trained from"
+                )
             continue
-        config = AutoConfig.from_pretrained(
-            str(checkpoint.folder), trust_remote_code=trust_remote_code
-        ).get_text_config()
-        if getattr(config, "vocab_size", None) and config.vocab_size < len(tokenizer):
+        try:
+            own = models.load_tokenizer(str(checkpoint.folder), trust_remote_code)
+        except Exception as err:  # the tokenizers library raises a bare Exception for a damaged file
             problems.append(
-                f"--checkpoints: {checkpoint.source}: has no tokenizer files, and its vocabulary ({config.vocab_size} "
-                f"tokens) is smaller than its base's tokenizer ({len(tokenizer)}); save the tokenizer it was trained "
-                "with into the folder (tokenizer.save_pretrained, or pass processing_class to the Trainer) or give "
-                "the --base it was trained from"
+                f"--checkpoints: {checkpoint.source}: its tokenizer files do not load ({type(err).__name__}: "
+                f"{_first_line(err)}); save the tokenizer it was trained with into the folder again "
+                "(tokenizer.save_pretrained)"
             )
+            continue
+        problem = models.vocabulary_problem(len(own), rows, checkpoint.source, "its own") if rows else None
+        if problem is not None:
+            problems.append(f"--checkpoints: {problem}")
     return problems
 
 
@@ -400,13 +593,10 @@ def _check_architectures(found: list[Checkpoint], model, trust_remote_code: bool
     """Problems found before anything is written: every full checkpoint has the base's architecture
     (:data:`SHAPE_FIELDS`; the vocabulary may have grown), else the audit would report the
     difference between two unrelated models as forgetting."""
-    from transformers import AutoConfig
-
     base = model.config.get_text_config()
     problems = []
     for checkpoint in (c for c in found if not c.adapter):
-        config = AutoConfig.from_pretrained(str(checkpoint.folder), trust_remote_code=trust_remote_code)
-        config = config.get_text_config()
+        config = _text_config(checkpoint, trust_remote_code)
         differ = [f for f in SHAPE_FIELDS if getattr(config, f, None) != getattr(base, f, None)]
         if differ:
             theirs = ", ".join(f"{f} {getattr(config, f, None)}" for f in differ)
@@ -452,15 +642,15 @@ def _check_adapter_shapes(found: list[Checkpoint], model) -> list[str]:
 def _adapter_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     """The shapes of the tensors an adapter saved, read from the safetensors header (nothing is
     loaded: peft loads the weights once, when the adapter is applied); pickled adapters are loaded."""
-    file = folder / "adapter_model.safetensors"
-    if not file.is_file():
-        from peft.utils import load_peft_weights
-
-        return {k: tuple(t.shape) for k, t in load_peft_weights(str(folder)).items()}
+    from peft.utils import load_peft_weights
     from safetensors import safe_open
 
-    with safe_open(str(file), "pt") as weights:
-        return {k: tuple(weights.get_slice(k).get_shape()) for k in weights.keys()}  # noqa: SIM118 (not iterable)
+    file = folder / "adapter_model.safetensors"
+    with models.unloadable(str(folder)):
+        if not file.is_file():
+            return {k: tuple(t.shape) for k, t in load_peft_weights(str(folder)).items()}
+        with safe_open(str(file), "pt") as weights:
+            return {k: tuple(weights.get_slice(k).get_shape()) for k in weights.keys()}  # noqa: SIM118 (not iterable)
 
 
 def _lora_only(folder: Path) -> bool:
@@ -470,9 +660,9 @@ def _lora_only(folder: Path) -> bool:
     return all("lora_" in key for key in _adapter_shapes(folder))
 
 
-def _fit_vocabulary(model, folder: Path) -> None:
-    """Resize a fresh base's embeddings to those an adapter saved (peft saves them when training
-    resized the vocabulary), before the adapter is loaded."""
+def _saved_embedding_rows(model, folder: Path) -> int | None:
+    """The rows of the input embeddings an adapter saved for ``model`` (peft saves them when
+    training resized the vocabulary), or None when it saved none."""
     embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
     rows = {
         shape[0]
@@ -484,8 +674,14 @@ def _fit_vocabulary(model, folder: Path) -> None:
             f"--checkpoints: {folder} has embeddings of {sorted(rows)} tokens in one adapter; give the adapter as "
             "peft saved it"
         )
-    if rows and rows != {model.get_input_embeddings().weight.shape[0]}:
-        model.resize_token_embeddings(rows.pop())
+    return rows.pop() if rows else None
+
+
+def _fit_vocabulary(model, folder: Path) -> None:
+    """Resize a fresh base's embeddings to those an adapter saved, before the adapter is loaded."""
+    rows = _saved_embedding_rows(model, folder)
+    if rows is not None and rows != model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(rows)
 
 
 def _same_shape(config, folder: Path) -> bool:

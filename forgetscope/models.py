@@ -351,16 +351,25 @@ def load(path: str, trust_remote_code: bool = False, allow_pickle: bool = False,
     return model, tokenizer
 
 
+def vocabulary_problem(tokens: int, rows: int, where: str, whose: str) -> str | None:
+    """What is wrong with a tokenizer of ``tokens`` tokens for a model with ``rows`` embeddings
+    (``whose``: which tokenizer it is, for the message): token ids past the embeddings. None when
+    it fits; fewer tokens than rows is fine (embeddings padded or resized)."""
+    if tokens <= rows:
+        return None
+    return (
+        f"{where}: the tokenizer ({whose}) has {tokens} tokens but the model only {rows} embeddings; "
+        "save the tokenizer the model was trained with into its folder (tokenizer.save_pretrained, or hand it "
+        "to the Trainer as processing_class) or give the base it was trained from"
+    )
+
+
 def check_vocabulary(model, tokenizer, where: str, whose: str) -> None:
-    """Refuse a tokenizer with token ids past the model's embeddings (``whose``: which tokenizer
-    it is, for the message); fewer tokens than rows is fine (embeddings padded or resized)."""
-    rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > rows:
-        raise ModelError(
-            f"{where}: the tokenizer ({whose}) has {len(tokenizer)} tokens but the model only {rows} embeddings; "
-            "save the tokenizer the model was trained with into its folder (tokenizer.save_pretrained, or hand it "
-            "to the Trainer as processing_class) or give the base it was trained from"
-        )
+    """Refuse (:class:`ModelError`) a tokenizer with token ids past the model's embeddings
+    (:func:`vocabulary_problem`)."""
+    problem = vocabulary_problem(len(tokenizer), model.get_input_embeddings().weight.shape[0], where, whose)
+    if problem is not None:
+        raise ModelError(problem)
 
 
 def is_hub_id(ref: str) -> bool:

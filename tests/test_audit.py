@@ -237,12 +237,13 @@ def test_audit_takes_the_lock_and_marks_a_failure(tmp_path, capsys, monkeypatch)
         assert _audit(tmp_path, [str(tmp_path / "ckpt")]) == 2
     assert "is in use by" in capsys.readouterr().err and not root.exists()
 
-    original = evaluate.evaluate_model
+    original, calls = evaluate.evaluate_model, []
 
-    def broken(model, tokenizer, suite, base_only=False):
-        if not base_only:
+    def broken(*args, **kwargs):  # the base (step 0) scores, the checkpoint does not
+        calls.append(1)
+        if len(calls) > 1:
             raise RuntimeError("scoring broke")
-        return original(model, tokenizer, suite, base_only)
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(evaluate, "evaluate_model", broken)
     with pytest.raises(RuntimeError, match="scoring broke"):
@@ -469,3 +470,197 @@ def test_an_adapter_trained_on_another_named_base_is_scored_with_a_warning(tmp_p
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("forgetscope: warning:")]
     assert len(warnings) == 1 and "was trained on 'org/another-model'" in warnings[0]
     assert "not --base 'tiny-random'" in warnings[0]
+
+
+def _errors(capsys) -> list[str]:
+    """The ``forgetscope:`` lines an audit printed to stderr (not the progress bars)."""
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("forgetscope:")]
+
+
+def test_an_audit_of_checkpoints_saved_again_is_refused_not_called_finished(tmp_path, capsys):
+    """Retraining into the same folders: the finished audit is not "already finished" with the old
+    results, in one line, and its files stay as they were."""
+    model, _ = models.load(models.resolve("tiny-random"))
+    model.save_pretrained(tmp_path / "ckpt")
+    assert _audit(tmp_path, [str(tmp_path / "ckpt")]) == 0
+    assert _audit(tmp_path, [str(tmp_path / "ckpt")]) == 0  # unchanged: the same results
+    assert "already finished" in capsys.readouterr().out
+    curves = (tmp_path / "runs" / "a" / "curves.csv").read_text()
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.3)
+    model.save_pretrained(tmp_path / "ckpt")  # retrained
+    assert _audit(tmp_path, [str(tmp_path / "ckpt")]) == 2
+    [line] = _errors(capsys)
+    assert line.startswith("forgetscope: error: --checkpoints: the checkpoints changed since the audit in ")
+    assert f"({tmp_path / 'ckpt'}: weights" in line and "pass another --name" in line
+    assert (tmp_path / "runs" / "a" / "curves.csv").read_text() == curves
+    assert _audit(tmp_path, [str(tmp_path / "ckpt")], name="b") == 0  # another --name audits them afresh
+    assert _bits(tmp_path, "b")[1] != _bits(tmp_path)[1]
+
+
+def test_a_killed_audit_resumed_after_retraining_is_refused(tmp_path, capsys, monkeypatch):
+    """A failed audit resumes only over the checkpoints it began with: one curve never mixes steps
+    of two trainings; unchanged, it resumes."""
+    model, _ = models.load(models.resolve("tiny-random"))
+    for step in (2, 4):
+        model.save_pretrained(tmp_path / "out" / f"checkpoint-{step}")
+    original, calls = evaluate.evaluate_model, []
+
+    def broken(*args, **kwargs):  # the base and checkpoint-2 are scored, then the audit dies
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "evaluate_model", broken)
+    with pytest.raises(RuntimeError, match="killed"):
+        _audit(tmp_path, [str(tmp_path / "out")])
+    monkeypatch.setattr(evaluate, "evaluate_model", original)
+    root = tmp_path / "runs" / "a"
+    stamp = (root / "manifest.json").read_text()
+    times = {f: f.stat() for f in (tmp_path / "out" / "checkpoint-4").iterdir()}
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.3)
+    model.save_pretrained(tmp_path / "out" / "checkpoint-4")  # retrained while the audit was down
+    assert _audit(tmp_path, [str(tmp_path / "out")]) == 2
+    [line] = _errors(capsys)
+    assert "the checkpoints changed since the audit in" in line and "checkpoint-4: weights" in line
+    assert (root / "manifest.json").read_text() == stamp and sorted(os.listdir(root / "evals")) == [
+        "step-000000",
+        "step-000002",
+    ]
+    with torch.no_grad():
+        model.model.norm.weight.div_(1.3)
+    model.save_pretrained(tmp_path / "out" / "checkpoint-4")  # the same bytes and times as before: unchanged
+    for file, stat in times.items():
+        os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert _audit(tmp_path, [str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    assert list(_bits(tmp_path).index) == [0, 2, 4]
+
+
+@pytest.mark.parametrize(
+    "name, step",
+    [
+        ("checkpoint-500", 500),
+        ("step-000050", 50),
+        ("step_7", 7),
+        ("step9", 9),
+        ("global_step12", 12),
+        ("iter_0001000", 1000),
+        ("300", 300),
+        ("plain-3", 3),
+        ("final_bf16", None),
+        ("model-fp16", None),
+        ("lora_r16", None),
+        ("model-v2", None),
+        ("merged", None),
+    ],
+)
+def test_a_step_is_read_only_from_a_name_that_carries_one(tmp_path, name, step):
+    assert audit._step_of(tmp_path / name) == step
+
+
+def test_unnumbered_checkpoints_come_after_the_numbered_ones(tmp_path, capsys):
+    """``final_bf16`` is no step 16, nor step 1 before the others: numbered after checkpoint-2 and -4."""
+    for name in ("checkpoint-2", "final_bf16", "checkpoint-4"):
+        _fake_checkpoint(tmp_path / name)
+    found = audit.find_checkpoints([str(tmp_path / n) for n in ("checkpoint-2", "final_bf16", "checkpoint-4")])
+    assert [(c.step, c.folder.name) for c in found] == [(1, "checkpoint-2"), (2, "checkpoint-4"), (3, "final_bf16")]
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("forgetscope: warning:")]
+    assert f"{tmp_path / 'final_bf16'} has no step number" in line
+    assert "numbered 1, 2, 3 in the order given, those without one last" in line
+
+
+def test_an_axolotl_merged_folder_is_the_end_of_training(tmp_path, capsys):
+    """axolotl's ``merged/`` beside checkpoint-N is the final model: at the step where training
+    ended, not step 1 renumbering the others; left out when a checkpoint is that step."""
+    for step in (2, 4):
+        _fake_checkpoint(tmp_path / "out" / f"checkpoint-{step}", global_step=step, max_steps=6)
+    _fake_checkpoint(tmp_path / "out" / "merged")
+    found = audit.find_checkpoints([str(tmp_path / "out")])
+    assert [(c.step, c.folder.name) for c in found] == [(2, "checkpoint-2"), (4, "checkpoint-4"), (6, "merged")]
+    assert "warning" not in capsys.readouterr().err
+
+    _fake_checkpoint(tmp_path / "out" / "checkpoint-6", global_step=6, max_steps=6)
+    (tmp_path / "out" / "config.json").write_text("{}")  # the final model saved into the folder too
+    found = audit.find_checkpoints([str(tmp_path / "out")])
+    assert [c.step for c in found] == [2, 4, 6] and found[-1].folder.name == "checkpoint-6"
+    lines = [line for line in capsys.readouterr().err.splitlines() if "left out" in line]
+    assert len(lines) == 2 and f"{tmp_path / 'out' / 'merged'}: a final model (no step in its name)" in lines[1]
+    assert all("training ended at step 6, scored from checkpoint-6" in line for line in lines)
+
+
+def _damaged(folder, how: str) -> None:
+    """A checkpoint of tiny-random in ``folder``, damaged as ``how`` says."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = models.load(models.resolve("tiny-random"))
+    if how.startswith("adapter"):
+        get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(folder)
+    else:
+        model.save_pretrained(folder, **({"max_shard_size": "20KB"} if how == "missing shard" else {}))
+    if how in ("tokenizer.json not JSON", "tokenizer.json not a tokenizer", "more tokens than embeddings"):
+        tokenizer.add_tokens(["<a>", "<b>"] if how == "more tokens than embeddings" else [])
+        tokenizer.save_pretrained(folder)
+    damage = {
+        "config.json not JSON": lambda: (folder / "config.json").write_text('{"model_type": "llama", '),
+        "adapter cut short": lambda: os.truncate(folder / "adapter_model.safetensors", 1000),
+        "adapter_config.json not JSON": lambda: (folder / "adapter_config.json").write_text("{"),
+        "weights cut short": lambda: os.truncate(folder / "model.safetensors", 20000),
+        "missing shard": lambda: (folder / "model-00002-of-00006.safetensors").unlink(),
+        "tokenizer.json not JSON": lambda: (folder / "tokenizer.json").write_text('{"version": "1.0", "model": '),
+        "tokenizer.json not a tokenizer": lambda: (folder / "tokenizer.json").write_text("{}"),
+        "more tokens than embeddings": lambda: None,
+        "trainer_state.json not JSON": lambda: (folder / "trainer_state.json").write_text("{"),
+    }
+    damage[how]()
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("config.json not JSON", "ckpt/config.json is not valid JSON (Expecting property name"),
+        ("adapter cut short", "ckpt/adapter_model.safetensors is damaged or cut short (Error while deserializing"),
+        ("adapter_config.json not JSON", "ckpt/adapter_config.json is not valid JSON"),
+        ("weights cut short", "ckpt/model.safetensors is damaged or cut short"),
+        ("missing shard", "ckpt/model.safetensors.index.json names model-00002-of-00006.safetensors, which is not"),
+        ("tokenizer.json not JSON", "ckpt/tokenizer.json is not valid JSON"),
+        ("tokenizer.json not a tokenizer", "ckpt: its tokenizer files do not load (KeyError"),
+        ("more tokens than embeddings", "ckpt: the tokenizer (its own) has 261 tokens but the model only 259 embed"),
+        ("trainer_state.json not JSON", "ckpt/trainer_state.json is not a trainer state"),
+    ],
+)
+def test_a_damaged_checkpoint_is_one_line_before_anything_is_written(tmp_path, capsys, how, message):
+    _damaged(tmp_path / "ckpt", how)
+    assert _audit(tmp_path, [str(tmp_path / "ckpt")]) == 2
+    [line] = _errors(capsys)
+    assert line.startswith("forgetscope: error: --checkpoints: ") and message in line, line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_chat_template_on_without_one_names_the_flag(tmp_path, capsys):
+    model, _ = models.load(models.resolve("tiny-random"))  # its byte tokenizer has no chat template
+    model.save_pretrained(tmp_path / "ckpt")
+    assert _audit(tmp_path, [str(tmp_path / "ckpt")], "--chat-template", "on") == 2
+    [line] = _errors(capsys)
+    assert line == (
+        "forgetscope: error: --chat-template on: the base's tokenizer has no chat template; use auto or off"
+    )
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_full_disk_names_the_audits_flags(tmp_path, capsys, monkeypatch):
+    import errno
+
+    model, _ = models.load(models.resolve("tiny-random"))
+    model.save_pretrained(tmp_path / "ckpt")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(evaluate, "evaluate_model", full)
+    assert _audit(tmp_path, [str(tmp_path / "ckpt")]) == 2
+    [line] = _errors(capsys)
+    assert "the disk is full; free space, or point --runs-dir (and FORGETSCOPE_CACHE" in line
+    assert "snapshots." not in line and "runs_dir" not in line and "run the same command to resume" in line
+    assert json.loads((tmp_path / "runs" / "a" / "manifest.json").read_text())["status"] == "failed"
