@@ -284,7 +284,7 @@ def audit(
         if chat_template == "on" and not getattr(tokenizer, "chat_template", None):
             raise AuditError("--chat-template on: the base's tokenizer has no chat template; use auto or off")
         chat = data.uses_chat_template(TaskConfig(chat_template=chat_template), tokenizer)
-        problems = _check_vocabularies(found, model, tokenizer, trust_remote_code)
+        problems = _check_vocabularies(found, model, tokenizer, trust_remote_code, chat)
         problems += _check_adapter_shapes(found, model) + _check_architectures(found, model, trust_remote_code)
         if problems:
             raise AuditError("\n".join(problems))
@@ -549,11 +549,12 @@ def _text_config(checkpoint: Checkpoint, trust_remote_code: bool):
         return AutoConfig.from_pretrained(str(checkpoint.folder), trust_remote_code=trust_remote_code).get_text_config()
 
 
-def _check_vocabularies(found: list[Checkpoint], model, tokenizer, trust_remote_code: bool) -> list[str]:
+def _check_vocabularies(found: list[Checkpoint], model, tokenizer, trust_remote_code: bool, chat: bool) -> list[str]:
     """Problems found before anything is written: every token of the tokenizer a checkpoint is
     scored with (its own, which must load, else its base's) has an embedding in it: a full
-    checkpoint's ``vocab_size``, the embeddings an adapter saved, else the base's. Checked again
-    as each one loads."""
+    checkpoint's ``vocab_size``, the embeddings an adapter saved, else the base's (checked again
+    as each one loads); and when the run scores in the chat format (``chat``), that tokenizer
+    has a chat template (transformers 5 keeps it in ``chat_template.jinja``, easily left behind)."""
     base_rows = model.get_input_embeddings().weight.shape[0]
     problems = []
     for checkpoint in found:
@@ -582,6 +583,12 @@ def _check_vocabularies(found: list[Checkpoint], model, tokenizer, trust_remote_
         problem = models.vocabulary_problem(len(own), rows, checkpoint.source, "its own") if rows else None
         if problem is not None:
             problems.append(f"--checkpoints: {problem}")
+        if chat and not getattr(own, "chat_template", None):
+            problems.append(
+                f"--checkpoints: {checkpoint.source}: its tokenizer has no chat template, and its base's has one "
+                "(new-task evals are scored in the chat format); copy chat_template.jinja from the base into the "
+                "folder, or pass --chat-template off"
+            )
     return problems
 
 

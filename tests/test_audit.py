@@ -664,3 +664,18 @@ def test_a_full_disk_names_the_audits_flags(tmp_path, capsys, monkeypatch):
     assert "the disk is full; free space, or point --runs-dir (and FORGETSCOPE_CACHE" in line
     assert "snapshots." not in line and "runs_dir" not in line and "run the same command to resume" in line
     assert json.loads((tmp_path / "runs" / "a" / "manifest.json").read_text())["status"] == "failed"
+
+
+def test_a_checkpoint_tokenizer_without_the_bases_chat_template_is_one_line_up_front(tmp_path, capsys):
+    # transformers 5 keeps the template in chat_template.jinja: a checkpoint whose tokenizer files were copied
+    # without it would crash mid-run when the chat-format new task is scored
+    model, tokenizer = models.load(models.resolve("tiny-random"))
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    model.save_pretrained(tmp_path / "ckpt")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    assert _audit(tmp_path, [str(tmp_path / "ckpt")], "--new", "numerals", base=str(tmp_path / "base")) == 2
+    [line] = _errors(capsys)
+    assert "ckpt: its tokenizer has no chat template, and its base's has one" in line and "--chat-template off" in line
+    assert not (tmp_path / "runs").exists()
