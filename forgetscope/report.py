@@ -539,8 +539,9 @@ def method_note(analysis: Analysis) -> str:
         "General forgetting = mean relative drop of the general probes' primary metrics from the base "
         f"(positive = worse), {f'weights {weights}, the others 1' if weights else 'equal weights'}, "
         f"{'probes at chance kept (--keep-at-chance)' if analysis.keep_at_chance else 'probes at chance left out'}; "
-        "AUC = its average over training; drops carry paired 95% bootstrap CIs over items; verdicts use "
-        f"bootstrap p-values {adjusted}, at {stats.ALPHA:.0%}; McNemar's exact test and flips for accuracies, with the flips "
+        "AUC = its average over training; drops carry paired 95% CIs over items (Tango's score interval for "
+        "accuracies, the bootstrap for other metrics); verdicts use the matching p-values of no change "
+        f"{adjusted}, at {stats.ALPHA:.0%}; McNemar's exact test and flips for accuracies, with the flips "
         "guessing alone explains taken out (chance-adjusted); above-chance skill lost = drop / (base - chance). "
         "Formulas: docs/METRICS.md."
     )
