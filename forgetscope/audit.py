@@ -13,13 +13,10 @@ through a :class:`forgetscope.session.RunSession`, with the same layout as ``for
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import json
 import re
 import sys
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +26,7 @@ import yaml
 from forgetscope import data, evaluate, io, models, registry, validate
 from forgetscope.errors import UserError
 from forgetscope.recipe import EvalConfig, TaskConfig
-from forgetscope.session import RunSession, resource_advice
+from forgetscope.session import RunSession
 
 
 class AuditError(UserError):
@@ -273,7 +270,10 @@ def audit(
     settings = {"base": base, "checkpoints": keys, "evals": asdict(evals), "chat_template": chat_template}
     contents = {key: _contents(c.folder) for key, c in zip(keys, found)}
     session = RunSession(
-        Path(runs_dir) / name, {"audit": settings}, "a different run; choose another --name or remove that folder"
+        Path(runs_dir) / name,
+        {"audit": settings},
+        "a different run; choose another --name or remove that folder",
+        fixes=AUDIT_FIXES,
     )
     with session.locked():
         _check_unchanged(session, found, contents)
@@ -292,22 +292,21 @@ def audit(
         suite = evaluate.prepare_suite(evals, Path.cwd(), chat, model, tokenizer)
         kinds = {"lora" if c.adapter else "full" for c in found}
         method = kinds.pop() if len(kinds) == 1 else "mixed"
-        with _said_with_flags(session.root):
-            session.start(
-                suite,
-                tokenizer,
-                {"audit.yaml": yaml.safe_dump(settings, sort_keys=False)},
-                kind="audit",
-                base=base,
-                base_path=base_path,
-                method=method,
-                snapshot_steps=[0, *(c.step for c in found)],
-                chat_template=chat,
-                trust_remote_code=trust_remote_code,
-                allow_pickle=allow_pickle,
-                checkpoint_files=contents,
-            )
-        with session.failing(), _said_with_flags(session.root):
+        session.start(
+            suite,
+            tokenizer,
+            {"audit.yaml": yaml.safe_dump(settings, sort_keys=False)},
+            kind="audit",
+            base=base,
+            base_path=base_path,
+            method=method,
+            snapshot_steps=[0, *(c.step for c in found)],
+            chat_template=chat,
+            trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle,
+            checkpoint_files=contents,
+        )
+        with session.failing():
             session.score(model, 0, meta={"source": base}, label=f" ({base})")
             held = _Base(model, base_path, trust_remote_code, allow_pickle)
             del model  # the adapters take it over, and drop it when one changes it
@@ -316,26 +315,12 @@ def audit(
     return session.root
 
 
-@contextlib.contextmanager
-def _said_with_flags(root: Path) -> Iterator[None]:
-    """Running out of disk or memory in the block becomes an :class:`AuditError` that says what to
-    change with the audit's own flags (:func:`forgetscope.session.resource_advice` names a recipe's
-    keys, which an audit does not have); inside :meth:`RunSession.failing`, the run is marked failed."""
-    try:
-        yield
-    except (OSError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
-        if resource_advice(err) is None:
-            raise
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            advice = (
-                "the disk is full; free space, or point --runs-dir (and FORGETSCOPE_CACHE, which holds the "
-                "result cache) at a larger disk"
-            )
-        else:
-            advice = "out of memory; free the GPU of other processes, or audit on a larger GPU"
-        raise AuditError(
-            f"{root}: {advice}; finished snapshots and results are kept, run the same command to resume"
-        ) from err
+AUDIT_FIXES = {
+    "memory": "free the GPU of other processes, or audit on a larger GPU",
+    "disk": "or point --runs-dir (and FORGETSCOPE_CACHE, which holds the result cache) at a larger disk",
+}
+"""What to change when an audit runs out of memory or disk, with its own flags (a recipe's keys,
+:data:`forgetscope.session.RECIPE_FIXES`, are not the audit's)."""
 
 
 CONTENT_SUFFIXES = (".safetensors", ".json", ".bin", ".model", ".txt", ".tiktoken", ".jinja")

@@ -50,22 +50,26 @@ def versions() -> dict[str, str]:
     return {"python": platform.python_version(), **{n: version(n.replace("_", "-")) for n in names}}
 
 
-def resource_advice(err: BaseException) -> str | None:
-    """What to change when a run dies of memory or disk, else None."""
+RECIPE_FIXES = {
+    "memory": "lower train.batch_size (raise train.grad_accum to keep the batch), train.seq_len or "
+    "evals.batch_size, or use method: lora",
+    "disk": "set snapshots.keep_weights: false or snapshots.resumable: false, or point runs_dir / "
+    "FORGETSCOPE_CACHE at a larger disk",
+}
+"""What to change when a recipe's run runs out of memory or disk (:func:`resource_advice`)."""
+
+
+def resource_advice(err: BaseException, fixes: dict[str, str] = RECIPE_FIXES) -> str | None:
+    """What to change when a run dies of memory or disk (``fixes``: the settings to change, by
+    ``memory`` and ``disk``, in the words of the command that made the run), else None."""
     import torch
 
     if isinstance(err, torch.OutOfMemoryError) or (
         isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
     ):
-        return (
-            "out of memory; lower train.batch_size (raise train.grad_accum to keep the batch), train.seq_len "
-            "or evals.batch_size, or use method: lora"
-        )
+        return f"out of memory; {fixes['memory']}"
     if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        return (
-            "the disk is full; free space, set snapshots.keep_weights: false or snapshots.resumable: false, "
-            "or point runs_dir / FORGETSCOPE_CACHE at a larger disk"
-        )
+        return f"the disk is full; free space, {fixes['disk']}"
     return None
 
 
@@ -88,13 +92,22 @@ class RunSession:
     settings); a folder whose manifest differs is refused: "<root> holds ``conflict``" (what is
     there and what to do).
     ``main_process``: False on the other processes under accelerate, which neither lock nor write.
+    ``fixes``: what to change when the run runs out of memory or disk (:func:`resource_advice`).
     """
 
-    def __init__(self, root: Path, identity: dict[str, Any], conflict: str, main_process: bool = True):
+    def __init__(
+        self,
+        root: Path,
+        identity: dict[str, Any],
+        conflict: str,
+        main_process: bool = True,
+        fixes: dict[str, str] = RECIPE_FIXES,
+    ):
         self.layout = snapshots.RunLayout(Path(root))
         self.identity = identity
         self.conflict = conflict
         self.main = main_process
+        self.fixes = fixes
         self.suite: evaluate.EvalSuite | None = None
         self.cascade = None  # a forgetscope.cascade.Cascade: scores in its place when the recipe has one
         self.tokenizer = None
@@ -175,16 +188,17 @@ class RunSession:
                 f"{self.root}: cannot create the run folder ({err.strerror}); choose a folder you can write "
                 "(runs_dir in the recipe, --runs-dir for an audit)"
             ) from None
-        for name, text in (files or {}).items():
-            io.write_text(self.root / name, text)
-        self.layout.update_manifest(
-            status="running",
-            **self.identity,
-            **manifest,
-            **({"eval_hashes": hashes} if hashes else {}),
-            versions=versions(),
-            started=time.strftime("%Y-%m-%dT%H:%M:%S"),
-        )
+        with self._advised():
+            for name, text in (files or {}).items():
+                io.write_text(self.root / name, text)
+            self.layout.update_manifest(
+                status="running",
+                **self.identity,
+                **manifest,
+                **({"eval_hashes": hashes} if hashes else {}),
+                versions=versions(),
+                started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            )
 
     def update(self, **fields: Any) -> None:
         """Add ``fields`` to the manifest (main process)."""
@@ -241,11 +255,21 @@ class RunSession:
     def failing(self) -> Iterator[None]:
         """Any error in the block marks the run ``failed`` (finished snapshots and results stay);
         running out of memory or disk becomes a :class:`RunError` that says what to change."""
+        with self._advised():
+            try:
+                yield
+            except BaseException as err:
+                self.fail(err)
+                raise
+
+    @contextlib.contextmanager
+    def _advised(self) -> Iterator[None]:
+        """Running out of memory or disk in the block becomes a :class:`RunError` that says what to
+        change (``self.fixes``)."""
         try:
             yield
         except BaseException as err:
-            self.fail(err)
-            advice = resource_advice(err)
+            advice = resource_advice(err, self.fixes)
             if advice:
                 raise RunError(
                     f"{self.root}: {advice}; finished snapshots and results are kept, run the same command to resume"
