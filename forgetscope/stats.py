@@ -335,6 +335,12 @@ def score_bound(lost: int, gained: int, n: int, z: float) -> float:
     return (low + high) / 2
 
 
+def _change_at(sign: float, margin: float, scale: float) -> float:
+    """The change of a proportion at which the drop (``sign * change / scale``) equals ``margin``,
+    within the changes a proportion can make (-1 to 1)."""
+    return min(max(sign * margin * scale, -1.0), 1.0)
+
+
 def drop_p(paired: Paired, sign: float, scale: float, margin: float) -> float | None:
     """One-sided p-value of the non-inferiority test H0: drop >= ``margin`` (drop = ``sign *
     change / scale``; ``sign`` -1 for a higher-is-better metric, ``scale`` the base value for a
@@ -342,7 +348,7 @@ def drop_p(paired: Paired, sign: float, scale: float, margin: float) -> float | 
     otherwise (:func:`p_noninferior`); None without either."""
     if paired.flips:
         lost, gained = paired.flips
-        d0 = min(max(sign * margin * scale, -1.0), 1.0)
+        d0 = _change_at(sign, margin, scale)
         return NormalDist().cdf(sign * score_z(lost, gained, paired.n, d0))
     return None if paired.boot is None else p_noninferior(sign * paired.boot / scale, margin)
 
@@ -366,7 +372,7 @@ def drop_se(paired: Paired, sign: float, scale: float, margin: float) -> float |
     accuracy whose items did not change still has one), else the bootstrap's."""
     if paired.flips:
         lost, gained = paired.flips
-        d0 = min(max(sign * margin * scale, -1.0), 1.0)
+        d0 = _change_at(sign, margin, scale)
         return math.sqrt(max(score_variance(lost, gained, paired.n, d0), 0.0)) / paired.n / scale
     return None if paired.boot is None else float((paired.boot / scale).std(ddof=1))
 
