@@ -282,13 +282,13 @@ def check(run: str | Path, policy: Policy, step: int | None = None) -> dict:
         rows = metrics.primary_rows(table[table["step"].isin([0, step])], alpha=alpha)
         forgetting = metrics.general_forgetting(rows, keep_at_chance=policy.at_chance == "keep")
         value = forgetting[forgetting["step"] == step]["forgetting"]
-        ok = len(value) and _compare(float(value.iloc[0]), policy.max_general_forgetting) <= 0
-        ok = ok and not math.isnan(value.iloc[0])
+        mean = float(value.iloc[0]) if len(value) else math.nan
+        ok = not math.isnan(mean) and _compare(mean, policy.max_general_forgetting) <= 0
         if ok:
             note = ""
         elif not len(value):
             note = "no general probe is above chance at the base: nothing can show forgetting"
-        elif math.isnan(value.iloc[0]):
+        elif math.isnan(mean):
             note = "a probe's score is not a number: the model's outputs are undefined"
         else:
             note = "mean relative drop exceeds the limit"
@@ -299,7 +299,7 @@ def check(run: str | Path, policy: Policy, step: int | None = None) -> dict:
                 "name": "general forgetting",
                 "role": "general",
                 "metric": "mean relative drop",
-                "value": float(value.iloc[0]) if len(value) else None,
+                "value": mean if len(value) else None,
                 "limit": f"<= {policy.max_general_forgetting:g}",
                 "passed": bool(ok),
                 "note": note,
