@@ -85,7 +85,7 @@ class KLProbe:
 def kl_prompts(task: TaskConfig, base_dir: Path, n: int) -> list[str]:
     """The first ``n`` prompts of the new task's data (:func:`forgetscope.data.prompt_of`; a
     text-only record gives its first 100 characters)."""
-    records = data.load_records(task, base_dir)[:n]
+    records = data.load_records(task, base_dir, warn=False)[:n]  # training loads and warns
     return [data.prompt_of(r, task) or str(r.get(task.text_field, ""))[:100] for r in records]
 
 

@@ -33,10 +33,12 @@ class DataError(UserError):
     """The new-task data cannot be used; the message names the file, line and fix."""
 
 
-def load_records(task: TaskConfig, base_dir: Path) -> list[dict[str, Any]]:
+def load_records(task: TaskConfig, base_dir: Path, warn: bool = True) -> list[dict[str, Any]]:
     """The raw training records of the recipe's new task: at most ``task.max_examples``, taken from
     the top of a file or dataset in its order (training shuffles the ones kept; the cut is not a
-    random sample), with a warning when rows are left out. Embedded tasks are shuffled by ``task.seed``."""
+    random sample), with a warning when rows are left out or prompts are empty (``warn=False`` for a
+    second read of data training already loaded, and warned about). Embedded tasks are shuffled by
+    ``task.seed``."""
     if task.name:
         records = tasks.EMBEDDED_TASKS[task.name]("train", seed=task.seed)
     elif task.path:
@@ -46,7 +48,7 @@ def load_records(task: TaskConfig, base_dir: Path) -> list[dict[str, Any]]:
     if not records:
         raise DataError(f"task: the data has no records; add examples to {task.path or task.hf_dataset}")
     if task.max_examples and len(records) > task.max_examples:
-        if not task.name:  # an embedded task is a seeded sample already; a user's rows are cut from the top
+        if warn and not task.name:  # an embedded task is a seeded sample already; a user's rows are cut from the top
             print(
                 f"forgetscope: warning: task: {task.path or task.hf_dataset} has {len(records)} records; "
                 f"task.max_examples={task.max_examples} keeps the first {task.max_examples} (from the top, not a "
@@ -55,7 +57,7 @@ def load_records(task: TaskConfig, base_dir: Path) -> list[dict[str, Any]]:
             )
         records = records[: task.max_examples]
     blank = sum(isinstance(r.get(task.prompt_field), str) and not r[task.prompt_field].strip() for r in records)
-    if blank:
+    if blank and warn:
         print(
             f"forgetscope: warning: {blank} of {len(records)} records have an empty `{task.prompt_field}`: "
             "their completions are trained without a prompt",

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from forgetscope import data, models, tasks
+from forgetscope import cascade, data, models, tasks
 from forgetscope.recipe import TaskConfig
 
 
@@ -346,6 +346,9 @@ def test_a_file_cut_at_max_examples_says_so(tmp_path, capsys):
     assert "--set task.max_examples=5" in err
     assert data.load_records(TaskConfig(name=None, path="d.jsonl", max_examples=5), tmp_path) == rows
     assert len(data.load_records(TaskConfig(), tmp_path)) == TaskConfig().max_examples  # numerals: a seeded sample
+    assert capsys.readouterr().err == ""
+    # the cascade's KL probe reads the prompts again: training has warned already
+    assert cascade.kl_prompts(TaskConfig(name=None, path="d.jsonl", max_examples=3), tmp_path, 2) == ["q0", "q1"]
     assert capsys.readouterr().err == ""
 
 
