@@ -128,19 +128,12 @@ def exclusive(lock_file: Path, what: str) -> Iterator[None]:
     """Hold an exclusive lock on ``lock_file`` for the block, or raise ``BusyError`` at once.
 
     The lock is the kernel's (``flock``): it dies with its process, so a killed run never leaves a
-    stale lock behind.
+    stale lock behind. An ``OSError`` when the file cannot be created is the caller's to explain.
     """
     import fcntl
 
-    try:
-        lock_file.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(lock_file, "a+")  # noqa: SIM115 (closed by the with below)
-    except OSError as err:
-        raise UserError(
-            f"cannot write forgetscope's cache at {lock_file.parent.parent} ({err.strerror}); "
-            "point FORGETSCOPE_CACHE at a folder you can write"
-        ) from None
-    with handle as fh:
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

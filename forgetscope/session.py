@@ -74,10 +74,15 @@ def resource_advice(err: BaseException, fixes: dict[str, str] = RECIPE_FIXES) ->
 
 
 def lock_file(root: Path) -> Path:
-    """The lock of a run folder. It lives in the cache, not in the runs folder, so that a run
-    refused for bad input writes nothing."""
+    """The lock of a run folder, taken before its inputs are checked. It lives in the cache, not in
+    the runs folder, so that a run refused for bad input writes nothing; two processes with
+    different caches (``FORGETSCOPE_CACHE``, or machines sharing a disk) meet at :data:`FOLDER_LOCK`."""
     key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
     return models.cache_dir() / "locks" / f"{key}.lock"
+
+
+FOLDER_LOCK = ".lock"
+"""The lock file inside a run folder, taken when writing starts, before anything is written."""
 
 
 TRAIN_LOG_FIRST = ("step", "loss", "new_loss", "replay_loss", "learning_rate", "grad_norm", "epoch")
@@ -114,6 +119,7 @@ class RunSession:
         self.eval_s: dict[str, float] = {}
         self.started = time.time()
         self._stack = contextlib.ExitStack()
+        self._writing = False  # whether this process holds the folder's own lock (FOLDER_LOCK)
 
     @property
     def root(self) -> Path:
@@ -125,7 +131,14 @@ class RunSession:
         """Take the run's lock (main process), or raise :class:`forgetscope.io.BusyError` at once;
         then refuse a folder that holds a different run."""
         if self.main:
-            self._stack.enter_context(io.exclusive(lock_file(self.root), str(self.root)))
+            lock = lock_file(self.root)
+            try:
+                self._stack.enter_context(io.exclusive(lock, str(self.root)))
+            except OSError as err:
+                raise UserError(
+                    f"cannot write forgetscope's cache at {lock.parent.parent} ({err.strerror}); "
+                    "point FORGETSCOPE_CACHE at a folder you can write"
+                ) from None
         try:
             self.check_identity()
         except RunError:
@@ -139,8 +152,9 @@ class RunSession:
             raise RunError(f"{self.root} holds {self.conflict}")
 
     def release(self) -> None:
-        """Let go of the lock (the kernel also does when the process ends)."""
+        """Let go of the locks (the kernel also does when the process ends)."""
         self._stack.close()
+        self._writing = False
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[RunSession]:
@@ -179,15 +193,17 @@ class RunSession:
                 f"{self.layout.eval_steps()} were scored (a data file edited?), so its curve would mix two test sets; "
                 "restore them, or start a new run (--set name=...)"
             )
-        if self.root.is_dir():
-            io.sweep(self.root)  # we hold the lock: no live writer's temporary files are there
         try:
             self.root.mkdir(parents=True, exist_ok=True)
+            if not self._writing:
+                self._stack.enter_context(io.exclusive(self.root / FOLDER_LOCK, str(self.root)))
+                self._writing = True
         except OSError as err:
             raise RunError(
                 f"{self.root}: cannot create the run folder ({err.strerror}); choose a folder you can write "
                 "(runs_dir in the recipe, --runs-dir for an audit)"
             ) from None
+        io.sweep(self.root)  # we hold the folder's lock: no live writer's temporary files are there
         with self._advised():
             for name, text in (files or {}).items():
                 io.write_text(self.root / name, text)

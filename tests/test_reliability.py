@@ -57,6 +57,28 @@ def test_second_run_on_the_same_folder_exits_2(tmp_path, tiny_recipe_data, capsy
     assert run(recipe).name == "t"  # free again afterwards
 
 
+def test_a_run_folder_written_by_a_process_with_another_cache_is_refused(tmp_path, monkeypatch):
+    """The cache's lock excludes processes that share a cache; a writer with another
+    FORGETSCOPE_CACHE (another user, another machine on a shared disk) is met by the folder's own
+    lock before anything of it is touched."""
+    from forgetscope.session import FOLDER_LOCK, RunSession
+
+    root = tmp_path / "runs" / "x"
+    writer = RunSession(root, {}, "another run")
+    with writer.locked():
+        writer.start(None, None)
+        (root / "step-000001.tmp-1").write_text("a temporary of the live writer")
+        monkeypatch.setenv("FORGETSCOPE_CACHE", str(tmp_path / "other-cache"))
+        other = RunSession(root, {}, "another run")
+        with other.locked(), pytest.raises(io.BusyError, match=rf"{root} is in use by forgetscope process \d+"):
+            other.start(None, None)
+        assert (root / "step-000001.tmp-1").is_file()  # not swept from under the writer
+    assert (root / FOLDER_LOCK).is_file()
+    with other.locked():
+        other.start(None, None)  # free again once the writer let go
+    assert not (root / "step-000001.tmp-1").exists()
+
+
 def test_a_nan_loss_stops_the_run_and_keeps_earlier_results(tmp_path, tiny_recipe_data, capsys, monkeypatch):
     original = train.SnapshotCallback.on_step_end
 
