@@ -125,6 +125,8 @@ class EvalSuite:
     )  # listed name -> lm-eval spec: name, or config dict (drift probe)
     hashes: dict[str, str] = field(default_factory=dict)  # eval -> hash of its config and items
     members: dict[str, list[str]] = field(default_factory=dict)  # eval -> its leaf tasks
+    by_size: dict[str, dict[str, bool]] = field(default_factory=dict)
+    """group eval -> {metric: whether lm-eval weighs its subtasks by size} (``weight_by_size``)"""
     base_fingerprint: str | None = None  # of the frozen base under LoRA snapshots (None: hash them whole)
     lines_per_pass: int | None = None  # `batch_size: auto`: found when the first snapshot is scored, then kept
 
@@ -176,6 +178,9 @@ def prepare_suite(
                         problems.append(f"evals: {leaf!r} is listed twice{where}; list it once")
                     owners[leaf] = name
                 suite.roles[scored], suite.sources[scored], suite.members[scored] = role, name, sorted(leaves)
+                group = loaded[name]["groups"].get(scored) if name in loaded else None
+                if group is not None:
+                    suite.by_size[scored] = {a.metric: a.weight_by_size for a in group.aggregate_metric_list or []}
     if problems:
         raise EvalError("\n".join(problems))
     if base_model is not None and base_fingerprint is None:
@@ -405,7 +410,7 @@ def evaluate_model(model, tokenizer, suite: EvalSuite) -> dict[str, Any] | None:
                         continue
                     for task in names:
                         leaves = suite.members[task]  # a group's items are its subtasks' items
-                        result = _summarise(task, raw, suite.roles[task], leaves)
+                        result = _summarise(task, raw, suite.roles[task], leaves, suite.by_size.get(task, {}))
                         samples = [
                             row
                             for leaf in leaves
@@ -534,9 +539,12 @@ def _metric_name(metric: str, filter_name: str) -> str:
     return metric if filter_name == "none" else f"{metric},{filter_name}"
 
 
-def _summarise(task: str, raw: dict[str, Any], role: str, leaves: list[str]) -> dict[str, Any]:
+def _summarise(
+    task: str, raw: dict[str, Any], role: str, leaves: list[str], by_size: dict[str, bool]
+) -> dict[str, Any]:
     """lm-eval's ``{"acc,none": .., "acc_stderr,none": ..}`` -> ``{"acc": {"value", "stderr", ...}}``;
-    ``n`` counts the items of every leaf task (a group's are its subtasks')."""
+    ``n`` counts the items of every leaf task (a group's are its subtasks', and it records them and
+    ``weight_by_size``: how lm-eval weighed them for each metric, see :attr:`EvalSuite.by_size`)."""
     metrics = raw["results"][task]
     higher = raw.get("higher_is_better", {}).get(task, {})
     summary: dict[str, Any] = {}
@@ -552,7 +560,7 @@ def _summarise(task: str, raw: dict[str, Any], role: str, leaves: list[str]) -> 
         }
     counts = [raw.get("n-samples", {}).get(leaf, {}).get("effective") for leaf in leaves]
     entry = {"role": role, "n": None if None in counts else sum(counts), "metrics": summary}
-    return {**entry, "subtasks": leaves} if len(leaves) > 1 else entry
+    return {**entry, "subtasks": leaves, "weight_by_size": by_size} if len(leaves) > 1 else entry
 
 
 def _item_rows(samples: list[dict[str, Any]], subtask: str | None = None) -> list[dict[str, Any]]:

@@ -11,8 +11,9 @@ corpus functions of (gold, prediction) items), else a mean, and it is used only 
 reproduces lm-eval's value at both steps: a task with its own aggregation gets its delta and no
 CI, with the reason. A group's items carry their subtask (``mmlu_anatomy/12``): each subtask is
 aggregated on its own and the subtasks combined as lm-eval combined them (equally, or weighted
-by size: whichever reproduces lm-eval's group value), and the bootstrap resamples within each
-subtask.
+by size: as the run recorded, and it must reproduce lm-eval's group value), and the bootstrap
+resamples within each subtask. Accuracies (means of 0/1 items) get score intervals and tests
+instead of the bootstrap (:func:`score_z`).
 
 Tests on top of it (formulas in docs/METRICS.md): bootstrap p-values (two-sided against no change,
 one-sided against a non-inferiority margin), Holm / Benjamini-Hochberg adjustment across probes,
@@ -146,6 +147,15 @@ def item_change(metric: str, base: tuple[float, float], final: tuple[float, floa
     return fall if higher else -fall
 
 
+def group_weighting(layout: RunLayout, task: str, metric: str) -> bool | None:
+    """How ``task`` combines its subtasks when it is a group of lm-eval tasks scored as one eval
+    (its ``subtasks`` recorded in ``results.json`` at step 0): True by size, False equally, None
+    when not recorded (runs scored before forgetscope recorded it); not a group: None too."""
+    entry = io.read_json(layout.eval_dir(0) / "results.json")["tasks"][task]
+    by_size = entry.get("weight_by_size", {}).get(metric.partition(",")[0])
+    return by_size if entry.get("subtasks") and isinstance(by_size, bool) else None
+
+
 def is_group(layout: RunLayout, task: str) -> bool:
     """Whether ``task`` is a group of lm-eval tasks scored as one eval (its ``subtasks`` recorded
     in ``results.json`` at step 0)."""
@@ -195,17 +205,20 @@ class Aggregation:
         return combined if draws is not None else combined[0]
 
 
-def _subtasks(items: list[str], group: bool) -> list[tuple[list[np.ndarray], np.ndarray]]:
+def _subtasks(items: list[str], group: bool, by_size: bool | None = None) -> list[tuple[list[np.ndarray], np.ndarray]]:
     """The ways lm-eval may have combined these items, as (subtasks' item positions, weights): for
     a group's items (``subtask/id``, two subtasks or more) each subtask weighted by size, or
-    equally; and one pool (a task, whose own ids may hold a "/" too)."""
+    equally (``by_size``: the group's recorded ``weight_by_size`` first; both can reproduce its
+    value, when every subtask scores alike, yet they test differently); and one pool (a task,
+    whose own ids may hold a "/" too)."""
     pool = [([np.arange(len(items))], np.ones(1))]
     names = [item.partition("/")[0] if "/" in item else None for item in items]
     if not group or None in names or len(set(names)) < 2:
         return pool
     groups = [np.array([i for i, name in enumerate(names) if name == sub]) for sub in dict.fromkeys(names)]
     sizes = np.array([len(g) for g in groups], dtype=float)
-    return [(groups, sizes), (groups, np.ones(len(groups))), *pool]
+    weightings = [(groups, sizes), (groups, np.ones(len(groups)))]
+    return [*(weightings[::-1] if by_size is False else weightings), *pool]
 
 
 def _fits(ours: float, theirs: float) -> bool:
@@ -214,12 +227,16 @@ def _fits(ours: float, theirs: float) -> bool:
 
 
 def find_aggregation(
-    metric: str, items: list[str], steps_values: list[tuple[list, float]], group: bool = False
+    metric: str,
+    items: list[str],
+    steps_values: list[tuple[list, float]],
+    group: bool = False,
+    by_size: bool | None = None,
 ) -> Aggregation | None:
     """The :class:`Aggregation` that turns each step's per-item values into lm-eval's value of that
     step (``steps_values``: (values in ``items`` order, lm-eval's value); ``group``: the eval is a
-    group, its items ``subtask/id``); None when none does (a task's own aggregation function, items
-    that are not numbers)."""
+    group, its items ``subtask/id``, weighted as ``by_size`` says when recorded); None when none
+    does (a task's own aggregation function, items that are not numbers)."""
     registered = registered_aggregation(metric)
     candidates = [registered] if registered else []
     if not registered or registered[0] != "mean":
@@ -227,7 +244,7 @@ def find_aggregation(
     for name, fn in candidates:
         vectorised = name in VECTORISED
         for revive in (False, True):
-            for subtasks, weights in _subtasks(items, group):
+            for subtasks, weights in _subtasks(items, group, by_size):
                 agg = Aggregation(name, VECTORISED.get(name, fn), vectorised, revive, subtasks, weights)
                 try:
                     with warnings.catch_warnings(), np.errstate(all="ignore"):
@@ -247,11 +264,27 @@ class Paired:
     boot: np.ndarray | None  # paired bootstrap replicates of the delta; None when they cannot be drawn
     n: int  # items scored at both steps
     why: str = ""  # why there are no replicates
-    flips: tuple[int, int] | None = None
-    """(right -> wrong, wrong -> right) items when the metric is the mean of 0/1 items over one pool
-    (an accuracy): its tests and intervals then come from the score statistic (:func:`score_z`),
-    sound at any number of items, where the bootstrap is not (with no item changed, every
-    replicate is 0 and a 5-item probe would "show" that it forgot nothing)."""
+    flips: Flips | None = None
+    """The right -> wrong and wrong -> right items when the metric is a mean of 0/1 items (an
+    accuracy, or a group of them): its tests and intervals then come from the score statistic
+    (:func:`score_z`), sound at any number of items, where the bootstrap is not (with no item
+    changed, every replicate is 0 and a 5-item probe would "show" that it forgot nothing)."""
+
+
+@dataclass(frozen=True)
+class Flips:
+    """An accuracy's paired change, per stratum: one for a task or a group weighted by size (one
+    pool of items), one per subtask for a group whose subtasks weigh equally. Arrays, one entry
+    per stratum."""
+
+    lost: np.ndarray  # items right at the base step, wrong at the later one
+    gained: np.ndarray  # wrong -> right
+    n: np.ndarray  # items
+    weights: np.ndarray  # the stratum's share of the metric (summing to 1)
+
+    @property
+    def changes(self) -> np.ndarray:
+        return (self.gained - self.lost) / self.n
 
 
 def paired_bootstrap(
@@ -272,7 +305,9 @@ def paired_bootstrap(
     if not items:
         return Paired(delta, None, 0, "no item was scored at both steps")
     stored = ([base[i] for i in items], [later[i] for i in items])
-    agg = find_aggregation(metric, items, list(zip(stored, values)), is_group(layout, task))
+    agg = find_aggregation(
+        metric, items, list(zip(stored, values)), is_group(layout, task), group_weighting(layout, task, metric)
+    )
     if agg is None:
         return Paired(
             delta, None, len(items), f"the items do not reproduce lm-eval's {metric} (the task's own aggregation?)"
@@ -290,11 +325,11 @@ def paired_bootstrap(
     return Paired(delta, boot, len(items), flips=_binary_flips(agg, stored))
 
 
-def _binary_flips(agg: Aggregation, stored: tuple[list, list]) -> tuple[int, int] | None:
-    """(right -> wrong, wrong -> right) counts when ``agg`` is the mean of one pool of items (a task,
-    or a group weighted by size) and every item is 0 or 1 at both steps; else None."""
-    sizes = np.array([len(p) for p in agg.subtasks], dtype=float)
-    if agg.name != "mean" or not np.allclose(agg.weights / agg.weights.sum(), sizes / sizes.sum()):
+def _binary_flips(agg: Aggregation, stored: tuple[list, list]) -> Flips | None:
+    """The :class:`Flips` when ``agg`` is a mean and every item is 0 or 1 at both steps (one pool
+    when the subtasks weigh by size, as lm-eval's pooled mean does; else a stratum per subtask);
+    else None."""
+    if agg.name != "mean":
         return None
     try:
         before, after = (np.asarray(agg.prepare(v), dtype=float) for v in stored)
@@ -302,36 +337,46 @@ def _binary_flips(agg: Aggregation, stored: tuple[list, list]) -> tuple[int, int
         return None
     if before.ndim != 1 or not (np.isin(before, (0, 1)).all() and np.isin(after, (0, 1)).all()):
         return None
-    return int(np.sum((before == 1) & (after == 0))), int(np.sum((before == 0) & (after == 1)))
+    sizes = np.array([len(p) for p in agg.subtasks], dtype=float)
+    pooled = np.allclose(agg.weights / agg.weights.sum(), sizes / sizes.sum())
+    strata = [np.concatenate(agg.subtasks)] if pooled else agg.subtasks
+    weights = np.ones(1) if pooled else agg.weights / agg.weights.sum()
+    lost = np.array([np.sum((before[p] == 1) & (after[p] == 0)) for p in strata], dtype=float)
+    gained = np.array([np.sum((before[p] == 0) & (after[p] == 1)) for p in strata], dtype=float)
+    return Flips(lost, gained, np.array([len(p) for p in strata], dtype=float), weights)
 
 
-def score_z(lost: int, gained: int, n: int, d0: float) -> float:
-    """Tango's (1998) score statistic of H0 "the paired change of a proportion is ``d0``", where
-    ``lost`` items went right -> wrong and ``gained`` wrong -> right of ``n``, so the change is
-    ``(gained - lost) / n``: ``(gained - lost - n d0) / sqrt(v)`` (:func:`score_variance`).
-    Decreasing in ``d0``; at ``d0 = 0`` it is McNemar's ``(gained - lost) / sqrt(gained + lost)``."""
-    gap, variance = gained - lost - n * d0, score_variance(lost, gained, n, d0)
-    if variance <= 1e-12 * n:
-        return 0.0 if abs(gap) <= 1e-9 * n else math.copysign(math.inf, gap)
+def score_z(flips: Flips, d0: float) -> float:
+    """The score statistic of H0 "the accuracy's paired change is ``d0``": ``(change - d0) /
+    sqrt(score_variance)``, ``change`` the strata's weighted change. For one stratum it is Tango's
+    (1998), ``(gained - lost - n d0) / sqrt(n (2 q + d0 (1 - d0)))``, ``q`` the maximum-likelihood
+    share of right -> wrong items when the change is ``d0``; for a group whose subtasks weigh
+    equally, the stratified score statistic (Miettinen and Nurminen's construction: ``d0`` the
+    change of every stratum, their weighted differences over the weighted variances). Decreasing
+    in ``d0``; at ``d0 = 0``, for one stratum, McNemar's ``(gained - lost) / sqrt(gained + lost)``."""
+    gap, variance = float(flips.weights @ flips.changes) - d0, score_variance(flips, d0)
+    if variance <= 1e-24:
+        return 0.0 if abs(gap) <= 1e-9 else math.copysign(math.inf, gap)
     return gap / math.sqrt(variance)
 
 
-def score_variance(lost: int, gained: int, n: int, d0: float) -> float:
-    """The variance of ``gained - lost`` under H0 (see :func:`score_z`): ``n (2 q + d0 (1 - d0))``,
-    ``q`` the maximum-likelihood share of right -> wrong items when the change is ``d0``, the root
-    of ``2n q^2 + (d0 (2n - gained + lost) - gained - lost) q - lost d0 (1 - d0) = 0``."""
+def score_variance(flips: Flips, d0: float) -> float:
+    """The variance of the weighted change under H0 (see :func:`score_z`): per stratum
+    ``(2 q + d0 (1 - d0)) / n``, ``q`` the root of
+    ``2n q^2 + (d0 (2n - gained + lost) - gained - lost) q - lost d0 (1 - d0) = 0``."""
+    lost, gained, n = flips.lost, flips.gained, flips.n
     b = d0 * (2 * n - gained + lost) - gained - lost
-    q = (math.sqrt(max(b * b + 8 * n * lost * d0 * (1 - d0), 0.0)) - b) / (4 * n)
-    return n * (2 * q + d0 * (1 - d0))
+    q = (np.sqrt(np.maximum(b * b + 8 * n * lost * d0 * (1 - d0), 0.0)) - b) / (4 * n)
+    return float(flips.weights**2 @ ((2 * q + d0 * (1 - d0)) / n))
 
 
-def score_bound(lost: int, gained: int, n: int, z: float) -> float:
+def score_bound(flips: Flips, z: float) -> float:
     """The change ``d0`` in [-1, 1] where :func:`score_z` equals ``z`` (bisection): with
     ``z = z_{1-a}`` the one-sided ``1 - a`` lower bound of the change, with ``-z_{1-a}`` the upper."""
     low, high = -1.0, 1.0
     for _ in range(60):
         middle = (low + high) / 2
-        low, high = (middle, high) if score_z(lost, gained, n, middle) > z else (low, middle)
+        low, high = (middle, high) if score_z(flips, middle) > z else (low, middle)
     return (low + high) / 2
 
 
@@ -347,9 +392,7 @@ def drop_p(paired: Paired, sign: float, scale: float, margin: float) -> float | 
     relative limit, else 1): the score test for accuracies (:attr:`Paired.flips`), the bootstrap
     otherwise (:func:`p_noninferior`); None without either."""
     if paired.flips:
-        lost, gained = paired.flips
-        d0 = _change_at(sign, margin, scale)
-        return NormalDist().cdf(sign * score_z(lost, gained, paired.n, d0))
+        return NormalDist().cdf(sign * score_z(paired.flips, _change_at(sign, margin, scale)))
     return None if paired.boot is None else p_noninferior(sign * paired.boot / scale, margin)
 
 
@@ -358,8 +401,7 @@ def drop_bound(paired: Paired, sign: float, scale: float, level: float) -> float
     exactly when ``drop_p(margin) <= level``. For the bootstrap, the replicate ranked so that at most
     ``floor(level (B + 1)) - 1`` replicates lie above it (``inf`` when ``B`` is too small for ``level``)."""
     if paired.flips:
-        lost, gained = paired.flips
-        return sign * score_bound(lost, gained, paired.n, -sign * NormalDist().inv_cdf(1 - level)) / scale
+        return sign * score_bound(paired.flips, -sign * NormalDist().inv_cdf(1 - level)) / scale
     if paired.boot is None:
         return None
     drops = np.sort(sign * paired.boot / scale)
@@ -371,9 +413,7 @@ def drop_se(paired: Paired, sign: float, scale: float, margin: float) -> float |
     """The drop's standard error, for power: under H0 at ``margin`` for the score test (an
     accuracy whose items did not change still has one), else the bootstrap's."""
     if paired.flips:
-        lost, gained = paired.flips
-        d0 = _change_at(sign, margin, scale)
-        return math.sqrt(max(score_variance(lost, gained, paired.n, d0), 0.0)) / paired.n / scale
+        return math.sqrt(max(score_variance(paired.flips, _change_at(sign, margin, scale)), 0.0)) / scale
     return None if paired.boot is None else float((paired.boot / scale).std(ddof=1))
 
 
@@ -389,9 +429,10 @@ def paired_delta(
 ) -> dict[str, Any]:
     """``value(step) - value(base_step)`` (lm-eval's values), with a paired CI (two-sided, at
     ``confidence``: ``low``, ``high``) and the two-sided p-value ``p`` of "no change": for an
-    accuracy Tango's score interval and its test at 0 (McNemar's score test; :func:`score_z`), for
-    other metrics the paired bootstrap's percentile interval and :func:`p_two_sided`; the standard
-    error ``se`` (for an accuracy ``sqrt(((lost + gained) / n - delta^2) / n)``, else the bootstrap's);
+    accuracy the score interval and its test at 0 (Tango's; McNemar's score test; :func:`score_z`),
+    for other metrics the paired bootstrap's percentile interval and :func:`p_two_sided`; the
+    standard error ``se`` (for an accuracy, per stratum ``((lost + gained) / n - change^2) / n``,
+    weighted like the variance; else the bootstrap's);
     the number of items ``n``. Without replicates (:func:`paired_bootstrap`)
     those are None and ``why`` says why."""
     paired = paired_bootstrap(layout, task, metric, step, base_step, iters, seed)
@@ -405,12 +446,13 @@ def paired_delta(
             "p": None,
             "why": paired.why,
         }
-    if paired.flips:  # an accuracy: Tango's score interval and McNemar's score test
-        lost, gained = paired.flips
+    if paired.flips:  # an accuracy: the score interval and the score test
+        flips = paired.flips
         z = NormalDist().inv_cdf(1 - (1 - confidence) / 2)
-        low, high = (score_bound(lost, gained, paired.n, side * z) for side in (1, -1))
-        p = min(1.0, 2 * NormalDist().cdf(-abs(score_z(lost, gained, paired.n, 0.0))))
-        se = math.sqrt(max((lost + gained) / paired.n - paired.delta**2, 0.0) / paired.n)
+        low, high = (score_bound(flips, side * z) for side in (1, -1))
+        p = min(1.0, 2 * NormalDist().cdf(-abs(score_z(flips, 0.0))))
+        per_stratum = np.maximum((flips.lost + flips.gained) / flips.n - flips.changes**2, 0.0) / flips.n
+        se = math.sqrt(float(flips.weights**2 @ per_stratum))
     else:
         tail = (1 - confidence) / 2 * 100
         low, high = np.percentile(paired.boot, [tail, 100 - tail])

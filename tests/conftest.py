@@ -165,11 +165,12 @@ def bf16_accelerator():
 
 
 def make_probe_run(
-    root: Path, steps: dict, value_of, metric="acc", task="probe", higher=True, subtasks=None
+    root: Path, steps: dict, value_of, metric="acc", task="probe", higher=True, subtasks=None, weight_by_size=None
 ) -> RunLayout:
     """A finished run folder with one general probe: ``steps`` maps step -> {item_id: per-item value
     as forgetscope stores it}, and each step's corpus value is ``value_of(items)`` (lm-eval's
-    aggregation of them); ``subtasks``: the probe is a group of these tasks."""
+    aggregation of them); ``subtasks``: the probe is a group of these tasks, weighted as
+    ``weight_by_size`` says (None: not recorded, as runs scored before forgetscope recorded it)."""
     layout = RunLayout(root)
     root.mkdir(parents=True)
     layout.manifest.write_text(json.dumps({"status": "finished", "method": "full"}))
@@ -188,6 +189,7 @@ def make_probe_run(
                     "n": len(items),
                     "metrics": metrics,
                     **({"subtasks": subtasks} if subtasks else {}),
+                    **({"weight_by_size": {metric: weight_by_size}} if weight_by_size is not None else {}),
                 }
             },
         }
@@ -237,15 +239,29 @@ def tiny_sft_trainer(out: Path, save_steps: int | None = None, **kwargs):
 class Tango:
     """Tango's (1998) score test of a paired change of a proportion, computed independently of
     forgetscope: the maximum-likelihood share of right -> wrong items under H0 found numerically
-    (scipy), not by the closed form forgetscope uses."""
+    (scipy), not by the closed form forgetscope uses. ``Tango(lost, gained, n)`` for one pool;
+    ``Tango.stratified([(lost, gained, n), ...], weights)`` for a group of subtasks, every stratum
+    at the common change ``d0`` under H0, the weighted changes over their weighted variances."""
 
     def __init__(self, lost: int, gained: int, n: int):
-        self.lost, self.gained, self.n = lost, gained, n
+        self.strata, self.weights = [(lost, gained, n)], [1.0]
 
-    def z(self, d0: float) -> float:
+    @classmethod
+    def stratified(cls, strata: list[tuple[int, int, int]], weights: list[float]) -> "Tango":
+        test = cls(*strata[0])
+        test.strata, test.weights = strata, [w / sum(weights) for w in weights]
+        return test
+
+    @property
+    def change(self) -> float:
+        return sum(w * (gained - lost) / n for w, (lost, gained, n) in zip(self.weights, self.strata))
+
+    @staticmethod
+    def _variance(lost: int, gained: int, n: int, d0: float) -> float:
+        """The variance of one stratum's change under H0: (2 q + d0 (1 - d0)) / n, q the restricted MLE."""
         from scipy.optimize import minimize_scalar
 
-        lost, gained, rest = self.lost, self.gained, self.n - self.lost - self.gained
+        rest = n - lost - gained
 
         def minus_loglik(q: float) -> float:
             terms = [(gained, q + d0), (lost, q), (rest, 1 - 2 * q - d0)]
@@ -254,7 +270,11 @@ class Tango:
         low, high = max(0.0, -d0), (1 - d0) / 2
         bounds = (low + 1e-13, high - 1e-13)
         q = minimize_scalar(minus_loglik, bounds=bounds, method="bounded", options={"xatol": 1e-14}).x
-        return (gained - lost - self.n * d0) / math.sqrt(self.n * (2 * q + d0 * (1 - d0)))
+        return (2 * q + d0 * (1 - d0)) / n
+
+    def z(self, d0: float) -> float:
+        variance = sum(w * w * self._variance(*stratum, d0) for w, stratum in zip(self.weights, self.strata))
+        return (self.change - d0) / math.sqrt(variance)
 
     def p_noninferior(self, margin: float) -> float:
         """One-sided p of H0: the accuracy fell by ``margin`` or more."""
@@ -267,15 +287,15 @@ class Tango:
         from scipy.optimize import brentq
         from scipy.stats import norm
 
-        z, change = norm.isf((1 - confidence) / 2), (self.gained - self.lost) / self.n
-        return brentq(lambda d: self.z(d) - z, -0.999, change), brentq(lambda d: self.z(d) + z, change, 0.999)
+        z = norm.isf((1 - confidence) / 2)
+        return brentq(lambda d: self.z(d) - z, -0.999, self.change), brentq(lambda d: self.z(d) + z, self.change, 0.999)
 
     def drop_bound(self, level: float) -> float:
         """The one-sided ``1 - level`` upper bound of the drop (the accuracy's fall)."""
         from scipy.optimize import brentq
         from scipy.stats import norm
 
-        return -brentq(lambda d: self.z(d) - norm.isf(level), -0.999, (self.gained - self.lost) / self.n)
+        return -brentq(lambda d: self.z(d) - norm.isf(level), -0.999, self.change)
 
 
 @pytest.fixture

@@ -278,13 +278,14 @@ def test_a_group_of_tasks_is_scored_cached_and_kept_per_item(tiny, tmp_path):
     model, tokenizer = tiny
     (tmp_path / "knowledge.yaml").write_text(
         "group: knowledge\ntask: [world_capitals, mmlu_shipped]\n"
-        "aggregate_metric_list:\n  - metric: acc\n    aggregation: mean\n    weight_by_size: true\nmetadata: {version: 1}\n"
+        "aggregate_metric_list:\n  - metric: acc\n    aggregation: mean\n    weight_by_size: false\nmetadata: {version: 1}\n"
     )
     config = EvalConfig(new=[], general=["knowledge"], limit=3, include=[str(tmp_path)])
     suite = evaluate.prepare_suite(config, tmp_path, chat=False)
     assert suite.members["knowledge"] == ["mmlu_shipped", "world_capitals"]
     first = evaluate.evaluate_model(model, tokenizer, suite)
     assert "acc" in first["results"]["knowledge"]["metrics"]
+    assert first["results"]["knowledge"]["weight_by_size"] == {"acc": False}  # how the group's tests weigh them
     ids = [s["item_id"] for s in first["samples"]["knowledge"]]
     assert len(ids) == 6 and ids[0].startswith("mmlu_shipped/") and len(set(ids)) == 6
     assert evaluate.evaluate_model(model, tokenizer, suite)["cached"] == ["knowledge"]

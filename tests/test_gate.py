@@ -98,6 +98,24 @@ def test_a_few_unchanged_items_show_nothing(tmp_path, fake_run, tango):
     assert many["verdict"] == "pass" and many["checks"][0]["bound"] < 0.05
 
 
+@pytest.mark.parametrize("by_size", [False, True])
+def test_a_group_of_unchanged_accuracies_is_tested_as_lm_eval_weighs_it(tmp_path, probe_run, tango, by_size):
+    """A group of 5 + 200 unchanged items reads 1.0 either way lm-eval weighs its subtasks, yet
+    its 5-item subtask is half of an equal-weight group: the run records the weighting, and the
+    gate tests the group as weighed (equal: the stratified score test cannot show the drop)."""
+    from test_stats import group_value
+
+    items = {**{f"small/{k}": 1.0 for k in range(5)}, **{f"large/{k}": 1.0 for k in range(200)}}
+    layout = probe_run(
+        tmp_path / "r", {0: items, 10: items}, group_value(by_size), subtasks=["small", "large"], weight_by_size=by_size
+    )
+    result = gate.check(layout.root, gate.load_policy(_policy(tmp_path, general={"probe": {"max_drop": 0.05}})))
+    probe = result["checks"][0]
+    score = tango(0, 0, 205) if by_size else tango.stratified([(0, 0, 5), (0, 0, 200)], [1, 1])
+    assert probe["test"] == "score" and probe["p"] == pytest.approx(score.p_noninferior(0.05), rel=1e-6)
+    assert result["verdict"] == ("pass" if by_size else "fail")  # p 0.0005 pooled; 0.16 weighed equally
+
+
 def test_inconclusive_probes_exit_1_with_the_items_that_would_decide(tmp_path, runs, capsys):
     assert (
         cli.main(["gate", str(runs["small"]), "--policy", _policy(tmp_path, general={"facts": {"max_drop": 0.05}})])

@@ -198,6 +198,7 @@ def test_standard_tasks_through_audit_stats_report_and_gate(fixtures, tmp_path, 
     assert len(items) == 6 and items[0]["item_id"] == "mmlu_anatomy/0"
     group = json.loads((root / "evals" / "step-000010" / "results.json").read_text())["tasks"]["mmlu3"]
     assert "mmlu_anatomy" in group["subtasks"] and len(group["subtasks"]) >= 2  # the bootstrap's strata
+    assert group["weight_by_size"] == {"acc": True}  # one pool of items for the score test
     policy = tmp_path / "policy.yaml"
     policy.write_text("general:\n  mmlu3: {max_drop: 1.0}\n  default: {max_drop: 1.0}\n")
     assert cli.main(["gate", str(root), "--policy", str(policy)]) == 0
