@@ -514,14 +514,16 @@ def merged_adapters(model, enabled: bool = True) -> Iterator[None]:
 
 
 def _join_like_training(task) -> None:
-    """Make a ``loglikelihood`` or ``multiple_choice`` task join its context and each target as
-    training joins a plain-text prompt and completion (:func:`forgetscope.data.completion_delimiter`:
-    a space, unless one side has whitespace there). lm-eval puts nothing between a
-    ``loglikelihood`` task's context and target, so ``doc_to_text: "{{prompt}}"``,
-    ``doc_to_target: "{{completion}}"`` would score text that training never showed; it puts
-    ``target_delimiter`` (a space) before each choice, so choices that start with a space (lm-eval's
-    convention for completions) would score two. A multiple-choice target loses that delimiter
-    first; requests without a context (mutual information's) stay as they are."""
+    """Make a new-task eval see its context and target joined as training joins a plain-text
+    prompt and completion (:func:`forgetscope.data.completion_delimiter`: a space, unless one side
+    has whitespace there). lm-eval puts nothing between a ``loglikelihood`` task's context and
+    target, so ``doc_to_text: "{{prompt}}"``, ``doc_to_target: "{{completion}}"`` would score text
+    that training never showed; it puts ``target_delimiter`` (a space) before each choice, so
+    choices that start with a space (lm-eval's convention for completions) would score two: a
+    multiple-choice target loses that delimiter first; requests without a context (mutual
+    information's) stay as they are. A ``generate_until`` task's answers lose the delimiter
+    training put before the completion (the model answers ``" DED"`` where the target is ``DED``)
+    before its filters run."""
     delimiter = task.config.target_delimiter if task.OUTPUT_TYPE == "multiple_choice" else ""
 
     def join(context: str, target: str) -> tuple[str, str]:
@@ -530,7 +532,14 @@ def _join_like_training(task) -> None:
         answer = target[len(delimiter) :] if delimiter and target.startswith(delimiter) else target
         return context, data.completion_delimiter(context, answer) + answer
 
+    def answer(context: str, doc: dict, text: str) -> str:
+        target = task.doc_to_target(doc)
+        target = str(target[0] if isinstance(target, list) and target else target)
+        trained = data.completion_delimiter(context, target)
+        return text[len(trained) :] if trained and text.startswith(trained) else text
+
     seams.rewrite_loglikelihood_requests(task, join)
+    seams.rewrite_generated_text(task, answer)
 
 
 def _metric_name(metric: str, filter_name: str) -> str:

@@ -47,8 +47,9 @@ MAX_AUTO_LINES = 512  # `auto` on CUDA: at most this many lines (65k tokens) per
 # part of the result cache's key: raise it whenever a change may move a score or a prompt
 # (3: lm-eval's default seeds and few-shot examples as chat turns, as `lm_eval run` gives them;
 # 4: a group's results record its subtasks; 5: new multiple-choice tasks join choices as training;
-# 6: a group's results record how lm-eval weighs its subtasks)
-SCORER_VERSION = 6
+# 6: a group's results record how lm-eval weighs its subtasks; 7: new generate_until tasks drop the space
+# training put before the answer)
+SCORER_VERSION = 7
 
 Request = tuple[tuple[str, str], list[int], list[int]]
 Pair = tuple[list[int], list[int]]  # a request's context and continuation tokens

@@ -93,6 +93,22 @@ def rewrite_loglikelihood_requests(task, rewrite: Callable[[str, str], tuple[str
     task.construct_requests = rewritten
 
 
+def rewrite_generated_text(task, rewrite: Callable[[str, dict, str], str]) -> None:
+    """Have a ``generate_until`` task pass each generated text through ``rewrite(context, doc,
+    text)`` before its filters run: wraps the task's ``apply_filters``, which the evaluator calls
+    once the model has answered, and rewrites each ``Instance.resps``."""
+    if task.OUTPUT_TYPE != "generate_until":
+        return
+    apply = task.apply_filters
+
+    def rewritten():
+        for instance in task.instances:
+            instance.resps = [rewrite(instance.arguments[0], instance.doc, text) for text in instance.resps]
+        return apply()
+
+    task.apply_filters = rewritten
+
+
 def cache_lm_eval_templates() -> None:
     """Compile each of lm-eval's Jinja templates once: ``lm_eval.utils.apply_template`` calls
     ``env.from_string`` for every document and field, which compiles the template anew (about

@@ -49,6 +49,11 @@ def test_a_user_task_on_a_plain_base_scores_what_training_taught(tmp_path):
         "test_split: test\noutput_type: loglikelihood\n"
         'doc_to_text: "{{prompt}}"\ndoc_to_target: "{{completion}}"\nmetric_list:\n  - metric: acc\n'
     )
+    (tmp_path / "evals" / "codes_said.yaml").write_text(  # the model writes its answer, compared with the target
+        "include: codes.yaml\ntask: codes_said\noutput_type: generate_until\n"
+        "generation_kwargs: {until: ['\\n'], max_gen_toks: 8, do_sample: false}\n"
+        "metric_list:\n  - metric: exact_match\n"
+    )
     recipe = {
         "name": "plain",
         "base": "scratch:layers=1,hidden=64,heads=2,seed=0",
@@ -56,21 +61,27 @@ def test_a_user_task_on_a_plain_base_scores_what_training_taught(tmp_path):
         "task": {"name": None, "path": "codes.jsonl"},
         "train": {"lr": 1e-2, "steps": 60, "batch_size": 8, "seq_len": 32, "warmup_steps": 0, "precision": "fp32"},
         "snapshots": {"schedule": "at", "at": [60]},
-        "evals": {"new": ["codes"], "general": [], "include": ["evals"]},
+        "evals": {"new": ["codes", "codes_said"], "general": [], "include": ["evals"]},
         "runs_dir": str(tmp_path / "runs"),
     }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     root = run(load_recipe(tmp_path / "r.yaml"))
-    acc = pd.read_csv(root / "curves.csv").set_index("step")["value"]
-    assert acc[0] == 0.0 and acc[60] == 1.0  # every code learned, and the eval sees it
+    curves = pd.read_csv(root / "curves.csv").set_index(["task", "step"])["value"]
+    assert curves["codes", 0] == 0.0 and curves["codes", 60] == 1.0  # every code learned, and the eval sees it
+    # generated: " FG4" after "Code for fig:", the space training put there dropped before comparing with "FG4"
+    assert curves["codes_said", 0] == 0.0 and curves["codes_said", 60] == 1.0
+    said = [json.loads(line) for line in (root / "evals" / "step-000060" / "samples_codes_said.jsonl").open()]
+    assert {row["filtered_resps"][0] for row in said} == {c for _, c in CODES}
 
     # The same task in its own format (as the lm_eval CLI renders it) reads 0: the greedy
     # continuation of "Code for fig:" is the space training put there, not "F".
     model, tokenizer = models.load(str(root / "snapshots" / "step-000060"))
     own = evaluate.prepare_suite(
-        EvalConfig(new=[], general=["codes"], include=["evals"], limit=None), tmp_path, chat=False
+        EvalConfig(new=[], general=["codes", "codes_said"], include=["evals"], limit=None), tmp_path, chat=False
     )
-    assert evaluate.evaluate_model(model, tokenizer, own)["results"]["codes"]["metrics"]["acc"]["value"] == 0.0
+    results = evaluate.evaluate_model(model, tokenizer, own)["results"]
+    assert results["codes"]["metrics"]["acc"]["value"] == 0.0
+    assert results["codes_said"]["metrics"]["exact_match"]["value"] == 0.0  # " FG4" is not "FG4"
 
 
 def test_the_embedded_numerals_eval_joins_as_training_does_on_a_plain_base(tmp_path):

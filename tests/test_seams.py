@@ -64,6 +64,26 @@ def test_loglikelihood_requests_are_rewritten_as_they_are_built():
     )
 
 
+def test_generated_text_is_rewritten_before_the_filters(tmp_path):
+    (tmp_path / "said.jsonl").write_text('{"prompt": "Q:", "completion": "A1"}\n')
+    (tmp_path / "said.yaml").write_text(
+        "task: said\ndataset_path: json\n"
+        f"dataset_kwargs: {{data_files: {{test: {tmp_path / 'said.jsonl'}}}}}\ntest_split: test\n"
+        'output_type: generate_until\ndoc_to_text: "{{prompt}}"\ndoc_to_target: "{{completion}}"\n'
+        "filter_list: [{name: lower, filter: [{function: lowercase}, {function: take_first}]}]\n"
+        "metric_list:\n  - metric: exact_match\n"
+    )
+    task = registry.task_manager((str(tmp_path),), defaults=False).load("said")["tasks"]["said"]
+    seams.rewrite_generated_text(task, lambda context, doc, text: f"{context}|{doc['completion']}|{text}")
+    task.build_all_requests(limit=1, rank=0, world_size=1)
+    for instance in task.instances:
+        instance.resps.append(" A1")  # as the evaluator files the model's answer
+    task.apply_filters()
+    assert [i.filtered_resps["lower"] for i in task.instances] == ["q:|a1| a1"], (
+        f"Task.apply_filters no longer filters Instance.resps after generation {UPGRADE}"
+    )
+
+
 def test_accelerate_mixed_precision_keeps_the_plain_forward(bf16_accelerator):
     model, _ = models.load(models.resolve("tiny-random"))
     prepared = bf16_accelerator.prepare(model)
