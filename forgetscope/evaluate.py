@@ -178,9 +178,6 @@ def prepare_suite(
                         problems.append(f"evals: {leaf!r} is listed twice{where}; list it once")
                     owners[leaf] = name
                 suite.roles[scored], suite.sources[scored], suite.members[scored] = role, name, sorted(leaves)
-                group = loaded[name]["groups"].get(scored) if name in loaded else None
-                if group is not None:
-                    suite.by_size[scored] = {a.metric: a.weight_by_size for a in group.aggregate_metric_list or []}
     if problems:
         raise EvalError("\n".join(problems))
     if base_model is not None and base_fingerprint is None:
@@ -197,6 +194,12 @@ def prepare_suite(
     for scored, name in suite.sources.items():
         leaves = loaded[name]["tasks"]
         digests = [_task_digest(leaf, leaves[leaf], config.limit) for leaf in suite.members[scored]]
+        group = loaded[name]["groups"].get(scored)
+        if group is not None:  # its name and how it aggregates move its scores as much as its tasks do
+            aggregates = group.aggregate_metric_list or []
+            suite.by_size[scored] = {a.metric: a.weight_by_size for a in aggregates}
+            named = [{k: getattr(v, "__qualname__", v) for k, v in vars(a).items()} for a in aggregates]
+            digests.insert(0, json.dumps([scored, named], sort_keys=True, default=str))
         suite.hashes[scored] = hashlib.sha256("".join(digests).encode()).hexdigest()[:20]
     return suite
 

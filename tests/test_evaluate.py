@@ -291,6 +291,26 @@ def test_a_group_of_tasks_is_scored_cached_and_kept_per_item(tiny, tmp_path):
     assert evaluate.evaluate_model(model, tokenizer, suite)["cached"] == ["knowledge"]
 
 
+def test_groups_over_the_same_tasks_weighed_differently_are_scored_apart(tiny, tmp_path):
+    """Two groups of the same tasks, one weighing them equally and one by size, give different
+    scores: neither may be the other's cache hit (the cache once returned the first for both)."""
+    model, tokenizer = tiny
+    for name, by_size in (("knowledge_eq", "false"), ("knowledge_sz", "true")):
+        (tmp_path / f"{name}.yaml").write_text(
+            f"group: {name}\ntask: [world_capitals, mmlu_shipped]\n"
+            f"aggregate_metric_list:\n  - metric: acc\n    weight_by_size: {by_size}\nmetadata: {{version: 1}}\n"
+        )
+    suites = {
+        name: evaluate.prepare_suite(
+            EvalConfig(new=[], general=[name], limit=3, include=[str(tmp_path)]), tmp_path, chat=False
+        )
+        for name in ("knowledge_eq", "knowledge_sz")
+    }
+    assert suites["knowledge_eq"].hashes["knowledge_eq"] != suites["knowledge_sz"].hashes["knowledge_sz"]
+    assert evaluate.evaluate_model(model, tokenizer, suites["knowledge_eq"])["cached"] == []
+    assert evaluate.evaluate_model(model, tokenizer, suites["knowledge_sz"])["cached"] == []
+
+
 def test_embedded_tasks_skip_lm_evals_full_index_and_standard_names_use_it():
     paths = [str(registry.evals_dir())]
     assert registry.manager_for(["numerals", "prose_ppl"], paths) is registry.task_manager(tuple(paths), defaults=False)
