@@ -23,14 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jinja2 import TemplateError
 from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
 
 from forgetscope import data, distributed, io, seams
 from forgetscope.errors import UserError
 from forgetscope.models import cache_dir
 from forgetscope.recipe import EvalConfig
-from forgetscope.registry import evals_dir, include_paths, manager_for
+from forgetscope.registry import evals_dir, include_paths, lm_eval_metrics, manager_for
 
 MAX_LENGTH = 2048  # context cap for scoring; also bounds lm-eval's batch-size search on CUDA
 BOOTSTRAP_ITERS = 1000  # stderr of perplexity-style metrics; lm-eval's default 100000 takes minutes
@@ -156,21 +155,17 @@ def prepare_suite(
                     problems.append(f"evals: {name!r}: its data is missing ({err}); fix the task's data_files path")
                     continue
                 # a broken task YAML: a `!function` that does not import (or whose module does not
-                # compile), a split or field its data lacks, a bad value, a template that cannot render
-                except (
-                    ImportError,
-                    AttributeError,
-                    SyntaxError,
-                    KeyError,
-                    ValueError,
-                    TypeError,
-                    TemplateError,
-                ) as err:
+                # compile, or that raises), a split or field its data lacks, a bad value, a template
+                # that cannot render, a group naming a task lm-eval does not know
+                except Exception as err:
                     problem = _unbuildable(name, manager, err, suite.paths[1:])
                     if problem is None:  # one of forgetscope's own evals: a bug, with its traceback
                         raise
                     problems.append(problem)
                     continue
+                problems += [
+                    p for leaf, task in loaded[name]["tasks"].items() if (p := _misconfigured(leaf, task, manager))
+                ]
             for scored, leaves in (_scored_evals(name, loaded[name]) if name in loaded else {name: [name]}).items():
                 for leaf in leaves:
                     if leaf in owners:
@@ -228,20 +223,60 @@ def _task_digest(name: str, task, limit: int | None) -> str:
     return json.dumps([name, config_text, docs, shots, sources], sort_keys=True, default=str)
 
 
+def _yaml_path(manager, name: str) -> Path | None:
+    """The YAML file lm-eval's index read ``name`` from (None: a task defined in Python)."""
+    entry = manager.task_index.get(name)
+    return Path(entry.yaml_path) if entry is not None and entry.yaml_path else None
+
+
+def _misconfigured(name: str, task, manager) -> str | None:
+    """The validation line for a task lm-eval built but cannot score as written (it would log an
+    error and go on, or fail once the model has answered): a metric it cannot resolve, stop
+    strings that are not text."""
+    where = f" ({path})" if (path := _yaml_path(manager, name)) else ""
+    unresolved = seams.unresolved_metrics(task)
+    if unresolved:
+        return f"evals: {name!r}{where}: {_unknown_metric(unresolved[0])}; fix that file"
+    until = (task.config.generation_kwargs or {}).get("until") if task.OUTPUT_TYPE == "generate_until" else None
+    if until is not None and not (
+        isinstance(until, str) or (isinstance(until, list) and all(isinstance(u, str) for u in until))
+    ):
+        return (
+            f"evals: {name!r}{where}: generation_kwargs.until is {until!r}, not text or a list of texts; fix that file"
+        )
+    return None
+
+
+def _unknown_metric(metric: str) -> str:
+    known = ", ".join(lm_eval_metrics())
+    return f"metric {metric!r} is neither one lm-eval registers ({known}) nor one the `evaluate` library could load"
+
+
 def _unbuildable(name: str, manager, err: Exception, include: list[str]) -> str | None:
     """The validation line for an eval whose task YAML lm-eval cannot build (a ``!function`` that does
-    not import, a split or field its data lacks, a misspelt ``output_type``): the eval, its file, why;
-    "fix that file" for a YAML in the ``include`` folders. None for one of forgetscope's own evals."""
+    not import or raises, a split or field its data lacks, a misspelt ``output_type``, a group
+    naming an unknown task): the eval, its file, why; "fix that file" for a YAML in the ``include``
+    folders. None for one of forgetscope's own evals."""
+    from forgetscope.schema import did_you_mean
+
     entry = manager.task_index.get(name)
-    path = Path(entry.yaml_path) if entry is not None and entry.yaml_path else None
+    path = _yaml_path(manager, name)
     if path is not None and path.resolve().is_relative_to(evals_dir().resolve()):
         return None
     yours = path is None or any(path.resolve().is_relative_to(Path(folder).resolve()) for folder in include)
     where = f" ({path})" if path else ""
     config = (entry.cfg if entry is not None else None) or {}
     splits = {config.get(key) for key in ("test_split", "validation_split", "training_split", "fewshot_split")}
-    if isinstance(err, KeyError) and err.args and err.args[0] in splits:
+    members = config.get("task") if isinstance(config.get("task"), list) else []
+    unknown = [m for m in members if isinstance(m, str) and m not in manager.task_index]
+    metrics = [m.get("metric") for m in config.get("metric_list") or [] if isinstance(m, dict)]
+    unregistered = [m for m in metrics if isinstance(m, str) and m not in lm_eval_metrics()]
+    if unknown:
+        why = f"its task list names {unknown[0]!r}, which lm-eval does not know{did_you_mean(unknown[0], manager.task_index)}"
+    elif isinstance(err, KeyError) and err.args and err.args[0] is not None and err.args[0] in splits:
         why = f"no split {err.args[0]!r} in its data"
+    elif isinstance(err, KeyError) and unregistered:  # lm-eval looked up its aggregation and found none
+        why = _unknown_metric(unregistered[0])
     else:
         why = " ".join(f"{type(err).__name__}: {err}".split())
     fix = "fix that file" if yours else "a task lm-eval ships: check its data in the HF datasets cache"

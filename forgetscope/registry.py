@@ -66,6 +66,14 @@ def task_config(name: str, paths: list[str]) -> dict | None:
     return entry.cfg if entry is not None and entry.kind.name == "TASK" and entry.cfg else None
 
 
+def lm_eval_metrics() -> list[str]:
+    """The metrics lm-eval registers (``acc``, ``exact_match``, ...)."""
+    import lm_eval.api.metrics  # noqa: F401 (registers them)
+    from lm_eval.api.registry import metric_registry
+
+    return sorted(metric_registry)
+
+
 def metric_names(config: dict) -> list[str]:
     """The metrics lm-eval scores a task config with: its ``metric_list``, else the defaults of its
     ``output_type`` (``lm_eval.api.registry.DEFAULT_METRIC_REGISTRY``)."""

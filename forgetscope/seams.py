@@ -93,6 +93,16 @@ def rewrite_loglikelihood_requests(task, rewrite: Callable[[str, str], tuple[str
     task.construct_requests = rewritten
 
 
+def unresolved_metrics(task) -> list[str]:
+    """The metrics of a task's ``metric_list`` that lm-eval found neither in its registry nor in
+    the ``evaluate`` library (it logs an error and scores the task without them): the names in
+    ``ConfigurableTask._metric_fn_list`` whose function is None, unless the task computes its
+    metrics itself (``process_results``)."""
+    if task.config.process_results is not None:
+        return []
+    return [name for name, fn in task._metric_fn_list.items() if fn is None]
+
+
 def rewrite_generated_text(task, rewrite: Callable[[str, dict, str], str]) -> None:
     """Have a ``generate_until`` task pass each generated text through ``rewrite(context, doc,
     text)`` before its filters run: wraps the task's ``apply_filters``, which the evaluator calls

@@ -482,6 +482,10 @@ BROKEN = {  # a line of a task YAML -> what the one-line error says about it
     "test_split: validation": "no split 'validation'",
     "output_type: multiple_choise": "invalid output_type 'multiple_choise'",
     "doc_to_text: '{{questionz}}'": "'questionz' is undefined",
+    "process_docs: !function utils.boom": "RuntimeError: boom",  # a hook that raises
+    "metric_list: [{metric: accuracy}]": "metric 'accuracy' is neither one lm-eval registers (acc, ",
+    "metric_list: [{metric: accuracy, aggregation: mean}]": "metric 'accuracy' is neither one lm-eval registers",
+    "output_type: generate_until\ngeneration_kwargs: {until: 5}": "generation_kwargs.until is 5, not text",
 }
 
 
@@ -490,7 +494,9 @@ def test_a_broken_task_yaml_is_one_line_naming_the_eval_and_its_file(tmp_path, l
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "test.jsonl").write_text(json.dumps({"question": "Sky?", "choices": ["blue", "red"], "label": 0}) + "\n")
-    (mine / "utils.py").write_text("def process_docs(dataset):\n    return dataset\n")
+    (mine / "utils.py").write_text(
+        "def process_docs(dataset):\n    return dataset\n\n\ndef boom(dataset):\n    raise RuntimeError('boom')\n"
+    )
     fields = {
         "task": "mine",
         "dataset_path": "json",
@@ -509,6 +515,21 @@ def test_a_broken_task_yaml_is_one_line_naming_the_eval_and_its_file(tmp_path, l
     message = str(err.value)
     assert "\n" not in message and BROKEN[line] in message, message
     assert message.startswith(f"evals: 'mine' ({mine / 'mine.yaml'}): ") and message.endswith("; fix that file")
+
+
+def test_a_group_naming_an_unknown_task_says_which(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "knowledge.yaml").write_text(
+        "group: knowledge\ntask: [world_capitals, world_capital]\n"
+        "aggregate_metric_list:\n  - metric: acc\nmetadata: {version: 1}\n"
+    )
+    with pytest.raises(evaluate.EvalError) as err:
+        evaluate.prepare_suite(EvalConfig(new=[], general=["knowledge"], include=["mine"]), tmp_path, chat=False)
+    assert str(err.value) == (
+        f"evals: 'knowledge' ({mine / 'knowledge.yaml'}): lm-eval cannot build it (its task list names "
+        "'world_capital', which lm-eval does not know; did you mean 'world_capitals'?); fix that file"
+    )
 
 
 def test_a_broken_task_yaml_stops_a_run_before_anything_is_written(tmp_path, tiny_recipe_data, capsys):

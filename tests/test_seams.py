@@ -64,6 +64,22 @@ def test_loglikelihood_requests_are_rewritten_as_they_are_built():
     )
 
 
+def test_a_metric_lm_eval_cannot_resolve_is_found(tmp_path):
+    (tmp_path / "t.jsonl").write_text('{"prompt": "Q:", "completion": " A"}\n')
+    for name, metric in (("known", "acc"), ("unknown", "accuracy")):
+        (tmp_path / f"{name}.yaml").write_text(
+            f"task: {name}\ndataset_path: json\n"
+            f"dataset_kwargs: {{data_files: {{test: {tmp_path / 't.jsonl'}}}}}\ntest_split: test\n"
+            'output_type: loglikelihood\ndoc_to_text: "{{prompt}}"\ndoc_to_target: "{{completion}}"\n'
+            f"metric_list: [{{metric: {metric}, aggregation: mean, higher_is_better: true}}]\n"
+        )
+    tasks = registry.task_manager((str(tmp_path),), defaults=False).load(["known", "unknown"])["tasks"]
+    assert seams.unresolved_metrics(tasks["known"]) == [], f"ConfigurableTask._metric_fn_list changed {UPGRADE}"
+    assert seams.unresolved_metrics(tasks["unknown"]) == ["accuracy"], (
+        f"ConfigurableTask._metric_fn_list no longer holds None for a metric it cannot resolve {UPGRADE}"
+    )
+
+
 def test_generated_text_is_rewritten_before_the_filters(tmp_path):
     (tmp_path / "said.jsonl").write_text('{"prompt": "Q:", "completion": "A1"}\n')
     (tmp_path / "said.yaml").write_text(
