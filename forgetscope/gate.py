@@ -33,7 +33,8 @@ A probe whose change has no bootstrap (a task's own aggregation that the items d
 :func:`forgetscope.stats.paired_bootstrap` says why) has no bound: it is inconclusive under
 ``decide_on: upper`` and left out of the adjustment, and decided on its estimate under
 ``decide_on: estimate``. Each eval is checked on its primary metric
-(:func:`forgetscope.curves.primary_metric`) unless its entry names one (``metric:``).
+(:func:`forgetscope.curves.primary_metric`) unless its entry names one (``metric:``), and so is it
+in ``max_general_forgetting``.
 New-task limits compare the point estimate: ``min`` for a higher-is-better metric, ``max`` for a
 lower-is-better one (the other way round is refused: a model that learned would fail it). Drops
 are sign-correct (positive = worse); a relative limit divides the drop and its replicates by
@@ -42,7 +43,8 @@ counts a value within float rounding of it (1e-9, relative) as at the limit, whi
 0.8 -> 0.75 is a drop of 0.05 under ``max_drop: 0.05``, so the test decides it (a drop at the limit
 cannot be shown below it: inconclusive), and ``decide_on: estimate`` passes it. A probe whose base score is
 not clearly above chance (one-sided binomial test at ``confidence``) is flagged: it cannot show
-forgetting, and ``max_general_forgetting`` leaves it out unless ``at_chance: keep``.
+forgetting, and ``max_general_forgetting`` leaves it out unless ``at_chance: keep`` (and always a
+probe whose base is 0: no relative drop), saying which in its note.
 
 Exit codes of ``forgetscope gate``: 0 pass, 1 fail, 2 unusable input (bad policy, not a run,
 a probe the policy names but the run lacks or scores in the other role, a policy that checks
@@ -278,8 +280,7 @@ def check(run: str | Path, policy: Policy, step: int | None = None) -> dict:
         checks.append(_probe_check(layout, task, row, limits[task], step, iters))
         probes.append(checks[-1])
     tests = _decide(probes, policy)
-    if policy.max_general_forgetting is not None:  # on the primary metrics, as the report's general forgetting
-        rows = metrics.primary_rows(table[table["step"].isin([0, step])], alpha=alpha)
+    if policy.max_general_forgetting is not None:  # on each probe's metric: the policy's, else the primary one
         forgetting = metrics.general_forgetting(rows, keep_at_chance=policy.at_chance == "keep")
         value = forgetting[forgetting["step"] == step]["forgetting"]
         mean = float(value.iloc[0]) if len(value) else math.nan
@@ -292,8 +293,8 @@ def check(run: str | Path, policy: Policy, step: int | None = None) -> dict:
             note = "a probe's score is not a number: the model's outputs are undefined"
         else:
             note = "mean relative drop exceeds the limit"
-        left = metrics.left_out(rows).get(str(at["run"].iloc[0]), []) if policy.at_chance == "exclude" else []
-        note = "; ".join(filter(None, [note, f"leaves out {', '.join(left)} (at chance)" if left else ""]))
+        left = metrics.left_out(rows, policy.at_chance == "keep").get(str(at["run"].iloc[0]), [])
+        note = "; ".join(filter(None, [note, f"leaves out {', '.join(left)}" if left else ""]))
         checks.append(
             {
                 "name": "general forgetting",

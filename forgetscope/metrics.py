@@ -86,10 +86,16 @@ def general_forgetting(
     return out.merge(grouped["tokens"].first().reset_index(), on=["run", "step"])
 
 
-def left_out(rows: pd.DataFrame) -> dict[str, list[str]]:
-    """{run: general probes left out of general forgetting because their base is at chance}."""
-    at = rows[(rows["role"] == "general") & rows["at_chance"].astype(bool)]
-    return {run: sorted(group["task"].unique()) for run, group in at.groupby("run", sort=False)}
+def left_out(rows: pd.DataFrame, keep_at_chance: bool = False) -> dict[str, list[str]]:
+    """{run: the general probes :func:`general_forgetting` leaves out, each with why: ``"mc (at
+    chance)"`` (its base not clearly above chance; kept with ``keep_at_chance``) or ``"gsm8k (base
+    0)"`` (no relative drop from 0)}."""
+    out: dict[str, list[str]] = {}
+    for row in rows[rows["role"] == "general"].drop_duplicates(["run", "task"]).itertuples():
+        why = "at chance" if row.at_chance and not keep_at_chance else "base 0" if row.v0 == 0 else None
+        if why:
+            out.setdefault(row.run, []).append(f"{row.task} ({why})")
+    return {run: sorted(tasks) for run, tasks in out.items()}
 
 
 def drift_vs_forgetting(

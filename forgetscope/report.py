@@ -33,7 +33,7 @@ class Analysis:
     items: pd.DataFrame  # probe, item_id, text, runs, first_step, change: the most-forgotten items
     sequences: list[dict]  # runs with stages: run, figure (sequence.png), matrix metrics
     correction: str  # holm | bh | none: adjustment of each run's general probes' p-values
-    left_out: dict[str, list[str]]  # run -> general probes left out of general forgetting (at chance)
+    left_out: dict[str, list[str]]  # run -> general probes left out of general forgetting, with why
     drift: pd.DataFrame  # run, step, drift, forgetting: the KL probe against general forgetting, per snapshot
     cascades: list[dict]  # runs with a cascade: run, probe steps, full-battery steps and why, evaluation time
     replay: dict[str, pd.DataFrame] = field(default_factory=dict)  # runs with replay: their training log (replay_logs)
@@ -155,7 +155,7 @@ def analyse(
         _top_items(pd.DataFrame(forgotten)),
         sequences,
         correction,
-        {} if keep_at_chance else metrics.left_out(rows),
+        metrics.left_out(rows, keep_at_chance),
         drift,
         cascades,
         replay_logs([root for root, _ in runs]),
@@ -437,8 +437,8 @@ def _left_out_note(analysis: Analysis) -> str:
         return ""
     runs = "; ".join(f"{run}: {', '.join(probes)}" for run, probes in analysis.left_out.items())
     return (
-        f"Left out of general forgetting, their base score not clearly above chance (one-sided binomial p ≥ "
-        f"{metrics.CHANCE_ALPHA:g}), so they cannot show a drop: {runs}."
+        f"Left out of general forgetting: {runs} (at chance: the base score is not clearly above chance, "
+        f"one-sided binomial p ≥ {metrics.CHANCE_ALPHA:g}, so it cannot show a drop; base 0: no relative drop)."
     )
 
 

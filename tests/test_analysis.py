@@ -86,7 +86,8 @@ def test_chance_adjusted_drops_and_probes_at_chance():
     assert f[20] == pytest.approx((0.5 + 0.5) / 2)  # mc (0.27 -> 0.1) left out
     kept = metrics.general_forgetting(metrics.primary_rows(table), keep_at_chance=True).set_index("step")["forgetting"]
     assert kept[20] == pytest.approx((0.5 + 0.5 + 0.17 / 0.27) / 3)
-    assert metrics.left_out(metrics.primary_rows(table)) == {"a": ["mc"]}
+    assert metrics.left_out(metrics.primary_rows(table)) == {"a": ["mc (at chance)"]}
+    assert metrics.left_out(metrics.primary_rows(table), keep_at_chance=True) == {}
     assert metrics.run_summary(table).iloc[0]["forgetting_final"] == pytest.approx(0.5)
 
 

@@ -191,6 +191,8 @@ def test_general_forgetting_fails_when_no_probe_is_above_chance(tmp_path, fake_r
     result = json.loads((root / "gate.json").read_text())["checks"][-1]
     assert result["value"] is None and result["note"].startswith("no general probe is above chance")
     assert "general forgetting  mean relative drop  –" in capsys.readouterr().out
+    kept = gate.check(root, gate.load_policy(_policy(tmp_path, at_chance="keep", max_general_forgetting=0.05)))
+    assert kept["checks"][-1]["value"] is None and "leaves out facts (base 0)" in kept["checks"][-1]["note"]
 
 
 def test_relative_limits_defaults_new_task_minimum_and_mean_forgetting(tmp_path, runs, fake_run):
@@ -563,10 +565,12 @@ def test_the_primary_metric_follows_the_tasks_order_and_a_policy_can_name_one(tm
     loose = gate.check(run, gate.load_policy(_policy(tmp_path, general=named)))
     assert loose["checks"][0]["metric"] == "exact_match,loose" and loose["checks"][0]["drop"] == 1.0
     assert loose["verdict"] == "fail"
-    # the mean relative drop stays on the primary metrics (the report's general forgetting), whatever metric: says
+    # the mean relative drop takes each probe's metric as the policy names it (loose: 1.0 -> 0.0), else the primary
     both = gate.check(run, gate.load_policy(_policy(tmp_path, general=named, max_general_forgetting=0.5)))
     [mean] = [c for c in both["checks"] if c["name"] == "general forgetting"]
-    assert mean["value"] == 0.0 and mean["passed"]
+    assert mean["value"] == 1.0 and not mean["passed"]
+    primary = gate.check(run, gate.load_policy(_policy(tmp_path, max_general_forgetting=0.5)))
+    assert primary["checks"][-1]["value"] == 0.0 and primary["verdict"] == "pass"
 
 
 def _bits(rng, n: int, shift: float = 0.0) -> dict:
