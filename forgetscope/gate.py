@@ -453,7 +453,7 @@ def _decide(checks: list[dict], policy: Policy) -> list[dict]:
             t["mde"] = stats.detectable(t["se"], family_alpha, policy.power)
             notes.append(
                 f"inconclusive: within the limit but not shown to be; about {t['items_needed']} items (now {t['n']}) "
-                f"would decide it at {policy.power:.0%} power if the drop stays {t['drop']:+.4f} (raise evals.limit); "
+                f"would decide it at {policy.power:.0%} power if the drop stays {stats.format_signed(t['drop'])} (raise evals.limit); "
                 f"at {t['n']} items only drops {t['mde']:.4f} or more below the limit pass reliably"
             )
         if ok and t["p"] is None:

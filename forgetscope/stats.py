@@ -521,23 +521,26 @@ def format_signed(x: float) -> str:
 
 
 def format_summary(rows: list[dict]) -> str:
-    """The rows of :func:`final_vs_base` as a small aligned text table, with what "worse" means."""
-    head = (
-        f"{'task':18s} {'role':8s} {'metric':15s} {'base':>9s} {'final':>9s} {'delta [95% CI]':>30s} {'p (Holm)':>8s}"
-    )
-    lines = [head]
+    """The rows of :func:`final_vs_base` as a small aligned text table, with what "worse" means
+    (columns as wide as their longest cell: ``exact_match,strict-match``)."""
+    table = [["task", "role", "metric", "base", "final", "delta [95% CI]", "p (Holm)", ""]]
     for r in rows:
-        arrow = "↑" if r["higher_is_better"] else "↓"
-        flag = "  worse" if r["worse"] else ""
         if r["low"] is None:
             ci = f"{format_signed(r['delta'])} (no CI: {r['why']})"
         else:
             ci = f"{format_signed(r['delta'])} [{format_signed(r['low'])}, {format_signed(r['high'])}]"
         base, final = (format_signed(r[k]).lstrip("+") for k in ("base", "final"))
         p = format_p(r["p_adj"]) if r["role"] == "general" else ""
-        lines.append(
-            f"{r['task']:18s} {r['role']:8s} {r['metric'] + arrow:15s} {base:>9s} {final:>9s} {ci:>30s} {p:>8s}{flag}"
-        )
+        metric = r["metric"] + ("↑" if r["higher_is_better"] else "↓")
+        table.append([r["task"], r["role"], metric, base, final, ci, p, "worse" if r["worse"] else ""])
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    right = {3, 4, 5, 6}  # numbers
+    lines = [
+        " ".join(
+            cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))
+        ).rstrip()
+        for row in table
+    ]
     if any(r["role"] == "general" and r["low"] is not None for r in rows):
         lines.append(
             f"worse: beyond noise, p <= {ALPHA:g} (general probes: adjusted across them by Holm, as the report does)"

@@ -235,6 +235,17 @@ def test_without_a_reproducible_aggregation_the_delta_has_no_ci_and_says_why(tmp
     assert "no CI" in text and "nan" not in text and "inf" not in text
 
 
+def test_the_run_summary_keeps_its_columns_under_long_metric_names():
+    row = {"role": "general", "higher_is_better": True, "base": 0.2, "final": 0.1, "delta": -0.1, "low": -0.2}
+    rows = [
+        {**row, "task": "gsm8k", "metric": "exact_match,strict-match", "high": -0.01, "p_adj": 0.02, "worse": True},
+        {**row, "task": "arc_easy", "metric": "acc", "high": 0.0, "p_adj": 0.06, "worse": False},
+    ]
+    head, *lines, _ = stats.format_summary(rows).splitlines()
+    ends = {line.index(" [") for line in lines}  # where each CI opens
+    assert len(ends) == 1 and head.index("final") + len("final") < ends.pop()
+
+
 def group_value(weight_by_size: bool):
     """lm-eval's value of a group whose items forgetscope stores as ``subtask/id``: each subtask's
     mean, combined equally or by size."""
