@@ -29,6 +29,7 @@ _EXPORTS = {
     "plot_forgetting": "forgetscope.figures",
     "plot_learning": "forgetscope.figures",
     "plot_frontier": "forgetscope.figures",
+    "UserError": "forgetscope.errors",  # what a bad input raises: a message saying what to change
 }
 __all__ = list(_EXPORTS)
 
@@ -38,3 +39,8 @@ def __getattr__(name: str):
         module = importlib.import_module(_EXPORTS[name])
         return module if module.__name__.endswith(f".{name}") else getattr(module, name)
     raise AttributeError(f"module 'forgetscope' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The exports too (a notebook's tab completion lists them before their first use)."""
+    return sorted({*globals(), *_EXPORTS})

@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument(
             "--correction",
             default="holm",
-            choices=["holm", "bh", "none"],
+            choices=["holm", "bh", "none"],  # stats.CORRECTIONS (not imported: the CLI starts light)
             help="adjust each run's general probes' p-values: holm (family-wise, default), bh (false discovery rate), none",
         )
         cmd.add_argument(

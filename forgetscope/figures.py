@@ -39,30 +39,41 @@ def _panels(n: int, per_row: int, size: tuple[float, float]) -> tuple[Figure, li
 ROLE_TITLES = {"new": "new task", "general": "general", "drift": "label-free drift"}
 
 
+def _nothing(what: str) -> Figure:
+    """A small figure that says why there is nothing to draw (a notebook cell still shows something)."""
+    fig = Figure(figsize=(5.6, 1.2))
+    fig.text(0.5, 0.5, what, ha="center", va="center", fontsize=10)
+    return fig
+
+
 def plot_curves(table: pd.DataFrame, title: str = "") -> Figure:
     """One panel per task (three to a row): its primary metric against training step, with a 95%
-    band (±1.96 stderr).
+    band (±1.96 stderr, kept within [0, 1] for proportions), one line per run when ``table`` holds
+    several (:func:`run_colors`; one run: blue for a new task, red for a general probe).
 
-    The base (step 0) is marked by a dashed line; x is as :func:`step_axis` sets it.
+    Each run's base (step 0) is marked by a dashed line; x is as :func:`step_axis` sets it.
     """
     pairs = primary_metrics(table)
+    runs = list(dict.fromkeys(table["run"])) if "run" in table else []
+    several = len(runs) > 1
+    colors = run_colors(runs)
     fig, axes = _panels(len(pairs), 3, (4.4, 3.3))
     for ax, (task, metric) in zip(axes, pairs):
         rows = table[(table["task"] == task) & (table["metric"] == metric)].sort_values("step")
         role = rows["role"].iloc[0]
-        color = "tab:blue" if role == "new" else "tab:red"
-        ax.plot(rows["step"], rows["value"], marker="o", color=color)
-        if rows["stderr"].notna().any():
-            half = 1.96 * rows["stderr"].fillna(0)
-            ax.fill_between(rows["step"], rows["value"] - half, rows["value"] + half, color=color, alpha=0.2)
-        ax.axhline(rows["value"].iloc[0], color="grey", linestyle="--", linewidth=1, label="base (step 0)")
+        for run, line in rows.groupby("run", sort=False) if several else [(None, rows)]:
+            color = colors[run] if several else ("tab:blue" if role == "new" else "tab:red")
+            ax.plot(line["step"], line["value"], marker="o", markersize=4, color=color, label=run)
+            _band(ax, line, color, 0.2)
+            base = {"color": color, "alpha": 0.6} if several else {"color": "grey", "label": "base (step 0)"}
+            ax.axhline(line["value"].iloc[0], linestyle="--", linewidth=1, **base)
         arrow = "↑" if rows["higher_is_better"].iloc[0] else "↓"
         ax.set_title(f"{task} ({ROLE_TITLES.get(role, role)})")
         ax.set_ylabel(f"{metric} {arrow} better")
         ax.set_xlabel("training step")
         step_axis(ax, rows["step"])
         ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize=8)
+        ax.legend(loc="best", fontsize=8, title="dashed: base (step 0)" if several else None, title_fontsize=7)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -109,22 +120,40 @@ def save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _run_colors(runs) -> dict[str, str]:
-    """A fixed colour per run name (by sorted name), the same in every figure of a report."""
-    palette = matplotlib.colormaps["tab10"].colors
-    return {run: palette[i % len(palette)] for i, run in enumerate(sorted(set(runs)))}
+def run_colors(runs) -> dict[str, str]:
+    """A colour per run name (by sorted name): tab10 for up to 10 runs, tab20 for up to 20 (then
+    they repeat). The report computes them once over all its runs and passes them to every figure,
+    so a run has one colour throughout; a figure given none colours the runs it shows."""
+    names = sorted(set(runs))
+    palette = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"].colors
+    return {run: palette[i % len(palette)] for i, run in enumerate(names)}
 
 
-def plot_forgetting(drops: pd.DataFrame) -> Figure:
+def _band(ax, line: pd.DataFrame, color, alpha: float) -> None:
+    """The ±1.96 stderr band of ``line`` (columns step, value, stderr, higher_is_better), within
+    [0, 1] for a proportion (a higher-is-better metric whose values all lie there: an accuracy)."""
+    if not line["stderr"].notna().any():
+        return
+    half = 1.96 * line["stderr"].fillna(0)
+    low, high = line["value"] - half, line["value"] + half
+    if bool(line["higher_is_better"].iloc[0]) and line["value"].between(0, 1).all():
+        low, high = low.clip(0, 1), high.clip(0, 1)
+    ax.fill_between(line["step"], low, high, color=color, alpha=alpha)
+
+
+def plot_forgetting(drops: pd.DataFrame, colors: dict[str, str] | None = None) -> Figure:
     """One panel per general probe: each run's drop from the base (positive = worse, in the
-    probe's own metric) against step, with its paired 95% bootstrap band.
+    probe's own metric) against step, with its paired 95% band (the score interval for
+    accuracies, the bootstrap's for other metrics); x as :func:`step_axis` sets it.
 
     ``drops`` has columns run, task, metric, step, drop, low, high (the CI of the drop). One legend
-    below the panels names every run, whichever probes it has.
+    below the panels names every run, whichever probes it has. ``colors``: :func:`run_colors`.
     """
+    if drops.empty:
+        return _nothing("no general probe in these runs: no forgetting curve to draw")
     probes = list(dict.fromkeys(drops["task"]))
     runs = list(dict.fromkeys(drops["run"]))
-    colors = _run_colors(runs)
+    colors = colors or run_colors(runs)
     fig, axes = _panels(len(probes), 2, (5.6, 3.6))
     fig.set_layout_engine("constrained")  # makes room for the figure's legend ("outside" below)
     for ax, probe in zip(axes, probes):
@@ -137,6 +166,7 @@ def plot_forgetting(drops: pd.DataFrame) -> Figure:
         ax.set_title(f"{probe}: drop in {part['metric'].iloc[0]}")
         ax.set_ylabel("drop from base (up = worse)")
         ax.set_xlabel("training step")
+        step_axis(ax, part["step"])
         ax.grid(alpha=0.3)
     fig.legend(
         handles=[Line2D([], [], color=colors[run], marker="o", markersize=3, label=run) for run in runs],
@@ -148,11 +178,12 @@ def plot_forgetting(drops: pd.DataFrame) -> Figure:
     return fig
 
 
-def plot_learning(rows: pd.DataFrame, target: float | None = None) -> Figure:
+def plot_learning(rows: pd.DataFrame, target: float | None = None, colors: dict[str, str] | None = None) -> Figure:
     """New tasks' primary metric against step (``rows``: primary rows of new-task evals), one line
-    per run and task (a run's colour; a task's line style when there are several tasks), with the
-    target score if one is set. The title names the tasks shown."""
-    colors = _run_colors(rows["run"])
+    per run and task (a run's colour, :func:`run_colors`; a task's line style when there are
+    several tasks), with the target score if one is set. The title names the tasks shown; the
+    legend sits beside the axes when it is long."""
+    colors = colors or run_colors(rows["run"])
     tasks = list(dict.fromkeys(rows["task"]))
     styles = dict(zip(tasks, itertools.cycle(["-", "--", ":", "-."])))
     fig = Figure(figsize=(6.4, 3.8))
@@ -161,9 +192,7 @@ def plot_learning(rows: pd.DataFrame, target: float | None = None) -> Figure:
         line = line.sort_values("step")
         label = run if len(tasks) == 1 else f"{run}: {task}"
         ax.plot(line["step"], line["value"], marker="o", markersize=3, color=colors[run], ls=styles[task], label=label)
-        if line["stderr"].notna().any():
-            half = 1.96 * line["stderr"].fillna(0)
-            ax.fill_between(line["step"], line["value"] - half, line["value"] + half, color=colors[run], alpha=0.15)
+        _band(ax, line, colors[run], 0.15)
     if target is not None:
         ax.axhline(target, color="black", linewidth=1, linestyle=":", label=f"target {target:g}")
     ax.set_title(f"New task{'s' if len(tasks) > 1 else ''}: {', '.join(tasks)}")
@@ -175,18 +204,26 @@ def plot_learning(rows: pd.DataFrame, target: float | None = None) -> Figure:
         else "score (each task's primary metric)"
     )
     ax.set_xlabel("training step")
+    step_axis(ax, rows["step"])
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    lines = rows.groupby(["run", "task"]).ngroups
+    if lines > 6:  # beside the axes: inside, a long legend covers the curves
+        fig.set_size_inches(6.4 + 1.8 * (1 + (lines > 24)), 3.8)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncols=1 + (lines > 24))
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
 
-def plot_frontier(summary: pd.DataFrame) -> Figure:
+def plot_frontier(summary: pd.DataFrame, colors: dict[str, str] | None = None) -> Figure:
     """Learning vs forgetting: each run's final new-task gain against its general forgetting
     (mean relative drop), the Pareto frontier joined by a line (``summary`` from
     :func:`forgetscope.metrics.rank_runs`); a run without a new task or general probes has no point."""
-    colors = _run_colors(summary["run"])
+    colors = colors or run_colors(summary["run"])
     summary = summary.dropna(subset=["gain_final", "forgetting_final"])
+    if summary.empty:
+        return _nothing("no run has both a new task and general probes: no learning-vs-forgetting point")
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.subplots()
     front = summary[summary["pareto"]].sort_values("forgetting_final")
@@ -241,7 +278,7 @@ def plot_sequence(table: pd.DataFrame, stages: list[dict], matrix: pd.DataFrame,
     heat.set_xlabel("scored on task")
     heat.set_title("accuracy matrix R[i][j]")
     fig.colorbar(image, ax=heat, fraction=0.046)
-    colors = _run_colors(matrix.columns)
+    colors = run_colors(matrix.columns)
     for k, stage in enumerate(stages):
         curves_ax.axvspan(stage["start"], stage["end"], color="grey", alpha=0.08 if k % 2 else 0.0)
         curves_ax.axvline(stage["end"], color="grey", linewidth=0.8, linestyle=":")
@@ -313,7 +350,7 @@ def plot_sweep(table: pd.DataFrame, target: float | None = None, title: str = ""
             ("steps_to_target", f"steps until the new task reaches {target:g}"),
         ]
     fig, axes = _panels(len(panels), 2, (5.0, 3.6))
-    colors = _run_colors(table["recipe"])
+    colors = run_colors(table["recipe"])
     for ax, (column, label) in zip(axes, panels):
         for recipe, line in table.groupby("recipe", sort=False):
             line = line.sort_values("x")
@@ -343,12 +380,12 @@ def plot_sweep(table: pd.DataFrame, target: float | None = None, title: str = ""
     return fig
 
 
-def plot_drift_forgetting(points: pd.DataFrame, r2: float, probe: str) -> Figure:
+def plot_drift_forgetting(points: pd.DataFrame, r2: float, probe: str, colors: dict[str, str] | None = None) -> Figure:
     """A label-free drift probe (x, e.g. the KL from the base on new-task prompts) against the
     general forgetting measured at the same snapshot (y), every run's snapshots joined in step
     order, with the least-squares line over all points and its R^2 (``points``: run, step, drift,
-    forgetting, from :func:`forgetscope.metrics.drift_vs_forgetting`)."""
-    colors = _run_colors(points["run"])
+    forgetting, from :func:`forgetscope.metrics.drift_vs_forgetting`; ``colors``: :func:`run_colors`)."""
+    colors = colors or run_colors(points["run"])
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.subplots()
     for run, line in points.groupby("run", sort=False):

@@ -215,14 +215,21 @@ def rank_runs(summary: pd.DataFrame) -> pd.DataFrame:
     """``summary`` with ``pareto`` (on the learning-vs-forgetting frontier of final gain and final
     forgetting) and ``rank``: runs that reach the target first, by forgetting at the target
     (less is better); then the others by final forgetting; ties by final gain (more is better).
-    Without a target, by final forgetting among the runs on the frontier, then the rest."""
+    Without a target, by final forgetting among the runs on the frontier, then the rest. With a
+    ``status`` column, finished runs rank before the others (a run stopped early has forgotten
+    less only because it trained less); with ``sequence_forgetting`` (a sequence's mean forgetting
+    of its earlier tasks), that breaks ties of final forgetting (a sequence without general
+    probes has none)."""
     out = summary.copy()
     out["pareto"] = pareto_front(out["gain_final"], out["forgetting_final"])
+    finals = [out["forgetting_final"], out.get("sequence_forgetting", pd.Series(math.nan, index=out.index))]
     if "forgetting_at_target" in out:
         reached = out["forgetting_at_target"].notna()
-        key = [~reached, out["forgetting_at_target"].fillna(np.inf), out["forgetting_final"], -out["gain_final"]]
+        key = [~reached, out["forgetting_at_target"].fillna(np.inf), *finals, -out["gain_final"]]
     else:
-        key = [~out["pareto"], out["forgetting_final"], -out["gain_final"]]
+        key = [~out["pareto"], *finals, -out["gain_final"]]
+    if "status" in out:
+        key.insert(0, out["status"] != "finished")
     order = np.lexsort([np.asarray(k, float) for k in reversed(key)])
     out["rank"] = 0
     out.loc[out.index[order], "rank"] = np.arange(1, len(out) + 1)

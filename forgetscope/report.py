@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from forgetscope import continual, curves, figures, io, metrics, results, stats
+from forgetscope import continual, curves, figures, io, metrics, results, session, stats
 from forgetscope.errors import UserError
 from forgetscope.snapshots import RunLayout
 
@@ -42,7 +42,7 @@ class Analysis:
 
 
 def analyse(
-    paths: list[str | Path],
+    paths: str | Path | list[str | Path],
     target: float | None = None,
     weights: dict[str, float] | None = None,
     correction: str = "holm",
@@ -53,6 +53,8 @@ def analyse(
     ``correction`` (holm | bh | none) adjusts the p-values of each run's general probes at its last
     step, which decide the "worse / better beyond noise" verdicts; probes whose base is not clearly
     above chance are left out of general forgetting unless ``keep_at_chance``."""
+    if correction not in stats.CORRECTIONS:
+        raise UserError(f"correction {correction!r}: use one of {', '.join(stats.CORRECTIONS)}")
     runs = results.load_runs(paths)
     table = pd.concat([t for _, t in runs], ignore_index=True)
     rows = metrics.primary_rows(table)
@@ -69,22 +71,29 @@ def analyse(
         for root, run_table in runs
         if (stages := RunLayout(root).read_manifest().get("stages"))
     }
-    summary = metrics.rank_runs(
-        metrics.run_summary(table, target=target, weights=weights, keep_at_chance=keep_at_chance, new_task=last_stage)
+    summary = metrics.run_summary(
+        table, target=target, weights=weights, keep_at_chance=keep_at_chance, new_task=last_stage
     )
     manifests = {root.name: RunLayout(root).read_manifest() for root, _ in runs}
-    summary["status"] = [manifests[run].get("status") or "unfinished" for run in summary["run"]]
+    roots = {root.name: root for root, _ in runs}
+    summary["status"] = [_status(roots[run], manifests[run]) for run in summary["run"]]
     summary["planned_steps"] = [max(manifests[run].get("snapshot_steps") or [0]) or None for run in summary["run"]]
-    drops, finals, forgotten, sequences, cascades = [], [], [], [], []
+    sequences = [  # recomputed: older runs' may be wrong
+        {"run": root.name, "figure": root / "sequence.png", **continual.summary(run_table, manifest["stages"])[1]}
+        for root, run_table in runs
+        if (manifest := manifests[root.name]).get("stages") and manifest.get("sequence")
+        if (root / "sequence.png").is_file()
+    ]
+    forgot = {entry["run"]: entry["mean_forgetting"] for entry in sequences}
+    summary["sequence_forgetting"] = [forgot.get(run, math.nan) for run in summary["run"]]
+    summary = metrics.rank_runs(summary)
+    drops, finals, forgotten, cascades = [], [], [], []
     for root, run_table in runs:
         layout = RunLayout(root)
         run = run_table["run"].iloc[0]
-        manifest = layout.read_manifest()
+        manifest = manifests[root.name]
         if manifest.get("cascade"):
             cascades.append(_cascade_entry(run, manifest["cascade"]))
-        if manifest.get("stages") and manifest.get("sequence") and (root / "sequence.png").is_file():
-            sequence = continual.summary(run_table, manifest["stages"])[1]  # recomputed: older runs' may be wrong
-            sequences.append({"run": run, "figure": root / "sequence.png", **sequence})
         mine = rows[rows["run"] == run]
         last = int(mine["step"].max())
         for (task, metric, role, higher), line in mine.groupby(
@@ -150,7 +159,7 @@ def analyse(
     return Analysis(
         table,
         summary,
-        pd.DataFrame(drops),
+        pd.DataFrame(drops, columns=["run", "task", "metric", "step", "drop", "low", "high"]),
         pd.DataFrame(finals),
         _top_items(pd.DataFrame(forgotten)),
         sequences,
@@ -162,6 +171,13 @@ def analyse(
         dict(weights or {}),
         keep_at_chance,
     )
+
+
+def _status(root: Path, manifest: dict) -> str:
+    """A run's status as its manifest says it, but ``interrupted`` for one that reads ``running``
+    while no process writes it (killed without a chance to say so: SIGKILL, a power cut)."""
+    status = manifest.get("status") or "unfinished"
+    return "interrupted" if status == "running" and not session.being_written(root) else status
 
 
 def _cascade_entry(run: str, record: dict) -> dict:
@@ -198,8 +214,8 @@ def replay_logs(roots: list[Path]) -> dict[str, pd.DataFrame]:
 
 def _forgotten_items(layout: RunLayout, run: str, task: str, metric: str, higher: bool, steps: list[int]) -> list[dict]:
     """Per item of one probe in one run: for 0/1 metrics the items forgotten by the end (with the
-    first step they were wrong); for the others each item's change at the end (positive = worse:
-    bits per byte, or minus the accuracy-like score)."""
+    first step they were wrong); for the others the items that got worse, with their change at the
+    end (positive = worse: bits per byte, or minus the accuracy-like score)."""
     last = steps[-1]
     texts = results.item_texts(layout, task)
     flip = stats.flips(layout, task, metric, last)
@@ -220,6 +236,8 @@ def _forgotten_items(layout: RunLayout, run: str, task: str, metric: str, higher
     out = []
     for item in set(base) & set(final):
         change = stats.item_change(metric, base[item], final[item], higher)
+        if not change > 0:  # no worse in this run: it forgot nothing of the item
+            continue
         out.append(
             {
                 "probe": task,
@@ -234,8 +252,8 @@ def _forgotten_items(layout: RunLayout, run: str, task: str, metric: str, higher
 
 
 def _top_items(items: pd.DataFrame) -> pd.DataFrame:
-    """The most-forgotten items per probe: forgotten by the most runs (0/1 metrics), or with the
-    largest mean change over runs (continuous metrics)."""
+    """The most-forgotten items per probe: forgotten (or, for continuous metrics, made worse) by
+    the most runs, then by the largest mean change over those runs."""
     if items.empty:
         return pd.DataFrame(columns=["probe", "item_id", "text", "runs", "first_step", "change"])
     out = []
@@ -275,17 +293,19 @@ def write(
     out.mkdir(parents=True, exist_ok=True)
     earlier = _earlier_figures(out)
     pngs = {}
+    colors = figures.run_colors(analysis.summary["run"])  # one colour per run in every figure
     if _has_new_task(analysis):  # audits score a new task only when asked
-        pngs["learning"] = figures.save(learning_figure(analysis, target), out / "learning.png")
-        pngs["frontier"] = figures.save(figures.plot_frontier(analysis.summary), out / "frontier.png")
+        pngs["learning"] = figures.save(learning_figure(analysis, target, colors), out / "learning.png")
+    if _has_frontier(analysis):
+        pngs["frontier"] = figures.save(figures.plot_frontier(analysis.summary, colors), out / "frontier.png")
     if not analysis.drops.empty:
-        pngs["forgetting"] = figures.save(figures.plot_forgetting(analysis.drops), out / "forgetting.png")
+        pngs["forgetting"] = figures.save(figures.plot_forgetting(analysis.drops, colors), out / "forgetting.png")
     if analysis.replay:
         pngs["replay"] = figures.save(figures.plot_replay(analysis.replay), out / "replay.png")
     if len(analysis.drift):
         r2 = metrics.r_squared(analysis.drift["drift"], analysis.drift["forgetting"])
         pngs["drift"] = figures.save(
-            figures.plot_drift_forgetting(analysis.drift, r2, metrics.KL_PROBE), out / "drift.png"
+            figures.plot_drift_forgetting(analysis.drift, r2, metrics.KL_PROBE, colors), out / "drift.png"
         )
     for entry in analysis.sequences:  # copied beside the report, for the Markdown
         copy = out / f"sequence-{entry['run']}.png"
@@ -317,11 +337,16 @@ def _has_new_task(analysis: Analysis) -> bool:
     return bool(analysis.summary["new_task"].notna().any())
 
 
-def learning_figure(analysis: Analysis, target: float | None) -> figures.Figure:
+def _has_frontier(analysis: Analysis) -> bool:
+    """Whether any run has a point in the learning-vs-forgetting figure (a new task and general probes)."""
+    return bool(analysis.summary[["gain_final", "forgetting_final"]].notna().all(axis=1).any())
+
+
+def learning_figure(analysis: Analysis, target: float | None, colors: dict[str, str] | None = None) -> figures.Figure:
     """The new task of each run, the one its summary row shows (a sequence's last stage), against step."""
     rows = metrics.primary_rows(analysis.table)
     shown = set(zip(analysis.summary["run"], analysis.summary["new_task"]))
-    return figures.plot_learning(rows[[pair in shown for pair in zip(rows["run"], rows["task"])]], target)
+    return figures.plot_learning(rows[[pair in shown for pair in zip(rows["run"], rows["task"])]], target, colors)
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -576,12 +601,11 @@ def render_html(analysis: Analysis, pngs: dict[str, Path], title: str, target: f
             [
                 "<h2>Learning vs forgetting</h2>",
                 img("frontier", "learning vs forgetting scatter with the Pareto frontier"),
-                "<h2>New task</h2>",
-                img("learning", "new-task learning curves"),
             ]
-            if "learning" in pngs
+            if "frontier" in pngs
             else []
         ),
+        *(["<h2>New task</h2>", img("learning", "new-task learning curves")] if "learning" in pngs else []),
         *(
             ["<h2>Forgetting curves</h2>", img("forgetting", "forgetting curve per general probe with 95% CI bands")]
             if "forgetting" in pngs
@@ -636,11 +660,8 @@ def render_markdown(analysis: Analysis, title: str, target: float | None) -> str
                 _md_table(*_summary_rows(analysis, target)),
                 f"_{method_note(analysis)}_",
                 *([f"_{_left_out_note(analysis)}_"] if analysis.left_out else []),
-                *(
-                    ["![learning vs forgetting](frontier.png)", "![new task](learning.png)"]
-                    if _has_new_task(analysis)
-                    else []
-                ),
+                *(["![learning vs forgetting](frontier.png)"] if _has_frontier(analysis) else []),
+                *(["![new task](learning.png)"] if _has_new_task(analysis) else []),
                 *(["![forgetting curves](forgetting.png)"] if not analysis.drops.empty else []),
                 *(
                     [

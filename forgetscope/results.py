@@ -21,15 +21,16 @@ class ResultsError(UserError):
     """A path given as a run is not one, or two runs share a name."""
 
 
-def run_folders(paths: list[str | Path]) -> list[Path]:
-    """Run folders (holding ``manifest.json``) named by ``paths``: a run itself, or a folder of
-    runs (every run directly inside, in name order); each once, however often it is named.
+def run_folders(paths: str | Path | list[str | Path]) -> list[Path]:
+    """Run folders (holding ``manifest.json``) named by ``paths`` (one path, or a list of them): a
+    run itself, or a folder of runs (every run directly inside, in name order); each once, however
+    often it is named.
 
     A run's name, in every table and report, is its folder's name: for runs made by forgetscope
     that is the recipe's ``name``, and renaming a folder renames the run. Two runs must not share it.
     """
     found: list[Path] = []
-    for raw in paths:
+    for raw in [paths] if isinstance(paths, (str, Path)) else paths:
         path = Path(raw)
         if (path / "manifest.json").is_file():
             found.append(path)
@@ -50,7 +51,7 @@ def run_folders(paths: list[str | Path]) -> list[Path]:
     return roots
 
 
-def load_runs(paths: list[str | Path]) -> list[tuple[Path, pd.DataFrame]]:
+def load_runs(paths: str | Path | list[str | Path]) -> list[tuple[Path, pd.DataFrame]]:
     """(folder, tidy curves) of every run in ``paths`` (see :func:`run_folders`): its ``curves.csv``,
     or for a run still going (or stopped) the evaluations it has so far, with ``run`` its folder's
     name, plus a ``chance`` column (the accuracy of guessing, for 0/1 metrics:
@@ -99,14 +100,14 @@ def _read_curves(path: Path) -> pd.DataFrame:
     return table
 
 
-def load_results(paths: list[str | Path]) -> pd.DataFrame:
+def load_results(paths: str | Path | list[str | Path]) -> pd.DataFrame:
     """The tidy curves of every run in ``paths``, in one table (see :mod:`forgetscope.curves` for
     the columns and :func:`load_runs` for where they come from)."""
     tables = [table for _, table in load_runs(paths)]
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=curves.COLUMNS)
 
 
-def load_items(paths: list[str | Path], tasks: list[str] | None = None) -> pd.DataFrame:
+def load_items(paths: str | Path | list[str | Path], tasks: list[str] | None = None) -> pd.DataFrame:
     """Per-item results of every run, step and task: one row per item and metric, with columns
     run, step, task, item_id, metric, value (the item's score: 0/1 for accuracy; a log-likelihood
     for perplexity-type metrics), weight (1, or the item's words/bytes) and text (the prompt, or

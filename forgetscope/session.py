@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import os
 import platform
 import shutil
 import sys
@@ -83,6 +84,25 @@ def lock_file(root: Path) -> Path:
 
 FOLDER_LOCK = ".lock"
 """The lock file inside a run folder, taken when writing starts, before anything is written."""
+
+
+def being_written(root: Path) -> bool:
+    """Whether a process holds the run folder's own lock (:data:`FOLDER_LOCK`) now: a run that reads
+    ``running`` but is not being written was killed before it could say so. True when the folder
+    has no lock file (written before forgetscope kept one: unknown, so taken at its word)."""
+    import fcntl
+
+    try:
+        fd = os.open(root / FOLDER_LOCK, os.O_RDONLY)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a reader's lock: it never blocks a writer for long
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing lets go of the lock taken, if any
+    return False
 
 
 TRAIN_LOG_FIRST = ("step", "loss", "new_loss", "replay_loss", "learning_rate", "grad_norm", "epoch")

@@ -684,6 +684,10 @@ def p_noninferior(boot_drop: np.ndarray, margin: float) -> float:
     return (1 + int(np.count_nonzero(_reaches(boot_drop, margin)))) / (len(boot_drop) + 1)
 
 
+CORRECTIONS = ("holm", "bh", "none")
+"""The adjustments :func:`adjust` knows."""
+
+
 def adjust(pvalues: list[float | None], method: str) -> list[float]:
     """Adjusted p-values of a family of tests (reject where adjusted p <= alpha), in input order.
 
@@ -694,6 +698,8 @@ def adjust(pvalues: list[float | None], method: str) -> list[float]:
 
     A missing p-value (None or NaN: a change without a CI) counts as 1, no evidence.
     """
+    if method not in CORRECTIONS:
+        raise ValueError(f"unknown correction {method!r}: one of {', '.join(CORRECTIONS)}")
     pvalues = [1.0 if p is None or math.isnan(p) else float(p) for p in pvalues]
     m = len(pvalues)
     order = sorted(range(m), key=lambda i: pvalues[i])

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 import forgetscope
-from forgetscope import cli, metrics, report, results, stats
+from forgetscope import cli, io, metrics, report, results, session, stats
 from forgetscope.snapshots import RunLayout
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -431,6 +431,16 @@ def test_the_method_note_says_which_options_made_the_report(tmp_path, fake_run):
     assert "unadjusted" in report.method_note(none)
 
 
+def test_the_python_api_takes_one_path_and_refuses_an_unknown_correction(tmp_path, fake_run):
+    runs = _two_runs(tmp_path, fake_run)
+    assert set(forgetscope.load_results(str(runs / "harsh"))["run"]) == {"harsh"}
+    assert set(forgetscope.load_results(runs)["run"]) == {"gentle", "harsh"}
+    with pytest.raises(forgetscope.UserError, match="correction 'bonferroni': use one of holm, bh, none"):
+        report.analyse(runs, correction="bonferroni")
+    with pytest.raises(ValueError, match="unknown correction 'BH'"):
+        stats.adjust([0.01, 0.02], "BH")
+
+
 def test_unfinished_runs_are_marked_in_the_summary(tmp_path, fake_run):
     runs = _two_runs(tmp_path, fake_run)
     manifest = runs / "harsh" / "manifest.json"
@@ -440,6 +450,21 @@ def test_unfinished_runs_are_marked_in_the_summary(tmp_path, fake_run):
     for page in ("report.md", "report.html"):
         text = (tmp_path / "rep" / page).read_text()
         assert "failed at step 10 of 20" in text and "running at step 10" in text
+    # "running" with its folder's lock free: killed without a word (SIGKILL); held: still being written
+    lock = runs / "gentle" / session.FOLDER_LOCK
+    lock.write_text("")
+    assert report.analyse(runs).summary.set_index("run")["status"].to_dict() == {
+        "gentle": "interrupted",
+        "harsh": "failed",
+    }
+    with io.exclusive(lock, "gentle"):
+        assert report.analyse(runs).summary.set_index("run").loc["gentle", "status"] == "running"
+    (runs / "gentle" / "manifest.json").write_text(json.dumps({"status": "finished", "method": "full"}))
+    ranked = report.analyse(runs).summary  # harsh forgets more than gentle, yet a failed run ranks after
+    assert list(ranked["run"]) == ["gentle", "harsh"]
+    manifest.write_text(json.dumps({"status": "finished", "method": "full", "snapshot_steps": [0, 5, 10]}))
+    (runs / "gentle" / "manifest.json").write_text(json.dumps({"status": "running", "method": "full"}))
+    assert list(report.analyse(runs).summary["run"]) == ["harsh", "gentle"]  # ranked after, whatever it forgot
     manifest.write_text(json.dumps({"status": "finished", "method": "full", "snapshot_steps": [0, 5, 10]}))
     (runs / "gentle" / "manifest.json").write_text(json.dumps({"status": "finished", "method": "full"}))
     report.write([runs], tmp_path / "rep")
@@ -483,6 +508,14 @@ def test_a_change_without_a_ci_reads_no_ci_and_perplexity_items_fall_the_right_w
     probe_run(tmp_path / "ppl", lls, lambda items: math.exp(-np.mean(list(items.values()))), "perplexity", higher=False)
     items = report.analyse([tmp_path / "ppl"]).items.set_index("item_id")
     assert items.loc["a", "change"] == pytest.approx(2.0)  # its log-likelihood fell by 2: worse
+    assert "c" not in items.index  # it got better: not forgotten
+    better = {0: {"a": -1.0, "b": -2.0, "c": -1.5}, 1: {"a": -0.5, "b": -2.5, "c": -1.5}}  # a rises here
+    probe_run(
+        tmp_path / "ppl2", better, lambda items: math.exp(-np.mean(list(items.values()))), "perplexity", higher=False
+    )
+    both = report.analyse([tmp_path / "ppl", tmp_path / "ppl2"]).items.set_index("item_id")
+    assert both.loc["a", "runs"] == "ppl" and both.loc["a", "change"] == pytest.approx(2.0)  # ppl2 did not forget it
+    assert both.loc["b", "runs"] == "ppl2"
     assert metrics.pareto_front([1.0, math.nan], [0.1, 0.0]).tolist() == [True, False]  # no gain: not placed
 
 

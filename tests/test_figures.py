@@ -105,3 +105,42 @@ def test_curves_tick_labels_never_overlap(steps):
         assert _tick_labels_overlap(ax) == [], shown
         lo, hi = ax.get_xlim()
         assert lo <= 0 and hi >= steps[-1]  # every snapshot inside the axes
+
+
+def test_curves_of_several_runs_draw_one_line_per_run_within_0_and_1():
+    """`load_results(["runs"])` holds several runs: one line joined them all, zig-zagging between
+    runs at every step; and a Wald band of an accuracy reached below 0."""
+    steps = [0, 10, 20]
+    table = pd.DataFrame(
+        _rows("plain", "facts", steps, [0.0, 1.0, 1.0]) + _rows("replay", "facts", steps, [0.0, 0.5, 1.0])
+    )
+    table["stderr"] = 0.2
+    [ax] = figures.plot_curves(table).axes
+    lines = {
+        line.get_label(): list(line.get_ydata()) for line in ax.get_lines() if not line.get_label().startswith("_")
+    }
+    assert lines == {"plain": [0.0, 1.0, 1.0], "replay": [0.0, 0.5, 1.0]}
+    for band in ax.collections:
+        low, high = band.get_paths()[0].vertices[:, 1].min(), band.get_paths()[0].vertices[:, 1].max()
+        assert low >= 0.0 and high <= 1.0
+
+
+def test_a_run_keeps_its_colour_across_the_reports_figures():
+    """Colours were assigned per figure over the runs it shows: `ra` orange in one, green in another."""
+    colors = figures.run_colors(["ra", "rb", "rc"])
+    drops = pd.DataFrame(
+        [
+            {"run": "rb", "task": "facts", "metric": "acc", "step": s, "drop": 0.0, "low": 0.0, "high": 0.0}
+            for s in (0, 1)
+        ]
+    )
+    [ax] = figures.plot_forgetting(drops, colors).axes
+    assert ax.get_lines()[0].get_color() == colors["rb"] != figures.run_colors(["rb"])["rb"]
+    assert len(set(figures.run_colors([f"r{i:02d}" for i in range(20)]).values())) == 20  # tab20 past 10 runs
+
+
+def test_no_general_probe_or_no_point_says_so_instead_of_failing():
+    empty = pd.DataFrame(columns=["run", "task", "metric", "step", "drop", "low", "high"])
+    assert "no general probe" in figures.plot_forgetting(empty).texts[0].get_text()
+    summary = pd.DataFrame([{"run": "seq", "gain_final": 1.0, "forgetting_final": np.nan, "pareto": False, "rank": 1}])
+    assert "no run has both" in figures.plot_frontier(summary).texts[0].get_text()
