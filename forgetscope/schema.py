@@ -102,7 +102,10 @@ def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
                 return True, converted
         return False, value
     if origin is Literal:
-        return value in typing.get_args(hint), value
+        choices = typing.get_args(hint)
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):  # YAML 1.1 reads on/off as true/false
+            return True, "on" if value else "off"
+        return value in choices, value
     if origin is list:
         if not isinstance(value, list):
             return False, value
@@ -175,12 +178,25 @@ def build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
         if ok:
             kwargs[key] = converted
         else:
-            words = hint is str or (  # `off` unquoted is YAML's false: say so where a word is meant
-                typing.get_origin(hint) is Literal and all(isinstance(a, str) for a in typing.get_args(hint))
-            )
-            quote = "; YAML read it as a number or a boolean: quote it" if words and value is not None else ""
-            problems.append(f"{prefix}{key}: expected {type_name(hint)}, got {value!r}{quote}")
+            choices = [a for a in typing.get_args(hint) if isinstance(a, str)] if _is_choice(hint) else []
+            words = hint is str or bool(choices)
+            if words and isinstance(value, (bool, int, float)):  # `yes` unquoted is YAML's true
+                hint_text = "; YAML read it as a number or a boolean: quote it"
+            elif isinstance(value, str) and choices:
+                hint_text = did_you_mean(value, choices)
+            elif value is None:
+                hint_text = "; the value is empty"
+            else:
+                hint_text = ""
+            problems.append(f"{prefix}{key}: expected {type_name(hint)}, got {value!r}{hint_text}")
     return cls(**kwargs)
+
+
+def _is_choice(hint: Any) -> bool:
+    """Whether ``hint`` is a Literal of words (or one of them or None)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    literal = args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1 else hint
+    return typing.get_origin(literal) is Literal and all(isinstance(a, str) for a in typing.get_args(literal))
 
 
 def reference(root: type) -> str:

@@ -336,7 +336,7 @@ def _check_replay(recipe: Recipe, given: dict[str, Any]) -> list[str]:
             run = "the longest stage with replay" if recipe.stages else "the run"
             problems.append(
                 f"replay.refresh_every: {r.refresh_every} is not shorter than {run} ({max(replayed)} steps), so "
-                "the buffer would never be drawn anew; give fewer steps, or null to keep the buffer drawn before training"
+                "the buffer would never be drawn anew; give a smaller refresh_every, or null to keep the buffer drawn before training"
             )
     t = recipe.train
     if t.batch_size > 0 and 0 < r.ratio < 1 and round(t.batch_size * r.ratio) in (0, t.batch_size):

@@ -375,10 +375,26 @@ def test_stages_share_one_chat_template_setting():
         "stages must share one chat_template setting (every snapshot scores every stage's evals in one prompt "
         "format, and replay renders earlier stages' prompts as the current stage does); set 'off' in every stage"
     ]
-    with pytest.raises(RecipeError, match="got False; YAML read it as a number or a boolean: quote it"):
-        load_recipe(RECIPES / "sequence.yaml", ["stages.0.task.chat_template=off"])  # YAML's false
     same = [f"stages.{i}.task.chat_template='off'" for i in range(3)]
     assert [s.task.chat_template for s in load_recipe(RECIPES / "sequence.yaml", same).stages] == ["off"] * 3
+    unquoted = [f"stages.{i}.task.chat_template=off" for i in range(3)]  # YAML 1.1's false: read as the word
+    assert [s.task.chat_template for s in load_recipe(RECIPES / "sequence.yaml", unquoted).stages] == ["off"] * 3
+
+
+def test_a_misspelt_value_gets_a_hint_that_fits_it():
+    """Every misspelt word was told "YAML read it as a number or a boolean: quote it"."""
+    hints = {
+        "method=qlora": "method: expected 'full' | 'lora', got 'qlora'; did you mean 'lora'?",
+        "snapshots.schedule=logg": "got 'logg'; did you mean 'log'?",
+        "name=yes": "name: expected string, got True; YAML read it as a number or a boolean: quote it",
+        "train.lr=": "train.lr: expected number, got None; the value is empty",
+    }
+    for override, hint in hints.items():
+        with pytest.raises(RecipeError) as err:
+            load_recipe(RECIPES / "tiny.yaml", [override])
+        [problem] = err.value.problems
+        assert problem.startswith(f"--set {override}: ") and problem.endswith(hint), problem
+        assert "quote it" not in problem or override == "name=yes"
 
 
 def test_a_set_inside_replay_does_not_turn_replay_on():
