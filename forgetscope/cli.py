@@ -140,6 +140,15 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
     recipes = [load_recipe(path, args.set) for path in args.recipes]  # every recipe is checked before any training
     io.check_out_dir(Path(args.out), "-o")
+    out = Path(args.out).absolute()
+    for recipe in recipes:  # a run folder this compare is about to make
+        root = (Path(recipe.runs_dir) / recipe.name).absolute()
+        if out == root or root in out.parents:
+            where = "is" if out == root else "lies inside"
+            raise UserError(
+                f"-o {args.out}: {where} the folder of the run {recipe.name!r} that this compare writes, whose files "
+                "the report would mix with; choose a folder outside every run"
+            )
     names = [r.name for r in recipes]
     if len(set(names)) != len(names):
         fix = "a --set name=... names every one the same" if any(s.startswith("name=") for s in args.set) else ""

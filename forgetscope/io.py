@@ -57,7 +57,7 @@ def out_dir_problems(path: Path, what: str) -> list[str]:
             return [f"{what} {path}: {node} is a file, not a folder; choose another {what}"]
     owner = run_folder_of(path)
     if owner is not None:
-        where = "is the run folder" if owner == path.absolute() else f"lies inside the run folder {owner}"
+        where = "is a run folder" if owner == path.absolute() else f"lies inside the run folder {owner}"
         return [
             f"{what} {path}: {where}, whose files it would overwrite or mix with; choose a folder outside every run"
         ]

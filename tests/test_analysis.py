@@ -339,7 +339,7 @@ def test_report_and_runs_dir_inside_a_run_folder_are_refused(tmp_path, fake_run,
     assert not (root / "report.md").exists() and not (root / "evals" / "report.md").exists()
     (tmp_path / "r.yaml").write_text(yaml.safe_dump({**tiny_recipe_data, "runs_dir": str(root)}))
     assert cli.main(["run", str(tmp_path / "r.yaml")]) == 2  # its runs would hide inside run `a`
-    assert f"runs_dir {root}: is the run folder" in capsys.readouterr().err and not (root / "t").exists()
+    assert f"runs_dir {root}: is a run folder" in capsys.readouterr().err and not (root / "t").exists()
 
 
 def test_a_report_where_nothing_was_forgotten_says_so(tmp_path, fake_run):

@@ -465,7 +465,7 @@ def test_out_into_another_run_or_inside_a_run_folder_is_refused(tmp_path, runs, 
     policy = _policy(tmp_path, general={"facts": {"max_drop": 0.1}})
     (runs["small"] / "gate.json").write_text("{}")  # that run's own verdict
     for out, where in [
-        (runs["small"], "is the run folder,"),
+        (runs["small"], "is a run folder,"),
         (runs["small"] / "snapshots" / "step-000002", f"lies inside the run folder {runs['small']}"),
         (runs["same"] / "evals" / "step-000010", f"lies inside the run folder {runs['same']}"),
     ]:

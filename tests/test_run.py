@@ -230,6 +230,12 @@ def test_compare_checks_every_recipe_and_run_folder_before_training_any(
         in capsys.readouterr().err
     )
     assert ran == [] and not (tmp_path / "cmp").exists()
+    # -o at the folder of a run this compare makes: its report files went into that run
+    assert cli.main(["compare", str(paths[0]), "-o", str(tmp_path / "runs" / "a")]) == 2
+    assert "-o " + str(tmp_path / "runs" / "a") + ": is the folder of the run 'a' that this compare writes" in (
+        capsys.readouterr().err
+    )
+    assert ran == [] and not (tmp_path / "runs" / "a").exists()
 
 
 def test_a_run_on_conversations_from_a_parquet_file(tmp_path, tiny_recipe_data):
