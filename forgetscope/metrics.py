@@ -214,7 +214,7 @@ def pareto_front(gain: np.ndarray, forgetting: np.ndarray) -> np.ndarray:
 def rank_runs(summary: pd.DataFrame) -> pd.DataFrame:
     """``summary`` with ``pareto`` (on the learning-vs-forgetting frontier of final gain and final
     forgetting) and ``rank``: runs that reach the target first, by forgetting at the target
-    (less is better); then the others by final forgetting; ties by final gain (more is better).
+    (less is better; a run without general probes after those with); then the others by final forgetting; ties by final gain (more is better).
     Without a target, by final forgetting among the runs on the frontier, then the rest. With a
     ``status`` column, finished runs rank before the others (a run stopped early has forgotten
     less only because it trained less); with ``sequence_forgetting`` (a sequence's mean forgetting
@@ -224,7 +224,7 @@ def rank_runs(summary: pd.DataFrame) -> pd.DataFrame:
     out["pareto"] = pareto_front(out["gain_final"], out["forgetting_final"])
     finals = [out["forgetting_final"], out.get("sequence_forgetting", pd.Series(math.nan, index=out.index))]
     if "forgetting_at_target" in out:
-        reached = out["forgetting_at_target"].notna()
+        reached = out["steps_to_target"].notna()  # reached, with general probes or without
         key = [~reached, out["forgetting_at_target"].fillna(np.inf), *finals, -out["gain_final"]]
     else:
         key = [~out["pareto"], *finals, -out["gain_final"]]

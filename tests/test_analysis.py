@@ -134,6 +134,10 @@ def test_pareto_front_and_ranking():
     ranked = metrics.rank_runs(metrics.run_summary(table, target=0.75))
     assert ranked["run"].tolist() == ["b", "a", "c"]  # b forgets least at the target; c never reaches it
     assert ranked.set_index("run")["pareto"].to_dict() == {"a": False, "b": True, "c": False}
+    # a run that reaches the target without general probes (a sequence) still ranks before one that never does
+    reach = pd.DataFrame({"run": ["never", "seq"], "gain_final": [0.2, 1.0], "forgetting_final": [0.1, math.nan]})
+    reach["steps_to_target"], reach["forgetting_at_target"] = [math.nan, 690.0], [math.nan, math.nan]
+    assert metrics.rank_runs(reach)["run"].tolist() == ["seq", "never"]
 
 
 def test_mcnemar_exact_on_known_tables():
