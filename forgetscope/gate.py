@@ -188,7 +188,10 @@ def _limit(where: str, entry: Any, problems: list[str]) -> Limit | None:
     if len(given) != 1:
         problems.append(f"{where}: give exactly one of {' / '.join(keys)}, got {given or 'none'}")
         return None
-    return Limit(**{key: value if key == "metric" else _number(value) for key, value in entry.items()})
+    # lm-eval's own key of a metric without a filter ("acc,none") is forgetscope's "acc"
+    return Limit(
+        **{key: value.removesuffix(",none") if key == "metric" else _number(value) for key, value in entry.items()}
+    )
 
 
 def _number(value: Any) -> float | None:
@@ -334,9 +337,7 @@ def _with_metrics(table: pd.DataFrame, chosen: dict[str, tuple[str, str]]) -> pd
         have = list(table[rows]["metric"].unique())
         if have and metric not in have:
             hint = schema.did_you_mean(metric, have)
-            raise GateError(
-                f"policy {where}.metric: {name} has no metric {metric!r}{hint}; its metrics: {', '.join(have)}"
-            )
+            raise GateError(f"policy {where}.metric: {name} has no metric {metric!r} (it has {', '.join(have)}){hint}")
         keep &= ~rows | (table["metric"] == metric)
     return table[keep]
 

@@ -116,6 +116,11 @@ def test_a_group_of_unchanged_accuracies_is_tested_as_lm_eval_weighs_it(tmp_path
     assert result["verdict"] == ("pass" if by_size else "fail")  # p 0.0005 pooled; 0.16 weighed equally
 
 
+def test_a_policy_may_name_a_metric_as_lm_eval_keys_it(tmp_path, runs):
+    policy = gate.load_policy(_policy(tmp_path, general={"facts": {"max_drop": 0.3, "metric": "acc,none"}}))
+    assert gate.check(runs["small"], policy)["checks"][0]["metric"] == "acc"  # lm-eval's "acc,none" is "acc"
+
+
 def test_inconclusive_probes_exit_1_with_the_items_that_would_decide(tmp_path, runs, capsys):
     assert (
         cli.main(["gate", str(runs["small"]), "--policy", _policy(tmp_path, general={"facts": {"max_drop": 0.05}})])
@@ -257,7 +262,7 @@ def test_relative_limits_defaults_new_task_minimum_and_mean_forgetting(tmp_path,
         ),
         (
             {"general": {"facts": {"max_drop": 0.1, "metric": "acc_norm"}}},
-            "policy general.facts.metric: facts has no metric 'acc_norm'",
+            "policy general.facts.metric: facts has no metric 'acc_norm' (it has acc)",
         ),
         ({"confidence": 1.5, "general": {"facts": {"max_drop": 0.1}}}, "confidence: 1.5 must be in [0.5, 1)"),
         ({"decide_on": "vibes", "general": {"facts": {"max_drop": 0.1}}}, "decide_on: expected"),
