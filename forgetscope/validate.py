@@ -207,7 +207,8 @@ def check_snapshots(s: SnapshotConfig, steps: int | None, length: str = "train.s
 
 
 def check_evals(e: EvalConfig, base_dir: Path) -> list[str]:
-    """Problems with an eval suite: values, folders, and names no task registry knows."""
+    """Problems with an eval suite: values, folders, names listed twice, and names no task
+    registry knows (checked once the folders are there)."""
     problems = []
     if not e.new and not e.general:
         problems.append("evals: list at least one eval under `new` or `general`")
@@ -215,11 +216,17 @@ def check_evals(e: EvalConfig, base_dir: Path) -> list[str]:
         problems.append(f"evals.limit: must be positive or null, got {e.limit}")
     if isinstance(e.batch_size, int) and e.batch_size <= 0:
         problems.append(f"evals.batch_size: must be positive or 'auto', got {e.batch_size}")
-    for folder in e.include:
-        if not (base_dir / folder).is_dir():
-            problems.append(f"evals.include: no such folder {str(base_dir / folder)!r}")
-    if not problems:
-        problems += registry.check_eval_names([*e.new, *e.general], registry.include_paths(e, base_dir))
+    for role, names in (("new", e.new), ("general", e.general)):
+        problems += [
+            f"evals.{role}: {n!r} is listed twice; list it once"
+            for n in sorted({n for n in names if names.count(n) > 1})
+        ]
+    problems += [
+        f"evals: {n!r} is listed under new and under general; an eval is one or the other"
+        for n in sorted(set(e.new) & set(e.general))
+    ]
+    folders = [f"evals.include: no such folder {str(base_dir / f)!r}" for f in e.include if not (base_dir / f).is_dir()]
+    problems += folders or registry.check_eval_names([*e.new, *e.general], registry.include_paths(e, base_dir))
     return problems
 
 

@@ -435,3 +435,17 @@ def test_sweep_blames_a_misspelt_or_replay_key_on_key_not_values(tmp_path, capsy
         "replay on with every other replay setting at its default; add a `replay:` section to the recipe"
     )
     assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+
+
+def test_eval_lists_are_checked_whole_before_anything_runs():
+    """An eval listed twice passed validation and stopped the run at the suite's preparation; an
+    unknown name went unreported while another evals problem was there."""
+    with pytest.raises(RecipeError) as err:
+        load_recipe(RECIPES / "tiny.yaml", ["evals.general=[prose_ppl, prose_ppl, hellaswagg]", "evals.limit=0"])
+    assert [p.split(": ", 1)[1] for p in err.value.problems] == [
+        "evals.limit: must be positive or null, got 0",
+        "evals.general: 'prose_ppl' is listed twice; list it once",
+        "evals: unknown eval task 'hellaswagg'; did you mean 'hellaswag'? (see `forgetscope tasks`)",
+    ]
+    with pytest.raises(RecipeError, match="'numerals' is listed under new and under general"):
+        load_recipe(RECIPES / "tiny.yaml", ["evals.general=[numerals]"])
