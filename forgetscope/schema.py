@@ -201,26 +201,27 @@ def _is_choice(hint: Any) -> bool:
 
 def reference(root: type) -> str:
     """Every field of ``root`` and its sections with type, default and documentation; the fields
-    of a list's items under ``<name>[i].``."""
+    of a list's items under ``<name>[i].``. A class's own fields come before its sections, so that
+    none reads as a field of the section above it."""
     lines: list[str] = []
 
     def walk(cls: type, prefix: str) -> None:
         types_ = hints(cls)
         defaults = cls()
-        for f in dataclasses.fields(cls):
-            if f.metadata.get("internal"):
-                continue
-            section = section_class(types_[f.name])
-            if section is not None:
+        fields = [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+        plain = [f for f in fields if not section_class(types_[f.name]) and not item_class(types_[f.name])]
+        for f in plain + [f for f in fields if f not in plain]:
+            kind = f"{type_name(types_[f.name])}, default {getattr(defaults, f.name)!r}"
+            if section := section_class(types_[f.name]):
                 lines.append(f"\n{prefix}{f.name}:  {f.metadata['help']}")
                 walk(section, f"{prefix}{f.name}.")
-                continue
-            lines.append(f"  {prefix}{f.name} ({type_name(types_[f.name])}, default {getattr(defaults, f.name)!r})")
-            lines.append(f"      {f.metadata['help']}")
-            item = item_class(types_[f.name])
-            if item is not None:
+            elif item := item_class(types_[f.name]):  # a heading of its own, then its items' fields
+                lines.append(f"\n{prefix}{f.name} ({kind}):  {f.metadata['help']}")
                 lines.append(f"\n{prefix}{f.name}[i]:  {item.__doc__}")
                 walk(item, f"{prefix}{f.name}[i].")
+            else:
+                lines.append(f"  {prefix}{f.name} ({kind})")
+                lines.append(f"      {f.metadata['help']}")
 
     walk(root, "")
     return "\n".join(lines).lstrip("\n") + "\n"

@@ -119,7 +119,9 @@ def check(recipe: Recipe, data: dict[str, Any]) -> list[str]:
     problems += models.check_reference(recipe.base, recipe.base_dir)
 
     if recipe.method == "full" and recipe.lora is not None:
-        problems.append("lora: LoRA settings on a full fine-tuning run; remove the `lora:` section or set method: lora")
+        problems.append(
+            "lora: LoRA settings on a full fine-tuning run; remove the `lora:` section (--set lora=null) or set method: lora"
+        )
     t = recipe.train
     for key in ("lr", "steps", "batch_size", "grad_accum", "seq_len"):
         if getattr(t, key) <= 0:

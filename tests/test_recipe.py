@@ -46,6 +46,14 @@ def test_field_reference_documents_every_field():
         "stages[i].task.path",
     ):
         assert f"  {key} (" in text
+    # every field sits under the heading of its own section (runs_dir followed stages[i]'s fields)
+    heading = ""
+    for line in text.splitlines():
+        if line and not line.startswith(" "):
+            heading = line.split(" ", 1)[0].rstrip(":")
+        elif line.startswith("  ") and not line.startswith("      "):
+            key = line.split()[0]
+            assert key.rpartition(".")[0] == heading.rstrip(":") if "." in key else heading == "", (heading, key)
 
 
 # (recipe change, expected fragment of the single error line)
