@@ -21,6 +21,11 @@ class ResultsError(UserError):
     """A path given as a run is not one, or two runs share a name."""
 
 
+def _listed(paths: str | Path | list[str | Path]) -> list[str | Path]:
+    """One path, or a list of them, as a list."""
+    return [paths] if isinstance(paths, (str, Path)) else list(paths)
+
+
 def run_folders(paths: str | Path | list[str | Path]) -> list[Path]:
     """Run folders (holding ``manifest.json``) named by ``paths`` (one path, or a list of them): a
     run itself, or a folder of runs (every run directly inside, in name order); each once, however
@@ -30,7 +35,7 @@ def run_folders(paths: str | Path | list[str | Path]) -> list[Path]:
     that is the recipe's ``name``, and renaming a folder renames the run. Two runs must not share it.
     """
     found: list[Path] = []
-    for raw in [paths] if isinstance(paths, (str, Path)) else paths:
+    for raw in _listed(paths):
         path = Path(raw)
         if (path / "manifest.json").is_file():
             found.append(path)
@@ -84,7 +89,7 @@ def load_runs(paths: str | Path | list[str | Path]) -> list[tuple[Path, pd.DataF
             )
         )
     if not runs:
-        raise ResultsError(f"{', '.join(map(str, paths))}: no run with an evaluation yet; nothing to show")
+        raise ResultsError(f"{', '.join(map(str, _listed(paths)))}: no run with an evaluation yet; nothing to show")
     return runs
 
 

@@ -81,7 +81,8 @@ def _session(recipe: Recipe, main_process: bool = True) -> RunSession:
     return RunSession(
         Path(recipe.runs_dir) / recipe.name,
         {"recipe_hash": recipe_hash(recipe)},
-        "a run of a different recipe; choose another name (--set name=...) or remove that folder",
+        "a run of a different recipe (or of this one before its data or eval files changed: the run hashes "
+        "their contents); choose another name (--set name=...) or remove that folder",
         main_process=main_process,
     )
 

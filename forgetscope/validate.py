@@ -62,7 +62,10 @@ def _check_stages(recipe: Recipe, data: dict[str, Any]) -> tuple[list[str], list
     if isinstance(data.get("evals"), dict) and "new" in data["evals"]:
         problems.append("evals.new: with stages, each stage lists its own evals (stages[i].evals); remove evals.new")
     if isinstance(data.get("task"), dict) or (isinstance(data.get("train"), dict) and "steps" in data["train"]):
-        problems.append("task / train.steps: with stages, each stage gives its task and steps; remove them")
+        problems.append(
+            "task / train.steps: with stages, each stage gives its task and steps (stages.N.task, stages.N.steps); "
+            "remove them"
+        )
     known = set(registry.folder_evals(registry.evals_dir()))
     new: list[str] = []
     for i, stage in enumerate(recipe.stages):
