@@ -211,7 +211,7 @@ def find_checkpoints(refs: list[str], allow_pickle: bool = False) -> list[Checkp
         found.extend((p, str(p), _step_of(p)) for p in inside)
         if inside:
             runs.append(ref)
-        elif (folder / "trainer_state.json").is_file():
+        elif _is_checkpoint(folder):  # a checkpoint given alone: its run is the folder it sits in
             runs.append(str(folder.parent))
         if _is_checkpoint(folder) and not inside:
             found.append((folder, ref, _step_of(folder)))

@@ -400,6 +400,14 @@ def test_checkpoints_numbered_by_order_or_merged_from_several_runs_are_named(tmp
     assert [(c.step, c.folder.parent.name) for c in found] == [(2, "other"), (3, "run")]
     [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("forgetscope: warning:")]
     assert f"the checkpoints of {tmp_path / 'run'} and {tmp_path / 'other'} are merged into one curve" in line
+    # checkpoints given one by one: of one run (one folder) silently, of two runs with the warning
+    found = audit.find_checkpoints([str(tmp_path / "run" / "checkpoint-3"), str(tmp_path / "other" / "checkpoint-2")])
+    assert [c.step for c in found] == [2, 3]
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("forgetscope: warning:")]
+    assert f"the checkpoints of {tmp_path / 'run'} and {tmp_path / 'other'} are merged into one curve" in line
+    _fake_checkpoint(tmp_path / "run" / "checkpoint-5")
+    audit.find_checkpoints([str(tmp_path / "run" / "checkpoint-3"), str(tmp_path / "run" / "checkpoint-5")])
+    assert "warning" not in capsys.readouterr().err
 
 
 def _lora_adapter(folder, seed: int = 1, modules_to_save: list[str] | None = None) -> None:
