@@ -257,41 +257,80 @@ def plot_frontier(summary: pd.DataFrame, colors: dict[str, str] | None = None) -
 
 
 def plot_sequence(table: pd.DataFrame, stages: list[dict], matrix: pd.DataFrame, title: str = "") -> Figure:
-    """A sequence of new tasks: the accuracy matrix as a heatmap (left) and every stage's task
-    scored across all stages (right), the stages shaded and their boundaries marked."""
+    """A sequence of new tasks: the matrix R[i][j] as a heatmap (left) and every stage's task
+    scored across all stages (right), the stages shaded and their boundaries marked.
+
+    Each task is read in its primary metric. When they all share one (the usual accuracies), the
+    heatmap has one colour scale; when they differ (a stage of text scored in bits per byte beside
+    accuracies), each column is coloured on its own scale, better values brighter, and the right
+    panel gives the second metric an axis of its own."""
     fig = Figure(figsize=(12, 4.2))
     heat, curves_ax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.5]})
+    lines, kinds = {}, {}
+    for name in matrix.columns:
+        part = table[table["task"] == name]
+        metric = primary_metric(list(part["metric"].unique()))
+        lines[name] = part[part["metric"] == metric].sort_values("step")
+        kinds[name] = (metric, bool(lines[name]["higher_is_better"].iloc[0]))
     values = matrix.to_numpy(float)
-    image = heat.imshow(values, cmap="viridis", vmin=0, vmax=max(1.0, float(np.nanmax(values))), aspect="auto")
+    mixed = len(set(kinds.values())) > 1
+    if mixed:  # each column on its own scale, better brighter
+        shown = np.full_like(values, np.nan)
+        for j, name in enumerate(matrix.columns):
+            column = values[:, j] if kinds[name][1] else -values[:, j]
+            low, high = np.nanmin(column), np.nanmax(column)
+            shown[:, j] = (column - low) / (high - low) if high > low else 0.5
+        image = heat.imshow(shown, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    else:
+        shown = values
+        image = heat.imshow(values, cmap="viridis", vmin=0, vmax=max(1.0, float(np.nanmax(values))), aspect="auto")
     for (i, j), v in np.ndenumerate(values):
+        dark = not np.isnan(shown[i, j]) and shown[i, j] < 0.5
         heat.text(
             j,
             i,
             "–" if np.isnan(v) else f"{v:.2f}",
             ha="center",
             va="center",
-            color="white" if not np.isnan(v) and v < 0.5 else "black",
+            color="white" if dark else "black",
             fontsize=9,
         )
-    heat.set_xticks(range(values.shape[1]), matrix.columns, rotation=20, fontsize=8)
+    labels = [f"{name}\n({kinds[name][0]})" if mixed else name for name in matrix.columns]
+    heat.set_xticks(range(values.shape[1]), labels, rotation=20, fontsize=8)
     heat.set_yticks(range(values.shape[0]), matrix.index, fontsize=8)
     heat.set_xlabel("scored on task")
-    heat.set_title("accuracy matrix R[i][j]")
-    fig.colorbar(image, ax=heat, fraction=0.046)
+    heat.set_title(
+        "matrix R[i][j] (each column its own scale)" if mixed else f"matrix R[i][j]: {kinds[matrix.columns[0]][0]}"
+    )
+    bar = fig.colorbar(image, ax=heat, fraction=0.046)
+    if mixed:
+        bar.set_ticks([0, 1], labels=["worse", "better"])
+        bar.set_label("within each column", fontsize=8)
+    else:
+        bar.set_label(kinds[matrix.columns[0]][0], fontsize=8)
     colors = run_colors(matrix.columns)
     for k, stage in enumerate(stages):
         curves_ax.axvspan(stage["start"], stage["end"], color="grey", alpha=0.08 if k % 2 else 0.0)
         curves_ax.axvline(stage["end"], color="grey", linewidth=0.8, linestyle=":")
-    for name in matrix.columns:
-        part = table[table["task"] == name]
-        metric = primary_metric(list(part["metric"].unique()))
-        line = part[part["metric"] == metric].sort_values("step")
-        curves_ax.plot(line["step"], line["value"], marker="o", markersize=3, color=colors[name], label=name)
+    metrics_shown = list(dict.fromkeys(kinds.values()))
+    axes = {metrics_shown[0]: curves_ax}
+    if len(metrics_shown) == 2:  # a second metric on its own axis, e.g. bits per byte beside accuracy
+        axes[metrics_shown[1]] = curves_ax.twinx()
+    for name, line in lines.items():
+        ax = axes.get(kinds[name], curves_ax)
+        label = f"{name} (right axis)" if ax is not curves_ax else name
+        ax.plot(line["step"], line["value"], marker="o", markersize=3, color=colors[name], label=label)
+    for (metric, higher), ax in axes.items():
+        ax.set_ylabel(
+            f"{metric} ({'up' if higher else 'down'} = better)"
+            if len(metrics_shown) <= 2
+            else "score (each task's primary metric)"
+        )
     curves_ax.set_xlabel("training step (stages shaded; dotted lines end a stage)")
-    curves_ax.set_ylabel("score (primary metric)")
     curves_ax.set_title("every task across the stages")
     curves_ax.grid(alpha=0.3)
-    curves_ax.legend(fontsize=8)
+    handles = [h for ax in axes.values() for h in ax.get_legend_handles_labels()[0]]
+    curves_ax.legend(handles=handles, fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

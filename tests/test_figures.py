@@ -144,3 +144,21 @@ def test_no_general_probe_or_no_point_says_so_instead_of_failing():
     assert "no general probe" in figures.plot_forgetting(empty).texts[0].get_text()
     summary = pd.DataFrame([{"run": "seq", "gain_final": 1.0, "forgetting_final": np.nan, "pareto": False, "rank": 1}])
     assert "no run has both" in figures.plot_frontier(summary).texts[0].get_text()
+
+
+def test_a_sequence_of_accuracy_and_bits_per_byte_stages_reads_each_in_its_own_scale():
+    """A stage scored in bits per byte beside one in accuracy shared one colour scale (yellow: the
+    worst bits per byte, and the best accuracy) and one y axis (the accuracy flat under 0-12)."""
+    steps = [0, 10, 20]
+    prose = [dict(r, higher_is_better=False) for r in _rows("r", "prose", steps, [8.0, 4.2, 11.7], "bits_per_byte")]
+    table = pd.DataFrame(prose + _rows("r", "digits", steps, [0.0, 0.1, 1.0]))
+    matrix = pd.DataFrame({"prose": [8.0, 4.2, 11.7], "digits": [0.0, 0.1, 1.0]}, index=["base", "prose", "digits"])
+    stages = [{"start": 0, "end": 10}, {"start": 10, "end": 20}]
+    fig = figures.plot_sequence(table, stages, matrix)
+    heat, curves_ax, _, twin = fig.axes  # heatmap, curves, colour bar, the second metric's axis
+    assert "each column its own scale" in heat.get_title()
+    colours = heat.get_images()[0].get_array()
+    assert colours[1, 0] == 1.0 and colours[2, 0] == 0.0  # bits per byte 4.2 is the best of its column, 11.7 the worst
+    assert colours[2, 1] == 1.0  # accuracy 1.0 the best of its own
+    assert curves_ax.get_ylabel().startswith("acc") or twin.get_ylabel().startswith("acc")
+    assert {curves_ax.get_ylabel().split()[0], twin.get_ylabel().split()[0]} == {"bits_per_byte", "acc"}
