@@ -394,6 +394,12 @@ def plot_sweep(table: pd.DataFrame, target: float | None = None, title: str = ""
         for recipe, line in table.groupby("recipe", sort=False):
             line = line.sort_values("x")
             ax.plot(line["x"], line[column], marker="o", color=colors[recipe], label=recipe)
+            never = line[line[column].isna()]["x"] if column in ("forgetting_at_target", "steps_to_target") else []
+            if len(never):  # a run that never reached the target: marked on the panel's top edge, not left out
+                ax.plot(never, [0.97] * len(never), "x", color=colors[recipe], transform=ax.get_xaxis_transform())
+        if column in ("forgetting_at_target", "steps_to_target") and table[column].isna().any():
+            ax.plot([], [], "x", color="grey", label="never reached (top edge)")
+            ax.legend(fontsize=7, loc="lower right")
         if table["x"].max() >= 10 * table["x"].min() > 0:
             ax.set_xscale("log")
         ticks = sorted(table["x"].unique())

@@ -162,3 +162,25 @@ def test_a_sequence_of_accuracy_and_bits_per_byte_stages_reads_each_in_its_own_s
     assert colours[2, 1] == 1.0  # accuracy 1.0 the best of its own
     assert curves_ax.get_ylabel().startswith("acc") or twin.get_ylabel().startswith("acc")
     assert {curves_ax.get_ylabel().split()[0], twin.get_ylabel().split()[0]} == {"bits_per_byte", "acc"}
+
+
+def test_a_sweep_marks_the_runs_that_never_reached_the_target():
+    """A value whose run never reached the target vanished from the target panels in silence."""
+    table = pd.DataFrame(
+        {
+            "recipe": "lr",
+            "key": "train.lr",
+            "value": [1e-3, 3e-3],
+            "params": 1000,
+            "metric": "acc",
+            "forgetting": [0.9, 0.5],
+            "new_final": [1.0, 0.4],
+            "forgetting_at_target": [0.8, np.nan],
+            "steps_to_target": [120.0, np.nan],
+        }
+    )
+    fig = figures.plot_sweep(table, target=0.9)
+    for ax in fig.axes[2:]:
+        marks = [line for line in ax.get_lines() if line.get_marker() == "x" and len(line.get_xdata())]
+        assert [list(m.get_xdata()) for m in marks] == [[3e-3]]
+        assert "never reached (top edge)" in [t.get_text() for t in ax.get_legend().get_texts()]
