@@ -81,6 +81,20 @@ def _merge(base: dict[str, Any], extra: dict[str, Any], where: str = "") -> dict
                 mergeable = isinstance(item, dict) and isinstance(items[at], dict)
                 items[at] = _merge(items[at], item, f"{path}.{index}.") if mergeable else item
             out[key] = items
+        elif isinstance(value, dict) and isinstance(out.get(key), list):
+            key_given = next(k for k in value if not _is_index(k))
+            raise RecipeError(
+                [f"--set {path}.{key_given}: {path} is a list; index its items by number ({path}.0, or {path}.-1)"],
+                None,
+            )
+        elif isinstance(value, dict) and value and all(_is_index(k) for k in value) and out.get(key) is None:
+            index = next(iter(value))
+            raise RecipeError(
+                [
+                    f"--set {path}.{index}: the recipe has no {path} list to index; give the whole list: --set '{path}=[...]'"
+                ],
+                None,
+            )
         else:
             out[key] = value
     return out

@@ -457,3 +457,18 @@ def test_eval_lists_are_checked_whole_before_anything_runs():
     ]
     with pytest.raises(RecipeError, match="'numerals' is listed under new and under general"):
         load_recipe(RECIPES / "tiny.yaml", ["evals.general=[numerals]"])
+
+
+@pytest.mark.parametrize(
+    "recipe,override,problem",
+    [
+        ("tiny.yaml", "stages.1.lr=1e-4", "--set stages.1: the recipe has no stages list to index"),
+        ("tiny.yaml", "snapshots.at.0=3", "--set snapshots.at.0: the recipe has no snapshots.at list to index"),
+        ("sequence.yaml", "stages.x.steps=500", "--set stages.x: stages is a list; index its items by number"),
+    ],
+)
+def test_a_set_into_a_list_that_is_not_there_says_so(recipe, override, problem):
+    """These read "stages: expected list of mapping, got {'1': {'lr': '1e-4'}}"."""
+    with pytest.raises(RecipeError) as err:
+        load_recipe(RECIPES / recipe, [override])
+    assert err.value.problems[0].startswith(problem)
