@@ -446,7 +446,7 @@ def _final_rows(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
                 f"{stats.format_signed(sign * r['drop'])} (no CI: {r['why']})"
                 if pd.isna(r["low"])
                 else f"{stats.format_signed(sign * r['drop'])} [{stats.format_signed(low)}, {stats.format_signed(high)}]",
-                _pct(r["adj_drop"]) if pd.notna(r["chance"]) else "–",
+                _pct(r["adj_drop"]) if pd.notna(r["chance"]) and not r["at_chance"] else "–",  # no skill to lose
                 stats.format_p(r["p_adj"]),
                 stats.format_p(r["p_mcnemar"]),
                 flips,

@@ -288,6 +288,19 @@ def test_report_adjusts_across_probes_and_flags_chance(tmp_path, fake_run, fake_
     assert "base at chance" in md and "Left out of general forgetting" in md and "r: mc" in md
 
 
+def test_a_probe_at_chance_shows_no_share_of_skill_lost(tmp_path, fake_run, fake_probe):
+    """30 of 100 right on 4 choices is not clearly above guessing (0.25): "above-chance skill lost
+    -50%" was printed for such a probe, a ratio of noise."""
+    layout = fake_run(tmp_path / "runs" / "r", {0: {"i0": 1.0}, 10: {"i0": 1.0}})
+    guess = {f"m{k}": float(k < 30) for k in range(100)}
+    fake_probe(layout, "mc", {0: guess, 10: {k: float(int(k[1:]) < 25) for k in guess}}, choices=4)
+    analysis = report.analyse([tmp_path / "runs"])
+    mc = analysis.finals.set_index("task").loc["mc"]
+    assert mc["at_chance"] and mc["adj_drop"] == pytest.approx(1.0)  # 0.05 of 0.05 above chance
+    [row] = [line for line in report.render_markdown(analysis, "t", None).splitlines() if "| mc (general) |" in line]
+    assert row.split(" | ")[6] == "–"
+
+
 def test_percentages_are_signed_and_never_negative_zero():
     assert [report._pct(v) for v in (-0.0004, 0.0004, -0.0123, None)] == ["+0.0%", "+0.0%", "-1.2%", "–"]
 
