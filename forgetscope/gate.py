@@ -470,7 +470,9 @@ def _decide(checks: list[dict], policy: Policy) -> list[dict]:
 def _row(c: dict) -> list[str]:
     if "drop" in c:
         value = f"{c['base']:.4g} → {c['value']:.4g}"
-        measured = f"{stats.format_signed(c['drop'])} ({'no bound' if c['bound'] is None else '≤ ' + stats.format_signed(c['bound'])})"
+        bound = "no bound" if c["bound"] is None else "≤ " + stats.format_signed(c["bound"])
+        relative = " relative" if c.get("relative") else ""  # a share of the base, as the limit is
+        measured = f"{stats.format_signed(c['drop'])}{relative} ({bound})"
         p = stats.format_p(c["p_adj"])
     else:
         value, measured, p = "–" if c["value"] is None else f"{c['value']:.4g}", "", ""

@@ -207,6 +207,8 @@ def test_relative_limits_defaults_new_task_minimum_and_mean_forgetting(tmp_path,
     facts = result["checks"][0]
     assert facts["relative"] and facts["drop"] == pytest.approx(facts["value"] / facts["base"] * -1 + 1)
     assert result["verdict"] == "pass"
+    for page in (gate.render_text(result), gate.render_markdown(result)):  # a share of the base, not in acc's units
+        assert f"{stats.format_signed(facts['drop'])} relative (≤ " in page
     half = fake_run(tmp_path / "half", {0: {"i0": 1.0}, 10: {"i0": 1.0}}, learned=0.5).root
     result = gate.check(half, gate.load_policy(_policy(tmp_path, new={"new": {"min": 0.9}})))
     assert result["verdict"] == "fail" and result["checks"][0]["note"] == "below the minimum score"
