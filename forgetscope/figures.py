@@ -97,14 +97,21 @@ def step_axis(ax, steps: pd.Series) -> None:
 
 
 def plot_train_log(log: pd.DataFrame, title: str = "") -> Figure:
-    """Training losses against step: the total loss, and with replay the new-task and replay losses."""
+    """Training losses against step: the total loss, and with replay the new-task and replay losses;
+    on a log scale when they span more than 20x (a loss falling to 1e-4 is flat at 0 on a linear one)."""
     fig = Figure(figsize=(6, 3.4))
     ax = fig.subplots()
-    for column, label in (("loss", "total loss"), ("new_loss", "new-task loss"), ("replay_loss", "replay loss")):
-        if column in log:
-            ax.plot(log["step"], log[column], marker=".", label=label)
+    shown = [c for c in ("loss", "new_loss", "replay_loss") if c in log]
+    labels = {"loss": "total loss", "new_loss": "new-task loss", "replay_loss": "replay loss"}
+    for column in shown:
+        ax.plot(log["step"], log[column], marker=".", label=labels[column])
+    values = log[shown].to_numpy(float).ravel()
+    values = values[np.isfinite(values)]
+    logscale = len(values) and values.min() > 0 and values.max() > 20 * values.min()
+    if logscale:
+        ax.set_yscale("log")
     ax.set_xlabel("training step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel("loss (nats per token, log scale)" if logscale else "loss (nats per token)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title or "training losses")

@@ -184,3 +184,9 @@ def test_a_sweep_marks_the_runs_that_never_reached_the_target():
         marks = [line for line in ax.get_lines() if line.get_marker() == "x" and len(line.get_xdata())]
         assert [list(m.get_xdata()) for m in marks] == [[3e-3]]
         assert "never reached (top edge)" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_a_training_loss_falling_by_orders_of_magnitude_is_drawn_on_a_log_scale():
+    log = pd.DataFrame({"step": [1, 50, 100], "loss": [3.0, 0.01, 0.0003]})
+    assert figures.plot_train_log(log).axes[0].get_yscale() == "log"
+    assert figures.plot_train_log(log.assign(loss=[3.0, 2.5, 2.2])).axes[0].get_yscale() == "linear"
