@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from forgetscope import data, evaluate, io, models, registry, validate
+from forgetscope import data, evaluate, io, models, registry, seams, validate
 from forgetscope.errors import UserError
 from forgetscope.recipe import EvalConfig, TaskConfig
 from forgetscope.session import RunSession
@@ -407,7 +407,8 @@ def _score_checkpoints(
             _fit_vocabulary(model, folder)
             active = f"step{step}"
             try:
-                adapters = PeftModel.from_pretrained(model, str(folder), adapter_name=active)
+                with seams.peft_deprecation_quiet():
+                    adapters = PeftModel.from_pretrained(model, str(folder), adapter_name=active)
             except RuntimeError as err:  # torch's load_state_dict: "size mismatch for ..."
                 mismatch = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), None)
                 if mismatch is None:

@@ -93,6 +93,17 @@ def rewrite_loglikelihood_requests(task, rewrite: Callable[[str, str], tuple[str
     task.construct_requests = rewritten
 
 
+@contextlib.contextmanager
+def peft_deprecation_quiet() -> Iterator[None]:
+    """peft 0.21 asks transformers 5 through a name it deprecated (``is_gradient_checkpointing``):
+    its FutureWarning, printed at every adapter built or loaded, is not the user's to act on."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        yield
+
+
 def unresolved_metrics(task) -> list[str]:
     """The metrics of a task's ``metric_list`` that lm-eval found neither in its registry nor in
     the ``evaluate`` library (it logs an error and scores the task without them): the names in

@@ -15,7 +15,6 @@ import functools
 import json
 import math
 import shutil
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -67,8 +66,7 @@ def prepare_model(model, recipe: Recipe):
             target_modules=lora.target_modules,
             task_type="CAUSAL_LM",
         )
-        with warnings.catch_warnings():  # peft 0.21 asks transformers 5 through a name it deprecated: not the user's
-            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        with seams.peft_deprecation_quiet():
             model = get_peft_model(model, config)
     if recipe.train.compile:
         compile_blocks(model)
