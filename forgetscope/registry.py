@@ -85,7 +85,8 @@ def metric_names(config: dict) -> list[str]:
 
 def _declared(path: Path) -> tuple[str | None, list[str], str]:
     """The eval a task YAML declares as lm-eval's index reads it (a group's ``group:``, else its
-    ``task:``), the tags it puts that task under, and the file's first comment line. Read with
+    ``task:``), the tags it puts that task under, and the file's first comment line (for a group, marked as
+    one: "group of a, b" when it has none). Read with
     lm-eval's YAML loader, ``include:`` merged and ``!function`` tags left unimported; a file it
     cannot read still shows the name on its ``group:`` or ``task:`` line."""
     import yaml
@@ -101,6 +102,9 @@ def _declared(path: Path) -> tuple[str | None, list[str], str]:
     name = config.get("group", config.get("task"))
     if not isinstance(name, str) or not name:
         return None, [], comment
+    if "group" in config:  # shown as one: its tasks are scored as one eval (with an aggregate)
+        members = [t for t in config.get("task") or [] if isinstance(t, str)]
+        comment = f"group: {comment}" if comment else f"group of {', '.join(members)}"
     tags = config.get("tag") if "group" not in config else None
     return name, [tags] if isinstance(tags, str) else [t for t in tags or [] if isinstance(t, str)], comment
 

@@ -13,18 +13,20 @@ def test_a_folder_lists_groups_tags_and_quoted_names_as_lm_eval_registers_them(t
     (tmp_path / "b.yaml").write_text('# task b\ntask: "task_b"   # quoted, with a comment\ntag: my_tag\n' + TASK)
     (tmp_path / "g.yaml").write_text("# both tasks, averaged\ngroup: my_group\ntask:\n  - task_a\n  - task_b\n")
     (tmp_path / "f.yaml").write_text("# a hook\ntask: task_f\nprocess_docs: !function utils.nowhere\n" + TASK)
+    (tmp_path / "h.yaml").write_text("group: bare_group\ntask: [task_a, task_f]\n")
     listed = registry.folder_evals(tmp_path)
     assert listed == {
         "task_a": "task a",
         "task_b": "task b",
         "my_tag": "tag of task_a, task_b",
-        "my_group": "both tasks, averaged",
+        "my_group": "group: both tasks, averaged",
         "task_f": "a hook",
+        "bare_group": "group of task_a, task_f",
     }
     assert set(listed) <= set(registry.task_manager((str(tmp_path),), defaults=False).all_tasks)
     assert cli.main(["tasks", "--include", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "  my_group         both tasks, averaged" in out and "[task_a" not in out and '"task_b"' not in out
+    assert "  my_group         group: both tasks, averaged" in out and "[task_a" not in out and '"task_b"' not in out
 
 
 def test_a_broken_yaml_still_shows_its_name(tmp_path):
