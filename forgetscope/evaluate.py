@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import sys
 import weakref
 from collections.abc import Iterator
@@ -29,7 +28,7 @@ from forgetscope import data, distributed, io, seams
 from forgetscope.errors import UserError
 from forgetscope.models import cache_dir
 from forgetscope.recipe import EvalConfig
-from forgetscope.registry import evals_dir, include_paths, lm_eval_metrics, manager_for
+from forgetscope.registry import evals_dir, include_paths, lm_eval_metrics, manager_for, quiet_lm_eval
 
 MAX_LENGTH = 2048  # context cap for scoring; also bounds lm-eval's batch-size search on CUDA
 BOOTSTRAP_ITERS = 1000  # stderr of perplexity-style metrics; lm-eval's default 100000 takes minutes
@@ -140,7 +139,7 @@ def prepare_suite(
     on top of it, and the drift probe samples text from it (cached on disk per base)."""
     suite = EvalSuite(config, include_paths(config, base_dir), chat)
     manager = manager_for([*config.new, *config.general], suite.paths)
-    _quiet_lm_eval()
+    quiet_lm_eval()
     loaded, problems, owners = {}, [], {}
     for role, names in (("new", config.new), ("general", config.general)):
         for name in names:
@@ -316,10 +315,6 @@ def _unavailable(name: str, err: Exception) -> str:
     )
 
 
-def _quiet_lm_eval() -> None:
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
-
-
 def prompt_format(suite: EvalSuite, task: str) -> str:
     """How an eval's prompts are rendered: ``chat`` (new-task evals, chat-template bases), ``joined``
     (new-task evals on plain bases: context and target joined as training joined them, see
@@ -420,7 +415,7 @@ def evaluate_model(model, tokenizer, suite: EvalSuite) -> dict[str, Any] | None:
     if any(todo.values()):
         from forgetscope.scoring import PackedLM
 
-        _quiet_lm_eval()
+        quiet_lm_eval()
         was_training = model.training
         model.eval()
         seams.quiet_too_long_warning(tokenizer)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+import logging
 from pathlib import Path
 
 from forgetscope.recipe import EvalConfig
@@ -28,10 +29,19 @@ def include_paths(config: EvalConfig, base_dir: Path) -> list[str]:
 @functools.lru_cache(maxsize=8)
 def task_manager(paths: tuple[str, ...], defaults: bool = True):
     """lm-eval's task index over ``paths`` and, with ``defaults``, its own tasks (scanning those
-    thousands of YAMLs takes ~10 s; each index is built once per process)."""
+    thousands of YAMLs takes ~10 s; each index is built once per process). lm-eval's log is quieted
+    first: its "Task 'x' from ... overrides existing task" lines repeat what validation says of
+    names declared twice, and a folder of yours overriding a standard task is what you asked for."""
     from lm_eval.tasks import TaskManager
 
+    quiet_lm_eval()
+
     return TaskManager(include_path=list(paths), include_defaults=defaults, verbosity="ERROR")
+
+
+def quiet_lm_eval() -> None:
+    """lm-eval's log at errors only (forgetscope says what concerns the user, once)."""
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
 
 
 def manager_for(names: list[str], paths: list[str]):
