@@ -25,7 +25,8 @@ class Analysis:
     """Everything a report shows, as tables (also handy in a notebook)."""
 
     table: pd.DataFrame  # tidy curves of all runs
-    summary: pd.DataFrame  # one row per run, ranked (metrics.run_summary + rank_runs), + status, planned_steps
+    summary: pd.DataFrame  # one row per run, ranked (metrics.run_summary + rank_runs), + status, planned_steps,
+    # sequence_forgetting (a sequence's mean forgetting of its earlier stages)
     drops: pd.DataFrame  # run, task, metric, step, drop, low, high: general probes, paired 95% CI
     finals: (
         pd.DataFrame
