@@ -419,7 +419,7 @@ def _final_rows(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
         "final",
         "change [95% CI]",
         "above-chance skill lost",
-        f"p ({CORRECTIONS[analysis.correction]})",
+        f"p ({CORRECTIONS[analysis.correction]} across general probes; a new task's own)",
         "McNemar p",
         "right→wrong / wrong→right (chance-adjusted)",
         "verdict",

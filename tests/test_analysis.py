@@ -217,7 +217,7 @@ def test_report_ranks_and_renders_offline(tmp_path, fake_run):
     analysis = report.analyse([runs], target=0.5)
     harsh = analysis.finals.set_index(["run", "task"]).loc[("harsh", "facts")]
     assert harsh["drop"] > 0 and harsh["p_mcnemar"] < 0.05 and harsh["p_adj"] < 0.05
-    assert "| harsh | facts (general) | acc ↑ |" in md and "p (Holm)" in md
+    assert "| harsh | facts (general) | acc ↑ |" in md and "p (Holm across general probes; a new task's own)" in md
     assert cli.main(["report", str(tmp_path / "missing"), "-o", str(tmp_path / "rep2")]) == 2
     assert not (tmp_path / "rep2").exists()  # nothing half-written
 
