@@ -148,13 +148,16 @@ def _band(ax, line: pd.DataFrame, color, alpha: float) -> None:
     ax.fill_between(line["step"], low, high, color=color, alpha=alpha)
 
 
-def plot_forgetting(drops: pd.DataFrame, colors: dict[str, str] | None = None) -> Figure:
+def plot_forgetting(
+    drops: pd.DataFrame, colors: dict[str, str] | None = None, notes: dict[str, str] | None = None
+) -> Figure:
     """One panel per general probe: each run's drop from the base (positive = worse, in the
     probe's own metric) against step, with its paired 95% band (the score interval for
     accuracies, the bootstrap's for other metrics); x as :func:`step_axis` sets it.
 
     ``drops`` has columns run, task, metric, step, drop, low, high (the CI of the drop). One legend
-    below the panels names every run, whichever probes it has. ``colors``: :func:`run_colors`.
+    below the panels names every run, whichever probes it has. ``colors``: :func:`run_colors`;
+    ``notes``: probe -> a line under its panel's title (why general forgetting leaves it out).
     """
     if drops.empty:
         return _nothing("no general probe in these runs: no forgetting curve to draw")
@@ -170,7 +173,8 @@ def plot_forgetting(drops: pd.DataFrame, colors: dict[str, str] | None = None) -
             ax.plot(line["step"], line["drop"], marker="o", markersize=3, color=colors[run], label=run)
             ax.fill_between(line["step"], line["low"], line["high"], color=colors[run], alpha=0.15)
         ax.axhline(0, color="grey", linewidth=1, linestyle="--")
-        ax.set_title(f"{probe}: drop in {part['metric'].iloc[0]}")
+        note = (notes or {}).get(probe)
+        ax.set_title(f"{probe}: drop in {part['metric'].iloc[0]}" + (f"\n({note})" if note else ""), fontsize=10)
         ax.set_ylabel("drop from base (up = worse)")
         ax.set_xlabel("training step")
         step_axis(ax, part["step"])

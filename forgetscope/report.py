@@ -300,7 +300,9 @@ def write(
     if _has_frontier(analysis):
         pngs["frontier"] = figures.save(figures.plot_frontier(analysis.summary, colors), out / "frontier.png")
     if not analysis.drops.empty:
-        pngs["forgetting"] = figures.save(figures.plot_forgetting(analysis.drops, colors), out / "forgetting.png")
+        pngs["forgetting"] = figures.save(
+            figures.plot_forgetting(analysis.drops, colors, _left_out_by_probe(analysis)), out / "forgetting.png"
+        )
     if analysis.replay:
         pngs["replay"] = figures.save(figures.plot_replay(analysis.replay), out / "replay.png")
     if len(analysis.drift):
@@ -455,6 +457,21 @@ def _final_rows(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
             ]
         )
     return head, body
+
+
+def _left_out_by_probe(analysis: Analysis) -> dict[str, str]:
+    """probe -> "left out of general forgetting: at chance" (naming the runs when not all of them)."""
+    runs: dict[str, list[str]] = {}
+    for run, labels in analysis.left_out.items():
+        for label in labels:
+            runs.setdefault(label, []).append(run)
+    every = set(analysis.summary["run"])
+    notes: dict[str, list[str]] = {}
+    for label, which in runs.items():
+        probe, _, why = label.partition(" (")
+        whom = "" if set(which) == every else f" for {', '.join(which)}"
+        notes.setdefault(probe, []).append(f"{why.rstrip(')')}{whom}")
+    return {probe: "left out of general forgetting: " + "; ".join(whys) for probe, whys in notes.items()}
 
 
 def _left_out_note(analysis: Analysis) -> str:

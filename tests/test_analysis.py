@@ -299,6 +299,10 @@ def test_a_probe_at_chance_shows_no_share_of_skill_lost(tmp_path, fake_run, fake
     assert mc["at_chance"] and mc["adj_drop"] == pytest.approx(1.0)  # 0.05 of 0.05 above chance
     [row] = [line for line in report.render_markdown(analysis, "t", None).splitlines() if "| mc (general) |" in line]
     assert row.split(" | ")[6] == "–"
+    notes = report._left_out_by_probe(analysis)  # its forgetting curve says it is left out, and why
+    assert notes == {"mc": "left out of general forgetting: at chance"}
+    titles = [ax.get_title() for ax in forgetscope.plot_forgetting(analysis.drops, notes=notes).axes]
+    assert "mc: drop in acc\n(left out of general forgetting: at chance)" in titles
 
 
 def test_percentages_are_signed_and_never_negative_zero():
