@@ -250,13 +250,16 @@ def plot_frontier(summary: pd.DataFrame, colors: dict[str, str] | None = None) -
     x, y = summary["forgetting_final"] * 100, summary["gain_final"]
     span_x, span_y = max(float(np.ptp(x)), 1e-9), max(float(np.ptp(y)), 1e-9)
     placed: list[tuple[float, float]] = []
+    deepest = 0
     for row in summary.itertuples():
         point = (row.forgetting_final * 100, row.gain_final)
         ax.scatter(*point, s=70, color=colors[row.run], zorder=2, edgecolor="black" if row.pareto else "none")
         # labels of points that nearly coincide are stacked downwards instead of overprinted
         near = sum(abs(point[0] - px) < 0.15 * span_x and abs(point[1] - py) < 0.08 * span_y for px, py in placed)
         placed.append(point)
+        deepest = max(deepest, near)
         ax.annotate(f"{row.rank}. {row.run}", point, xytext=(6, 4 - 12 * near), textcoords="offset points", fontsize=9)
+    ax.margins(x=0.15, y=0.1 + 0.06 * deepest)  # room for the labels, stacked ones too, inside the axes
     ax.axvline(0, color="grey", linewidth=0.8)
     ax.set_xlabel("general forgetting at the end (% mean relative drop; right = worse)")
     ax.set_ylabel("new-task gain at the end (up = better)")
