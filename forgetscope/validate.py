@@ -218,7 +218,7 @@ def check_evals(e: EvalConfig, base_dir: Path) -> list[str]:
     if not e.new and not e.general:
         problems.append("evals: list at least one eval under `new` or `general`")
     if e.limit is not None and e.limit <= 0:
-        problems.append(f"evals.limit: must be positive or null, got {e.limit}")
+        problems.append(f"evals.limit: must be positive, or null for every item (audit's --limit 0), got {e.limit}")
     if isinstance(e.batch_size, int) and e.batch_size <= 0:
         problems.append(f"evals.batch_size: must be positive or 'auto', got {e.batch_size}")
     for role, names in (("new", e.new), ("general", e.general)):

@@ -451,7 +451,7 @@ def test_eval_lists_are_checked_whole_before_anything_runs():
     with pytest.raises(RecipeError) as err:
         load_recipe(RECIPES / "tiny.yaml", ["evals.general=[prose_ppl, prose_ppl, hellaswagg]", "evals.limit=0"])
     assert [p.split(": ", 1)[1] for p in err.value.problems] == [
-        "evals.limit: must be positive or null, got 0",
+        "evals.limit: must be positive, or null for every item (audit's --limit 0), got 0",
         "evals.general: 'prose_ppl' is listed twice; list it once",
         "evals: unknown eval task 'hellaswagg'; did you mean 'hellaswag'? (see `forgetscope tasks`)",
     ]
