@@ -125,21 +125,30 @@ def sweep(folder: Path) -> None:
 
 @contextmanager
 def exclusive(lock_file: Path, what: str) -> Iterator[None]:
-    """Hold an exclusive lock on ``lock_file`` for the block, or raise ``BusyError`` at once.
+    """Hold an exclusive lock on ``lock_file`` for the block, or raise ``BusyError`` (within a
+    tenth of a second: a report glancing at the lock, :func:`forgetscope.session.being_written`,
+    holds it for microseconds; a writer holds it for the whole run).
 
     The lock is the kernel's (``flock``): it dies with its process, so a killed run never leaves a
     stale lock behind. An ``OSError`` when the file cannot be created is the caller's to explain.
     """
     import fcntl
+    import time
 
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_file, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            raise BusyError(f"{what} is in use by {holder}; wait for it to finish or choose another name") from None
+        for attempt in range(5):
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == 4:
+                    fh.seek(0)
+                    holder = fh.read().strip() or "another process"
+                    raise BusyError(
+                        f"{what} is in use by {holder}; wait for it to finish or choose another name"
+                    ) from None
+                time.sleep(0.02)
         fh.seek(0)
         fh.truncate()
         fh.write(f"forgetscope process {os.getpid()}")

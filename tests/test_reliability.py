@@ -46,6 +46,21 @@ def test_a_run_folder_in_use_is_refused_and_a_dead_holder_leaves_no_lock(tmp_pat
         pass
 
 
+def test_a_report_glancing_at_a_lock_does_not_turn_a_writer_away(tmp_path):
+    """A report asks whether a run is being written by taking a reader's lock for an instant; a
+    writer starting in that instant waited instead of being refused."""
+    import fcntl
+    import threading
+
+    lock = tmp_path / "x.lock"
+    lock.write_text("")
+    reader = open(lock)  # noqa: SIM115
+    fcntl.flock(reader, fcntl.LOCK_SH)
+    threading.Timer(0.03, reader.close).start()  # lets go 30 ms later
+    with io.exclusive(lock, "runs/x"):
+        pass
+
+
 def test_second_run_on_the_same_folder_exits_2(tmp_path, tiny_recipe_data, capsys, monkeypatch):
     path = _write(tmp_path, tiny_recipe_data)
     recipe = load_recipe(path)
