@@ -18,8 +18,10 @@ Policy (YAML; example in examples/release_policy.yaml)::
     max_general_forgetting: 0.05   # optional: the mean relative drop over the probes
 
 Each general probe is a **non-inferiority test** (docs/METRICS.md): H0 "the drop is at least the
-limit" against H1 "the drop is below it", one-sided at ``confidence``, by the paired bootstrap over
-items (p-value: the share of bootstrap drops at or above the limit). The p-values of the probes
+limit" against H1 "the drop is below it", one-sided at ``confidence``, paired over items: the score
+test for accuracies (Tango's; for a group whose subtasks weigh equally, the subtasks' score bounds
+combined), the paired bootstrap for other metrics (p-value: the share of bootstrap drops at or
+above the limit). The p-values of the probes
 are adjusted for testing several (Holm by default: the PASS marks hold jointly with probability
 ``confidence``; ``bh``: the share of wrong PASS marks is controlled instead), and a probe passes when
 its adjusted p-value is at most ``1 - confidence``. The table shows each drop's one-sided upper
@@ -29,7 +31,7 @@ many items would decide it at ``power`` if the drop and its variance stay as obs
 (The verdict needs every probe to pass, an intersection-union test that holds its level even
 without adjustment; the adjustment is what makes each probe's PASS defensible on its own.)
 ``decide_on: estimate`` compares the point estimate instead (lenient; for exploratory gates).
-A probe whose change has no bootstrap (a task's own aggregation that the items do not reproduce;
+A probe whose change has no test (a task's own aggregation that the items do not reproduce;
 :func:`forgetscope.stats.paired_bootstrap` says why) has no bound: it is inconclusive under
 ``decide_on: upper`` and left out of the adjustment, and decided on its estimate under
 ``decide_on: estimate``. Each eval is checked on its primary metric
@@ -404,6 +406,7 @@ def _probe_check(layout: RunLayout, task: str, row, limit: Limit, step: int, ite
         "drop": sign * paired.delta / scale,
         "se": stats.drop_se(paired, sign, scale, allowed),
         "n": paired.n,
+        "subtasks": len(io.read_json(layout.eval_dir(step) / "results.json")["tasks"][task].get("subtasks") or []),
         "relative": relative,
         "allowed": allowed,
         "p": stats.drop_p(paired, sign, scale, allowed),
@@ -417,9 +420,9 @@ def _probe_check(layout: RunLayout, task: str, row, limit: Limit, step: int, ite
 
 
 def _decide(checks: list[dict], policy: Policy) -> list[dict]:
-    """Adjust the probes' p-values across the family (the probes with a bootstrap), decide each,
+    """Adjust the probes' p-values across the family (the probes with a test), decide each,
     show the bound at the matching level, and say how many items would decide an inconclusive
-    probe. A probe without a bootstrap is decided on its estimate with ``decide_on: estimate``,
+    probe. A probe without a test is decided on its estimate with ``decide_on: estimate``,
     else it is inconclusive. Returns the probes tested."""
     alpha = 1 - policy.confidence
     tests = [c for c in checks if c["p"] is not None]
@@ -452,8 +455,10 @@ def _decide(checks: list[dict], policy: Policy) -> list[dict]:
                 t["drop"], t["se"], t["n"], t["allowed"], family_alpha, policy.power
             )
             t["mde"] = stats.detectable(t["se"], family_alpha, policy.power)
+            across = f", in all across its {t['subtasks']} subtasks" if t["subtasks"] else ""
             notes.append(
-                f"inconclusive: within the limit but not shown to be; about {t['items_needed']} items (now {t['n']}) "
+                f"inconclusive: within the limit but not shown to be; about {t['items_needed']} items (now {t['n']}"
+                f"{across}) "
                 f"would decide it at {policy.power:.0%} power if the drop stays {stats.format_signed(t['drop'])} (raise evals.limit); "
                 f"at {t['n']} items only drops {t['mde']:.4f} or more below the limit pass reliably"
             )

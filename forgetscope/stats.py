@@ -346,38 +346,77 @@ def _binary_flips(agg: Aggregation, stored: tuple[list, list]) -> Flips | None:
     return Flips(lost, gained, np.array([len(p) for p in strata], dtype=float), weights)
 
 
-def score_z(flips: Flips, d0: float) -> float:
-    """The score statistic of H0 "the accuracy's paired change is ``d0``": ``(change - d0) /
-    sqrt(score_variance)``, ``change`` the strata's weighted change. For one stratum it is Tango's
-    (1998), ``(gained - lost - n d0) / sqrt(n (2 q + d0 (1 - d0)))``, ``q`` the maximum-likelihood
-    share of right -> wrong items when the change is ``d0``; for a group whose subtasks weigh
-    equally, the stratified score statistic (Miettinen and Nurminen's construction: ``d0`` the
-    change of every stratum, their weighted differences over the weighted variances). Decreasing
-    in ``d0``; at ``d0 = 0``, for one stratum, McNemar's ``(gained - lost) / sqrt(gained + lost)``."""
-    gap, variance = float(flips.weights @ flips.changes) - d0, score_variance(flips, d0)
-    if variance <= 1e-24:
-        return 0.0 if abs(gap) <= 1e-9 else math.copysign(math.inf, gap)
-    return gap / math.sqrt(variance)
-
-
-def score_variance(flips: Flips, d0: float) -> float:
-    """The variance of the weighted change under H0 (see :func:`score_z`): per stratum
-    ``(2 q + d0 (1 - d0)) / n``, ``q`` the root of
-    ``2n q^2 + (d0 (2n - gained + lost) - gained - lost) q - lost d0 (1 - d0) = 0``."""
+def _restricted_q(flips: Flips, d0: float | np.ndarray) -> np.ndarray:
+    """Each stratum's maximum-likelihood share of right -> wrong items when its change is ``d0``:
+    the root of ``2n q^2 + (d0 (2n - gained + lost) - gained - lost) q - lost d0 (1 - d0) = 0``."""
     lost, gained, n = flips.lost, flips.gained, flips.n
     b = d0 * (2 * n - gained + lost) - gained - lost
-    q = (np.sqrt(np.maximum(b * b + 8 * n * lost * d0 * (1 - d0), 0.0)) - b) / (4 * n)
-    return float(flips.weights**2 @ ((2 * q + d0 * (1 - d0)) / n))
+    return (np.sqrt(np.maximum(b * b + 8 * n * lost * d0 * (1 - d0), 0.0)) - b) / (4 * n)
+
+
+def _tango_z(flips: Flips, d0: float | np.ndarray) -> np.ndarray:
+    """Tango's (1998) score statistic of each stratum for H0 "its paired change is ``d0``" (one
+    value, or one per stratum): ``(gained - lost - n d0) / sqrt(n (2 q + d0 (1 - d0)))``, ``q`` the
+    maximum-likelihood share of right -> wrong items when the change is ``d0``
+    (:func:`_restricted_q`). Decreasing in ``d0``; at ``d0 = 0`` McNemar's ``(gained - lost) /
+    sqrt(gained + lost)``."""
+    lost, gained, n = flips.lost, flips.gained, flips.n
+    gap, variance = gained - lost - n * d0, n * (2 * _restricted_q(flips, d0) + d0 * (1 - d0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = gap / np.sqrt(variance)
+    flat = variance <= 1e-12 * n  # no item can move: only the observed change is possible
+    return np.where(flat, np.where(np.abs(gap) <= 1e-9 * n, 0.0, np.copysign(np.inf, gap)), z)
+
+
+def _tango_bounds(flips: Flips, z: float) -> np.ndarray:
+    """Each stratum's change where its :func:`_tango_z` equals ``z`` (bisection in [-1, 1])."""
+    low, high = np.full(len(flips.n), -1.0), np.full(len(flips.n), 1.0)
+    for _ in range(60):
+        middle = (low + high) / 2
+        above = _tango_z(flips, middle) > z
+        low, high = np.where(above, middle, low), np.where(above, high, middle)
+    return (low + high) / 2
 
 
 def score_bound(flips: Flips, z: float) -> float:
-    """The change ``d0`` in [-1, 1] where :func:`score_z` equals ``z`` (bisection): with
-    ``z = z_{1-a}`` the one-sided ``1 - a`` lower bound of the change, with ``-z_{1-a}`` the upper."""
-    low, high = -1.0, 1.0
+    """The confidence bound of the accuracy's change at ``z``: with ``z = z_{1-a}`` the one-sided
+    ``1 - a`` lower bound, with ``-z_{1-a}`` the upper. One stratum: Tango's score bound (the change
+    where its statistic equals ``z``). A group whose subtasks weigh equally: Zou and Donner's
+    (2008) MOVER combination of the subtasks' Tango bounds, ``D - sqrt(sum_s w_s^2 (D_s - l_s)^2)``
+    (upper: ``D + sqrt(sum_s w_s^2 (u_s - D_s)^2)``), which lets every subtask change by its own
+    amount (a score test of one common change was anti-conservative when they differ). Decreasing
+    in ``z``, equal to the observed change at 0."""
+    bounds = _tango_bounds(flips, z)
+    if len(flips.n) == 1:
+        return float(bounds[0])
+    spread = math.sqrt(float(flips.weights**2 @ (bounds - flips.changes) ** 2))
+    return float(flips.weights @ flips.changes) - math.copysign(spread, z)
+
+
+def score_z(flips: Flips, d0: float) -> float:
+    """The standard-normal statistic of H0 "the accuracy's change is ``d0``": the ``z`` at which
+    :func:`score_bound` reaches ``d0`` (so that a test at level ``a`` rejects exactly when the bound
+    at ``z_{1-a}`` excludes ``d0``). One stratum: Tango's statistic itself (:func:`_tango_z`); a
+    group of equal weights: found by bisection. Decreasing in ``d0``."""
+    if len(flips.n) == 1:
+        return float(_tango_z(flips, d0)[0])
+    reach = 40.0  # beyond: a p-value below 1e-300
+    if d0 >= score_bound(flips, -reach):
+        return -math.inf
+    if d0 <= score_bound(flips, reach):
+        return math.inf
+    low, high = -reach, reach
     for _ in range(60):
         middle = (low + high) / 2
-        low, high = (middle, high) if score_z(flips, middle) > z else (low, middle)
+        low, high = (middle, high) if score_bound(flips, middle) > d0 else (low, middle)
     return (low + high) / 2
+
+
+def score_variance(flips: Flips, d0: float) -> float:
+    """The variance of the weighted change when every stratum's change is ``d0`` (each
+    ``(2 q + d0 (1 - d0)) / n``, ``q`` from :func:`_restricted_q`): for one stratum the variance under
+    Tango's H0; for a group, the standard error the power advice uses (:func:`drop_se`)."""
+    return float(flips.weights**2 @ ((2 * _restricted_q(flips, d0) + d0 * (1 - d0)) / flips.n))
 
 
 def _change_at(sign: float, margin: float, scale: float) -> float:

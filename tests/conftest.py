@@ -239,9 +239,9 @@ def tiny_sft_trainer(out: Path, save_steps: int | None = None, **kwargs):
 class Tango:
     """Tango's (1998) score test of a paired change of a proportion, computed independently of
     forgetscope: the maximum-likelihood share of right -> wrong items under H0 found numerically
-    (scipy), not by the closed form forgetscope uses. ``Tango(lost, gained, n)`` for one pool;
-    ``Tango.stratified([(lost, gained, n), ...], weights)`` for a group of subtasks, every stratum
-    at the common change ``d0`` under H0, the weighted changes over their weighted variances."""
+    (scipy), not by the closed form forgetscope uses, and bounds by root finding. ``Tango(lost,
+    gained, n)`` for one pool; ``Tango.stratified([(lost, gained, n), ...], weights)`` for a group of
+    subtasks: Zou and Donner's MOVER combination of each subtask's Tango bounds."""
 
     def __init__(self, lost: int, gained: int, n: int):
         self.strata, self.weights = [(lost, gained, n)], [1.0]
@@ -257,8 +257,8 @@ class Tango:
         return sum(w * (gained - lost) / n for w, (lost, gained, n) in zip(self.weights, self.strata))
 
     @staticmethod
-    def _variance(lost: int, gained: int, n: int, d0: float) -> float:
-        """The variance of one stratum's change under H0: (2 q + d0 (1 - d0)) / n, q the restricted MLE."""
+    def _z(lost: int, gained: int, n: int, d0: float) -> float:
+        """One stratum's statistic, its restricted MLE found numerically."""
         from scipy.optimize import minimize_scalar
 
         rest = n - lost - gained
@@ -270,11 +270,39 @@ class Tango:
         low, high = max(0.0, -d0), (1 - d0) / 2
         bounds = (low + 1e-13, high - 1e-13)
         q = minimize_scalar(minus_loglik, bounds=bounds, method="bounded", options={"xatol": 1e-14}).x
-        return (2 * q + d0 * (1 - d0)) / n
+        return (gained - lost - n * d0) / math.sqrt(n * (2 * q + d0 * (1 - d0)))
+
+    @classmethod
+    def _bound(cls, lost: int, gained: int, n: int, z: float) -> float:
+        """One stratum's change where its statistic equals ``z`` (brentq)."""
+        from scipy.optimize import brentq
+
+        change = (gained - lost) / n
+        if z == 0 or (abs(change) == 1 and change * z < 0):  # nothing lies beyond an edge
+            return change
+        inside = min(max(change, -0.999999), 0.999999)  # the likelihood needs a change strictly inside (-1, 1)
+        low, high = (-0.999999, inside) if z > 0 else (inside, 0.999999)
+        f = lambda d: cls._z(lost, gained, n, d) - z  # noqa: E731
+        if f(low) * f(high) > 0:  # no root inside: the bound sits at the edge of what is possible
+            return low if z > 0 else high
+        return brentq(f, low, high, xtol=1e-12)
+
+    def bound(self, z: float) -> float:
+        """The bound at ``z`` (lower for z > 0, upper for z < 0)."""
+        if len(self.strata) == 1:
+            return self._bound(*self.strata[0], z)
+        spread = math.sqrt(
+            sum(w * w * (self._bound(*s, z) - (s[1] - s[0]) / s[2]) ** 2 for w, s in zip(self.weights, self.strata))
+        )
+        return self.change - math.copysign(spread, z)
 
     def z(self, d0: float) -> float:
-        variance = sum(w * w * self._variance(*stratum, d0) for w, stratum in zip(self.weights, self.strata))
-        return (self.change - d0) / math.sqrt(variance)
+        """The statistic of H0 "the change is d0": the z whose bound is d0."""
+        from scipy.optimize import brentq
+
+        if len(self.strata) == 1:
+            return self._z(*self.strata[0], d0)
+        return brentq(lambda z: self.bound(z) - d0, -30, 30, xtol=1e-10)
 
     def p_noninferior(self, margin: float) -> float:
         """One-sided p of H0: the accuracy fell by ``margin`` or more."""
@@ -284,18 +312,16 @@ class Tango:
 
     def interval(self, confidence: float = 0.95) -> tuple[float, float]:
         """The two-sided score interval of the change (new accuracy minus old)."""
-        from scipy.optimize import brentq
         from scipy.stats import norm
 
         z = norm.isf((1 - confidence) / 2)
-        return brentq(lambda d: self.z(d) - z, -0.999, self.change), brentq(lambda d: self.z(d) + z, self.change, 0.999)
+        return self.bound(z), self.bound(-z)
 
     def drop_bound(self, level: float) -> float:
         """The one-sided ``1 - level`` upper bound of the drop (the accuracy's fall)."""
-        from scipy.optimize import brentq
         from scipy.stats import norm
 
-        return -brentq(lambda d: self.z(d) - norm.isf(level), -0.999, self.change)
+        return -self.bound(norm.isf(level))
 
 
 @pytest.fixture

@@ -102,7 +102,8 @@ def test_a_few_unchanged_items_show_nothing(tmp_path, fake_run, tango):
 def test_a_group_of_unchanged_accuracies_is_tested_as_lm_eval_weighs_it(tmp_path, probe_run, tango, by_size):
     """A group of 5 + 200 unchanged items reads 1.0 either way lm-eval weighs its subtasks, yet
     its 5-item subtask is half of an equal-weight group: the run records the weighting, and the
-    gate tests the group as weighed (equal: the stratified score test cannot show the drop)."""
+    gate tests the group as weighed (equal: the subtasks' score bounds, combined, cannot show the
+    drop below the limit)."""
     from test_stats import group_value
 
     items = {**{f"small/{k}": 1.0 for k in range(5)}, **{f"large/{k}": 1.0 for k in range(200)}}
@@ -113,7 +114,34 @@ def test_a_group_of_unchanged_accuracies_is_tested_as_lm_eval_weighs_it(tmp_path
     probe = result["checks"][0]
     score = tango(0, 0, 205) if by_size else tango.stratified([(0, 0, 5), (0, 0, 200)], [1, 1])
     assert probe["test"] == "score" and probe["p"] == pytest.approx(score.p_noninferior(0.05), rel=1e-6)
-    assert result["verdict"] == ("pass" if by_size else "fail")  # p 0.0005 pooled; 0.16 weighed equally
+    assert result["verdict"] == ("pass" if by_size else "fail")  # p 0.0005 pooled; 0.2 weighed equally
+    if not by_size:  # the items advised count both subtasks' (evals.limit caps each)
+        assert "items (now 205, in all across its 2 subtasks)" in probe["note"]
+
+
+def test_an_equal_weight_group_whose_subtasks_change_apart_keeps_its_level(tango):
+    """The score test of one common change, used at first for such groups, passed a group truly
+    at its limit 17% (sizes 100 and 10) to 44% (300 and 5) of the time when its subtasks changed by
+    different amounts, and its bound and p-value disagreed; each subtask's own bounds, combined
+    (MOVER), keep the level and agree."""
+    rng = np.random.default_rng(3)
+    n, change, weights = np.array([100.0, 10.0]), np.array([0.05, -0.15]), np.full(2, 0.5)  # mean drop 0.05
+    rates = np.abs(change) + np.array([0.05, 0.0])
+    lost, gained = (rates - change) / 2, (rates + change) / 2
+    passed = 0
+    for _ in range(300):
+        counts = np.array([rng.multinomial(int(k), [a, b, 1 - a - b]) for k, a, b in zip(n, lost, gained)], float)
+        flips = stats.Flips(counts[:, 0], counts[:, 1], n, weights)
+        paired = stats.Paired(float(weights @ flips.changes), None, 110, flips=flips)
+        p = stats.drop_p(paired, -1.0, 1.0, 0.05)
+        passed += p <= 0.05
+        assert (stats.drop_bound(paired, -1.0, 1.0, 0.05) < 0.05) == (p < 0.05)  # a bound within the limit = a pass
+    assert passed / 300 <= 0.05  # 0.165 with the common-change statistic
+    flips = stats.Flips(np.array([0.0, 0.0]), np.array([7.0, 0.0]), np.array([100.0, 5.0]), weights)
+    paired = stats.Paired(float(weights @ flips.changes), None, 105, flips=flips)
+    ps = [stats.drop_p(paired, -1.0, 1.0, margin) for margin in (0.0, 0.01, 0.02, 0.05)]
+    assert ps == sorted(ps, reverse=True)  # a looser limit never turns a pass into a fail
+    assert ps[-1] == pytest.approx(tango.stratified([(0, 7, 100), (0, 0, 5)], [1, 1]).p_noninferior(0.05), rel=1e-5)
 
 
 def test_a_policy_may_name_a_metric_as_lm_eval_keys_it(tmp_path, runs):
