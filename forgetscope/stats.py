@@ -36,8 +36,13 @@ import numpy as np
 from forgetscope import io
 from forgetscope.snapshots import RunLayout
 
-PAIRED = ("weighted_perplexity", "bits_per_byte")
-"""lm-eval's aggregations whose items are (log-likelihood, words or bytes) pairs."""
+PAIRED = ("weighted_perplexity", "bits_per_byte", "ratio")
+"""Aggregations whose items are pairs: lm-eval's (log-likelihood, words or bytes), and
+forgetscope's (numerator, denominator) of a ratio of sums."""
+
+OWN_METRICS = {"kl": "ratio"}
+"""forgetscope's own metrics and their aggregation: the KL probe's summed KL over summed tokens
+(:func:`forgetscope.cascade.measure_kl`)."""
 
 
 def _mean(x: np.ndarray) -> np.ndarray:
@@ -56,11 +61,16 @@ def _bits_per_byte(x: np.ndarray) -> np.ndarray:
     return -x[..., 0].sum(axis=-1) / x[..., 1].sum(axis=-1) / math.log(2)
 
 
+def _ratio(x: np.ndarray) -> np.ndarray:
+    return x[..., 0].sum(axis=-1) / x[..., 1].sum(axis=-1)
+
+
 VECTORISED: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "mean": _mean,
     "perplexity": _perplexity,
     "weighted_perplexity": _weighted_perplexity,
     "bits_per_byte": _bits_per_byte,
+    "ratio": _ratio,
 }
 """lm-eval's numeric aggregations in numpy, over the items' axis (the last; the one before the
 pair's for ``PAIRED``), so that every bootstrap replicate is computed at once (tested against
@@ -238,6 +248,8 @@ def find_aggregation(
     group, its items ``subtask/id``, weighted as ``by_size`` says when recorded); None when none
     does (a task's own aggregation function, items that are not numbers)."""
     registered = registered_aggregation(metric)
+    if registered is None and metric in OWN_METRICS:
+        registered = OWN_METRICS[metric], VECTORISED[OWN_METRICS[metric]]
     candidates = [registered] if registered else []
     if not registered or registered[0] != "mean":
         candidates.append(("mean", None))  # a task's own metric under lm-eval's usual aggregation

@@ -9,11 +9,12 @@ import pytest
 import torch
 import yaml
 
-from forgetscope import cascade, cli, gate, models, report, snapshots
+from forgetscope import cascade, cli, gate, models, report, snapshots, stats
 from forgetscope.errors import UserError
 from forgetscope.load import RecipeError, load_recipe, recipe_from_dict
 from forgetscope.replay import collate, kl_full
 from forgetscope.runner import run
+from forgetscope.snapshots import RunLayout
 
 
 def test_probe_steps_and_the_decision_rule():
@@ -153,6 +154,9 @@ def test_a_run_scores_cheap_probes_everywhere_and_the_battery_where_decided(casc
         and kl["step"].tolist() == [0, 1, 2, 3, 4]
         and kl["value"].iloc[0] == pytest.approx(0, abs=1e-6)
     )
+    # the KL's change has a paired CI like any probe's: its items are (summed KL, tokens), a ratio of sums
+    ci = stats.paired_delta(RunLayout(root), "new_task_kl", "kl", 4)
+    assert ci["low"] is not None and ci["delta"] == pytest.approx(kl["value"].iloc[-1]), ci["why"]
     dense = json.loads((cascade_runs["dense"] / "manifest.json").read_text())["cascade"]
     assert all(entry["full"] for entry in dense["steps"].values())
     policy = tmp_path / "policy.yaml"
