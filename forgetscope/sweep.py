@@ -22,7 +22,8 @@ the stages before it (what the model knew), from its accuracy matrix and curves:
 A sweep folder accumulates: ``sweep.csv`` keeps the rows of earlier sweeps of the same key into
 the same folder (a row per run name, replaced when run again), and ``sweep.png`` plots all of
 them, so a second sweep (replay at one learning rate) lands beside the first. A folder holds one
-key (one x axis), and each recipe once at each setting.
+key (one x axis), one ``--target`` and one set of ``--set`` overrides (recorded in each row), and
+each recipe once at each setting.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def _read_earlier(path: Path, key: str) -> pd.DataFrame | None:
     if not path.is_file():
         return None
     try:
-        table = pd.read_csv(path, dtype={"value": str})
+        table = pd.read_csv(path, dtype={"value": str, "target": str, "set": str})
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: unreadable ({err}); move it away, or sweep into another -o folder") from None
     for column in ("run", "recipe", "key", "value"):
@@ -130,6 +131,22 @@ def _read_earlier(path: Path, key: str) -> pd.DataFrame | None:
     if others:  # one x axis per folder: rows of another key would be plotted against this one's
         raise UserError(f"{path}: holds a sweep of --key {others[0]}, not {key}; sweep {key} into another -o folder")
     return table
+
+
+def _check_made_with(earlier: pd.DataFrame | None, path: Path, made_with: dict[str, str]) -> None:
+    """Refuse a sweep into a folder whose rows were measured at another ``--target`` or made with
+    other ``--set`` overrides: one figure would mix them (tables written before these columns are
+    taken as they are)."""
+    for column, flag in (("target", "--target"), ("set", "--set")):
+        if earlier is None or column not in earlier:
+            continue
+        theirs = set(earlier[column].fillna("").astype(str)) - {made_with[column]}
+        if theirs:
+            was = theirs.pop() or "none"
+            raise UserError(
+                f"{flag} {made_with[column] or '(none)'}: {path} holds rows made with {flag} {was}; give the same "
+                f"{flag}, or sweep into another -o folder"
+            )
 
 
 def _check_key(key: str, overrides: list[str]) -> None:
@@ -308,12 +325,14 @@ def run_sweep(
     planned = _plan(recipes, key, values, overrides, earlier, table_path)
     if problems := validate.check_target([recipe for _, _, recipe in planned], target):
         raise UserError(problems[0])
+    made_with = {"target": "" if target is None else f"{target:g}", "set": " ".join(overrides)}
+    _check_made_with(earlier, table_path, made_with)
     for _, _, recipe in planned:
         check_folder(recipe)
     rows = []
     for number, (stem, value, recipe) in enumerate(planned, start=1):
         print(f"\nforgetscope: sweep: run {number}/{len(planned)}: {recipe.name} ({key}={value})")
-        rows.append({"recipe": stem, "key": key, "value": str(value), **measure(run(recipe), target)})
+        rows.append({"recipe": stem, "key": key, "value": str(value), **made_with, **measure(run(recipe), target)})
     table = pd.DataFrame(rows)
     if earlier is not None:
         table = pd.concat([earlier[~earlier["run"].isin(table["run"])], table], ignore_index=True)

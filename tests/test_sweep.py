@@ -77,8 +77,11 @@ def test_a_sweep_runs_every_value_and_accumulates_in_its_folder(tmp_path, monkey
         ("capacity_replay-1e-3", 1e-3),
         ("capacity_replay-3e-3", 3e-3),
     ]
-    assert cli.main(["sweep", recipes[1], "--key", "train.lr", "--values", "1e-2", "-o", str(out)]) == 0
+    assert (
+        cli.main(["sweep", recipes[1], "--key", "train.lr", "--values", "1e-2", "-o", str(out), "--target", "0.8"]) == 0
+    )
     table = pd.read_csv(out / "sweep.csv")
+    assert table["target"].tolist() == [0.8] * 5 and table["set"].isna().all()
     assert len(table) == 5 and table["forgetting"].tolist() == pytest.approx([0.6] * 5)
     assert (out / "sweep.png").stat().st_size > 10_000
     assert (
@@ -156,6 +159,11 @@ def test_a_sweep_folder_holds_one_key_and_each_setting_once(tmp_path, monkeypatc
         "not train.weight_decay; sweep train.weight_decay into another -o folder",
         ("--key", "train.lr", "--values", "0.001"): f"--values 0.001: {out / 'sweep.csv'} already has capacity at "
         "train.lr=1e-3 (run capacity-1e-3), the same setting",
+        # rows measured at another target, or made with other overrides, would mix in one figure
+        ("--key", "train.lr", "--values", "3e-3", "--target", "0.5"): f"--target 0.5: {out / 'sweep.csv'} holds "
+        "rows made with --target none; give the same --target, or sweep into another -o folder",
+        ("--key", "train.lr", "--values", "3e-3", "--set", "train.weight_decay=0.5"): "--set train.weight_decay=0.5: "
+        f"{out / 'sweep.csv'} holds rows made with --set none",
     }
     for args, problem in refused.items():
         assert cli.main(["sweep", CAPACITY, *args, "-o", str(out)]) == 2
