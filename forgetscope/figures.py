@@ -391,7 +391,11 @@ def plot_sweep(table: pd.DataFrame, target: float | None = None, title: str = ""
     target, against the swept value (or, when the values are not numbers, such as model references, the parameter count),
     one line per recipe; a recipe run at one value is a single point beside the others."""
     numeric = bool(pd.to_numeric(table["value"], errors="coerce").notna().all())
-    x = pd.to_numeric(table["value"]) if numeric else table["params"]
+    # model references of different sizes: their parameter counts; of one size (seeds, depths at one
+    # count): the references themselves, one place each
+    by_size = not numeric and table.groupby("params")["value"].nunique().max() == 1
+    order = {v: i for i, v in enumerate(dict.fromkeys(table["value"]))}
+    x = pd.to_numeric(table["value"]) if numeric else table["params"] if by_size else table["value"].map(order)
     table = table.assign(x=x.astype(float))
     panels = [
         ("forgetting", "forgetting of the earlier tasks at the end"),
@@ -414,12 +418,16 @@ def plot_sweep(table: pd.DataFrame, target: float | None = None, title: str = ""
         if column in ("forgetting_at_target", "steps_to_target") and table[column].isna().any():
             ax.plot([], [], "x", color="grey", label="never reached (top edge)")
             ax.legend(fontsize=7, loc="lower right")
-        if table["x"].max() >= 10 * table["x"].min() > 0:
+        if (numeric or by_size) and table["x"].max() >= 10 * table["x"].min() > 0:
             ax.set_xscale("log")
         ticks = sorted(table["x"].unique())
-        ax.set_xticks(ticks, [f"{v:g}" if numeric else f"{v / 1000:.0f}k" for v in ticks], fontsize=8)
+        if numeric or by_size:
+            labels = [f"{v:g}" if numeric else f"{v / 1000:.0f}k" for v in ticks]
+        else:
+            labels = [name.replace("scratch:", "").replace(",", "\n") for name in order]
+        ax.set_xticks(ticks, labels, fontsize=8 if numeric or by_size else 6)
         ax.minorticks_off()
-        ax.set_xlabel(str(table["key"].iloc[0]) if numeric else "parameters (model width)")
+        ax.set_xlabel(str(table["key"].iloc[0]) if numeric or not by_size else "parameters (model size)")
         drop = f"{table['metric'].iloc[0]} forgotten since R[j][j]\n(up = worse)"
         ax.set_ylabel(
             {

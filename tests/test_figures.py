@@ -190,3 +190,27 @@ def test_a_training_loss_falling_by_orders_of_magnitude_is_drawn_on_a_log_scale(
     log = pd.DataFrame({"step": [1, 50, 100], "loss": [3.0, 0.01, 0.0003]})
     assert figures.plot_train_log(log).axes[0].get_yscale() == "log"
     assert figures.plot_train_log(log.assign(loss=[3.0, 2.5, 2.2])).axes[0].get_yscale() == "linear"
+
+
+def test_a_sweep_of_model_references_of_one_size_keeps_them_apart():
+    """Three seeds of one width share a parameter count: all three points fell on one x."""
+    seeds = [f"scratch:layers=2,hidden=32,heads=2,seed={s}" for s in range(3)]
+    table = pd.DataFrame(
+        {
+            "recipe": "cap",
+            "key": "base",
+            "value": seeds,
+            "params": 41000,
+            "metric": "acc",
+            "forgetting": [0.1, 0.2, 0.3],
+        }
+        | {"new_final": 1.0}
+    )
+    [ax, _] = figures.plot_sweep(table).axes
+    assert list(ax.get_lines()[0].get_xdata()) == [0.0, 1.0, 2.0] and ax.get_xlabel() == "base"
+    widths = table.assign(value=[s.replace("hidden=32", f"hidden={h}") for s, h in zip(seeds, (8, 16, 32))])
+    widths["params"] = [5000, 12000, 41000]
+    [ax, _] = figures.plot_sweep(widths).axes
+    assert list(ax.get_lines()[0].get_xdata()) == [5000.0, 12000.0, 41000.0] and ax.get_xlabel().startswith(
+        "parameters"
+    )
