@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from forgetscope.errors import UserError
 from forgetscope.models import cache_dir
 from forgetscope.recipe import CascadeConfig, Recipe, TaskConfig
 from forgetscope.replay import base_topk, collate, kl_full, kl_topk
+from forgetscope.schema import did_you_mean
 from forgetscope.snapshots import RunLayout, probe_steps
 
 
@@ -305,6 +307,12 @@ def simulate(run: str | Path, limits: dict[str, float], level: float = 0.02) -> 
             f"{run}: needs a run whose cascade scored the full battery at every probe step; run the recipe "
             "with --set cascade.cheap_threshold=0 --set cascade.kl_threshold=0"
         )
+    recorded = set(next(iter(steps.values()))["values"])
+    if unknown := sorted(set(limits) - recorded):
+        name = unknown[0]
+        raise UserError(
+            f"limits: {run} recorded no probe {name!r}{did_you_mean(name, recorded)} (it has {', '.join(sorted(recorded))})"
+        )
     scheduled, full, reference = set(record["scheduled"]), [], {}
     for step in sorted(steps):
         chosen, _ = decide(step, steps[step]["values"], reference, limits, scheduled)
@@ -312,6 +320,12 @@ def simulate(run: str | Path, limits: dict[str, float], level: float = 0.02) -> 
             full.append(step)
             reference = steps[step]["values"]
     cheap, kl, rest = (float(np.median([e[key] for e in steps.values()])) for key in ("cheap_s", "kl_s", "full_s"))
+    if min(cheap, rest) < 0.05:  # read from the result cache, not scored: no time to compare
+        print(
+            f"forgetscope: warning: {run}'s probes and battery took {cheap:.2f} s and {rest:.2f} s a step: results read "
+            "from the result cache, so the times saved mean nothing; run it with an empty FORGETSCOPE_CACHE to time them",
+            file=sys.stderr,
+        )
     cheap_probes = any(name != metrics.KL_PROBE for name in limits)  # else the cheap probes go with the battery
     probe = (cheap if cheap_probes else 0.0) + (kl if metrics.KL_PROBE in limits else 0.0)
     battery = rest + (0.0 if cheap_probes else cheap)

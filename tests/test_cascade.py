@@ -174,7 +174,7 @@ def test_a_run_scores_cheap_probes_everywhere_and_the_battery_where_decided(casc
     ]
 
 
-def test_simulate_replays_the_rule_on_a_dense_run(tmp_path, fake_run):
+def test_simulate_replays_the_rule_on_a_dense_run(tmp_path, fake_run, capsys):
     """Steps 0, 5, 10, 20 (scheduled: 0 and 20); the KL reads 0, 0.01, 0.08, 0.1 and the probe's
     accuracy 0.8, 0.6, 0.7, 0.75: a cascade at KL threshold 0.05 scores 0, 10 and 20 fully and
     misses the peak at step 5."""
@@ -189,7 +189,7 @@ def test_simulate_replays_the_rule_on_a_dense_run(tmp_path, fake_run):
             "scheduled": [0, 20],
             "steps": {
                 str(s): {
-                    "values": {"new_task_kl": kl[s]},
+                    "values": {"new_task_kl": kl[s], "probe_acc": items[s] / 20},
                     "full": True,
                     "reason": "",
                     "cheap_s": 1.0,
@@ -214,6 +214,14 @@ def test_simulate_replays_the_rule_on_a_dense_run(tmp_path, fake_run):
         out["curve_error"] == pytest.approx(0.25 - 0.0625) and out["curve_error_step"] == 5
     )  # 0.125 / 2 drawn at step 5
     assert cascade.simulate(layout.root, {"new_task_kl": 0.005})["full_steps"] == [0, 5, 10, 20]
+    with pytest.raises(UserError, match=r"recorded no probe 'probe_ac'; did you mean 'probe_acc'\?"):
+        cascade.simulate(layout.root, {"probe_ac": 0.05})  # a typo simulated another cascade in silence
+    record = layout.read_manifest()["cascade"]
+    for entry in record["steps"].values():
+        entry["cheap_s"] = entry["full_s"] = 0.01  # every step read from the result cache
+    layout.update_manifest(cascade=record)
+    cascade.simulate(layout.root, {"new_task_kl": 0.05})
+    assert "read from the result cache, so the times saved mean nothing" in capsys.readouterr().err
     layout.update_manifest(cascade={"scheduled": [0, 20], "steps": {"0": {"values": {}, "full": False}}})
     with pytest.raises(UserError, match=r"cascade\.kl_threshold=0"):
         cascade.simulate(layout.root, {"new_task_kl": 0.05})
