@@ -208,8 +208,8 @@ def _load_at(path: str, overrides: list[str], key: str, value: str) -> Recipe:
             elif given.startswith("--set ") and "=" not in given and f"{key}.".startswith(given[6:] + "."):
                 # no item at that index of the recipe's list (``--key stages.5.lr``)
                 problems.append(f"--key {key}: {path}: {rest}")
-            else:
-                problems.append(problem)
+            else:  # the recipe's own problem: said of its file, as the loader says it
+                problems.append(f"{err.source}: {problem}" if err.source else problem)
         raise RecipeError(problems, None) from None
 
 

@@ -296,8 +296,9 @@ def _check_cascade(recipe: Recipe) -> list[str]:
             )
     if c.cheap_threshold < 0 or c.kl_threshold < 0:
         problems.append("cascade.cheap_threshold and cascade.kl_threshold: must be 0 or more")
-    if min(c.kl_prompts, c.kl_tokens, c.kl_topk) <= 0:
-        problems.append("cascade.kl_prompts, kl_tokens and kl_topk: must be positive")
+    for key in ("kl_prompts", "kl_tokens", "kl_topk"):  # one line each, so a --set giving it is named
+        if getattr(c, key) <= 0:
+            problems.append(f"cascade.{key}: must be positive, got {getattr(c, key)}")
     return problems
 
 
@@ -317,7 +318,10 @@ def _check_replay(recipe: Recipe, given: dict[str, Any]) -> list[str]:
             f"are); remove {', '.join(f'replay.{key}' for key in unused)}"
         )
     if not 0 < r.ratio < 1:
-        problems.append(f"replay.ratio: must be between 0 and 1 (the share of each batch), got {r.ratio}")
+        problems.append(
+            f"replay.ratio: must lie strictly between 0 and 1 (the share of each batch that is replay; without "
+            f"replay: replay: null), got {r.ratio}"
+        )
     for key in ("samples", "max_new_tokens", "topk"):
         if getattr(r, key) <= 0:
             problems.append(f"replay.{key}: must be positive, got {getattr(r, key)}")
