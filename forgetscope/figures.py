@@ -107,7 +107,7 @@ def plot_train_log(log: pd.DataFrame, title: str = "") -> Figure:
         ax.plot(log["step"], log[column], marker=".", label=labels[column])
     values = log[shown].to_numpy(float).ravel()
     values = values[np.isfinite(values)]
-    logscale = len(values) and values.min() > 0 and values.max() > 20 * values.min()
+    logscale = len(values) > 0 and values.min() > 0 and values.max() > 20 * values.min()
     if logscale:
         ax.set_yscale("log")
     ax.set_xlabel("training step")
