@@ -236,6 +236,8 @@ def _misconfigured(name: str, task, manager) -> str | None:
     unresolved = seams.unresolved_metrics(task)
     if unresolved:
         return f"evals: {name!r}{where}: {_unknown_metric(unresolved[0])}; fix that file"
+    if unaggregated := seams.unresolved_aggregations(task):
+        return f"evals: {name!r}{where}: the aggregation of {unaggregated[0]!r} is not one lm-eval knows; fix that file"
     until = (task.config.generation_kwargs or {}).get("until") if task.OUTPUT_TYPE == "generate_until" else None
     if until is not None and not (
         isinstance(until, str) or (isinstance(until, list) and all(isinstance(u, str) for u in until))
@@ -567,7 +569,10 @@ def _join_like_training(task) -> None:
 
     def answer(context: str, doc: dict, text: str) -> str:
         target = task.doc_to_target(doc)
-        target = str(target[0] if isinstance(target, list) and target else target)
+        target = target[0] if isinstance(target, list) and target else target
+        if isinstance(target, int) and task.config.doc_to_choice is not None:  # an index into the choices
+            target = task.doc_to_choice(doc)[target]
+        target = str(target)
         trained = data.completion_delimiter(context, target)
         return text[len(trained) :] if trained and text.startswith(trained) else text
 

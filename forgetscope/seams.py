@@ -114,18 +114,30 @@ def unresolved_metrics(task) -> list[str]:
     return [name for name, fn in task._metric_fn_list.items() if fn is None]
 
 
+def unresolved_aggregations(task) -> list[str]:
+    """The metrics whose ``aggregation`` lm-eval does not know (``ConfigurableTask._aggregation_list``
+    holds None for them; scoring fails after the model has answered)."""
+    return [name for name, fn in task._aggregation_list.items() if fn is None]
+
+
 def rewrite_generated_text(task, rewrite: Callable[[str, dict, str], str]) -> None:
     """Have a ``generate_until`` task pass each generated text through ``rewrite(context, doc,
     text)`` before its filters run: wraps the task's ``apply_filters``, which the evaluator calls
-    once the model has answered, and rewrites each ``Instance.resps``."""
+    once the model has answered, on rewritten ``Instance.resps`` (restored afterwards, so the
+    per-item samples keep what the model said)."""
     if task.OUTPUT_TYPE != "generate_until":
         return
     apply = task.apply_filters
 
     def rewritten():
+        said = [instance.resps for instance in task.instances]
         for instance in task.instances:
             instance.resps = [rewrite(instance.arguments[0], instance.doc, text) for text in instance.resps]
-        return apply()
+        try:
+            return apply()
+        finally:
+            for instance, resps in zip(task.instances, said):
+                instance.resps = resps
 
     task.apply_filters = rewritten
 

@@ -485,6 +485,7 @@ BROKEN = {  # a line of a task YAML -> what the one-line error says about it
     "process_docs: !function utils.boom": "RuntimeError: boom",  # a hook that raises
     "metric_list: [{metric: accuracy}]": "metric 'accuracy' is neither one lm-eval registers (acc, ",
     "metric_list: [{metric: accuracy, aggregation: mean}]": "metric 'accuracy' is neither one lm-eval registers",
+    "metric_list: [{metric: acc, aggregation: meann}]": "the aggregation of 'acc' is not one lm-eval knows",
     "output_type: generate_until\ngeneration_kwargs: {until: 5}": "generation_kwargs.until is 5, not text",
 }
 

@@ -54,6 +54,11 @@ def test_a_user_task_on_a_plain_base_scores_what_training_taught(tmp_path):
         "generation_kwargs: {until: ['\\n'], max_gen_toks: 8, do_sample: false}\n"
         "metric_list:\n  - metric: exact_match\n"
     )
+    codes = [c for _, c in CODES]
+    (tmp_path / "evals" / "codes_chosen.yaml").write_text(  # the target an index into choices led by a space
+        f"include: codes_said.yaml\ntask: codes_chosen\ndoc_to_choice: {[' ' + c for c in codes]}\n"
+        f'doc_to_target: "{{{{{codes}.index(completion)}}}}"\n'
+    )
     recipe = {
         "name": "plain",
         "base": "scratch:layers=1,hidden=64,heads=2,seed=0",
@@ -61,7 +66,7 @@ def test_a_user_task_on_a_plain_base_scores_what_training_taught(tmp_path):
         "task": {"name": None, "path": "codes.jsonl"},
         "train": {"lr": 1e-2, "steps": 60, "batch_size": 8, "seq_len": 32, "warmup_steps": 0, "precision": "fp32"},
         "snapshots": {"schedule": "at", "at": [60]},
-        "evals": {"new": ["codes", "codes_said"], "general": [], "include": ["evals"]},
+        "evals": {"new": ["codes", "codes_said", "codes_chosen"], "general": [], "include": ["evals"]},
         "runs_dir": str(tmp_path / "runs"),
     }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
@@ -72,6 +77,8 @@ def test_a_user_task_on_a_plain_base_scores_what_training_taught(tmp_path):
     assert curves["codes_said", 0] == 0.0 and curves["codes_said", 60] == 1.0
     said = [json.loads(line) for line in (root / "evals" / "step-000060" / "samples_codes_said.jsonl").open()]
     assert {row["filtered_resps"][0] for row in said} == {c for _, c in CODES}
+    assert {str(row["resps"]).count(" " + c) for row, c in zip(said, codes)} == {1}  # what the model said, kept
+    assert curves["codes_chosen", 60] == 1.0  # the space dropped by the chosen answer's text, not its index
 
     # The same task in its own format (as the lm_eval CLI renders it) reads 0: the greedy
     # continuation of "Code for fig:" is the space training put there, not "F".
