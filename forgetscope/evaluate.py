@@ -139,7 +139,6 @@ def prepare_suite(
     on top of it, and the drift probe samples text from it (cached on disk per base)."""
     suite = EvalSuite(config, include_paths(config, base_dir), chat)
     manager = manager_for([*config.new, *config.general], suite.paths)
-    quiet_lm_eval()
     loaded, problems, owners = {}, [], {}
     for role, names in (("new", config.new), ("general", config.general)):
         for name in names:
@@ -271,7 +270,8 @@ def _unbuildable(name: str, manager, err: Exception, include: list[str]) -> str 
     members = config.get("task") if isinstance(config.get("task"), list) else []
     unknown = [m for m in members if isinstance(m, str) and m not in manager.task_index]
     metrics = [m.get("metric") for m in config.get("metric_list") or [] if isinstance(m, dict)]
-    unregistered = [m for m in metrics if isinstance(m, str) and m not in lm_eval_metrics()]
+    known = set(lm_eval_metrics())
+    unregistered = [m for m in metrics if isinstance(m, str) and m not in known]
     if unknown:
         why = f"its task list names {unknown[0]!r}, which lm-eval does not know{did_you_mean(unknown[0], manager.task_index)}"
     elif isinstance(err, KeyError) and err.args and err.args[0] is not None and err.args[0] in splits:
